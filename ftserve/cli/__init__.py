@@ -1,0 +1,17 @@
+"""The `ftserve` command: one Click group; each command lives in a module beside this one and imports
+heavy libraries only when it runs."""
+
+import click
+
+from .. import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ftserve")
+def main() -> None:
+    """Train adapters with five methods, fold them into standalone models, serve many at once."""
+
+
+from .quickstart import quickstart  # noqa: E402
+
+main.add_command(quickstart)

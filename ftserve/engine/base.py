@@ -1,0 +1,77 @@
+"""The interface every engine implements and the server calls. Engines differ; requests and streams do not."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol
+
+
+@dataclass
+class SamplingParams:
+    """OpenAI/vLLM meanings: temperature 0 is greedy; top_k 0 or -1 disables it; seed makes sampling repeatable."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str | list[int]
+    adapter: str | None = None  # None: the base model
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str | None = None
+
+
+@dataclass
+class StreamChunk:
+    """One step of a request's output. The last chunk has ``finish_reason`` ('stop' or 'length')."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class AdapterInfo:
+    name: str
+    path: str
+    method: str
+    rank: int
+    loaded_at: float
+
+
+class Engine(Protocol):
+    """What the server needs from an engine."""
+
+    model_name: str  # the base model's served name
+    max_model_len: int
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        """Stream a request's output; closing the iterator early cancels the request."""
+        ...
+
+    async def load_adapter(self, name: str, path: str) -> AdapterInfo: ...
+
+    async def unload_adapter(self, name: str) -> None: ...
+
+    def list_adapters(self) -> list[AdapterInfo]: ...
+
+    def tokenizer_for(self, adapter: str | None):
+        """The tokenizer (and chat template) to use for a request: an adapter's own wins over the base's."""
+        ...
+
+    def stats(self) -> dict[str, float]:
+        """Gauges for /metrics: queue depth, running requests, loaded adapters, ..."""
+        ...

@@ -1,0 +1,162 @@
+"""What every adapter method provides, and the layer wrapper they share.
+
+Shapes follow PEFT's storage: base ``W (d_out x d_in)``, ``A (r x d_in)``, ``B (d_out x r)``.
+GPT-2's ``Conv1D`` stores ``W`` transposed ``(d_in x d_out)``; the adapter math is the same and only
+folding transposes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from ..config import FineTuningConfig
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # transformers is a dependency, but keep the core importable without it
+    Conv1D = ()  # type: ignore[assignment,misc]
+
+TARGETABLE = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+
+
+@dataclass
+class LoraFactors:
+    """An exact plain-LoRA form of an adapter on one module: ``delta W = scale * B @ A``."""
+
+    A: Tensor  # (r, d_in)
+    B: Tensor  # (d_out, r)
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def delta_weight(self) -> Tensor:
+        """Dense ``scale * B @ A`` in fp32, shape (d_out, d_in)."""
+        return (self.B.float() @ self.A.float()) * self.scale
+
+
+def linear_shape(layer: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of an nn.Linear or a Conv1D."""
+    if isinstance(layer, nn.Linear):
+        return layer.out_features, layer.in_features
+    d_in, d_out = layer.weight.shape  # Conv1D stores (d_in, d_out)
+    return d_out, d_in
+
+
+class AdapterLayer(nn.Module):
+    """Wraps a frozen linear layer in place: ``h = base(x) + delta(x)``.
+
+    Subclasses add their tensors in ``__init__`` and define ``delta`` (the forward term),
+    ``lora_factors`` (an exact plain-LoRA form), ``adapter_state`` / ``load_adapter_state``
+    (the tensors saved per module, keyed by PEFT's suffixes).
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.is_conv1d = not isinstance(base_layer, nn.Linear)
+        self.out_features, self.in_features = linear_shape(base_layer)
+        self.folded = False
+        self.enabled = True
+        self._weight_before_fold: Tensor | None = None
+
+    @property
+    def weight_device(self) -> torch.device:
+        device = self.base_layer.weight.device
+        return torch.device("cpu") if device.type == "meta" else device
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)
+        if self.folded or not self.enabled:
+            return out
+        return out + self.delta(x.to(self.adapter_dtype)).to(out.dtype)
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        return next(p for p in self.adapter_tensors()).dtype
+
+    def adapter_tensors(self):
+        return (t for name, t in self.named_parameters() if not name.startswith("base_layer."))
+
+    def delta(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def lora_factors(self) -> LoraFactors:
+        raise NotImplementedError
+
+    def adapter_state(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def load_adapter_state(self, state: dict[str, Tensor]) -> None:
+        raise NotImplementedError
+
+    def prepare_for_state(self, keys: set[str]) -> None:
+        """Make room for the tensors a saved state holds (Delta-LoRA's start snapshot) before loading it."""
+
+    def delta_weight(self) -> Tensor:
+        """Dense fp32 delta in PEFT's orientation (d_out, d_in)."""
+        return self.lora_factors().delta_weight()
+
+    # Folding: into the weights in memory, in fp32, rounded once into the weight's dtype. The folded weight
+    # is a new tensor, so a weight tied to another module (lm_head and the embeddings) is untied, not changed
+    # under the other module; unfolding puts the original parameter back, exactly.
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        if self.folded:
+            return
+        weight = self.base_layer.weight
+        delta = self.delta_weight().to(weight.device)
+        folded = (weight.float() + (delta.T if self.is_conv1d else delta)).to(weight.dtype)
+        self._weight_before_fold = weight
+        self.base_layer.weight = nn.Parameter(folded, requires_grad=False)
+        self.folded = True
+
+    @torch.no_grad()
+    def unfold(self) -> None:
+        if not self.folded:
+            return
+        self.base_layer.weight = self._weight_before_fold
+        self._weight_before_fold = None
+        self.folded = False
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, folded={self.folded}"
+
+
+class AdapterMethod:
+    """A method's registry entry: how it builds layers, trains, and exports from saved tensors.
+
+    The defaults suit methods that add no shared tensors, train every adapter tensor at one learning
+    rate and need nothing after an optimizer step. See ftserve/methods/lora.py for the simplest one.
+    """
+
+    name: str = ""
+    peft_type: str = "LORA"
+
+    def create_layer(self, base_layer: nn.Module, module_name: str, config: "FineTuningConfig",
+                     shared: nn.Module | None) -> AdapterLayer:
+        raise NotImplementedError
+
+    def create_shared(self, config: "FineTuningConfig", shapes: list[tuple[int, int]]) -> nn.Module | None:
+        """Tensors shared by all layers (VeRA's frozen pair), built from the (d_out, d_in) of every target."""
+        return None
+
+    def param_groups(self, named_params: list[tuple[str, nn.Parameter]], config: "FineTuningConfig",
+                     lr: float, weight_decay: float) -> list[dict]:
+        params = [p for _, p in named_params if p.requires_grad]
+        return [{"params": params, "lr": lr, "weight_decay": weight_decay}]
+
+    def after_step(self, layers: list[AdapterLayer], config: "FineTuningConfig", steps_done: int) -> None:
+        """Called after every optimizer step with the number of steps done so far."""
+
+    def export_factors(self, state: dict[str, Tensor], shared: dict[str, Tensor], config: "FineTuningConfig",
+                       module_name: str, in_features: int | None) -> LoraFactors:
+        """Exact plain-LoRA factors from one module's saved tensors, without a model."""
+        raise NotImplementedError

@@ -1,0 +1,109 @@
+"""Delta-LoRA (Zi et al. 2023, arXiv:2309.02411).
+
+A and B train as in LoRA. After every optimizer step t past the start step K the paper also moves the
+pretrained weight, never by a gradient: ``W_{t+1} = W_t + lambda * s * (B_{t+1} A_{t+1} - B_t A_t)``.
+Dropout is removed from the low-rank branch. The sum telescopes, so with ``(A_K', B_K')`` the factors
+after the first step whose change lands in W (step K+1 done):
+
+    W_t = W_0 + lambda * s * (B_t A_t - B_K' A_K')
+
+We keep W_0 frozen and compute exactly that in the forward, with the W term detached (``sg``):
+
+    h = W_0 x + s B A x + lambda * s * (sg(B) sg(A) x - B_K' A_K' x)
+
+which is the paper's function and the paper's gradients, costs one extra frozen rank-2r product, needs no
+full-size copy of W and accumulates no rounding in a bf16 W. The deployed delta
+``s ((1 + lambda) B A - lambda B_K' A_K')`` is exactly the rank-2r LoRA
+``A' = [A; A_K']``, ``B' = [(1 + lambda) B, -lambda B_K']`` with the same s.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import LoraFactors
+from .lora import Lora, LoraLayer
+
+START_A, START_B = "lora_A_start.weight", "lora_B_start.weight"
+
+
+class DeltaLoraLayer(LoraLayer):
+    def __init__(self, base_layer, r, scale, ratio: float) -> None:
+        super().__init__(base_layer, r, scale, dropout=0.0)  # the paper removes dropout
+        self.ratio = ratio
+        self.lora_A_start: Tensor | None = None
+        self.lora_B_start: Tensor | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.lora_A_start is not None
+
+    @torch.no_grad()
+    def start_weight_updates(self) -> None:
+        """Snapshot (A_K', B_K'): from now on W moves with every change of B A."""
+        self.lora_A_start = self.lora_A.weight.detach().clone()
+        self.lora_B_start = self.lora_B.weight.detach().clone()
+
+    def prepare_for_state(self, keys: set[str]) -> None:
+        if START_A in keys and not self.started:
+            self.start_weight_updates()
+
+    def delta(self, x: Tensor) -> Tensor:
+        lora = F.linear(self.lora_A(x), self.lora_B.weight) * self.scale
+        if not self.started:
+            return lora
+        # sg(B) sg(A) x - B_K' A_K' x as one frozen rank-2r product: x gets its gradient, A and B do not.
+        A = torch.cat([self.lora_A.weight.detach(), self.lora_A_start], dim=0)
+        B = torch.cat([self.lora_B.weight.detach(), -self.lora_B_start], dim=1)
+        return lora + F.linear(F.linear(x, A), B) * (self.ratio * self.scale)
+
+    def lora_factors(self) -> LoraFactors:
+        return delta_lora_factors(self.adapter_state(), self.scale, self.ratio)
+
+    def adapter_state(self) -> dict[str, Tensor]:
+        state = super().adapter_state()
+        if self.started:
+            state.update({START_A: self.lora_A_start, START_B: self.lora_B_start})
+        return state
+
+    @torch.no_grad()
+    def load_adapter_state(self, state: dict[str, Tensor]) -> None:
+        super().load_adapter_state(state)
+        if START_A in state:
+            self.lora_A_start = state[START_A].to(self.lora_A.weight).clone()
+            self.lora_B_start = state[START_B].to(self.lora_B.weight).clone()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.started:
+            self.lora_A_start, self.lora_B_start = fn(self.lora_A_start), fn(self.lora_B_start)
+        return self
+
+
+def delta_lora_factors(state: dict[str, Tensor], scale: float, ratio: float) -> LoraFactors:
+    A, B = state["lora_A.weight"], state["lora_B.weight"]
+    if START_A not in state:
+        return LoraFactors(A, B, scale)
+    return LoraFactors(torch.cat([A, state[START_A]], dim=0),
+                       torch.cat([B * (1.0 + ratio), state[START_B] * -ratio], dim=1), scale)
+
+
+class DeltaLora(Lora):
+    name = "delta-lora"
+
+    def create_layer(self, base_layer, module_name, config, shared):
+        return DeltaLoraLayer(base_layer, config.rank_for(module_name), config.scale_for(module_name),
+                              config.delta_update_ratio)
+
+    def after_step(self, layers, config, steps_done):
+        if steps_done == config.delta_start_step + 1:
+            for layer in layers:
+                layer.start_weight_updates()
+
+    def export_factors(self, state, shared, config, module_name, in_features):
+        return delta_lora_factors(state, config.scale_for(module_name), config.delta_update_ratio)
+
+
+METHOD = DeltaLora()

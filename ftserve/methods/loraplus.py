@@ -1,0 +1,27 @@
+"""LoRA+ (Hayou, Ghosh, Yu 2024, arXiv:2402.12354).
+
+The adapter is LoRA's, unchanged; only training differs: B, the zero-initialised output-side factor, learns
+``loraplus_lr_ratio`` times faster than A (16 by default, the paper's rule of thumb). The groups follow PEFT's
+``create_loraplus_optimizer``: ``lora_B`` and any other 1-D trainable tensor get ``lr * ratio``; everything else
+gets ``lr``. Unlike PEFT, ``weight_decay`` is applied as given rather than replaced by 0.
+"""
+
+from __future__ import annotations
+
+from .lora import Lora
+
+
+class LoraPlus(Lora):
+    name = "lora+"
+
+    def param_groups(self, named_params, config, lr, weight_decay):
+        fast = [p for n, p in named_params if p.requires_grad and ("lora_B" in n or p.ndim == 1)]
+        fast_ids = {id(p) for p in fast}
+        slow = [p for _, p in named_params if p.requires_grad and id(p) not in fast_ids]
+        return [
+            {"params": slow, "lr": lr, "weight_decay": weight_decay},
+            {"params": fast, "lr": lr * config.loraplus_lr_ratio, "weight_decay": weight_decay},
+        ]
+
+
+METHOD = LoraPlus()

@@ -1,0 +1,113 @@
+"""VeRA (Kopiczko, Blankevoort, Asano 2023, arXiv:2310.11454).
+
+One frozen random **pair** ``A (r x max_in)``, ``B (max_out x r)`` is shared by every adapted layer; each layer
+trains two vectors only, ``d (r)`` and ``b (d_out)``:
+
+    h = W x + b * (B_l (d * (A_l dropout(x))))        A_l = A[:, :d_in], B_l = B[:d_out, :]
+
+The pair is Kaiming-uniform from a CPU generator seeded with ``projection_prng_key`` (A drawn first), sized to
+the largest targeted layer and sliced per layer, as PEFT does, so the same seed gives PEFT's matrices. Because
+the slices depend on which layers are targeted, the pair is saved with the adapter. ``b`` starts at zero,
+``d`` at ``d_initial``. There is no alpha/r scale. Dense delta ``diag(b) B_l diag(d) A_l``; exact plain-LoRA
+export at rank r: ``A' = diag(d) A_l``, ``B' = diag(b) B_l``, s = 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import AdapterLayer, AdapterMethod, LoraFactors
+
+
+def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tensor:
+    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+class VeraProjection(nn.Module):
+    """The shared frozen pair, plus contiguous per-shape slices cached per device and dtype."""
+
+    def __init__(self, r: int, max_out: int, max_in: int, seed: int) -> None:
+        super().__init__()
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.register_buffer("vera_A", kaiming_uniform((r, max_in), generator))
+        self.register_buffer("vera_B", kaiming_uniform((max_out, r), generator))
+        self._slices: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def slices(self, d_out: int, d_in: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        key = (d_out, d_in, device, dtype, self.vera_A.data_ptr(), self.vera_A._version)
+        if key not in self._slices:
+            self._slices = {k: v for k, v in self._slices.items() if k[4:] == key[4:]}
+            self._slices[key] = (self.vera_A[:, :d_in].to(device, dtype).contiguous(),
+                                 self.vera_B[:d_out].to(device, dtype).contiguous())
+        return self._slices[key]
+
+    @torch.no_grad()
+    def load(self, vera_A: Tensor, vera_B: Tensor) -> None:
+        self.vera_A.copy_(vera_A)
+        self.vera_B.copy_(vera_B)
+
+
+class VeraLayer(AdapterLayer):
+    def __init__(self, base_layer: nn.Module, shared: VeraProjection, r: int, dropout: float,
+                 d_initial: float) -> None:
+        super().__init__(base_layer)
+        if shared.vera_A.shape[1] < self.in_features or shared.vera_B.shape[0] < self.out_features:
+            raise ValueError(f"VeRA's shared pair {tuple(shared.vera_B.shape)} x {tuple(shared.vera_A.shape)} is "
+                             f"smaller than this layer ({self.out_features} x {self.in_features})")
+        self.r = r
+        kw = {"device": self.weight_device, "dtype": torch.float32}
+        self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features, **kw))
+        self.vera_lambda_d = nn.Parameter(torch.full((r,), float(d_initial), **kw))
+        self.vera_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        object.__setattr__(self, "shared", shared)  # not a submodule: the pair is saved once, not per layer
+
+    def delta(self, x: Tensor) -> Tensor:
+        A, B = self.shared.slices(self.out_features, self.in_features, x.device, x.dtype)
+        return self.vera_lambda_b * F.linear(self.vera_lambda_d * F.linear(self.vera_dropout(x), A), B)
+
+    def lora_factors(self) -> LoraFactors:
+        return vera_factors(self.adapter_state(), self.shared.vera_A, self.shared.vera_B, self.in_features)
+
+    def adapter_state(self) -> dict[str, Tensor]:
+        return {"vera_lambda_b": self.vera_lambda_b.detach(), "vera_lambda_d": self.vera_lambda_d.detach()}
+
+    @torch.no_grad()
+    def load_adapter_state(self, state: dict[str, Tensor]) -> None:
+        self.vera_lambda_b.copy_(state["vera_lambda_b"])
+        self.vera_lambda_d.copy_(state["vera_lambda_d"])
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}"
+
+
+def vera_factors(state: dict[str, Tensor], vera_A: Tensor, vera_B: Tensor, in_features: int) -> LoraFactors:
+    b, d = state["vera_lambda_b"].float(), state["vera_lambda_d"].float()
+    A = vera_A[:, :in_features].to(d.device).float() * d[:, None]
+    B = vera_B[: b.shape[0]].to(b.device).float() * b[:, None]
+    return LoraFactors(A, B, 1.0)
+
+
+class Vera(AdapterMethod):
+    name = "vera"
+    peft_type = "VERA"
+
+    def create_shared(self, config, shapes):
+        max_out = max(d_out for d_out, _ in shapes)
+        max_in = max(d_in for _, d_in in shapes)
+        return VeraProjection(config.lora_r, max_out, max_in, config.projection_prng_key)
+
+    def create_layer(self, base_layer, module_name, config, shared):
+        return VeraLayer(base_layer, shared, config.lora_r, config.lora_dropout, config.d_initial)
+
+    def export_factors(self, state, shared, config, module_name, in_features):
+        if in_features is None:
+            raise ValueError(f"VeRA module {module_name}: its input size is needed to slice the shared A")
+        return vera_factors(state, shared["vera_A"], shared["vera_B"], in_features)
+
+
+METHOD = Vera()

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny models and a tokenizer built locally; never the network."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from ftserve.tiny import build_tokenizer, save_tiny_model, tiny_gpt2, tiny_llama  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    """A tiny Llama-shaped model (head_dim 32) and tokenizer saved as a Hugging Face folder. Read-only."""
+    return save_tiny_model(tmp_path_factory.mktemp("llama") / "base", "llama")
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory):
+    """A tiny GPT-2-shaped model (Conv1D projections) and tokenizer saved as a Hugging Face folder. Read-only."""
+    return save_tiny_model(tmp_path_factory.mktemp("gpt2") / "base", "gpt2")
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def gpt2():
+    return tiny_gpt2()
