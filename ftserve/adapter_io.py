@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .config import EXTRA_KEY, FineTuningConfig
 from .errors import AdapterFileError, ConfigError
-from .methods import LoraFactors, get_method
+from .methods import METHODS, LoraFactors, get_method
 from .methods.vera import VeraProjection
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -36,8 +36,7 @@ ADAPTER_PICKLE = "adapter_model.bin"
 DELTA_STATE = "delta_lora_state.safetensors"
 PREFIX = "base_model.model."
 SHARED = {"base_model.vera_A": "vera_A", "base_model.vera_B": "vera_B"}
-SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_A_start.weight", "lora_B_start.weight",
-            "vera_lambda_b", "vera_lambda_d")
+SUFFIXES = tuple(sorted({key for method in METHODS.values() for key in method.saved_keys}))
 
 
 @dataclass

@@ -139,6 +139,7 @@ class AdapterMethod:
 
     name: str = ""
     peft_type: str = "LORA"
+    saved_keys: tuple[str, ...] = ()  # per-module tensor names on disk, after "<module>."
 
     def create_layer(self, base_layer: nn.Module, module_name: str, config: "FineTuningConfig",
                      shared: nn.Module | None) -> AdapterLayer:

@@ -92,6 +92,7 @@ def delta_lora_factors(state: dict[str, Tensor], scale: float, ratio: float) -> 
 
 class DeltaLora(Lora):
     name = "delta-lora"
+    saved_keys = ("lora_A.weight", "lora_B.weight", START_A, START_B)
 
     def create_layer(self, base_layer, module_name, config, shared):
         return DeltaLoraLayer(base_layer, config.rank_for(module_name), config.scale_for(module_name),

@@ -56,6 +56,7 @@ def lora_factors(state: dict[str, Tensor], scale: float) -> LoraFactors:
 
 class Lora(AdapterMethod):
     name = "lora"
+    saved_keys = ("lora_A.weight", "lora_B.weight")
     layer_class = LoraLayer
 
     def create_layer(self, base_layer, module_name, config, shared):

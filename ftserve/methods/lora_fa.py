@@ -20,7 +20,8 @@ from .lora import Lora, LoraLayer
 
 def _dropout_mask(like: Tensor, p: float, seed: int) -> Tensor:
     generator = torch.Generator(device=like.device).manual_seed(seed)
-    return torch.empty_like(like).bernoulli_(1.0 - p, generator=generator).div_(1.0 - p)
+    mask = torch.empty(like.shape, device=like.device, dtype=torch.float32)
+    return mask.bernoulli_(1.0 - p, generator=generator).div_(1.0 - p).to(like.dtype)
 
 
 class _FrozenAProjection(torch.autograd.Function):
@@ -32,19 +33,21 @@ class _FrozenAProjection(torch.autograd.Function):
             x = x * _dropout_mask(x, p, seed)
         u = F.linear(x, A)
         ctx.save_for_backward(u, A, B)
-        ctx.scale, ctx.p, ctx.seed = scale, p, seed
+        ctx.scale, ctx.p, ctx.seed, ctx.x_dtype = scale, p, seed, x.dtype
         return F.linear(u, B) * scale
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         u, A, B = ctx.saved_tensors
-        grad = grad * ctx.scale
+        # Under autocast the forward ran in low precision; backward runs without it, so align dtypes.
+        grad, u = grad.to(B.dtype) * ctx.scale, u.to(B.dtype)
         grad_B = grad.reshape(-1, grad.shape[-1]).T @ u.reshape(-1, u.shape[-1]) if ctx.needs_input_grad[2] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = (grad @ B) @ A
             if ctx.p > 0:
                 grad_x = grad_x * _dropout_mask(grad_x, ctx.p, ctx.seed)
+            grad_x = grad_x.to(ctx.x_dtype)
         return grad_x, None, grad_B, None, None, None
 
 

@@ -95,6 +95,7 @@ def vera_factors(state: dict[str, Tensor], vera_A: Tensor, vera_B: Tensor, in_fe
 class Vera(AdapterMethod):
     name = "vera"
     peft_type = "VERA"
+    saved_keys = ("vera_lambda_b", "vera_lambda_d")
 
     def create_shared(self, config, shapes):
         max_out = max(d_out for d_out, _ in shapes)
