@@ -16,7 +16,7 @@ from torch import nn
 from .config import FineTuningConfig
 from .errors import ConfigError
 from .methods import AdapterLayer, get_method
-from .methods.base import TARGETABLE, LoraFactors, linear_shape
+from .methods.base import LoraFactors, linear_shape, targetable_types
 
 # Targets used when none are given, as PEFT's defaults for the same model types.
 DEFAULT_TARGETS = {
@@ -32,7 +32,7 @@ def find_targets(model: nn.Module, config: FineTuningConfig,
     """The (name, layer) pairs the config targets; a clear ConfigError when nothing fits."""
     if any(isinstance(m, AdapterLayer) for m in model.modules()):
         raise ConfigError("this model already carries ftserve adapter layers; start again from the base model")
-    linear = {name: m for name, m in model.named_modules() if isinstance(m, TARGETABLE)}
+    linear = {name: m for name, m in model.named_modules() if isinstance(m, targetable_types())}
     if module_names is not None:
         missing = [n for n in module_names if n not in linear]
         if missing:

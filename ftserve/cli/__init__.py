@@ -15,3 +15,10 @@ def main() -> None:
 from .quickstart import quickstart  # noqa: E402
 
 main.add_command(quickstart)
+
+from .merge import export, inspect_adapter, merge, verify  # noqa: E402
+
+main.add_command(merge)
+main.add_command(export)
+main.add_command(verify)
+main.add_command(inspect_adapter)

@@ -11,17 +11,24 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from ..config import FineTuningConfig
 
-try:
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # transformers is a dependency, but keep the core importable without it
-    Conv1D = ()  # type: ignore[assignment,misc]
 
-TARGETABLE = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+def targetable_types() -> tuple[type, ...]:
+    """nn.Linear and GPT-2's Conv1D; transformers is imported on first use (it costs seconds)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return nn.Linear, Conv1D
+
+
+def __getattr__(name: str):
+    if name == "TARGETABLE":
+        return targetable_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -39,6 +46,18 @@ class LoraFactors:
     def delta_weight(self) -> Tensor:
         """Dense ``scale * B @ A`` in fp32, shape (d_out, d_in)."""
         return (self.B.float() @ self.A.float()) * self.scale
+
+
+def add_low_rank(out: Tensor, u: Tensor, B: Tensor, scale: float) -> Tensor:
+    """``out + scale * u B^T`` as one ``addmm``: no pass over the activations for the scale or the add.
+
+    ``addmm`` applies ``alpha`` to the product, as ``(u B^T) * scale`` does, and scales only the small
+    r-dim gradients in backward. Falls back to the plain sum where the dtypes differ.
+    """
+    if out.dtype != u.dtype or u.dtype != B.dtype:
+        return out + (F.linear(u, B) * scale).to(out.dtype)
+    return torch.addmm(out.reshape(-1, out.shape[-1]), u.reshape(-1, u.shape[-1]), B.t(),
+                       alpha=scale).view(out.shape)
 
 
 def linear_shape(layer: nn.Module) -> tuple[int, int]:
@@ -75,6 +94,10 @@ class AdapterLayer(nn.Module):
         out = self.base_layer(x)
         if self.folded or not self.enabled:
             return out
+        return self.add_delta(out, x)
+
+    def add_delta(self, out: Tensor, x: Tensor) -> Tensor:
+        """``out + delta(x)``; a method may override it to fuse the add into its last product."""
         return out + self.delta(x.to(self.adapter_dtype)).to(out.dtype)
 
     @property

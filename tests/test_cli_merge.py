@@ -1,0 +1,129 @@
+"""The `merge`, `verify`, `inspect` commands as a user runs them, and a merge killed half-way."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from ftserve.cli import main
+from ftserve.config import FineTuningConfig
+
+from test_fold import ONE_THREAD, trained, one_thread  # noqa: F401 (autouse fixture)
+from test_merge import tree_digest
+
+
+@pytest.fixture(scope="module")
+def adapters(llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    for name, settings, seed in (("lora", dict(method="lora", lora_r=4, lora_alpha=8), 0),
+                                 ("other", dict(method="lora", lora_r=4, lora_alpha=8), 5),
+                                 ("vera", dict(method="vera", lora_r=16), 1),
+                                 ("delta", dict(method="delta-lora", lora_r=4, lora_alpha=8), 2)):
+        trained(AutoModelForCausalLM.from_pretrained(llama_dir), settings, seed=seed).save_adapter(root / name)
+    return root
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_merge_with_verify_then_verify_passes_and_fails_for_another_adapter(tmp_path, llama_dir, adapters):
+    out = tmp_path / "merged"
+    result = run("merge", llama_dir, adapters / "vera", "-o", out, "--verify")
+    assert result.exit_code == 0, result.output
+    assert "Merged 1 adapter(s) into 14 tensors" in result.output and "OK: largest logit difference" in result.output
+    assert run("verify", llama_dir, adapters / "vera", out).exit_code == 0
+    wrong = run("verify", llama_dir, adapters / "other", out)
+    assert wrong.exit_code == 1 and "FAILED: largest logit difference" in wrong.output
+    assert "disagreements" in wrong.output
+    refused = run("merge", llama_dir, adapters / "vera", "-o", out)
+    assert refused.exit_code == 1 and "already exists; pass --force" in refused.output
+
+
+def test_bf16_merge_verifies_within_the_bf16_tolerance(tmp_path, llama_dir, adapters):
+    out = tmp_path / "merged"
+    assert run("merge", llama_dir, f"{adapters / 'lora'}:1", "-o", out, "--dtype", "bfloat16").exit_code == 0
+    result = run("verify", llama_dir, adapters / "lora", out)
+    assert result.exit_code == 0 and "for bfloat16 weights" in result.output, result.output
+
+
+def test_weighted_merge_of_two_adapters_verifies(tmp_path, llama_dir, adapters):
+    result = run("merge", llama_dir, f"{adapters / 'lora'}:0.7", f"{adapters / 'vera'}:0.3", "-o", tmp_path / "m",
+                 "--verify")
+    assert result.exit_code == 0 and "Merged 2 adapter(s)" in result.output and "OK:" in result.output, result.output
+
+
+def test_errors_are_one_line_messages_not_tracebacks(tmp_path, llama_dir, adapters):
+    missing = run("merge", "acme/no-such-model", adapters / "lora", "-o", tmp_path / "m")
+    assert missing.exit_code == 1
+    assert "Error: acme/no-such-model: no such folder, and the Hugging Face hub cannot provide it" in missing.output
+    assert "Traceback" not in missing.output and not (tmp_path / "m").exists()
+    pickled = run("merge", llama_dir, tmp_path / "nowhere", "-o", tmp_path / "m")
+    assert pickled.exit_code == 1 and "no such adapter folder" in pickled.output
+
+
+def test_inspect_says_what_vllm_can_serve(adapters):
+    vera = run("inspect", adapters / "vera")
+    assert vera.exit_code == 0, vera.output
+    assert "method             vera" in vera.output and "needs `ftserve export`" in vera.output
+    delta = json.loads(run("inspect", adapters / "delta", "--json").output)
+    assert delta["method"] == "delta-lora" and delta["rank"] == 4 and delta["alpha"] == 8
+    assert delta["vllm"].startswith("as is: adapter_model.safetensors is the exact rank-8 plain LoRA")
+    lora = json.loads(run("inspect", adapters / "lora", "--json").output)
+    # r (d_in + d_out) per module: 4 attention projections 128 x 128 and 3 MLP ones 128 x 256, in 2 layers
+    assert lora["parameters"] == 2 * (4 * 4 * (128 + 128) + 3 * 4 * (128 + 256))
+    assert lora["targets"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert lora["vllm"].startswith("as is") and lora["size_bytes"] > 0
+
+
+@pytest.fixture(scope="module")
+def slow_merge_inputs(tmp_path_factory):
+    """A synthetic checkpoint of eight 1024 x 2048 fp32 weights and a rank-512 LoRA on all of them: enough
+    arithmetic that an unmodified merge runs for a while after its first output shard."""
+    root = tmp_path_factory.mktemp("slow")
+    base, adapter = root / "base", root / "adapter"
+    base.mkdir()
+    adapter.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    names = [f"model.layers.{i}.mlp.up_proj" for i in range(8)]
+    save_file({f"{n}.weight": torch.randn(1024, 2048, generator=gen) for n in names}, str(base / "model.safetensors"),
+              metadata={"format": "pt"})
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", "tie_word_embeddings": False}))
+    save_file({f"base_model.model.{n}.lora_{m}.weight": torch.randn(shape, generator=gen) * 0.01
+               for n in names for m, shape in (("A", (512, 2048)), ("B", (1024, 512)))},
+              str(adapter / "adapter_model.safetensors"))
+    config = FineTuningConfig(method="lora", lora_r=512, lora_alpha=512, target_modules=["up_proj"])
+    (adapter / "adapter_config.json").write_text(json.dumps(config.to_peft_dict(["up_proj"], False)))
+    return base, adapter
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_a_merge_killed_after_its_first_shard_leaves_no_output(tmp_path, slow_merge_inputs, sig):
+    base, adapter = slow_merge_inputs
+    before = tree_digest(base), tree_digest(adapter)
+    out = tmp_path / "merged"
+    process = subprocess.Popen([sys.executable, "-c", "from ftserve.cli import main; main()", "merge", str(base),
+                                str(adapter), "-o", str(out), "--max-shard-size", "8MB"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **ONE_THREAD})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if list(tmp_path.glob(".merged.tmp-*/model-00002-of-00008.safetensors")):
+            break
+        time.sleep(0.005)
+    assert process.poll() is None, f"the merge ended before it could be interrupted: {process.stdout.read()!r}"
+    process.send_signal(sig)
+    output = process.communicate(timeout=60)[0].decode()
+    assert process.returncode != 0
+    assert not out.exists()
+    if sig == signal.SIGINT:
+        assert list(tmp_path.iterdir()) == [], output  # the temporary folder went too
+        assert "Traceback" not in output
+    assert (tree_digest(base), tree_digest(adapter)) == before

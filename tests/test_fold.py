@@ -1,0 +1,113 @@
+"""In-memory folding: fold / unfold / merge_and_unload for every method, on Llama- and GPT-2-shaped models."""
+
+import pytest
+import torch
+from torch import nn
+
+from ftserve import FineTuningConfig, FineTuningModel
+from ftserve.methods import AdapterLayer
+from ftserve.tiny import tiny_gpt2, tiny_llama
+
+# (case, model kind, config): every generic check runs over these rows.
+CASES = [
+    ("lora", dict(method="lora", lora_r=4, lora_alpha=8)),
+    ("lora-rslora", dict(method="lora", lora_r=4, lora_alpha=8, use_rslora=True)),
+    ("lora+", dict(method="lora+", lora_r=4, lora_alpha=16)),
+    ("lora-fa", dict(method="lora-fa", lora_r=4, lora_alpha=8)),
+    ("vera", dict(method="vera", lora_r=16)),
+    ("delta-lora", dict(method="delta-lora", lora_r=4, lora_alpha=8)),
+]
+ROWS = [(name, kind, cfg) for kind in ("llama", "gpt2") for name, cfg in CASES]
+FP32 = dict(atol=2e-5, rtol=1e-5)
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # for test subprocesses, see one_thread()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spinning makes
+    every small op thousands of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def trained(base: nn.Module, settings: dict, seed: int = 0, targets="all-linear") -> FineTuningModel:
+    """An adapter with random, non-zero tensors (LoRA's B starts at zero, which would hide bugs)."""
+    model = FineTuningModel(base, FineTuningConfig(target_modules=targets, **settings))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.adapter_parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+        if settings["method"] == "delta-lora":  # a start snapshot different from the final factors
+            for layer in model.adapter_layers.values():
+                layer.start_weight_updates()
+            for p in model.adapter_parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model.eval()
+
+
+def build(kind: str) -> nn.Module:
+    return tiny_llama() if kind == "llama" else tiny_gpt2()
+
+
+IDS = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name,kind,settings", ROWS, ids=[f"{k}-{n}" for n, k, _ in ROWS])
+def test_fold_unfold_and_merge_and_unload_match_unmerged_forward(name, kind, settings):
+    model = trained(build(kind), settings)
+    weights = {n: layer.base_layer.weight for n, layer in model.adapter_layers.items()}
+    with torch.no_grad():
+        unmerged = model(input_ids=IDS).logits
+        model.fold()
+        folded = model(input_ids=IDS).logits
+        model.unfold()
+        again = model(input_ids=IDS).logits
+    torch.testing.assert_close(folded, unmerged, **FP32)
+    assert torch.equal(again, unmerged), "unfold must restore the exact base weights"
+    for n, layer in model.adapter_layers.items():
+        assert layer.base_layer.weight is weights[n]
+    plain = model.merge_and_unload()
+    assert not any(isinstance(m, AdapterLayer) for m in plain.modules())
+    assert type(plain).__module__.startswith("transformers.")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=IDS).logits, unmerged, **FP32)
+
+
+def test_fold_in_bf16_rounds_once_from_fp32():
+    """Hand-placed factors: delta W[4, 5] = s * B[4, 1] * A[1, 5] = 2 * 12 * 0.5 = 12; every other delta is tiny
+    and must survive only through one fp32 add and one rounding, never a bf16 add."""
+    base = tiny_llama(dtype=torch.bfloat16)
+    model = FineTuningModel(base, FineTuningConfig(method="lora", lora_r=2, lora_alpha=4, target_modules=["q_proj"]))
+    layer = model.adapter_layers["model.layers.0.self_attn.q_proj"]
+    with torch.no_grad():
+        layer.lora_A.weight.zero_()
+        layer.lora_B.weight.zero_()
+        layer.lora_A.weight[1, 5] = 0.5
+        layer.lora_B.weight[4, 1] = 12.0
+        layer.lora_A.weight[0] = 1e-3
+        layer.lora_B.weight[:, 0] = torch.linspace(-1, 1, layer.out_features)
+    W = layer.base_layer.weight.detach().clone()
+    delta = layer.lora_factors().delta_weight()
+    model.fold()
+    folded = layer.base_layer.weight
+    assert folded.dtype == torch.bfloat16
+    assert torch.equal(folded, (W.float() + delta).to(torch.bfloat16))
+    assert float(folded[4, 5]) == pytest.approx(float(W[4, 5]) + 12.0, abs=0.0625)  # one bf16 step at 12
+    model.unfold()
+    assert torch.equal(layer.base_layer.weight, W)
+
+
+def test_folding_the_tied_lm_head_unties_instead_of_changing_the_input_embeddings():
+    base = tiny_gpt2()
+    embeddings = base.get_input_embeddings().weight.detach().clone()
+    model = trained(base, dict(method="lora", lora_r=4, lora_alpha=8), targets=["c_attn", "lm_head"])
+    with torch.no_grad():
+        unmerged = model(input_ids=IDS).logits
+    plain = model.merge_and_unload()
+    assert plain.config.tie_word_embeddings is False
+    assert torch.equal(plain.get_input_embeddings().weight, embeddings)
+    assert not torch.equal(plain.get_output_embeddings().weight, embeddings)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=IDS).logits, unmerged, **FP32)
