@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import LoraFactors
+from .base import LoraFactors, add_low_rank
 from .lora import Lora, LoraLayer
 
 START_A, START_B = "lora_A_start.weight", "lora_B_start.weight"
@@ -54,10 +54,22 @@ class DeltaLoraLayer(LoraLayer):
         lora = F.linear(self.lora_A(x), self.lora_B.weight) * self.scale
         if not self.started:
             return lora
-        # sg(B) sg(A) x - B_K' A_K' x as one frozen rank-2r product: x gets its gradient, A and B do not.
+        A, B = self._frozen_factors()
+        return lora + F.linear(F.linear(x, A), B) * (self.ratio * self.scale)
+
+    def add_delta(self, out: Tensor, x: Tensor) -> Tensor:
+        x = x.to(self.lora_A.weight.dtype)
+        out = add_low_rank(out, self.lora_A(x), self.lora_B.weight, self.scale)
+        if not self.started:
+            return out
+        A, B = self._frozen_factors()
+        return add_low_rank(out, F.linear(x, A), B, self.ratio * self.scale)
+
+    def _frozen_factors(self) -> tuple[Tensor, Tensor]:
+        """sg(B) sg(A) x - B_K' A_K' x as one frozen rank-2r product: x gets its gradient, A and B do not."""
         A = torch.cat([self.lora_A.weight.detach(), self.lora_A_start], dim=0)
         B = torch.cat([self.lora_B.weight.detach(), -self.lora_B_start], dim=1)
-        return lora + F.linear(F.linear(x, A), B) * (self.ratio * self.scale)
+        return A, B
 
     def lora_factors(self) -> LoraFactors:
         return delta_lora_factors(self.adapter_state(), self.scale, self.ratio)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AdapterLayer, AdapterMethod, LoraFactors
+from .base import AdapterLayer, AdapterMethod, LoraFactors, add_low_rank
 
 
 class LoraLayer(AdapterLayer):
@@ -32,8 +32,16 @@ class LoraLayer(AdapterLayer):
         nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    def project_down(self, x: Tensor) -> Tensor:
+        """The r-dim ``A dropout(x)``."""
+        return self.lora_A(self.lora_dropout(x))
+
     def delta(self, x: Tensor) -> Tensor:
-        return F.linear(self.lora_A(self.lora_dropout(x)), self.lora_B.weight) * self.scale
+        return F.linear(self.project_down(x), self.lora_B.weight) * self.scale
+
+    def add_delta(self, out: Tensor, x: Tensor) -> Tensor:
+        u = self.project_down(x.to(self.lora_A.weight.dtype))
+        return add_low_rank(out, u, self.lora_B.weight, self.scale)
 
     def lora_factors(self) -> LoraFactors:
         return lora_factors(self.adapter_state(), self.scale)

@@ -5,8 +5,8 @@ row space of the initial A and the plain-LoRA export is the adapter itself.
 
 The point of the method is activation memory: ``dL/dB = s dy^T (A x)`` needs only the r-dim ``A x``, not the
 d_in-dim input. Autograd alone already skips ``x`` when A is frozen, but with dropout it would keep the dropout
-mask (one byte per input element). ``_FrozenAProjection`` keeps ``A x`` and a dropout seed instead, and
-regenerates the mask in backward.
+mask (one byte per input element). ``_FrozenAProjection`` keeps a dropout seed instead and regenerates the mask
+in backward; autograd keeps the r-dim ``A x`` for ``dL/dB``.
 """
 
 from __future__ import annotations
@@ -25,30 +25,26 @@ def _dropout_mask(like: Tensor, p: float, seed: int) -> Tensor:
 
 
 class _FrozenAProjection(torch.autograd.Function):
-    """``y = s * (dropout(x) A^T) B^T`` with A frozen; saves ``u = dropout(x) A^T`` (r-dim) and a seed."""
+    """``u = dropout(x) A^T`` with A frozen: keeps only A and a dropout seed, and regenerates the mask in backward.
+
+    ``B`` and the scale are applied outside, by autograd, which keeps ``u`` (r-dim) for ``dL/dB``.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, A: Tensor, B: Tensor, scale: float, p: float, seed: int) -> Tensor:
-        if p > 0:
-            x = x * _dropout_mask(x, p, seed)
-        u = F.linear(x, A)
-        ctx.save_for_backward(u, A, B)
-        ctx.scale, ctx.p, ctx.seed, ctx.x_dtype = scale, p, seed, x.dtype
-        return F.linear(u, B) * scale
+    def forward(ctx, x: Tensor, A: Tensor, p: float, seed: int) -> Tensor:
+        ctx.save_for_backward(A)
+        ctx.p, ctx.seed, ctx.x_dtype = p, seed, x.dtype
+        return F.linear(x * _dropout_mask(x, p, seed), A)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        u, A, B = ctx.saved_tensors
+        (A,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
         # Under autocast the forward ran in low precision; backward runs without it, so align dtypes.
-        grad, u = grad.to(B.dtype) * ctx.scale, u.to(B.dtype)
-        grad_B = grad.reshape(-1, grad.shape[-1]).T @ u.reshape(-1, u.shape[-1]) if ctx.needs_input_grad[2] else None
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad @ B) @ A
-            if ctx.p > 0:
-                grad_x = grad_x * _dropout_mask(grad_x, ctx.p, ctx.seed)
-            grad_x = grad_x.to(ctx.x_dtype)
-        return grad_x, None, grad_B, None, None, None
+        grad_x = grad.to(A.dtype) @ A
+        grad_x = grad_x * _dropout_mask(grad_x, ctx.p, ctx.seed)
+        return grad_x.to(ctx.x_dtype), None, None, None
 
 
 class LoraFALayer(LoraLayer):
@@ -57,10 +53,11 @@ class LoraFALayer(LoraLayer):
         self.lora_A.weight.requires_grad_(False)
         self.dropout_p = dropout
 
-    def delta(self, x: Tensor) -> Tensor:
-        p = self.dropout_p if self.training else 0.0
-        seed = int(torch.randint(0, 2**62, ()).item()) if p > 0 else 0
-        return _FrozenAProjection.apply(x, self.lora_A.weight, self.lora_B.weight, self.scale, p, seed)
+    def project_down(self, x: Tensor) -> Tensor:
+        if self.dropout_p == 0 or not self.training:
+            return F.linear(x, self.lora_A.weight)  # A is frozen, so autograd keeps A, not x
+        seed = int(torch.randint(0, 2**62, ()).item())
+        return _FrozenAProjection.apply(x, self.lora_A.weight, self.dropout_p, seed)
 
 
 class LoraFA(Lora):

@@ -52,6 +52,24 @@ class VeraProjection(nn.Module):
         self.vera_B.copy_(vera_B)
 
 
+class _AddScaledUp(torch.autograd.Function):
+    """``out + b * (v B^T)`` with B frozen, the add fused; ``dL/dv = g (diag(b) B)`` scales the small B rather
+    than the activations. Keeps ``B v`` for ``dL/db``, as autograd would."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, v: Tensor, B: Tensor, b: Tensor) -> Tensor:
+        Bv = F.linear(v, B)
+        ctx.save_for_backward(Bv, B, b)
+        return torch.addcmul(out, Bv, b)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        Bv, B, b = ctx.saved_tensors
+        grad_v = grad @ (B * b[:, None]) if ctx.needs_input_grad[1] else None
+        grad_b = (grad * Bv).reshape(-1, b.shape[0]).sum(0) if ctx.needs_input_grad[3] else None
+        return grad, grad_v, None, grad_b
+
+
 class VeraLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, shared: VeraProjection, r: int, dropout: float,
                  d_initial: float) -> None:
@@ -69,6 +87,14 @@ class VeraLayer(AdapterLayer):
     def delta(self, x: Tensor) -> Tensor:
         A, B = self.shared.slices(self.out_features, self.in_features, x.device, x.dtype)
         return self.vera_lambda_b * F.linear(self.vera_lambda_d * F.linear(self.vera_dropout(x), A), B)
+
+    def add_delta(self, out: Tensor, x: Tensor) -> Tensor:
+        x = x.to(self.vera_lambda_d.dtype)
+        A, B = self.shared.slices(self.out_features, self.in_features, x.device, x.dtype)
+        v = self.vera_lambda_d * F.linear(self.vera_dropout(x), A)
+        if out.dtype != v.dtype or torch.is_autocast_enabled(out.device.type):
+            return out + (self.vera_lambda_b * F.linear(v, B)).to(out.dtype)
+        return _AddScaledUp.apply(out, v, B, self.vera_lambda_b)
 
     def lora_factors(self) -> LoraFactors:
         return vera_factors(self.adapter_state(), self.shared.vera_A, self.shared.vera_B, self.in_features)
