@@ -22,3 +22,7 @@ main.add_command(merge)
 main.add_command(export)
 main.add_command(verify)
 main.add_command(inspect_adapter)
+
+from .serve import serve  # noqa: E402
+
+main.add_command(serve)

@@ -1,0 +1,179 @@
+"""`ftserve serve` over HTTP against the same engine called directly, measured in one run. Prints one JSON line.
+
+A small Llama-shaped model (hidden 256, 4 layers, 8 heads, intermediate 512, vocab 1000, fp32) with 8 LoRA
+adapters of rank 16 on every linear projection. Each request: a 32-token prompt, 32 greedy new tokens run to
+full length, on the adapters in turn. At concurrency 1, 8 and 32 (requests in flight at once):
+
+* direct: ``TorchEngine.generate`` in this process, no HTTP;
+* http: the real server (``ftserve serve`` in a subprocess on 127.0.0.1), non-streaming
+  ``/v1/completions`` requests sent with httpx;
+
+run alternately, round by round (5 rounds of 4, 16 and 64 requests), so both see the same machine. Reported
+per level: requests/s (median over rounds) and p50/p99 latency of each, and ``http_over_direct``, the median
+per-round ratio of HTTP to direct requests/s: the cost of HTTP, JSON and the server's request handling (goal
+>= 0.9 at concurrency 32). The client shares the machine's cores with the server; the direct run has no client.
+
+    python benchmarks/serve_http.py            # the figure (a few minutes on 2 cores)
+    python benchmarks/serve_http.py --quick    # one short round: checks that the script runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+
+from ftserve import FineTuningConfig, FineTuningModel  # noqa: E402
+from ftserve.engine.base import GenerationRequest, SamplingParams  # noqa: E402
+from ftserve.tiny import build_tokenizer, tiny_llama  # noqa: E402
+
+SHAPE = {"vocab_size": 1000, "hidden": 256, "layers": 4, "heads": 8, "intermediate": 512}
+ADAPTERS, RANK, PROMPT_TOKENS, NEW_TOKENS, LEVELS = 8, 16, 32, 32, (1, 8, 32)
+
+
+def write_model(root: Path) -> tuple[Path, list[str]]:
+    base = root / "base"
+    tiny_llama(**SHAPE).save_pretrained(base)
+    build_tokenizer(SHAPE["vocab_size"]).save_pretrained(base)
+    names = []
+    for i in range(ADAPTERS):
+        model = FineTuningModel(tiny_llama(**SHAPE), FineTuningConfig(lora_r=RANK, lora_alpha=2 * RANK,
+                                                                      target_modules="all-linear"))
+        generator = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for param in model.adapter_parameters():
+                param.copy_(torch.randn(param.shape, generator=generator) * (0.5 / param.shape[-1] ** 0.5))
+        model.save_adapter(root / f"adapter{i}")
+        names.append(f"adapter{i}")
+    return base, names
+
+
+def workload(count: int, names: list[str], seed: int) -> list[tuple[list[int], str]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randint(10, SHAPE["vocab_size"], (PROMPT_TOKENS,), generator=generator).tolist(),
+             names[i % len(names)]) for i in range(count)]
+
+
+async def timed(jobs, concurrency: int, send) -> tuple[float, list[float]]:
+    """Run ``send(prompt, adapter)`` over ``jobs`` with at most ``concurrency`` in flight: (requests/s, latencies)."""
+    gate = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+
+    async def one(prompt, adapter):
+        async with gate:
+            start = time.perf_counter()
+            tokens = await send(prompt, adapter)
+            latencies.append(time.perf_counter() - start)
+            assert tokens == NEW_TOKENS, tokens
+
+    start = time.perf_counter()
+    await asyncio.gather(*[one(p, a) for p, a in jobs])
+    return len(jobs) / (time.perf_counter() - start), latencies
+
+
+def summary(rates: list[float], latencies: list[float]) -> dict:
+    latencies = sorted(latencies)
+    return {"requests_per_s": round(statistics.median(rates), 3), "p50_s": round(statistics.median(latencies), 4),
+            "p99_s": round(latencies[round(0.99 * (len(latencies) - 1))], 4)}
+
+
+async def measure(base: Path, root: Path, names: list[str], url: str, counts: dict[int, int], rounds: int) -> dict:
+    """Direct and HTTP runs alternate, round by round, so that both see the same machine; each level's ratio is
+    the median of its per-round ratios."""
+    from ftserve.engine.torch_engine import TorchEngine
+
+    engine = TorchEngine.from_pretrained(base, model_name="base", max_loras=ADAPTERS, max_batch_size=32)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+
+    async def direct(prompt, adapter):
+        return sum([len(c.token_ids) async for c in engine.generate(GenerationRequest(prompt, adapter, params))])
+
+    async with engine, httpx.AsyncClient(base_url=url, timeout=600,
+                                         limits=httpx.Limits(max_connections=64)) as client:
+        async def http(prompt, adapter):
+            response = await client.post("/v1/completions", json={
+                "model": adapter, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True})
+            response.raise_for_status()
+            return response.json()["usage"]["completion_tokens"]
+
+        for name in names:
+            await engine.load_adapter(name, str(root / name))
+        for send in (direct, http):  # warm up: first batches, adapter slots, connections
+            await timed(workload(32, names, 0), 32, send)
+        figures = {}
+        for c in LEVELS:
+            runs = {"direct": ([], []), "http": ([], [])}
+            ratios = []
+            for r in range(rounds):
+                for label, send in (("direct", direct), ("http", http)):
+                    rate, latencies = await timed(workload(counts[c], names, 1000 * c + r), c, send)
+                    runs[label][0].append(rate)
+                    runs[label][1].extend(latencies)
+                ratios.append(runs["http"][0][-1] / runs["direct"][0][-1])
+            figures[f"c{c}"] = {"http": summary(*runs["http"]), "direct": summary(*runs["direct"]),
+                                "http_over_direct": round(statistics.median(ratios), 3)}
+        return figures
+
+
+def start_server(base: Path, root: Path, names: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [sys.executable, "-c", "from ftserve.cli import main; main()", "serve", str(base),
+            "--served-model-name", "base", "--port", str(port), "--max-loras", str(ADAPTERS),
+            "--max-num-seqs", "32", "--log-level", "warning"]
+    for name in names:
+        args += ["--adapter", f"{name}={root / name}"]
+    proc = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited:\n{log.read_text()}")
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"the server did not come up:\n{log.read_text()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one short round, to check that the script runs")
+    quick = parser.parse_args().quick
+    counts, rounds = ({1: 2, 8: 8, 32: 32}, 1) if quick else ({1: 4, 8: 16, 32: 64}, 5)
+    torch.set_num_threads(os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base, names = write_model(root)
+        proc, url = start_server(base, root, names, root / "server.log")
+        try:
+            figures = asyncio.run(measure(base, root, names, url, counts, rounds))
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    print(json.dumps({
+        "benchmark": "serve_http", "quick": quick, "model": SHAPE, "adapters": ADAPTERS, "rank": RANK,
+        "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "rounds": rounds,
+        "requests_per_round": {f"c{c}": counts[c] for c in LEVELS}, "threads": torch.get_num_threads(),
+        **figures, "goal_c32": 0.9, "meets_goal_c32": figures["c32"]["http_over_direct"] >= 0.9,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""`ftserve serve`: the OpenAI-compatible multi-adapter server (flag names as vLLM's where vLLM has one)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+
+import click
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def parse_adapters(values: tuple[str, ...]) -> dict[str, str]:
+    adapters: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{value!r} is not NAME=PATH", param_hint="--adapter")
+        if name in adapters:
+            raise click.BadParameter(f"adapter name {name!r} is given twice", param_hint="--adapter")
+        adapters[name] = path
+    return adapters
+
+
+def checkpoint_dtype(base: str) -> str:
+    """``auto``: the dtype recorded in the checkpoint's config.json, float32 if none."""
+    config = Path(base) / "config.json"
+    try:
+        recorded = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "float32"
+    dtype = recorded.get("dtype") or recorded.get("torch_dtype") or "float32"
+    return dtype if dtype in DTYPES else "float32"
+
+
+@click.command()
+@click.argument("base")
+@click.option("--adapter", "--lora-modules", "adapters", multiple=True, metavar="NAME=PATH",
+              help="An adapter to serve under NAME (any of the five methods); repeat for more.")
+@click.option("--engine", type=click.Choice(["torch", "vllm"]), default="torch", show_default=True,
+              help="torch: the embedded engine. vllm: not available yet.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="FTSERVE_API_KEY", default=None,
+              help="Require `Authorization: Bearer KEY` on every /v1 route. Also read from $FTSERVE_API_KEY, "
+                   "which keeps the key out of the process list.")
+@click.option("--served-model-name", default=None, help="The base model's name in requests and /v1/models. "
+                                                        "[default: BASE as given]")
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+              help="Weights and compute dtype; auto takes the checkpoint's.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N; auto picks cuda if present.")
+@click.option("--max-loras", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Adapters in compute slots at once (distinct adapters in one batch).")
+@click.option("--max-cpu-loras", type=click.IntRange(min=1), default=None,
+              help="Adapters kept in memory, least recently used evicted first. [default: max(max-loras, 32)]")
+@click.option("--max-lora-rank", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Largest adapter rank accepted (Delta-LoRA serves at twice its training rank).")
+@click.option("--max-model-len", type=click.IntRange(min=1), default=None,
+              help="Prompt plus output tokens per request. [default: the model's, at most 2048]")
+@click.option("--max-num-seqs", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Requests decoded together in one batch.")
+@click.option("--enable-adapter-api", is_flag=True,
+              help="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --adapter-root).")
+@click.option("--adapter-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="The only folder the adapter API may load from.")
+@click.option("--max-request-bytes", type=click.IntRange(min=1024), default=4 * 1024 * 1024, show_default=True,
+              help="Larger request bodies are answered 413.")
+@click.option("--max-concurrent-requests", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Completion and chat requests served at once; more are answered 429 with Retry-After.")
+@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=None,
+              help="On SIGTERM, seconds to let in-flight requests finish. [default: as long as they take]")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: int, api_key: str | None,
+          served_model_name: str | None, dtype: str, device: str, max_loras: int, max_cpu_loras: int | None,
+          max_lora_rank: int, max_model_len: int | None, max_num_seqs: int, enable_adapter_api: bool,
+          adapter_root: Path | None, max_request_bytes: int, max_concurrent_requests: int,
+          shutdown_timeout: float | None, log_level: str) -> None:
+    """Serve BASE and adapters behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...).
+
+    The request's `model` field picks the base (its served name) or an adapter (its NAME).
+    """
+    named = parse_adapters(adapters)
+    if engine == "vllm":
+        raise click.UsageError("--engine vllm is not available in this version yet; use --engine torch (the "
+                               "default), which serves all five adapter methods on CPU or one GPU.")
+    if api_key is not None and not api_key.strip():
+        raise click.BadParameter("the API key is empty", param_hint="--api-key")
+    if enable_adapter_api and adapter_root is None:
+        raise click.UsageError("--enable-adapter-api needs --adapter-root DIR: the folder adapters may be loaded "
+                               "from at runtime.")
+    if adapter_root is not None and not enable_adapter_api:
+        raise click.UsageError("--adapter-root only matters with --enable-adapter-api.")
+    if max_cpu_loras is not None and max_cpu_loras < max_loras:
+        raise click.BadParameter(f"must be >= --max-loras ({max_loras})", param_hint="--max-cpu-loras")
+    if not Path(base).is_dir():
+        raise click.BadParameter(f"{base}: no such model folder", param_hint="BASE")
+    if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"Warning: listening on {host} without --api-key: anyone who can reach it can use it.",
+                   err=True)
+    if any(importlib.util.find_spec(module) is None for module in ("fastapi", "uvicorn")):
+        raise click.ClickException("`ftserve serve` needs FastAPI and uvicorn: pip install "
+                                   "'finetuning-toolkit[serve]'")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(message)s")
+
+    import asyncio
+
+    import torch
+
+    from ..engine.torch_engine import TorchEngine
+    from ..errors import FtserveError
+    from ..server.run import serve as run_server
+    from ..server.serving import ServerSettings
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    name = served_model_name or base
+    click.echo(f"Loading {base} ({engine} engine, {device}) ...", err=True)
+    try:
+        torch_engine = TorchEngine.from_pretrained(
+            base, dtype=checkpoint_dtype(base) if dtype == "auto" else dtype, device=device, model_name=name,
+            max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
+            max_model_len=max_model_len, max_batch_size=max_num_seqs)
+        settings = ServerSettings(served_model_name=name, model_path=str(Path(base).resolve()), api_key=api_key,
+                                  enable_adapter_api=enable_adapter_api,
+                                  adapter_root=adapter_root.resolve() if adapter_root else None,
+                                  max_request_bytes=max_request_bytes,
+                                  max_concurrent_requests=max_concurrent_requests)
+        asyncio.run(run_server(torch_engine, settings, host, port, named, log_level, shutdown_timeout))
+    except (FtserveError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None

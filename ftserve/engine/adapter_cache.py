@@ -1,0 +1,163 @@
+"""Which adapters the engine knows, which it holds in memory, and which sit in compute slots.
+
+Three tiers, with vLLM's names and meanings:
+
+* registered: every loaded name and its folder (a few bytes each; ``list_adapters``);
+* cached: exported factors in memory, at most ``max_cpu_loras`` adapters, least recently used evicted first;
+  an evicted adapter is read again from its folder when a request asks for it;
+* active: at most ``max_loras`` adapters written into the stacked slots that a forward pass reads.
+
+A request pins its adapter from submission to its last chunk; a pinned adapter is never evicted from the
+cache, and a slot is reused only when no running row reads it. So what a request needs is there until it
+ends, and each tier stays within its bound. Slots are touched by the engine thread only; the cache by both
+threads, under ``lock``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..adapter_io import read_adapter
+from ..errors import AdapterFileError
+from .base import AdapterInfo
+from .errors import AdapterLoadError
+from .lora_slots import LoraSlots
+
+SlotFactors = dict[str, tuple[Tensor, Tensor, float]]  # module -> (A (r, d_in), B (d_out, r), scale)
+
+
+@dataclass(eq=False)
+class AdapterRecord:
+    info: AdapterInfo
+    tokenizer: Any = None
+    factors: SlotFactors | None = None
+    pins: int = 0
+    slot: int | None = None
+    unloading: bool = False
+    last_used: float = field(default_factory=time.monotonic)
+
+
+def resolve_adapter_path(path: str) -> Path:
+    """A local folder as is; otherwise a Hugging Face Hub repo id, fetched (or found in the local hub cache)."""
+    local = Path(path).expanduser()
+    if local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=path))
+    except Exception as exc:  # the hub client raises many types (offline, not found, auth)
+        raise AdapterLoadError(f"{path}: not a local folder, and fetching it from the Hugging Face Hub failed: "
+                               f"{exc}") from None
+
+
+def read_factors(path: Path, shapes: dict[str, tuple[int, int]], max_rank: int) -> tuple[Any, SlotFactors]:
+    """Read and check an adapter folder against the base model; its exact plain-LoRA factors per module.
+
+    Every method exports exact plain-LoRA factors (VeRA slices its shared pair with each module's input size,
+    taken from the base model), so one code path serves all five.
+    """
+    try:
+        folder = read_adapter(path)
+    except AdapterFileError as exc:
+        raise AdapterLoadError(str(exc)) from None
+    missing = sorted(set(folder.modules) - set(shapes))
+    if missing:
+        raise AdapterLoadError(f"{path}: adapter for another base model: it targets {missing[:3]}"
+                               f"{' ...' if len(missing) > 3 else ''}, which this base model lacks or cannot adapt")
+    try:
+        exported = folder.lora_factors(in_features={name: d_in for name, (_, d_in) in shapes.items()})
+    except AdapterFileError as exc:
+        raise AdapterLoadError(str(exc)) from None
+    except (RuntimeError, ValueError, IndexError, KeyError) as exc:
+        raise AdapterLoadError(f"{path}: cannot export this {folder.config.method} adapter's factors ({exc}); "
+                               f"is it for another base model?") from None
+    factors: SlotFactors = {}
+    for name, f in exported.items():
+        d_out, d_in = shapes[name]
+        if tuple(f.A.shape) != (f.rank, d_in) or tuple(f.B.shape) != (d_out, f.rank):
+            raise AdapterLoadError(f"{path}: adapter for another base model: {name} is {d_out} x {d_in} here, the "
+                                   f"adapter's factors are B {tuple(f.B.shape)} x A {tuple(f.A.shape)}")
+        if f.rank > max_rank:
+            raise AdapterLoadError(f"{path}: rank {f.rank} on {name} exceeds the engine's max_lora_rank "
+                                   f"{max_rank}; start the engine with max_lora_rank >= {f.rank}")
+        if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all()):
+            raise AdapterLoadError(f"{path}: {name} holds NaN or infinite values")
+        factors[name] = (f.A.detach().float().contiguous(), f.B.detach().float().contiguous(), float(f.scale))
+    return folder, factors
+
+
+class AdapterCache:
+    def __init__(self, slots: LoraSlots, max_loras: int, max_cpu_loras: int) -> None:
+        self.slots = slots
+        self.max_loras, self.max_cpu_loras = max_loras, max_cpu_loras
+        self.lock = threading.Lock()
+        self.records: dict[str, AdapterRecord] = {}
+        self.cached: OrderedDict[str, AdapterRecord] = OrderedDict()  # least recently used first
+        self.slot_owner: list[AdapterRecord | None] = [None] * max_loras
+        self.slot_rows = [0] * max_loras  # running rows reading each slot (engine thread)
+        self.slot_used = [0.0] * max_loras
+
+    # CPU tier (either thread) ----------------------------------------------------------------------
+
+    def put(self, record: AdapterRecord, factors: SlotFactors | None) -> bool:
+        """Make ``record``'s factors resident, evicting unpinned adapters; False when every cached one is pinned
+        (or no factors were given for an adapter not resident)."""
+        with self.lock:
+            if record.factors is not None:
+                self.cached.move_to_end(record.info.name)
+                return True
+            if factors is None:
+                return False
+            while len(self.cached) >= self.max_cpu_loras:
+                victim = next((r for r in self.cached.values() if r.pins == 0), None)
+                if victim is None:
+                    return False
+                self.cached.pop(victim.info.name)
+                victim.factors = None
+            record.factors = factors
+            self.cached[record.info.name] = record
+            return True
+
+    def drop(self, record: AdapterRecord) -> None:
+        with self.lock:
+            self.cached.pop(record.info.name, None)
+            record.factors = None
+
+    # Slots (engine thread) ------------------------------------------------------------------------------
+
+    def acquire_slot(self, record: AdapterRecord) -> int | None:
+        """The slot holding ``record``, writing it into a free or idle one if needed; None if all are busy.
+        The caller adds a running row to the slot (``slot_rows``) before acquiring for anyone else."""
+        with self.lock:
+            if record.slot is None:
+                idle = [s for s in range(self.max_loras) if self.slot_rows[s] == 0]
+                if not idle or record.factors is None:
+                    return None
+                slot = min(idle, key=lambda s: (self.slot_owner[s] is not None, self.slot_used[s], s))
+                previous = self.slot_owner[slot]
+                if previous is not None:
+                    previous.slot = None
+                self.slots.write(slot, record.factors)
+                self.slot_owner[slot], record.slot = record, slot
+            self.slot_used[record.slot] = time.monotonic()
+            return record.slot
+
+    def release_slot(self, record: AdapterRecord) -> None:
+        """Forget an unloaded adapter's slot (no row reads it any more)."""
+        with self.lock:
+            if record.slot is not None and self.slot_owner[record.slot] is record:
+                self.slot_owner[record.slot] = None
+                self.slots.clear(record.slot)
+            record.slot = None
+
+    def active(self) -> int:
+        return sum(owner is not None for owner in self.slot_owner)

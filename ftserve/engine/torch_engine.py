@@ -1,0 +1,319 @@
+"""TorchEngine: the embedded engine. One base model, many unmerged adapters, mixed in every batch.
+
+>>> engine = TorchEngine.from_pretrained("path/to/base", max_loras=8, max_cpu_loras=32)
+>>> await engine.load_adapter("sql", "path/to/sql-adapter")            # any of the five methods
+>>> async for chunk in engine.generate(GenerationRequest("SELECT", adapter="sql")):
+...     print(chunk.text, end="")
+
+The async API runs on the caller's event loop; the model runs on one engine thread (scheduler.py) doing
+continuous batching over a preallocated KV cache (llama_runner.py), with every loaded adapter's exact
+plain-LoRA factors in stacked slots (lora_slots.py) behind an LRU cache (adapter_cache.py).
+
+Errors are typed (errors.py). ``generate`` raises the ones it can see at once (bad parameters, unknown
+adapter, too long a prompt, full queue) when called; later ones (an evicted adapter that cannot be read
+again, a failed step, shutdown) come out of the stream. Closing the stream cancels the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import torch
+from torch import nn
+
+from .adapter_cache import AdapterCache, AdapterRecord, read_factors, resolve_adapter_path
+from .base import AdapterInfo, GenerationRequest, StreamChunk
+from .detokenize import TextStream
+from .errors import (AdapterExistsError, AdapterLoadError, ContextLengthError, EngineClosedError, QueueFullError,
+                     RequestError, UnknownAdapterError)
+from .llama_runner import LlamaRunner, check_supported
+from .lora_slots import LoraSlots
+from .sampling import check_params, make_generator
+from .scheduler import EngineCore, Sequence
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class TorchEngine:
+    """Serves a transformers Llama-family causal LM and any number of adapters on it.
+
+    ``max_loras``: adapters in compute slots at once (distinct adapters per batch); ``max_cpu_loras``: adapters
+    whose factors stay in memory (default ``max(max_loras, 32)``); ``max_lora_rank``: the largest exported
+    rank accepted (Delta-LoRA exports rank 2r); ``max_batch_size``: running requests; ``max_queue``: requests
+    waiting beyond those; ``max_model_len``: prompt plus output tokens per request (the KV cache holds
+    ``max_batch_size x max_model_len`` positions); ``max_prefill_tokens``: padded prompt tokens prefilled in
+    one step.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, *, model_name: str = "base", max_loras: int = 8,
+                 max_cpu_loras: int | None = None, max_lora_rank: int = 64, max_batch_size: int = 32,
+                 max_queue: int = 1024, max_model_len: int | None = None, max_prefill_tokens: int = 4096) -> None:
+        check_supported(model)
+        max_cpu_loras = max(max_loras, 32) if max_cpu_loras is None else max_cpu_loras
+        for name, value, least in (("max_loras", max_loras, 1), ("max_cpu_loras", max_cpu_loras, max_loras),
+                                   ("max_lora_rank", max_lora_rank, 1), ("max_batch_size", max_batch_size, 1),
+                                   ("max_queue", max_queue, 1), ("max_prefill_tokens", max_prefill_tokens, 1)):
+            if not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}; got {value!r}")
+        config = model.config
+        limit = config.max_position_embeddings
+        window = getattr(config, "sliding_window", None)
+        if window and (config.model_type == "mistral" or getattr(config, "use_sliding_window", False)):
+            limit = min(limit, window)  # full attention equals sliding-window attention up to the window
+        self.max_model_len = min(limit, max_model_len or min(limit, 2048))
+        self.model_name = model_name
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.max_loras, self.max_cpu_loras, self.max_lora_rank = max_loras, max_cpu_loras, max_lora_rank
+        self.max_queue = max_queue
+        self.slots = LoraSlots(model, max_loras, max_lora_rank, exclude=(model.get_output_embeddings(),))
+        self.shapes = self.slots.shapes()
+        self.cache = AdapterCache(self.slots, max_loras, max_cpu_loras)
+        self.runner = LlamaRunner(model, max_batch_size, self.max_model_len)
+        self.core = EngineCore(self.runner, self.slots, self.cache, max_batch_size, max_prefill_tokens)
+        eos = config.eos_token_id if config.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+        self.eos_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.vocab_size = config.vocab_size
+        self._reads: dict[str, asyncio.Future] = {}
+        self._unpinned: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def from_pretrained(cls, base_path: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
+                        device: str = "cpu", tokenizer: Any = None, model_name: str | None = None,
+                        **options: Any) -> "TorchEngine":
+        """Load a base model folder (and its tokenizer, if it has one) and build the engine on ``device``."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        if not isinstance(torch_dtype, torch.dtype):
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or a torch.dtype; got {dtype!r}")
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype).to(device)
+        if tokenizer is None and any((Path(base_path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+            tokenizer = AutoTokenizer.from_pretrained(base_path)
+        return cls(model, tokenizer, model_name=model_name or Path(base_path).name, **options)
+
+    # Life cycle --------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._bind_loop()
+
+    async def shutdown(self) -> None:
+        if self.core.thread.is_alive():
+            self.core.stop()
+            await asyncio.get_running_loop().run_in_executor(None, self.core.thread.join)
+        self.core.closed = True
+
+    async def __aenter__(self) -> "TorchEngine":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.shutdown()
+
+    def _bind_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.core.closed:
+            raise EngineClosedError("this engine was shut down; build a new one")
+        if self._loop is None:
+            self._loop, self._unpinned = loop, asyncio.Event()
+            self.core.thread.start()
+        elif self._loop is not loop:
+            raise EngineClosedError("this engine runs on another event loop; use it from the loop that started it")
+
+    # Requests ---------------------------------------------------------------------------------------------
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        """Check the request and return its stream; closing the stream early cancels the request."""
+        self._bind_loop()
+        params = request.params
+        check_params(params)
+        record = self._record(request.adapter)
+        tokenizer = self.tokenizer_for(request.adapter)
+        if params.stop and tokenizer is None:
+            raise RequestError("stop strings need a tokenizer, and this engine was built without one")
+        prompt = self._prompt_ids(request.prompt, tokenizer)
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            raise ContextLengthError(f"this model's context is {self.max_model_len} tokens; the prompt has "
+                                     f"{len(prompt)} and max_tokens asks for {params.max_tokens} more. Shorten the "
+                                     f"prompt or lower max_tokens")
+        self._check_queue()
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
+        seq = Sequence(prompt=prompt, params=params, adapter=record, emit=lambda item: None,
+                       stream=TextStream(tokenizer, prompt, list(params.stop)),
+                       generator=make_generator(params, self.runner.device), stop_ids=frozenset(stop_ids))
+        return self._stream(seq)
+
+    async def _stream(self, seq: Sequence) -> AsyncIterator[StreamChunk]:
+        outputs: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        submitted = pinned = False
+
+        def emit(item: object) -> None:
+            try:
+                loop.call_soon_threadsafe(outputs.put_nowait, item)
+            except RuntimeError:  # the caller's loop is gone: nobody reads this request any more
+                seq.cancelled = True
+
+        seq.emit = emit
+        with self.core.queued_lock:
+            self._check_queue()
+            self.core.queued += 1
+        try:
+            if seq.adapter is not None:
+                self._pin(seq.adapter)
+                pinned = True
+                await self._make_resident(seq.adapter)
+            if self.core.closed:
+                raise EngineClosedError("the engine was shut down")
+            self.core.submit(seq)
+            submitted = True
+            while True:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            seq.cancelled = True
+            if not submitted:
+                with self.core.queued_lock:
+                    self.core.queued -= 1
+            if pinned:
+                seq.adapter.pins -= 1
+                if seq.adapter.pins == 0:
+                    self._unpinned.set()
+
+    def _check_queue(self) -> None:
+        if self.core.queued >= self.max_queue:
+            raise QueueFullError(f"{self.core.queued} requests are already waiting (max_queue={self.max_queue}); "
+                                 f"retry later")
+
+    def _record(self, adapter: str | None) -> AdapterRecord | None:
+        if adapter is None or adapter == self.model_name:
+            return None
+        record = self.cache.records.get(adapter)
+        if record is None or record.unloading:
+            state = f"adapter {adapter!r} is being unloaded" if record else f"no adapter named {adapter!r} is loaded"
+            loaded = sorted(info.name for info in self.list_adapters())
+            raise UnknownAdapterError(f"{state}; loaded: {loaded or 'none'} (or {self.model_name!r}, the base model)")
+        return record
+
+    def _pin(self, record: AdapterRecord) -> None:
+        if record.unloading or self.cache.records.get(record.info.name) is not record:
+            raise UnknownAdapterError(f"adapter {record.info.name!r} was unloaded")
+        record.pins += 1
+
+    def _prompt_ids(self, prompt: str | list[int], tokenizer: Any) -> list[int]:
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                raise RequestError("this engine has no tokenizer; send the prompt as token ids")
+            ids = list(tokenizer(prompt)["input_ids"])
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise RequestError(f"prompt must be a string or a list of token ids; got {type(prompt).__name__}")
+        if not ids:
+            raise RequestError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(f"token ids {bad[:5]} are outside this model's vocabulary (0 .. {self.vocab_size - 1})")
+        return ids
+
+    async def _make_resident(self, record: AdapterRecord) -> None:
+        """Bring a pinned adapter's factors into memory, reading its folder again if they were evicted, and
+        waiting while every cached adapter is pinned by requests in flight."""
+        factors = None
+        while True:
+            self._unpinned.clear()
+            if self.cache.put(record, factors):
+                return
+            if factors is None:
+                factors = await self._read_once(record.info.name, Path(record.info.path))
+                continue
+            await self._unpinned.wait()
+
+    async def _read_once(self, name: str, path: Path):
+        """One disk read per adapter however many requests wait for it."""
+        if name not in self._reads:
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(None, read_factors, path, self.shapes, self.max_lora_rank)
+            self._reads[name] = future
+            future.add_done_callback(lambda _: self._reads.pop(name, None))
+        _, factors = await asyncio.shield(self._reads[name])
+        return factors
+
+    # Adapters --------------------------------------------------------------------------------------------
+
+    async def load_adapter(self, name: str, path: str) -> AdapterInfo:
+        """Read, check and register an adapter (a folder or a Hub repo id) under ``name``; requests may use it
+        as soon as this returns. Requests in flight are not disturbed."""
+        self._bind_loop()
+        if not isinstance(name, str) or not name or name == self.model_name:
+            raise AdapterLoadError(f"adapter name {name!r} is empty or is the base model's name")
+        if name in self.cache.records:
+            raise AdapterExistsError(f"an adapter named {name!r} is already loaded; unload it first")
+        loop = asyncio.get_running_loop()
+        resolved = await loop.run_in_executor(None, resolve_adapter_path, str(path))
+        folder, factors = await loop.run_in_executor(None, read_factors, resolved, self.shapes, self.max_lora_rank)
+        tokenizer = await loop.run_in_executor(None, _adapter_tokenizer, resolved)
+        if name in self.cache.records:
+            raise AdapterExistsError(f"an adapter named {name!r} is already loaded; unload it first")
+        rank = max(A.shape[0] for A, _, _ in factors.values())
+        info = AdapterInfo(name=name, path=str(resolved), method=folder.config.method, rank=rank,
+                           loaded_at=time.time())
+        record = AdapterRecord(info=info, tokenizer=tokenizer)
+        self.cache.records[name] = record
+        self.cache.put(record, factors)  # if every cached adapter is busy, it is read again on first use
+        return info
+
+    async def unload_adapter(self, name: str) -> None:
+        """Refuse new requests for ``name`` at once, wait for its requests in flight to end, then free it."""
+        self._bind_loop()
+        record = self.cache.records.get(name)
+        if record is None or record.unloading:
+            raise UnknownAdapterError(f"no adapter named {name!r} is loaded")
+        record.unloading = True
+        while record.pins:
+            self._unpinned.clear()
+            await self._unpinned.wait()
+        del self.cache.records[name]
+        self.cache.drop(record)
+        self.core.release_slot(record)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return [r.info for r in self.cache.records.values() if not r.unloading]
+
+    def tokenizer_for(self, adapter: str | None):
+        record = self.cache.records.get(adapter) if adapter else None
+        return record.tokenizer if record is not None and record.tokenizer is not None else self.tokenizer
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "queued_requests": float(self.core.queued),
+            "running_requests": float(len(self.core.running)),
+            "adapters_loaded": float(len(self.list_adapters())),
+            "adapters_cached": float(len(self.cache.cached)),
+            "lora_slots_active": float(self.cache.active()),
+            "max_loras": float(self.max_loras),
+            "max_cpu_loras": float(self.max_cpu_loras),
+            "finished_requests_total": float(self.core.finished_requests),
+            "generated_tokens_total": float(self.core.generated_tokens),
+            "kv_cache_bytes": float(self.runner.nbytes()),
+            "lora_slot_bytes": float(self.slots.nbytes()),
+        }
+
+
+def _adapter_tokenizer(path: Path):
+    """An adapter folder's own tokenizer (and chat template), if it ships one."""
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,157 @@
+"""The OpenAI-compatible HTTP app in front of any engine: routes, error objects, auth, limits, metrics.
+
+Routes (vLLM's): GET /v1/models, POST /v1/completions, POST /v1/chat/completions, POST /v1/load_lora_adapter
+and /v1/unload_lora_adapter (with ``enable_adapter_api``), GET /health, GET /metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine.base import Engine
+from ..errors import FtserveError
+from .errors import APIError, error_body, from_exception, validation_error
+from .metrics import ServerMetrics
+from .protocol import (ChatCompletionRequest, CompletionRequest, LoadLoraAdapterRequest, UnloadLoraAdapterRequest,
+                       model_card)
+from .security import ApiKeyMiddleware, BodyLimitMiddleware, confine
+from .serving import OpenAIServing, ServerSettings
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
+ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter",
+          "/v1/unload_lora_adapter", "/health", "/metrics")
+
+
+class HttpMetricsMiddleware:
+    """Counts every answer by route and status, including those the auth and size guards give."""
+
+    def __init__(self, app, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                status = str(message["status"])
+                self.metrics.http_requests.inc(route=route, status=status)
+                if message["status"] >= 400:
+                    self.metrics.errors.inc(route=route, status=status)
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
+async def parse(request: Request, model: type[BodyT]) -> BodyT:
+    """The JSON body as ``model``, whatever Content-Type the client sent; 400 naming the field otherwise."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from None
+
+
+def build_app(engine: Engine, settings: ServerSettings) -> FastAPI:
+    """The ASGI app. The engine must be started (and stopped) by the caller; see ``run.serve``."""
+    metrics = ServerMetrics()
+    serving = OpenAIServing(engine, settings, metrics)
+    started = int(time.time())
+    app = FastAPI(title="ftserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.serving = serving
+
+    def error_response(exc: BaseException) -> JSONResponse:
+        err = from_exception(exc)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        message = (f"No route {request.method} {request.url.path}" if exc.status_code in (404, 405)
+                   else str(exc.detail))
+        return JSONResponse(error_body(exc.status_code, message, code="not_found" if exc.status_code == 404
+                                       else None), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(FtserveError)
+    async def _ours(request: Request, exc: FtserveError):
+        return error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        return error_response(exc)
+
+    @app.get("/health")
+    async def health():
+        if serving.draining:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        text = metrics.render(len(engine.list_adapters()), dict(engine.stats()))
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        base = settings.served_model_name
+        cards = [model_card(base, started, settings.model_path, None, engine.max_model_len)]
+        cards += [model_card(a.name, int(a.loaded_at), a.path, base, engine.max_model_len)
+                  for a in engine.list_adapters()]
+        return {"object": "list", "data": cards}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await serving.completions(await parse(request, CompletionRequest))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await serving.chat(await parse(request, ChatCompletionRequest))
+
+    def adapter_api_enabled(route: str) -> None:
+        if not settings.enable_adapter_api:
+            raise APIError(404, f"{route} is disabled: start the server with --enable-adapter-api and "
+                                f"--adapter-root DIR to load and unload adapters at runtime.",
+                           code="adapter_api_disabled")
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        adapter_api_enabled("/v1/load_lora_adapter")
+        body = await parse(request, LoadLoraAdapterRequest)
+        if body.load_inplace:
+            raise APIError(400, "`load_inplace` is not supported: unload the adapter, then load it again.",
+                           param="load_inplace", code="unsupported_parameter")
+        if body.lora_name == settings.served_model_name:
+            raise APIError(400, f"`{body.lora_name}` is the base model's name; choose another adapter name.",
+                           param="lora_name", code="invalid_value")
+        path = confine(settings.adapter_root, body.lora_path)
+        await engine.load_adapter(body.lora_name, str(path))
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        adapter_api_enabled("/v1/unload_lora_adapter")
+        body = await parse(request, UnloadLoraAdapterRequest)
+        if not any(a.name == body.lora_name for a in engine.list_adapters()):
+            raise APIError(404, f"The lora adapter '{body.lora_name}' cannot be found.", param="lora_name",
+                           code="adapter_not_found")
+        await engine.unload_adapter(body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    # Outermost last: metrics see every answer, auth runs before the body is read.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
+    return app
+

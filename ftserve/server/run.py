@@ -1,0 +1,66 @@
+"""Run the app on uvicorn around a started engine, and shut down gracefully.
+
+On SIGTERM or SIGINT the server stops accepting connections, answers new requests on open connections with
+503, lets in-flight requests (streams included) finish, stops the engine and returns, so the process exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+
+import uvicorn
+
+from ..engine.base import Engine
+from .app import build_app
+from .serving import ServerSettings
+
+logger = logging.getLogger("ftserve.server")
+
+
+class _GracefulServer(uvicorn.Server):
+    """uvicorn's server, minus re-raising the signal after a graceful shutdown (which would make the exit
+    status that of a killed process), and telling the app to refuse new work while it drains."""
+
+    def __init__(self, config: uvicorn.Config, on_exit) -> None:
+        super().__init__(config)
+        self.on_exit = on_exit
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig, frame) -> None:
+        self.on_exit()
+        super().handle_exit(sig, frame)
+
+
+async def serve(engine: Engine, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000,
+                adapters: dict[str, str] | None = None, log_level: str = "info",
+                shutdown_timeout: float | None = None) -> None:
+    """Start ``engine``, load ``adapters`` (name -> folder), serve until a signal, then stop the engine."""
+    await engine.start()
+    try:
+        for name, path in (adapters or {}).items():
+            await engine.load_adapter(name, path)
+            logger.info("loaded adapter %s from %s", name, path)
+        app = build_app(engine, settings)
+        config = uvicorn.Config(app, host=host, port=port, lifespan="off", log_level=log_level,
+                                timeout_graceful_shutdown=shutdown_timeout, access_log=log_level == "debug")
+
+        def drain() -> None:
+            app.state.serving.draining = True
+
+        await _GracefulServer(config, drain).serve()
+    finally:
+        await engine.shutdown()

@@ -1,0 +1,122 @@
+"""What stands between the network and the handlers: API keys, body size, and adapter paths.
+
+- ``ApiKeyMiddleware``: every ``/v1`` route needs ``Authorization: Bearer KEY``; the key is compared in
+  constant time (``hmac.compare_digest``) so response timing leaks nothing about it. ``/health`` and
+  ``/metrics`` stay open, as in vLLM, for probes and scrapers.
+- ``BodyLimitMiddleware``: a body over the limit gets 413 before any handler or JSON parser sees it, whether
+  the client declares a Content-Length or streams chunks.
+- ``confine``: the runtime load API reads adapter folders only under ``--adapter-root``; ``..``, absolute
+  paths elsewhere and symlinks that lead out are refused.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from pathlib import Path, PurePosixPath
+
+from .errors import APIError, error_bytes
+
+
+async def send_error(send, status: int, message: str, code: str, headers: dict[str, str] | None = None) -> None:
+    body = error_bytes(status, message, code=code)
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class ApiKeyMiddleware:
+    def __init__(self, app, api_key: str) -> None:
+        self.app = app
+        self.expected = api_key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
+            return await self.app(scope, receive, send)
+        given = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+        if given is None:
+            return await send_error(send, 401, "Missing API key: send the header `Authorization: Bearer KEY` "
+                                               "with the key the server was started with.", "missing_api_key",
+                                    {"WWW-Authenticate": "Bearer"})
+        scheme, _, token = given.strip().partition(b" ")
+        # Compare even when the scheme is wrong, so that the time taken says nothing either way.
+        matches = hmac.compare_digest(token.strip(), self.expected)
+        if scheme.lower() != b"bearer" or not matches:
+            return await send_error(send, 401, "Incorrect API key provided.", "invalid_api_key",
+                                    {"WWW-Authenticate": "Bearer"})
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Reads the whole body (at most ``limit`` bytes) before the app runs, then replays it. An oversized body
+    is read on and discarded, up to ``DRAIN_BYTES`` more, so that the client, still sending, gets the 413
+    instead of a reset connection."""
+
+    DRAIN_BYTES = 64 * 1024 * 1024
+
+    def __init__(self, app, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def _too_large(self, receive, send, more: bool) -> None:
+        drained = 0
+        while more and drained < self.DRAIN_BYTES:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            drained += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        await send_error(send, 413, f"The request body is larger than this server's limit of {self.limit} bytes "
+                                    f"(--max-request-bytes).", "request_too_large", {"Connection": "close"})
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None and int(declared) > self.limit:  # the HTTP parser has checked it is a number
+            return await self._too_large(receive, send, True)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return await self._too_large(receive, send, message.get("more_body", False))
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def confine(root: Path, requested: str) -> Path:
+    """The real path of ``requested`` (relative to ``root``, or absolute inside it); APIError 403 otherwise."""
+    if "\x00" in requested:
+        raise APIError(400, "`lora_path` contains a NUL byte", param="lora_path", code="invalid_value")
+    pure = PurePosixPath(requested.replace("\\", "/"))
+    if ".." in pure.parts:
+        raise _outside(requested, "`..` is not allowed")
+    real_root = Path(os.path.realpath(root))
+    candidate = Path(requested) if pure.is_absolute() else real_root / pure
+    real = Path(os.path.realpath(candidate))
+    if real != real_root and real_root not in real.parents:
+        why = "it is outside the root" if pure.is_absolute() else "it resolves (through a symlink) outside the root"
+        raise _outside(requested, why)
+    return real
+
+
+def _outside(requested: str, why: str) -> APIError:
+    return APIError(403, f"lora_path {requested!r} is refused: adapters load only from inside --adapter-root, "
+                         f"and {why}.", param="lora_path", code="path_outside_adapter_root")

@@ -1,0 +1,171 @@
+"""Completions and chat completions: from an OpenAI request to engine requests and back, streaming or not.
+
+The ``model`` field names the base model (its served name) or a loaded adapter, as in vLLM. Chat prompts are
+rendered with the chat template of the tokenizer the engine picks for that model (an adapter's own wins) and
+tokenized without adding special tokens, since the template places them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..engine.base import Engine, GenerationRequest
+from .errors import APIError, model_not_found
+from .metrics import ServerMetrics
+from .protocol import ChatCompletionRequest, CompletionRequest, new_id, now, usage
+from .streams import Tracker, count_tokens, first_event, merged, run_to_end, sse_stream
+
+
+@dataclass
+class ServerSettings:
+    """What the server needs besides the engine; the CLI fills it from its flags."""
+
+    served_model_name: str
+    model_path: str
+    api_key: str | None = None
+    enable_adapter_api: bool = False
+    adapter_root: Path | None = None
+    max_request_bytes: int = 4 * 1024 * 1024
+    max_concurrent_requests: int = 256
+
+
+class OpenAIServing:
+    """The two generation routes, the model-name lookup, and admission (429 over the limit, 503 draining)."""
+
+    def __init__(self, engine: Engine, settings: ServerSettings, metrics: ServerMetrics) -> None:
+        self.engine, self.settings, self.metrics = engine, settings, metrics
+        self.draining = False
+
+    # Model names and admission ---------------------------------------------------------------------
+
+    def resolve(self, model: str) -> str | None:
+        """The adapter a ``model`` field names, None for the base model; 404 for anything else."""
+        if model == self.settings.served_model_name:
+            return None
+        if any(info.name == model for info in self.engine.list_adapters()):
+            return model
+        raise model_not_found(model)
+
+    def admit(self) -> None:
+        if self.draining:
+            raise APIError(503, "The server is shutting down and accepts no new requests.", code="shutting_down",
+                           retry_after=5)
+        if self.metrics.in_flight >= self.settings.max_concurrent_requests:
+            raise APIError(429, f"The server is at its limit of {self.settings.max_concurrent_requests} concurrent "
+                                f"requests (--max-concurrent-requests); retry shortly.", code="overloaded",
+                           retry_after=1)
+
+    # Completions --------------------------------------------------------------------------------
+
+    async def completions(self, body: CompletionRequest):
+        body.check()
+        adapter = self.resolve(body.model)
+        self.admit()
+        prompts = body.prompts()
+        max_tokens = body.max_tokens or 16
+        response_id, created = new_id("cmpl"), now()
+        requests = [GenerationRequest(prompt, adapter, body.sampling_params(max_tokens, i),
+                                      f"{response_id}-{p}-{i}")
+                    for p, prompt in enumerate(prompts) for i in range(body.n)]
+        tracker = Tracker(self.metrics, "/v1/completions", body.model)
+
+        def choice(index: int, text: str, finish_reason: str | None) -> dict:
+            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+        def envelope(choices: list[dict], **extra) -> dict:
+            return {"id": response_id, "object": "text_completion", "created": created, "model": body.model,
+                    "choices": choices, **extra}
+
+        if body.stream:
+            def frame(index, chunk, state):
+                if chunk.text or chunk.finish_reason:
+                    yield envelope([choice(index, chunk.text, chunk.finish_reason)])
+
+            usage_frame = (lambda p, c: envelope([], usage=usage(p, c))) if body.include_usage else None
+            return await self._stream(requests, tracker, len(prompts), frame, usage_frame)
+        choices = await self._run(requests, tracker, len(prompts))
+        return JSONResponse(envelope([choice(i, "".join(c.text), c.finish_reason) for i, c in enumerate(choices)],
+                                     usage=usage(*count_tokens(choices, len(prompts)))))
+
+    # Chat ----------------------------------------------------------------------------------------
+
+    async def chat(self, body: ChatCompletionRequest):
+        body.check()
+        adapter = self.resolve(body.model)
+        self.admit()
+        prompt = self.render_chat(body, adapter)
+        limit = body.token_limit
+        if limit is None:
+            limit = self.engine.max_model_len - len(prompt)
+            if limit < 1:
+                raise APIError(400, f"The messages take {len(prompt)} tokens, the whole context of this model "
+                                    f"({self.engine.max_model_len}); shorten them.", param="messages",
+                               code="context_length_exceeded")
+        rid = new_id("chatcmpl")
+        requests = [GenerationRequest(prompt, adapter, body.sampling_params(limit, i), f"{rid}-{i}")
+                    for i in range(body.n)]
+        created = now()
+        tracker = Tracker(self.metrics, "/v1/chat/completions", body.model)
+
+        def envelope(choices: list[dict], obj: str = "chat.completion.chunk", **extra) -> dict:
+            return {"id": rid, "object": obj, "created": created, "model": body.model, "choices": choices,
+                    **extra}
+
+        if body.stream:
+            def frame(index, chunk, state):
+                if not state.announced:
+                    state.announced = True
+                    yield envelope([{"index": index, "delta": {"role": "assistant", "content": ""},
+                                     "logprobs": None, "finish_reason": None}])
+                if chunk.text or chunk.finish_reason:
+                    delta = {"content": chunk.text} if chunk.text else {}
+                    yield envelope([{"index": index, "delta": delta, "logprobs": None,
+                                     "finish_reason": chunk.finish_reason}])
+
+            usage_frame = (lambda p, c: envelope([], usage=usage(p, c))) if body.include_usage else None
+            return await self._stream(requests, tracker, 1, frame, usage_frame)
+        choices = await self._run(requests, tracker, 1)
+        return JSONResponse(envelope(
+            [{"index": i, "message": {"role": "assistant", "content": "".join(c.text)}, "logprobs": None,
+              "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
+            obj="chat.completion", usage=usage(*count_tokens(choices, 1))))
+
+    def render_chat(self, body: ChatCompletionRequest, adapter: str | None) -> list[int]:
+        tokenizer = self.engine.tokenizer_for(adapter)
+        if not getattr(tokenizer, "chat_template", None):
+            raise APIError(400, f"`{body.model}` has no chat template in its tokenizer, so it cannot serve chat; "
+                                f"use /v1/completions, or add a chat template to the tokenizer files.",
+                           param="model", code="no_chat_template")
+        try:
+            text = tokenizer.apply_chat_template(body.conversation(), tokenize=False,
+                                                 add_generation_prompt=body.add_generation_prompt)
+        except Exception as exc:  # jinja raises for conversations a template does not accept
+            raise APIError(400, f"The chat template of `{body.model}` cannot render these messages: {exc}",
+                           param="messages", code="invalid_messages") from None
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # Running ------------------------------------------------------------------------------------
+
+    async def _run(self, requests, tracker: Tracker, prompts: int):
+        choices = None
+        try:
+            choices = await run_to_end(self.engine, requests, tracker)
+            return choices
+        finally:
+            tracker.close(choices, prompts)
+
+    async def _stream(self, requests, tracker: Tracker, prompts: int, frame, usage_frame):
+        events = merged(self.engine, requests)
+        try:
+            first = await first_event(events)
+        except BaseException:
+            await events.aclose()
+            tracker.close()
+            raise
+        body = sse_stream(events, first, len(requests), prompts, frame, tracker, usage_frame)
+        return StreamingResponse(body, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
