@@ -28,7 +28,7 @@ class TrainResult:
 
 
 def toy_batches(tokenizer, batch_size: int = 8, seq_len: int = 32, seed: int = 0) -> list[dict]:
-    ids = tokenizer("\n".join(toy_sentences(200, seed)))["input_ids"]
+    ids = tokenizer(". ".join(toy_sentences(200, seed)))["input_ids"]
     chunks = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len, seq_len)]
     batches = []
     for i in range(0, len(chunks) - batch_size + 1, batch_size):
