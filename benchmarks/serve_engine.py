@@ -31,10 +31,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from ftserve import FineTuningConfig, FineTuningModel  # noqa: E402
 from ftserve.engine.base import GenerationRequest, SamplingParams  # noqa: E402
 from ftserve.engine.torch_engine import TorchEngine  # noqa: E402
-from ftserve.tiny import tiny_llama  # noqa: E402
+from ftserve.tiny import save_random_lora, tiny_llama  # noqa: E402
 
 
 def build_model(shape: dict):
@@ -42,17 +41,7 @@ def build_model(shape: dict):
 
 
 def write_adapters(shape: dict, root: Path, count: int, rank: int) -> list[Path]:
-    paths = []
-    for i in range(count):
-        model = FineTuningModel(build_model(shape), FineTuningConfig(lora_r=rank, lora_alpha=2 * rank,
-                                                                     target_modules="all-linear"))
-        generator = torch.Generator().manual_seed(100 + i)
-        with torch.no_grad():
-            for param in model.adapter_parameters():
-                param.copy_(torch.randn(param.shape, generator=generator) * (0.5 / param.shape[-1] ** 0.5))
-        model.save_adapter(root / f"adapter{i}")
-        paths.append(root / f"adapter{i}")
-    return paths
+    return [save_random_lora(build_model(shape), root / f"adapter{i}", rank, seed=100 + i) for i in range(count)]
 
 
 def plain_generate(model, prompts: torch.Tensor, new_tokens: int, **kwargs) -> float:

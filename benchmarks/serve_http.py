@@ -37,9 +37,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import httpx  # noqa: E402
 import torch  # noqa: E402
 
-from ftserve import FineTuningConfig, FineTuningModel  # noqa: E402
 from ftserve.engine.base import GenerationRequest, SamplingParams  # noqa: E402
-from ftserve.tiny import build_tokenizer, tiny_llama  # noqa: E402
+from ftserve.tiny import build_tokenizer, save_random_lora, tiny_llama  # noqa: E402
 
 SHAPE = {"vocab_size": 1000, "hidden": 256, "layers": 4, "heads": 8, "intermediate": 512}
 ADAPTERS, RANK, PROMPT_TOKENS, NEW_TOKENS, LEVELS = 8, 16, 32, 32, (1, 8, 32)
@@ -49,16 +48,9 @@ def write_model(root: Path) -> tuple[Path, list[str]]:
     base = root / "base"
     tiny_llama(**SHAPE).save_pretrained(base)
     build_tokenizer(SHAPE["vocab_size"]).save_pretrained(base)
-    names = []
-    for i in range(ADAPTERS):
-        model = FineTuningModel(tiny_llama(**SHAPE), FineTuningConfig(lora_r=RANK, lora_alpha=2 * RANK,
-                                                                      target_modules="all-linear"))
-        generator = torch.Generator().manual_seed(100 + i)
-        with torch.no_grad():
-            for param in model.adapter_parameters():
-                param.copy_(torch.randn(param.shape, generator=generator) * (0.5 / param.shape[-1] ** 0.5))
-        model.save_adapter(root / f"adapter{i}")
-        names.append(f"adapter{i}")
+    names = [f"adapter{i}" for i in range(ADAPTERS)]
+    for i, name in enumerate(names):
+        save_random_lora(tiny_llama(**SHAPE), root / name, RANK, seed=100 + i)
     return base, names
 
 

@@ -70,3 +70,18 @@ def save_tiny_model(path: str | os.PathLike, kind: str = "llama", **kwargs) -> P
     model.save_pretrained(path)
     build_tokenizer(model.config.vocab_size).save_pretrained(path)
     return path
+
+
+def save_random_lora(base_model, path: str | os.PathLike, rank: int = 16, seed: int = 0) -> Path:
+    """An all-linear LoRA with random nonzero factors (B starts at zero when trained), saved at ``path``:
+    adapters that really change outputs, for benchmarks and demos."""
+    from .config import FineTuningConfig
+    from .model import FineTuningModel
+
+    model = FineTuningModel(base_model, FineTuningConfig(lora_r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.adapter_parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * (0.5 / param.shape[-1] ** 0.5))
+    model.save_adapter(path)
+    return Path(path)
