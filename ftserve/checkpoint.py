@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .errors import CheckpointError
+from .hub import resolve_folder
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -94,22 +95,7 @@ class Checkpoint:
 def resolve_base(name_or_path: str | os.PathLike) -> Path:
     """A local model folder, or a Hugging Face model id looked up through huggingface_hub (the local cache
     answers offline with ``HF_HUB_OFFLINE=1``)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    name = str(name_or_path)
-    if path.exists():
-        raise CheckpointError(f"{name}: not a model folder")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
-
-    try:
-        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
-    except HFValidationError:
-        raise CheckpointError(f"{name}: no such folder, and not a valid Hugging Face model id") from None
-    except Exception as exc:  # the hub raises many kinds: not found, gated, offline, network
-        raise CheckpointError(f"{name}: no such folder, and the Hugging Face hub cannot provide it "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return resolve_folder(name_or_path, "model", allow_patterns=HUB_PATTERNS, error=CheckpointError)
 
 
 def read_safetensors_header(file: Path) -> tuple[dict, int]:

@@ -297,20 +297,24 @@ def merge_checkpoint(base: str | os.PathLike, adapters: list[AdapterSpec], out_d
             raise CheckpointError(f"output {out_dir} overlaps the input {path}; choose another folder")
     for note in plan.warnings:
         warnings.warn(note, stacklevel=2)
-    with atomic_output_dir(out_dir, force=force) as tmp:
-        names = plan.shard_names()
-        total = plan.total_bytes
-        _write_tensors(plan, tmp, names, lambda n: progress(n, total) if progress else None, workers)
-        if len(names) > 1:
-            index = {"metadata": {"total_size": plan.total_bytes},
-                     "weight_map": {t.name: name for name, shard in zip(names, plan.shards) for t in shard}}
-            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        _copy_side_files(plan, tmp)
-        (tmp / "README.md").write_text(model_card(plan))
-        tmp.chmod(0o755)
-        for child in tmp.iterdir():
-            child.chmod(0o644)
-        files = sorted(p.name for p in tmp.iterdir())
+    try:
+        with atomic_output_dir(out_dir, force=force) as tmp:
+            names = plan.shard_names()
+            total = plan.total_bytes
+            _write_tensors(plan, tmp, names, lambda n: progress(n, total) if progress else None, workers)
+            if len(names) > 1:
+                index = {"metadata": {"total_size": plan.total_bytes},
+                         "weight_map": {t.name: name for name, shard in zip(names, plan.shards) for t in shard}}
+                (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            _copy_side_files(plan, tmp)
+            (tmp / "README.md").write_text(model_card(plan))
+            tmp.chmod(0o755)
+            for child in tmp.iterdir():
+                child.chmod(0o644)
+            files = sorted(p.name for p in tmp.iterdir())
+    except OSError as exc:  # a full disk, a file-size limit, a failing drive
+        raise CheckpointError(f"{out_dir}: merge failed, output left as it was ({exc.strerror or exc}"
+                              f"{f': {exc.filename}' if exc.filename else ''})") from None
     return MergeResult(out_dir, plan, files)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from typing import Any, Iterator
 
 import torch
@@ -94,7 +95,8 @@ class FineTuningModel(nn.Module):
         self.config = config
         self.method = get_method(config.method)
         self.steps_done = 0
-        self._attached: set[int] = set()
+        self._optimizer_steps: dict[int, int] = {}  # id(optimizer) -> its steps, counted from its attach round
+        self._rounds = 0
         for param in base_model.parameters():
             param.requires_grad_(False)
         shared = self.method.create_shared(config, [linear_shape(m) for _, m in targets])
@@ -151,11 +153,23 @@ class FineTuningModel(nn.Module):
     def attach_training_rules(self, optimizer: torch.optim.Optimizer) -> None:
         """Make an optimizer you built yourself follow the method (Delta-LoRA's update of W after each step).
 
-        Build it over ``model.param_groups(lr)`` to get LoRA+'s learning rates, then call this once.
+        Build it over ``model.param_groups(lr)`` to get LoRA+'s learning rates, then call this once. Several
+        optimizers (say one for the A matrices, one for the B) may be attached: one training step is counted,
+        and the after-step rule run, when every attached optimizer has stepped once more, so the rule sees all
+        factors updated. An optimizer stops counting when it is garbage collected.
         """
-        if id(optimizer) not in self._attached:
-            optimizer.register_step_post_hook(lambda *_: self.step_done())
-            self._attached.add(id(optimizer))
+        key = id(optimizer)
+        if key in self._optimizer_steps:
+            return
+        self._optimizer_steps[key] = self._rounds
+        weakref.finalize(optimizer, self._optimizer_steps.pop, key, None)
+        optimizer.register_step_post_hook(self._optimizer_stepped)
+
+    def _optimizer_stepped(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._optimizer_steps[id(optimizer)] += 1
+        while self._rounds < min(self._optimizer_steps.values()):
+            self._rounds += 1
+            self.step_done()
 
     def step_done(self) -> None:
         """Count one optimizer step and apply the method's after-step rule. Attached optimizers call it."""

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models and a tokenizer built locally; never the network."""
 
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -39,3 +40,17 @@ def llama():
 @pytest.fixture
 def gpt2():
     return tiny_gpt2()
+
+
+@pytest.fixture
+def hub_cache(tmp_path, llama_dir, monkeypatch):
+    """An offline hub cache that holds one repo, acme/tiny-llama, as huggingface_hub lays it out."""
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "hub" / "models--acme--tiny-llama" / "snapshots" / ("0" * 40)
+    shutil.copytree(llama_dir, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return snapshot

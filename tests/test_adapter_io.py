@@ -4,8 +4,12 @@ exactly as it was after a failed load, and saves that leave no half-written or t
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ftserve import AdapterFileError, FineTuningConfig, FineTuningModel, export_adapter, load_adapter, read_adapter
+from ftserve.adapter_io import HOST_TAG, atomic_output_dir
 
 from helpers import METHODS, TOY_IDS, logits, randomise_adapter, small_gpt2, small_llama, train
 
@@ -227,6 +232,74 @@ def test_a_failed_save_writes_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         model.save_adapter(tmp_path / "adapter")
     assert list(tmp_path.iterdir()) == []
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def scratch(out: Path, kind: str, pid: int, host: str = HOST_TAG, rand: str = "0123abcd") -> Path:
+    folder = out.parent / f".{out.name}.{kind}-{pid}-{host}-{rand}"
+    folder.mkdir()
+    (folder / "part.safetensors").write_bytes(b"half")
+    return folder
+
+
+def test_a_dead_writers_leftovers_are_removed_and_a_live_writers_never(tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    dead = dead_pid()
+    gone = [scratch(out, "tmp", dead), scratch(out, "old", dead, rand="89abcdef")]
+    kept = [scratch(out, "tmp", os.getpid()),  # a concurrent writer in this very process
+            scratch(out, "tmp", dead, host="ffffff" if HOST_TAG != "ffffff" else "000000"),  # another host's pid
+            scratch(tmp_path / "merged2", "tmp", dead)]  # another output's
+    (tmp_path / ".merged.tmp-0123abcd").mkdir()  # not named by us: cannot tell, so left alone
+    with atomic_output_dir(out, force=True) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"new")
+    assert (out / "model.safetensors").read_bytes() == b"new"
+    assert not any(p.exists() for p in gone)
+    assert all((p / "part.safetensors").exists() for p in kept)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["merged", ".merged.tmp-0123abcd"] + [p.name for p in kept])
+
+
+def test_a_writer_killed_between_its_two_renames_gets_the_old_output_put_back(tmp_path):
+    out = tmp_path / "merged"
+    dead = dead_pid()
+    old = scratch(out, "old", dead)  # the previous output, moved aside
+    scratch(out, "tmp", dead)  # the new one, never moved in
+    with pytest.raises(FileExistsError, match="already exists; pass --force"):
+        with atomic_output_dir(out):
+            pass
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+    assert (out / "part.safetensors").read_bytes() == b"half" and not old.exists()
+
+
+def test_every_file_and_folder_is_synced_before_the_rename_and_the_parent_after(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    out = tmp_path / "out"
+    with atomic_output_dir(out) as tmp:
+        (tmp / "sub").mkdir()
+        for name in ("a.safetensors", "config.json", "sub/tokenizer.json"):
+            (tmp / name).write_text(name)
+    written = [str(tmp / name) for name in ("a.safetensors", "config.json", "sub", "sub/tokenizer.json")]
+    assert sorted(synced[:-2]) == sorted(written)  # named by the temporary path: synced before the rename
+    assert synced[-2:] == [str(tmp), str(tmp_path)]
+    synced.clear()
+    with atomic_output_dir(out, force=True) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert synced == [str(tmp / "config.json"), str(tmp), str(tmp_path)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "config.json").read_text() == "{}"
 
 
 def test_save_onto_a_file_is_refused(tmp_path):

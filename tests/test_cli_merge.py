@@ -2,6 +2,7 @@
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -106,7 +107,8 @@ def slow_merge_inputs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
-def test_a_merge_killed_after_its_first_shard_leaves_no_output(tmp_path, slow_merge_inputs, sig):
+def test_a_merge_killed_after_its_first_shard_leaves_no_output(tmp_path, slow_merge_inputs, sig, llama_dir,
+                                                               adapters):
     base, adapter = slow_merge_inputs
     before = tree_digest(base), tree_digest(adapter)
     out = tmp_path / "merged"
@@ -126,4 +128,37 @@ def test_a_merge_killed_after_its_first_shard_leaves_no_output(tmp_path, slow_me
     if sig == signal.SIGINT:
         assert list(tmp_path.iterdir()) == [], output  # the temporary folder went too
         assert "Traceback" not in output
+    else:  # nothing runs on SIGKILL: the next merge to the same output clears what it left
+        assert [p.name.split("-")[1] for p in tmp_path.iterdir()] == [str(process.pid)]
+        assert run("merge", llama_dir, adapters / "lora", "-o", out).exit_code == 0
+        assert [p.name for p in tmp_path.iterdir()] == ["merged"]
     assert (tree_digest(base), tree_digest(adapter)) == before
+
+
+def merge_under_file_size_limit(*args, limit: int = 64 * 1024) -> subprocess.CompletedProcess:
+    """`ftserve merge` in a process whose files cannot grow past ``limit`` bytes: writes fail with EFBIG, a real
+    OS error, as on a full disk."""
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([sys.executable, "-c", "from ftserve.cli import main; main()", "merge", *map(str, args)],
+                          capture_output=True, text=True, preexec_fn=limit_file_size, timeout=120,
+                          env={**os.environ, **ONE_THREAD})
+
+
+def test_a_merge_that_cannot_write_leaves_no_output_and_keeps_the_existing_one(tmp_path, llama_dir, adapters):
+    out = tmp_path / "merged"
+    failed = merge_under_file_size_limit(llama_dir, adapters / "lora", "-o", out)
+    assert failed.returncode == 1
+    message = f"Error: {out}: merge failed, output left as it was (File too large)"
+    assert failed.stderr.strip().splitlines()[-1] == message
+    assert "Traceback" not in failed.stderr
+    assert list(tmp_path.iterdir()) == []
+    assert run("merge", llama_dir, adapters / "lora", "-o", out).exit_code == 0
+    before = tree_digest(out)
+    forced = merge_under_file_size_limit(llama_dir, adapters / "other", "-o", out, "--force")
+    assert forced.returncode == 1 and "merge failed, output left as it was (File too large)" in forced.stderr
+    assert "Traceback" not in forced.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"] and tree_digest(out) == before

@@ -275,16 +275,7 @@ def test_existing_output_is_refused_unless_forced_and_inputs_are_never_targets(t
     assert (llama_dir / "model.safetensors").exists()
 
 
-def test_hub_ids_resolve_through_the_local_cache_offline_and_missing_ids_fail_clearly(tmp_path, llama_dir, matrix,
-                                                                                      monkeypatch):
-    import huggingface_hub.constants
-
-    snapshot = tmp_path / "hub" / "models--acme--tiny-llama" / "snapshots" / ("0" * 40)
-    shutil.copytree(llama_dir, snapshot)
-    (snapshot.parents[1] / "refs").mkdir()
-    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+def test_hub_ids_resolve_through_the_local_cache_offline_and_missing_ids_fail_clearly(tmp_path, matrix, hub_cache):
     merge_checkpoint("acme/tiny-llama", [AdapterSpec(matrix["llama-lora"]["adapter"])], tmp_path / "merged")
     assert stored(tmp_path / "merged").keys() == stored(matrix["llama-lora"]["out"]).keys()
     with pytest.raises(CheckpointError, match="acme/missing-model: no such folder, and the Hugging Face hub"):

@@ -3,6 +3,8 @@ values, LoRA-FA's gradients and activation memory, and Delta-LoRA against a lite
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -407,6 +409,66 @@ def test_delta_lora_snapshot_holds_the_factors_after_step_K_plus_1():
         optimizer.zero_grad()
         has_snapshot = "lora_A_start.weight" in early.adapter_layers["first"].adapter_state()
         assert has_snapshot == (step >= 4), f"after {step} steps"
+
+
+def _delta_lora_trained_with(split: bool, rounds: int = 10, lr: float = 0.2) -> tuple[FineTuningModel, list]:
+    """Delta-LoRA (start step 3) trained by plain SGD over A and B: one optimizer, or one for the A matrices and
+    one for the B matrices stepped one after the other."""
+    config = FineTuningConfig(method="delta-lora", lora_r=2, lora_alpha=4.0, target_modules=["first", "second"],
+                              delta_start_step=3, delta_update_ratio=2.0)
+    model = FineTuningModel(Stack(), config)
+    A = [p for n, p in model.named_parameters() if "lora_A" in n]
+    B = [p for n, p in model.named_parameters() if "lora_B" in n]
+    optimizers = [torch.optim.SGD(A, lr=lr), torch.optim.SGD(B, lr=lr)] if split else [torch.optim.SGD(A + B, lr=lr)]
+    for optimizer in optimizers:
+        model.attach_training_rules(optimizer)
+    generator = torch.Generator().manual_seed(0)
+    x, target = torch.randn(16, 8, generator=generator), torch.randn(16, 4, generator=generator)
+    counts = []
+    for _ in range(rounds):
+        F.mse_loss(model(x), target).backward()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+        counts.append(model.steps_done)
+    return model, counts
+
+
+def test_delta_lora_with_separate_A_and_B_optimizers_counts_each_round_once():
+    """Two optimizers used to count every step twice: the snapshot came after half the steps, between A's update
+    and B's, and W's schedule ran at double speed."""
+    one, one_counts = _delta_lora_trained_with(split=False)
+    two, two_counts = _delta_lora_trained_with(split=True)
+    assert one_counts == two_counts == list(range(1, 11))
+    for name, layer in one.adapter_layers.items():
+        state, other = layer.adapter_state(), two.adapter_layers[name].adapter_state()
+        assert set(state) == set(other) == {"lora_A.weight", "lora_B.weight", "lora_A_start.weight",
+                                            "lora_B_start.weight"}
+        for key in state:
+            torch.testing.assert_close(other[key], state[key], rtol=1e-6, atol=1e-7, msg=f"{name}.{key}")
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(two(x), one(x), rtol=1e-6, atol=1e-7)
+
+
+def test_a_replaced_optimizer_stops_holding_back_the_step_count_once_collected():
+    model = FineTuningModel(Stack(), FineTuningConfig(method="lora", target_modules=["first"]))
+
+    def step(optimizer) -> None:
+        model(torch.ones(2, 8)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    first = model.create_optimizer(lr=0.1, optimizer_cls=torch.optim.SGD)
+    step(first)
+    step(first)
+    del first
+    gc.collect()
+    second = model.create_optimizer(lr=0.1, optimizer_cls=torch.optim.SGD)
+    model.attach_training_rules(second)  # attaching twice still counts once
+    for expected in (3, 4, 5):
+        step(second)
+        assert model.steps_done == expected
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..adapter_io import read_adapter
 from ..errors import AdapterFileError
+from ..hub import resolve_folder
 from .base import AdapterInfo
 from .errors import AdapterLoadError
 from .lora_slots import LoraSlots
@@ -47,16 +48,7 @@ class AdapterRecord:
 
 def resolve_adapter_path(path: str) -> Path:
     """A local folder as is; otherwise a Hugging Face Hub repo id, fetched (or found in the local hub cache)."""
-    local = Path(path).expanduser()
-    if local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
-        return local
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id=path))
-    except Exception as exc:  # the hub client raises many types (offline, not found, auth)
-        raise AdapterLoadError(f"{path}: not a local folder, and fetching it from the Hugging Face Hub failed: "
-                               f"{exc}") from None
+    return resolve_folder(path, "adapter", error=AdapterLoadError)
 
 
 def read_factors(path: Path, shapes: dict[str, tuple[int, int]], max_rank: int) -> tuple[Any, SlotFactors]:
