@@ -92,7 +92,7 @@ async def measure(shape, paths, prompts: torch.Tensor, new_tokens: int, solo_req
     spread = [names[i % len(names)] for i in range(prompts.shape[0])]
     ids = prompts.tolist()
     engine = TorchEngine(build_model(shape), None, max_loras=len(names), max_batch_size=len(ids), max_lora_rank=16,
-                         max_model_len=prompts.shape[1] + new_tokens + 8, max_prefill_tokens=8192)
+                         max_model_len=prompts.shape[1] + new_tokens + 8, max_num_batched_tokens=8192)
     best: dict[str, float] = {}
 
     def keep(key: str, value: float) -> None:

@@ -6,15 +6,21 @@ full length, on the adapters in turn. At concurrency 1, 8 and 32 (requests in fl
 
 * direct: ``TorchEngine.generate`` in this process, no HTTP;
 * http: the real server (``ftserve serve`` in a subprocess on 127.0.0.1), non-streaming
-  ``/v1/completions`` requests sent with httpx;
+  ``/v1/completions`` requests over keep-alive connections;
 
 run alternately, round by round (5 rounds of 4, 16 and 64 requests), so both see the same machine. Reported
-per level: requests/s (median over rounds) and p50/p99 latency of each, and ``http_over_direct``, the median
+per level: requests/s (median over rounds) and p50/p99 latency of each, ``http_over_direct``, the median
 per-round ratio of HTTP to direct requests/s: the cost of HTTP, JSON and the server's request handling (goal
->= 0.9 at concurrency 32). The client shares the machine's cores with the server; the direct run has no client.
+>= 0.9 at concurrency 32), and ``forwards_per_request``, engine steps per request in each run (more steps
+for the same work means arrivals were spread over more forward passes).
 
-    python benchmarks/serve_http.py            # the figure (a few minutes on 2 cores)
-    python benchmarks/serve_http.py --quick    # one short round: checks that the script runs
+The load generator shares the machine's cores with the server (the direct run has none), so by default it is
+a lean asyncio HTTP/1.1 client, as a load tester such as wrk would be; ``--client httpx`` sends the same
+requests with httpx, whose own CPU time (several times more per request) then counts against the server.
+
+    python benchmarks/serve_http.py                  # the figure (about a minute on 2 cores)
+    python benchmarks/serve_http.py --client httpx   # the same, with httpx as the client
+    python benchmarks/serve_http.py --quick          # one short round: checks that the script runs
 """
 
 from __future__ import annotations
@@ -83,7 +89,8 @@ def summary(rates: list[float], latencies: list[float]) -> dict:
             "p99_s": round(latencies[round(0.99 * (len(latencies) - 1))], 4)}
 
 
-async def measure(base: Path, root: Path, names: list[str], url: str, counts: dict[int, int], rounds: int) -> dict:
+async def measure(base: Path, root: Path, names: list[str], url: str, counts: dict[int, int], rounds: int,
+                  client_kind: str) -> dict:
     """Direct and HTTP runs alternate, round by round, so that both see the same machine; each level's ratio is
     the median of its per-round ratios."""
     from ftserve.engine.torch_engine import TorchEngine
@@ -96,9 +103,14 @@ async def measure(base: Path, root: Path, names: list[str], url: str, counts: di
 
     async with engine, httpx.AsyncClient(base_url=url, timeout=600,
                                          limits=httpx.Limits(max_connections=64)) as client:
+        raw = RawClient(url)
+
         async def http(prompt, adapter):
-            response = await client.post("/v1/completions", json={
-                "model": adapter, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True})
+            payload = {"model": adapter, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0,
+                       "ignore_eos": True}
+            if client_kind == "raw":
+                return (await raw.post("/v1/completions", payload))["usage"]["completion_tokens"]
+            response = await client.post("/v1/completions", json=payload)
             response.raise_for_status()
             return response.json()["usage"]["completion_tokens"]
 
@@ -106,19 +118,71 @@ async def measure(base: Path, root: Path, names: list[str], url: str, counts: di
             await engine.load_adapter(name, str(root / name))
         for send in (direct, http):  # warm up: first batches, adapter slots, connections
             await timed(workload(32, names, 0), 32, send)
+        async def steps(label):
+            if label == "direct":
+                stats = engine.stats()
+            else:
+                text = (await client.get("/metrics")).text
+                stats = {line.split()[0].removeprefix("ftserve_engine_"): float(line.split()[1])
+                         for line in text.splitlines() if line.startswith("ftserve_engine_")}
+            return stats["steps_total"]
+
         figures = {}
         for c in LEVELS:
             runs = {"direct": ([], []), "http": ([], [])}
+            forwards = {"direct": 0.0, "http": 0.0}
             ratios = []
             for r in range(rounds):
                 for label, send in (("direct", direct), ("http", http)):
+                    before = await steps(label)
                     rate, latencies = await timed(workload(counts[c], names, 1000 * c + r), c, send)
+                    forwards[label] += await steps(label) - before
                     runs[label][0].append(rate)
                     runs[label][1].extend(latencies)
                 ratios.append(runs["http"][0][-1] / runs["direct"][0][-1])
             figures[f"c{c}"] = {"http": summary(*runs["http"]), "direct": summary(*runs["direct"]),
-                                "http_over_direct": round(statistics.median(ratios), 3)}
+                                "http_over_direct": round(statistics.median(ratios), 3),
+                                "forwards_per_request": {k: round(v / (rounds * counts[c]), 2)
+                                                         for k, v in forwards.items()}}
+        await raw.close()
         return figures
+
+
+class RawClient:
+    """A lean HTTP/1.1 keep-alive client for JSON POSTs, so that the load generator, which shares the machine's
+    cores with the server, costs little CPU (as wrk or vegeta would); httpx costs several times more per request."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.host, self.port = host, int(port)
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def post(self, path: str, payload: dict) -> dict:
+        body = json.dumps(payload).encode()
+        request = (f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        while True:
+            reused = bool(self.idle)
+            reader, writer = self.idle.pop() if reused else await asyncio.open_connection(self.host, self.port)
+            writer.write(request)
+            try:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+                break
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()
+                if not reused:  # the server closed an idle keep-alive connection: retry on a new one
+                    raise
+        status = int(head[0].split()[1])
+        length = next(int(line.split(":", 1)[1]) for line in head if line.lower().startswith("content-length:"))
+        data = json.loads(await reader.readexactly(length))
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {data}")
+        self.idle.append((reader, writer))
+        return data
+
+    async def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
 
 
 def start_server(base: Path, root: Path, names: list[str], log: Path) -> tuple[subprocess.Popen, str]:
@@ -147,7 +211,9 @@ def start_server(base: Path, root: Path, names: list[str], log: Path) -> tuple[s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one short round, to check that the script runs")
-    quick = parser.parse_args().quick
+    parser.add_argument("--client", choices=("raw", "httpx"), default="raw", help="the HTTP client (see above)")
+    args = parser.parse_args()
+    quick = args.quick
     counts, rounds = ({1: 2, 8: 8, 32: 32}, 1) if quick else ({1: 4, 8: 16, 32: 64}, 5)
     torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,12 +221,12 @@ def main() -> None:
         base, names = write_model(root)
         proc, url = start_server(base, root, names, root / "server.log")
         try:
-            figures = asyncio.run(measure(base, root, names, url, counts, rounds))
+            figures = asyncio.run(measure(base, root, names, url, counts, rounds, args.client))
         finally:
             proc.terminate()
             proc.wait(60)
     print(json.dumps({
-        "benchmark": "serve_http", "quick": quick, "model": SHAPE, "adapters": ADAPTERS, "rank": RANK,
+        "benchmark": "serve_http", "quick": quick, "client": args.client, "model": SHAPE, "adapters": ADAPTERS, "rank": RANK,
         "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "rounds": rounds,
         "requests_per_round": {f"c{c}": counts[c] for c in LEVELS}, "threads": torch.get_num_threads(),
         **figures, "goal_c32": 0.9, "meets_goal_c32": figures["c32"]["http_over_direct"] >= 0.9,

@@ -43,12 +43,13 @@ def build_tokenizer(vocab_size: int = 1000):
 
 
 def tiny_llama(vocab_size: int = 1000, hidden: int = 128, layers: int = 2, heads: int = 4, seed: int = 0,
-               intermediate: int = 256, dtype: torch.dtype = torch.float32, tie: bool = False):
+               intermediate: int = 256, dtype: torch.dtype = torch.float32, tie: bool = False,
+               kv_heads: int | None = None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
                          max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=3,
                          tie_word_embeddings=tie)
     return LlamaForCausalLM(config).to(dtype).eval()

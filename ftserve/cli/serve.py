@@ -62,6 +62,9 @@ def checkpoint_dtype(base: str) -> str:
               help="Prompt plus output tokens per request. [default: the model's, at most 2048]")
 @click.option("--max-num-seqs", type=click.IntRange(min=1), default=32, show_default=True,
               help="Requests decoded together in one batch.")
+@click.option("--max-num-batched-tokens", type=click.IntRange(min=2), default=4096, show_default=True,
+              help="Tokens in one forward pass, decodes and prompt chunks together; longer prompts are prefilled "
+                   "in chunks. Must exceed --max-num-seqs.")
 @click.option("--enable-adapter-api", is_flag=True,
               help="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --adapter-root).")
 @click.option("--adapter-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -76,7 +79,8 @@ def checkpoint_dtype(base: str) -> str:
               show_default=True)
 def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: int, api_key: str | None,
           served_model_name: str | None, dtype: str, device: str, max_loras: int, max_cpu_loras: int | None,
-          max_lora_rank: int, max_model_len: int | None, max_num_seqs: int, enable_adapter_api: bool,
+          max_lora_rank: int, max_model_len: int | None, max_num_seqs: int, max_num_batched_tokens: int,
+          enable_adapter_api: bool,
           adapter_root: Path | None, max_request_bytes: int, max_concurrent_requests: int,
           shutdown_timeout: float | None, log_level: str) -> None:
     """Serve BASE and adapters behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...).
@@ -94,6 +98,9 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
                                "from at runtime.")
     if adapter_root is not None and not enable_adapter_api:
         raise click.UsageError("--adapter-root only matters with --enable-adapter-api.")
+    if max_num_batched_tokens <= max_num_seqs:
+        raise click.BadParameter(f"must be > --max-num-seqs ({max_num_seqs}), so that prompts can be prefilled while "
+                                 f"every row decodes", param_hint="--max-num-batched-tokens")
     if max_cpu_loras is not None and max_cpu_loras < max_loras:
         raise click.BadParameter(f"must be >= --max-loras ({max_loras})", param_hint="--max-cpu-loras")
     if not Path(base).is_dir():
@@ -123,7 +130,7 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
         torch_engine = TorchEngine.from_pretrained(
             base, dtype=checkpoint_dtype(base) if dtype == "auto" else dtype, device=device, model_name=name,
             max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
-            max_model_len=max_model_len, max_batch_size=max_num_seqs)
+            max_model_len=max_model_len, max_batch_size=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
         settings = ServerSettings(served_model_name=name, model_path=str(Path(base).resolve()), api_key=api_key,
                                   enable_adapter_api=enable_adapter_api,
                                   adapter_root=adapter_root.resolve() if adapter_root else None,

@@ -1,4 +1,4 @@
-"""The forward passes of a Llama-family model over a preallocated, per-row KV cache.
+"""The forward pass of a Llama-family model over a preallocated, per-row KV cache: decode and prefill together.
 
 The model's own modules compute everything but attention (embeddings, RMSNorms, RoPE, projections, which
 carry the batched LoRA terms, MLP, head), so numerics follow transformers. Attention reads a cache written
@@ -8,15 +8,25 @@ in place::
 
 Row ``i`` of the running batch lives in cache row ``i`` and holds its tokens in columns ``0 .. len_i - 1``.
 
-* prefill: new prompts, right-padded to one length ``L``, run causally from an empty cache and are written
-  to rows ``n .. n + B - 1``; padding columns hold junk that no row ever attends to, and decoding
-  overwrites them. Only the last prompt position of each row goes through the output head.
-* decode: one token per running row at position ``len_i``; its K/V go to column ``len_i`` of its row;
-  attention spans columns ``0 .. max(len) `` with a per-row mask ``column <= len_i``.
-* a finished row is replaced by the last running row (one row copied), so rows stay ``0 .. n - 1``.
+One step is one forward over a list of pieces, each ``tokens`` of one row at positions ``start ..``: a decode
+piece is one token; a prefill piece is a whole prompt or one chunk of a long one (chunked prefill). All
+tokens of the step are flattened into one ``(T, hidden)`` activation, so every projection is one GEMM for
+decodes and prefills alike (as in vLLM), and a request arriving while others decode costs no extra forward.
+Each layer writes every token's K/V to its cache column, then attends in two groups:
+
+* single tokens (the leading pieces of length 1): ``(n, heads, 1, d)`` against cache rows, masked to
+  columns ``<= start``;
+* longer pieces, right-padded to ``(m, heads, L, d)``: causally among themselves when they all start at
+  position 0, else against cache rows, masked to columns ``<= start + j``.
+
+Padding exists only inside attention; its outputs are dropped. Only the last token of a piece that asks for
+logits goes through the output head. A finished row is replaced by the last running row (one row copied),
+so rows stay ``0 .. n - 1``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -59,48 +69,50 @@ class LlamaRunner:
     def nbytes(self) -> int:
         return 2 * sum(t.numel() * t.element_size() for t in self.k)
 
-    def prefill(self, first_row: int, prompts: list[list[int]]) -> Tensor:
-        """Run new prompts into rows ``first_row ..``; the next-token logits of each prompt, (B, vocab)."""
-        length = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), length, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-        ids = ids.to(self.device)
-        positions = torch.arange(length, device=self.device).unsqueeze(0).expand(len(prompts), -1)
-        rows = slice(first_row, first_row + len(prompts))
-
-        def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            self.k[i][rows, :, :length] = k
-            self.v[i][rows, :, :length] = v
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling,
-                                                  enable_gqa=self.n_kv != self.n_heads)
-
-        hidden = self._forward(ids, positions, attend)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        return self._logits(hidden[torch.arange(len(prompts), device=self.device), last])
-
-    def decode(self, tokens: list[int], lengths: list[int]) -> Tensor:
-        """One step for rows ``0 .. n - 1``: token ``tokens[i]`` at position ``lengths[i]``; logits (n, vocab)."""
-        n = len(tokens)
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)
-        pos = torch.tensor(lengths, dtype=torch.long, device=self.device)
-        span = max(lengths) + 1
-        mask = (torch.arange(span, device=self.device).unsqueeze(0) <= pos.unsqueeze(1)).view(n, 1, 1, span)
+    def forward(self, pieces: list[Piece]) -> Tensor:
+        """One step over ``pieces`` (single tokens first); the next-token logits of each piece that asks for
+        them, in order, ``(k, vocab)``."""
+        device, kv, max_len = self.device, self.n_kv, self.max_len
+        ids = [t for p in pieces for t in p.tokens]
+        positions = [p.start + j for p in pieces for j in range(len(p.tokens))]
+        rows = [p.row for p in pieces for _ in p.tokens]
+        singles = next((i for i, p in enumerate(pieces) if len(p.tokens) != 1), len(pieces))
+        pos = torch.tensor(positions, dtype=torch.long, device=device)
         # (row, head, pos) as a row index of the cache viewed as (max_batch * kv_heads * max_len, head_dim):
         # index_copy_ is far cheaper than advanced-index assignment on CPU.
-        heads = torch.arange(self.n_kv, device=self.device)
-        where = ((torch.arange(n, device=self.device)[:, None] * self.n_kv + heads) * self.max_len
-                 + pos[:, None]).reshape(-1)
+        heads = torch.arange(kv, device=device)
+        where = ((torch.tensor(rows, device=device)[:, None] * kv + heads) * max_len + pos[:, None]).reshape(-1)
+        single = _SingleGroup(pieces[:singles], self) if singles else None
+        multi = _MultiGroup(pieces[singles:], singles, self) if singles < len(pieces) else None
 
         def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            self.k[i].view(-1, self.head_dim).index_copy_(0, where, k[:, :, 0].reshape(-1, self.head_dim))
-            self.v[i].view(-1, self.head_dim).index_copy_(0, where, v[:, :, 0].reshape(-1, self.head_dim))
-            return F.scaled_dot_product_attention(q, self.k[i][:n, :, :span], self.v[i][:n, :, :span],
-                                                  attn_mask=mask, scale=self.scaling,
-                                                  enable_gqa=self.n_kv != self.n_heads)
+            self.k[i].view(-1, self.head_dim).index_copy_(0, where, k.reshape(-1, self.head_dim))
+            self.v[i].view(-1, self.head_dim).index_copy_(0, where, v.reshape(-1, self.head_dim))
+            outs = [g.attend(i, q, k, v) for g in (single, multi) if g is not None]
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-        hidden = self._forward(ids, pos.unsqueeze(1), attend)
-        return self._logits(hidden[:, -1])
+        hidden = self._forward(torch.tensor(ids, dtype=torch.long, device=device), pos, attend)
+        last, offset = [], 0
+        for p in pieces:
+            offset += len(p.tokens)
+            if p.logits:
+                last.append(offset - 1)
+        if len(last) < len(ids):
+            hidden = hidden.index_select(0, torch.tensor(last, dtype=torch.long, device=device))
+        return self._logits(hidden)
+
+    def rows(self, layer: int, rows: slice | Tensor, span: int) -> tuple[Tensor, Tensor]:
+        """Cache K, V of ``rows`` (see ``row_selector``) up to column ``span``."""
+        k, v = self.k[layer][:, :, :span], self.v[layer][:, :, :span]
+        if isinstance(rows, slice):
+            return k[rows], v[rows]
+        return k.index_select(0, rows), v.index_select(0, rows)
+
+    def row_selector(self, rows: list[int]) -> slice | Tensor:
+        """A slice (a view of the cache, no copy) when the rows are consecutive, else an index."""
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            return slice(rows[0], rows[0] + len(rows))
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         for k, v in zip(self.k, self.v):
@@ -108,28 +120,103 @@ class LlamaRunner:
             v[dst, :, :length] = v[src, :, :length]
 
     def _forward(self, ids: Tensor, positions: Tensor, attend) -> Tensor:
+        """Hidden states ``(T, hidden)`` of flattened tokens; ``attend(layer, q, k, v)`` with q ``(T, heads, d)``
+        and k, v ``(T, kv_heads, d)`` after RoPE returns ``(T, heads * d)``."""
         hidden = self.body.embed_tokens(ids)
-        cos, sin = self.body.rotary_emb(hidden, position_ids=positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        batch, length = ids.shape
+        cos, sin = self.body.rotary_emb(hidden, position_ids=positions.unsqueeze(0))
+        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)
+        tokens = ids.shape[0]
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(batch, length, -1, self.head_dim)
-            k = attn.k_proj(x).view(batch, length, -1, self.head_dim)
-            v = attn.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+            q = attn.q_proj(x).view(tokens, -1, self.head_dim)
+            k = attn.k_proj(x).view(tokens, -1, self.head_dim)
+            v = attn.v_proj(x).view(tokens, -1, self.head_dim)
             if hasattr(attn, "q_norm"):  # Qwen3 normalises each head before RoPE
                 q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = q.transpose(1, 2), k.transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            out = attend(i, q, k, v).transpose(1, 2).reshape(batch, length, -1)
-            hidden = hidden + attn.o_proj(out)
+            hidden = hidden + attn.o_proj(attend(i, q, k, v))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return hidden
 
     def _logits(self, last_hidden: Tensor) -> Tensor:
         return self.model.lm_head(self.body.norm(last_hidden)).float()
+
+
+@dataclass
+class Piece:
+    """Tokens of one cache row at positions ``start ..``; ``logits``: return the next-token logits after them."""
+
+    row: int
+    start: int
+    tokens: list[int]
+    logits: bool = True
+
+
+class _SingleGroup:
+    """The leading single-token pieces (decodes): ``(n, heads, 1, d)`` against their cache rows."""
+
+    def __init__(self, pieces: list[Piece], runner: LlamaRunner) -> None:
+        self.runner, self.n = runner, len(pieces)
+        self.rows = runner.row_selector([p.row for p in pieces])
+        starts = torch.tensor([p.start for p in pieces], device=runner.device)
+        self.span = max(p.start for p in pieces) + 1
+        self.mask = (torch.arange(self.span, device=runner.device) <= starts[:, None]).view(self.n, 1, 1, self.span)
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        r = self.runner
+        keys, values = r.rows(layer, self.rows, self.span)
+        out = F.scaled_dot_product_attention(q[:self.n].unsqueeze(2), keys, values, attn_mask=self.mask,
+                                             scale=r.scaling, enable_gqa=r.n_kv != r.n_heads)
+        return out.view(self.n, -1)
+
+
+class _MultiGroup:
+    """Pieces of several tokens (prefills), right-padded to ``(m, heads, L, d)``; they follow ``first`` single
+    tokens in the flattened step."""
+
+    def __init__(self, pieces: list[Piece], first: int, runner: LlamaRunner) -> None:
+        self.runner, self.first, self.m = runner, first, len(pieces)
+        lengths = [len(p.tokens) for p in pieces]
+        self.length = L = max(lengths)
+        self.tokens = sum(lengths)
+        self.fresh = all(p.start == 0 for p in pieces)  # nothing cached yet: attend to the new K/V directly
+        device = runner.device
+        if self.tokens == self.m * L:  # equal lengths: the padded layout is a view
+            self.gather = self.keep = None
+        else:  # padding repeats a piece's last token, so no position of the layout holds garbage
+            offsets = [0]
+            for n in lengths[:-1]:
+                offsets.append(offsets[-1] + n)
+            self.gather = torch.tensor([o + min(j, n - 1) for o, n in zip(offsets, lengths) for j in range(L)],
+                                       device=device)
+            self.keep = torch.tensor([b * L + j for b, n in enumerate(lengths) for j in range(n)], device=device)
+        if not self.fresh:
+            self.rows = runner.row_selector([p.row for p in pieces])
+            starts = torch.tensor([p.start for p in pieces], device=device)
+            self.span = max(p.start + n for p, n in zip(pieces, lengths))
+            limit = starts[:, None] + torch.arange(L, device=device)
+            self.mask = (torch.arange(self.span, device=device) <= limit[:, :, None]).unsqueeze(1)
+
+    def _padded(self, x: Tensor) -> Tensor:
+        x = x[self.first:self.first + self.tokens]
+        if self.gather is not None:
+            x = x.index_select(0, self.gather)
+        return x.view(self.m, self.length, x.shape[-2], x.shape[-1]).transpose(1, 2)
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        r = self.runner
+        gqa = r.n_kv != r.n_heads
+        if self.fresh:
+            out = F.scaled_dot_product_attention(self._padded(q), self._padded(k), self._padded(v), is_causal=True,
+                                                 scale=r.scaling, enable_gqa=gqa)
+        else:
+            keys, values = r.rows(layer, self.rows, self.span)
+            out = F.scaled_dot_product_attention(self._padded(q), keys, values, attn_mask=self.mask,
+                                                 scale=r.scaling, enable_gqa=gqa)
+        out = out.transpose(1, 2).reshape(self.m * self.length, -1)
+        return out if self.keep is None else out.index_select(0, self.keep)
 
 
 def _rotate_half(x: Tensor) -> Tensor:

@@ -1,16 +1,19 @@
 """The engine loop: continuous batching of many requests, each with its own adapter, on one thread.
 
-Each iteration:
+Each iteration is one forward pass (llama_runner.py) over every row that has work, all adapters mixed:
 
 1. take new requests from the inbox into the waiting queue (FIFO);
-2. decode one token for every running row, all adapters in one forward pass;
-3. admit waiting requests while there are free rows, a prefill token budget and an adapter slot for them
-   (a request whose adapter cannot get a slot yet lets the ones behind it pass), prefill them together and
-   sample their first token;
-4. retire finished and cancelled rows; the last row moves into each freed row.
+2. plan the step under a budget of ``max_num_batched_tokens``: one token for every decoding row, then the
+   next chunk of any prompt still being prefilled, then new requests while there are free rows, budget and
+   an adapter slot for them (chunked prefill: a prompt larger than the budget left is cut, and the rest
+   goes in the next steps, so a long prompt never stalls the rows that are decoding);
+3. run the step and sample a token for every decode and every prompt whose last chunk ran;
+4. retire finished and cancelled rows; the last row moves into each freed row;
+5. hand the step's outputs to the caller's event loop in one call.
 
-Requests join and leave between steps; nothing waits for a batch to drain. Outputs go back to each
-request's asyncio queue through ``Sequence.emit`` (thread-safe).
+Requests join and leave between steps; nothing waits for a batch to drain. A request whose adapter finds no
+free slot lets the ones behind it pass, but only for ``STARVATION_STEPS`` steps: then nothing that needs a
+slot passes it until busy slots drain and it gets one.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from .adapter_cache import AdapterCache, AdapterRecord
 from .base import SamplingParams, StreamChunk
 from .detokenize import TextStream
 from .errors import EngineClosedError
-from .llama_runner import LlamaRunner
+from .llama_runner import LlamaRunner, Piece
 from .lora_slots import LoraBatch, LoraSlots
 from .sampling import sample
 
@@ -42,7 +45,6 @@ class Sequence:
     prompt: list[int]
     params: SamplingParams
     adapter: AdapterRecord | None
-    emit: Callable[[object], None]
     stream: TextStream
     generator: torch.Generator | None
     stop_ids: frozenset[int]
@@ -51,13 +53,22 @@ class Sequence:
     slot: int | None = None
     cancelled: bool = False
     finished: bool = False
+    blocked_steps: int = 0  # steps spent at the head of the queue without an adapter slot
+    outputs: object = None  # where the caller reads chunks (an asyncio.Queue); the deliver callback knows it
+
+
+STARVATION_STEPS = 16
 
 
 class EngineCore:
+    """``deliver(items)`` takes a step's ``(sequence, chunk or exception)`` pairs from the engine thread."""
+
     def __init__(self, runner: LlamaRunner, slots: LoraSlots, cache: AdapterCache, max_batch: int,
-                 max_prefill_tokens: int) -> None:
+                 max_batched_tokens: int, deliver: Callable[[list[tuple[Sequence, object]]], None]) -> None:
         self.runner, self.slots, self.cache = runner, slots, cache
-        self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
+        self.max_batch, self.max_batched_tokens = max_batch, max_batched_tokens
+        self.deliver = deliver
+        self.outbox: list[tuple[Sequence, object]] = []
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -65,6 +76,8 @@ class EngineCore:
         self.queued_lock = threading.Lock()
         self.finished_requests = 0
         self.generated_tokens = 0
+        self.steps = 0
+        self.prefill_tokens = 0
         self.closed = False
         self.thread = threading.Thread(target=self._loop, name="ftserve-engine", daemon=True)
 
@@ -89,16 +102,16 @@ class EngineCore:
                     if self.closed:
                         break
                     try:
-                        if self.running:
-                            self._decode()
-                        self._admit()
+                        self._step()
                     except Exception as exc:  # a failed step fails the requests in it, not the engine
                         logger.exception("engine step failed")
                         for seq in self.running:
-                            seq.finished = True
-                            self.finished_requests += 1
-                            seq.emit(exc)
+                            if not seq.finished:
+                                seq.finished = True
+                                self.finished_requests += 1
+                                self.outbox.append((seq, exc))
                     self._retire()
+                    self._flush()
         finally:
             self.closed = True
             error = EngineClosedError("the engine shut down before this request finished")
@@ -106,10 +119,10 @@ class EngineCore:
                 kind, item = self.inbox.get()
                 if kind == "add":
                     self.waiting.append(item)
-            for seq in list(self.running) + list(self.waiting):
-                seq.emit(error)
+            self.outbox += [(seq, error) for seq in list(self.running) + list(self.waiting)]
             self.running.clear()
             self.waiting.clear()
+            self._flush()
 
     def _drain(self, block: bool) -> None:
         while True:
@@ -126,47 +139,75 @@ class EngineCore:
                 self.closed = True
                 return
 
-    def _decode(self) -> None:
-        rows = self.running
-        self.slots.context.batch = LoraBatch.for_rows([s.slot for s in rows], self.runner.device)
-        logits = self.runner.decode([s.output[-1] for s in rows], [s.cached for s in rows])
-        tokens = sample(logits, [s.params for s in rows], [s.generator for s in rows])
-        for seq, token in zip(rows, tokens):
-            seq.cached += 1
+    def _flush(self) -> None:
+        if self.outbox:
+            items, self.outbox = self.outbox, []
+            self.deliver(items)
+
+    def _step(self) -> None:
+        """Plan one step (decodes, prompt chunks, admissions), run it, sample."""
+        pieces: list[Piece] = []
+        owners: list[Sequence] = []
+        for row, seq in enumerate(self.running):
+            if seq.cached >= len(seq.prompt):
+                pieces.append(Piece(row, seq.cached, [seq.output[-1]]))
+                owners.append(seq)
+        budget = self.max_batched_tokens - len(pieces)
+        for row, seq in enumerate(self.running):
+            if seq.cached < len(seq.prompt) and budget > 0:
+                budget -= self._plan_prefill(row, seq, budget, pieces, owners)
+        for seq in self._admit(budget):
+            self.running.append(seq)
+            budget -= self._plan_prefill(len(self.running) - 1, seq, budget, pieces, owners)
+        if not pieces:
+            return
+        self.steps += 1
+        segments, offset = [], 0
+        for piece, seq in zip(pieces, owners):
+            if seq.slot is not None:
+                segments.append((seq.slot, offset, len(piece.tokens)))
+            offset += len(piece.tokens)
+        self.slots.context.batch = LoraBatch(segments, offset, self.runner.device)
+        logits = self.runner.forward(pieces)
+        sampled = [seq for piece, seq in zip(pieces, owners) if piece.logits]
+        tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+        for piece, seq in zip(pieces, owners):
+            seq.cached = piece.start + len(piece.tokens)
+        for seq, token in zip(sampled, tokens):
             self._append(seq, token)
 
-    def _admit(self) -> None:
+    def _plan_prefill(self, row: int, seq: Sequence, budget: int, pieces: list[Piece], owners: list[Sequence]) -> int:
+        """Add the next chunk of ``seq``'s prompt, at most ``budget`` tokens; the tokens taken."""
+        chunk = seq.prompt[seq.cached:seq.cached + budget]
+        pieces.append(Piece(row, seq.cached, chunk, logits=seq.cached + len(chunk) == len(seq.prompt)))
+        owners.append(seq)
+        self.prefill_tokens += len(chunk)
+        return len(chunk)
+
+    def _admit(self, budget: int) -> list[Sequence]:
+        """Waiting requests that start this step, FIFO, while rows, budget and adapter slots last."""
         free = self.max_batch - len(self.running)
-        batch: list[Sequence] = []
-        longest = 0
+        admitted: list[Sequence] = []
+        starving = False
         for seq in list(self.waiting):
             if seq.cancelled:
                 self._dequeue(seq)
                 continue
-            if len(batch) == free:
-                break
-            length = max(longest, len(seq.prompt))
-            if batch and length * (len(batch) + 1) > self.max_prefill_tokens:
+            if len(admitted) == free or budget <= 0:
                 break
             if seq.adapter is not None:
+                if starving:
+                    continue
                 seq.slot = self.cache.acquire_slot(seq.adapter)
                 if seq.slot is None:
+                    seq.blocked_steps += 1
+                    starving = seq.blocked_steps > STARVATION_STEPS
                     continue
                 self.cache.slot_rows[seq.slot] += 1
-            longest = length
-            batch.append(seq)
+            admitted.append(seq)
+            budget -= len(seq.prompt)
             self._dequeue(seq)
-        if not batch:
-            return
-        first = len(self.running)
-        self.running.extend(batch)
-        segments = [(s.slot, i * longest, longest) for i, s in enumerate(batch) if s.slot is not None]
-        self.slots.context.batch = LoraBatch(segments, len(batch) * longest, self.runner.device)
-        logits = self.runner.prefill(first, [s.prompt for s in batch])
-        tokens = sample(logits, [s.params for s in batch], [s.generator for s in batch])
-        for seq, token in zip(batch, tokens):
-            seq.cached = len(seq.prompt)
-            self._append(seq, token)
+        return admitted
 
     def _dequeue(self, seq: Sequence) -> None:
         self.waiting.remove(seq)
@@ -186,8 +227,9 @@ class EngineCore:
         seq.finished = finish is not None
         if seq.finished:
             self.finished_requests += 1  # counted before the last chunk leaves, so a reader never sees it lag
-        seq.emit(StreamChunk(token_ids=[token], text=seq.stream.take(final=seq.finished), finish_reason=finish,
-                             prompt_tokens=len(seq.prompt), completion_tokens=len(seq.output)))
+        self.outbox.append((seq, StreamChunk(token_ids=[token], text=seq.stream.take(final=seq.finished),
+                                             finish_reason=finish, prompt_tokens=len(seq.prompt),
+                                             completion_tokens=len(seq.output))))
 
     def _retire(self) -> None:
         done = [i for i, s in enumerate(self.running) if s.finished or s.cancelled]

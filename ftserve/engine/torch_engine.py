@@ -46,18 +46,19 @@ class TorchEngine:
     whose factors stay in memory (default ``max(max_loras, 32)``); ``max_lora_rank``: the largest exported
     rank accepted (Delta-LoRA exports rank 2r); ``max_batch_size``: running requests; ``max_queue``: requests
     waiting beyond those; ``max_model_len``: prompt plus output tokens per request (the KV cache holds
-    ``max_batch_size x max_model_len`` positions); ``max_prefill_tokens``: padded prompt tokens prefilled in
-    one step.
+    ``max_batch_size x max_model_len`` positions); ``max_num_batched_tokens``: tokens in one forward pass,
+    decodes and prompt chunks together (longer prompts are prefilled in chunks over several steps).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, *, model_name: str = "base", max_loras: int = 8,
                  max_cpu_loras: int | None = None, max_lora_rank: int = 64, max_batch_size: int = 32,
-                 max_queue: int = 1024, max_model_len: int | None = None, max_prefill_tokens: int = 4096) -> None:
+                 max_queue: int = 1024, max_model_len: int | None = None, max_num_batched_tokens: int = 4096) -> None:
         check_supported(model)
         max_cpu_loras = max(max_loras, 32) if max_cpu_loras is None else max_cpu_loras
         for name, value, least in (("max_loras", max_loras, 1), ("max_cpu_loras", max_cpu_loras, max_loras),
                                    ("max_lora_rank", max_lora_rank, 1), ("max_batch_size", max_batch_size, 1),
-                                   ("max_queue", max_queue, 1), ("max_prefill_tokens", max_prefill_tokens, 1)):
+                                   ("max_queue", max_queue, 1),
+                                   ("max_num_batched_tokens", max_num_batched_tokens, max_batch_size + 1)):
             if not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an integer >= {least}; got {value!r}")
         config = model.config
@@ -75,7 +76,8 @@ class TorchEngine:
         self.shapes = self.slots.shapes()
         self.cache = AdapterCache(self.slots, max_loras, max_cpu_loras)
         self.runner = LlamaRunner(model, max_batch_size, self.max_model_len)
-        self.core = EngineCore(self.runner, self.slots, self.cache, max_batch_size, max_prefill_tokens)
+        self.core = EngineCore(self.runner, self.slots, self.cache, max_batch_size, max_num_batched_tokens,
+                               self._deliver)
         eos = config.eos_token_id if config.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
         self.eos_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.vocab_size = config.vocab_size
@@ -144,23 +146,15 @@ class TorchEngine:
                                      f"prompt or lower max_tokens")
         self._check_queue()
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
-        seq = Sequence(prompt=prompt, params=params, adapter=record, emit=lambda item: None,
+        seq = Sequence(prompt=prompt, params=params, adapter=record,
                        stream=TextStream(tokenizer, prompt, list(params.stop)),
                        generator=make_generator(params, self.runner.device), stop_ids=frozenset(stop_ids))
         return self._stream(seq)
 
     async def _stream(self, seq: Sequence) -> AsyncIterator[StreamChunk]:
         outputs: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
+        seq.outputs = outputs
         submitted = pinned = False
-
-        def emit(item: object) -> None:
-            try:
-                loop.call_soon_threadsafe(outputs.put_nowait, item)
-            except RuntimeError:  # the caller's loop is gone: nobody reads this request any more
-                seq.cancelled = True
-
-        seq.emit = emit
         with self.core.queued_lock:
             self._check_queue()
             self.core.queued += 1
@@ -189,6 +183,14 @@ class TorchEngine:
                 seq.adapter.pins -= 1
                 if seq.adapter.pins == 0:
                     self._unpinned.set()
+
+    def _deliver(self, items: list[tuple[Sequence, object]]) -> None:
+        """From the engine thread: one step's outputs, handed to the event loop in one wake-up."""
+        try:
+            self._loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # the caller's loop is gone: nobody reads these requests any more
+            for seq, _ in items:
+                seq.cancelled = True
 
     def _check_queue(self) -> None:
         if self.core.queued >= self.max_queue:
@@ -305,9 +307,16 @@ class TorchEngine:
             "max_cpu_loras": float(self.max_cpu_loras),
             "finished_requests_total": float(self.core.finished_requests),
             "generated_tokens_total": float(self.core.generated_tokens),
+            "steps_total": float(self.core.steps),
+            "prefill_tokens_total": float(self.core.prefill_tokens),
             "kv_cache_bytes": float(self.runner.nbytes()),
             "lora_slot_bytes": float(self.slots.nbytes()),
         }
+
+
+def _put_all(items: list[tuple[Sequence, object]]) -> None:
+    for seq, item in items:
+        seq.outputs.put_nowait(item)
 
 
 def _adapter_tokenizer(path: Path):
