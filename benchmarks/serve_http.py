@@ -11,8 +11,10 @@ full length, on the adapters in turn. At concurrency 1, 8 and 32 (requests in fl
 run alternately, round by round (5 rounds of 4, 16 and 64 requests), so both see the same machine. Reported
 per level: requests/s (median over rounds) and p50/p99 latency of each, ``http_over_direct``, the median
 per-round ratio of HTTP to direct requests/s: the cost of HTTP, JSON and the server's request handling (goal
->= 0.9 at concurrency 32), and ``forwards_per_request``, engine steps per request in each run (more steps
-for the same work means arrivals were spread over more forward passes).
+>= 0.9 at concurrency 32), ``forwards_per_request``, engine steps per request in each run (more steps for
+the same work means arrivals were spread over more forward passes), and ``cpu_ms_per_request`` of the direct
+run, the server process and the client, with ``server_cpu_over_direct_cpu``: the server's cost measured in
+CPU time, whatever the client costs.
 
 The load generator shares the machine's cores with the server (the direct run has none), so by default it is
 a lean asyncio HTTP/1.1 client, as a load tester such as wrk would be; ``--client httpx`` sends the same
@@ -41,6 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import httpx  # noqa: E402
+import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from ftserve.engine.base import GenerationRequest, SamplingParams  # noqa: E402
@@ -83,6 +86,11 @@ async def timed(jobs, concurrency: int, send) -> tuple[float, list[float]]:
     return len(jobs) / (time.perf_counter() - start), latencies
 
 
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
 def summary(rates: list[float], latencies: list[float]) -> dict:
     latencies = sorted(latencies)
     return {"requests_per_s": round(statistics.median(rates), 3), "p50_s": round(statistics.median(latencies), 4),
@@ -90,12 +98,13 @@ def summary(rates: list[float], latencies: list[float]) -> dict:
 
 
 async def measure(base: Path, root: Path, names: list[str], url: str, counts: dict[int, int], rounds: int,
-                  client_kind: str) -> dict:
+                  client_kind: str, server_pid: int) -> dict:
     """Direct and HTTP runs alternate, round by round, so that both see the same machine; each level's ratio is
     the median of its per-round ratios."""
     from ftserve.engine.torch_engine import TorchEngine
 
     engine = TorchEngine.from_pretrained(base, model_name="base", max_loras=ADAPTERS, max_batch_size=32)
+    this, server = psutil.Process(), psutil.Process(server_pid)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
 
     async def direct(prompt, adapter):
@@ -118,6 +127,7 @@ async def measure(base: Path, root: Path, names: list[str], url: str, counts: di
             await engine.load_adapter(name, str(root / name))
         for send in (direct, http):  # warm up: first batches, adapter slots, connections
             await timed(workload(32, names, 0), 32, send)
+
         async def steps(label):
             if label == "direct":
                 stats = engine.stats()
@@ -131,19 +141,28 @@ async def measure(base: Path, root: Path, names: list[str], url: str, counts: di
         for c in LEVELS:
             runs = {"direct": ([], []), "http": ([], [])}
             forwards = {"direct": 0.0, "http": 0.0}
+            cpu = {"direct": 0.0, "server": 0.0, "client": 0.0}
             ratios = []
             for r in range(rounds):
                 for label, send in (("direct", direct), ("http", http)):
-                    before = await steps(label)
+                    before, here, there = await steps(label), cpu_seconds(this), cpu_seconds(server)
                     rate, latencies = await timed(workload(counts[c], names, 1000 * c + r), c, send)
                     forwards[label] += await steps(label) - before
+                    if label == "direct":
+                        cpu["direct"] += cpu_seconds(this) - here
+                    else:
+                        cpu["client"] += cpu_seconds(this) - here
+                        cpu["server"] += cpu_seconds(server) - there
                     runs[label][0].append(rate)
                     runs[label][1].extend(latencies)
                 ratios.append(runs["http"][0][-1] / runs["direct"][0][-1])
             figures[f"c{c}"] = {"http": summary(*runs["http"]), "direct": summary(*runs["direct"]),
                                 "http_over_direct": round(statistics.median(ratios), 3),
                                 "forwards_per_request": {k: round(v / (rounds * counts[c]), 2)
-                                                         for k, v in forwards.items()}}
+                                                         for k, v in forwards.items()},
+                                "cpu_ms_per_request": {k: round(1000 * v / (rounds * counts[c]), 1)
+                                                       for k, v in cpu.items()},
+                                "server_cpu_over_direct_cpu": round(cpu["server"] / cpu["direct"], 3)}
         await raw.close()
         return figures
 
@@ -221,7 +240,7 @@ def main() -> None:
         base, names = write_model(root)
         proc, url = start_server(base, root, names, root / "server.log")
         try:
-            figures = asyncio.run(measure(base, root, names, url, counts, rounds, args.client))
+            figures = asyncio.run(measure(base, root, names, url, counts, rounds, args.client, proc.pid))
         finally:
             proc.terminate()
             proc.wait(60)
