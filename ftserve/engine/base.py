@@ -8,7 +8,16 @@ from typing import AsyncIterator, Protocol
 
 @dataclass
 class SamplingParams:
-    """OpenAI/vLLM meanings: temperature 0 is greedy; top_k 0 or -1 disables it; seed makes sampling repeatable."""
+    """OpenAI/vLLM meanings: temperature 0 is greedy; top_k 0 or -1 disables it; seed makes sampling repeatable.
+
+    Penalties and ``logit_bias`` (token id -> added logit) shape the logits before temperature, top-k/top-p
+    and greedy choice, as in vLLM: ``repetition_penalty`` over prompt and output tokens (a positive logit is
+    divided by it, a negative one multiplied), ``presence_penalty`` and ``frequency_penalty`` over output tokens
+    (minus the penalty once, or once per occurrence). ``logprobs``: report each generated token's log
+    probability and the ``logprobs`` most likely alternatives (0: the token's only); ``prompt_logprobs``: the
+    same for every prompt token after the first. Log probabilities are the model's own (log-softmax of its
+    logits, before penalties, bias and temperature), as vLLM reports them by default.
+    """
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -18,6 +27,25 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+
+
+MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default max_logprobs and OpenAI's top_logprobs limit
+
+
+@dataclass
+class TokenLogprobs:
+    """A token's log probability and the ``k`` most likely tokens at its position, most likely first."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 for the most likely token
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -37,6 +65,8 @@ class StreamChunk:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprobs] | None = None  # one per entry of token_ids, when the request asked
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # first chunk only, when asked; None for token 0
 
 
 @dataclass

@@ -19,14 +19,15 @@ Each layer writes every token's K/V to its cache column, then attends in two gro
 * longer pieces, right-padded to ``(m, heads, L, d)``: causally among themselves when they all start at
   position 0, else against cache rows, masked to columns ``<= start + j``.
 
-Padding exists only inside attention; its outputs are dropped. Only the last token of a piece that asks for
-logits goes through the output head. A finished row is replaced by the last running row (one row copied),
+Padding exists only inside attention; its outputs are dropped. Only the tokens whose logits a piece asks
+for (its last, to sample; all, for prompt log probabilities) go through the output head. A finished row is replaced by the last running row (one row copied),
 so rows stay ``0 .. n - 1``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -70,8 +71,8 @@ class LlamaRunner:
         return 2 * sum(t.numel() * t.element_size() for t in self.k)
 
     def forward(self, pieces: list[Piece]) -> Tensor:
-        """One step over ``pieces`` (single tokens first); the next-token logits of each piece that asks for
-        them, in order, ``(k, vocab)``."""
+        """One step over ``pieces`` (single tokens first); next-token logits ``(k, vocab)``, piece by piece in
+        order: none, the last token's, or every token's, as each piece asks."""
         device, kv, max_len = self.device, self.n_kv, self.max_len
         ids = [t for p in pieces for t in p.tokens]
         positions = [p.start + j for p in pieces for j in range(len(p.tokens))]
@@ -92,13 +93,15 @@ class LlamaRunner:
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
         hidden = self._forward(torch.tensor(ids, dtype=torch.long, device=device), pos, attend)
-        last, offset = [], 0
+        picked, offset = [], 0
         for p in pieces:
+            if p.logits == "all":
+                picked += range(offset, offset + len(p.tokens))
+            elif p.logits == "last":
+                picked.append(offset + len(p.tokens) - 1)
             offset += len(p.tokens)
-            if p.logits:
-                last.append(offset - 1)
-        if len(last) < len(ids):
-            hidden = hidden.index_select(0, torch.tensor(last, dtype=torch.long, device=device))
+        if len(picked) < len(ids):
+            hidden = hidden.index_select(0, torch.tensor(picked, dtype=torch.long, device=device))
         return self._logits(hidden)
 
     def rows(self, layer: int, rows: slice | Tensor, span: int) -> tuple[Tensor, Tensor]:
@@ -146,12 +149,13 @@ class LlamaRunner:
 
 @dataclass
 class Piece:
-    """Tokens of one cache row at positions ``start ..``; ``logits``: return the next-token logits after them."""
+    """Tokens of one cache row at positions ``start ..``; ``logits``: which tokens' next-token logits to
+    return: "last" (to sample), "all" (prompt log probabilities too) or "none" (a chunk mid-prompt)."""
 
     row: int
     start: int
     tokens: list[int]
-    logits: bool = True
+    logits: Literal["none", "last", "all"] = "last"
 
 
 class _SingleGroup:

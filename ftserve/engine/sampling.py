@@ -1,10 +1,13 @@
 """Choosing each row's next token, with OpenAI/vLLM meanings of the sampling parameters.
 
-``temperature == 0`` is greedy (argmax). Otherwise, per row: divide the logits by the temperature, keep the
-``top_k`` largest (``top_k <= 0`` keeps all), keep the smallest set of most likely tokens whose probability
+First, for a request that asks, the logits are shaped as vLLM does: ``logit_bias`` added, then the
+repetition penalty over prompt and output tokens (a positive logit divided by it, a negative one multiplied),
+then the presence and frequency penalties over output tokens. ``temperature == 0`` is greedy (argmax of the
+shaped logits). Otherwise, per row: divide the logits by the temperature, keep the ``top_k`` largest (``top_k <= 0`` keeps all), keep the smallest set of most likely tokens whose probability
 sums to at least ``top_p`` (the token that crosses ``top_p`` stays, so at least one does), renormalise, and
 draw from the row's own ``torch.Generator``. A request's seed fixes its generator, so its draws do not depend
-on which other requests share the batch.
+on which other requests share the batch. Log probabilities, when asked for, are those of the model's own
+logits (before shaping and temperature), as vLLM reports them by default.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import SamplingParams
+import math
+
+from .base import MAX_LOGPROBS, SamplingParams, TokenLogprobs
 from .errors import RequestError
 
 
@@ -32,6 +37,25 @@ def check_params(params: SamplingParams) -> None:
         raise RequestError(f"stop must be a list of non-empty strings; got {params.stop!r}")
     if any(isinstance(t, bool) or not isinstance(t, int) for t in params.stop_token_ids):
         raise RequestError(f"stop_token_ids must be a list of integers; got {params.stop_token_ids!r}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(params, name)
+        if not _number(value) or not -2 <= value <= 2:
+            raise RequestError(f"{name} must be a number in [-2, 2]; got {value!r}")
+    if not _number(params.repetition_penalty) or not 0 < params.repetition_penalty <= 10:
+        raise RequestError(f"repetition_penalty must be a number in (0, 10]; got {params.repetition_penalty!r}")
+    if not isinstance(params.logit_bias, dict) or any(
+            isinstance(k, bool) or not isinstance(k, int) or not _number(v) or not -100 <= v <= 100
+            for k, v in params.logit_bias.items()):
+        raise RequestError(f"logit_bias must map token ids to numbers in [-100, 100]; got {params.logit_bias!r}")
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(params, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 0 <= value <= MAX_LOGPROBS):
+            raise RequestError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None; got {value!r}")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def is_greedy(params: SamplingParams) -> bool:
@@ -50,13 +74,54 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return generator
 
 
-def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """Next token of every row of ``logits (rows, vocab)``."""
+def shapes_logits(params: SamplingParams) -> bool:
+    return bool(params.logit_bias or params.presence_penalty or params.frequency_penalty
+                or params.repetition_penalty != 1.0)
+
+
+def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           histories: list[tuple[list[int], list[int]]]) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """Next token of every row of ``logits (rows, vocab)``, and its log probabilities where asked for;
+    ``histories``: each row's (prompt, output) token ids, read by the penalties."""
+    raw = logits
+    shaped = [i for i, p in enumerate(params) if shapes_logits(p)]
+    if shaped:
+        logits = logits.clone()
+        for i in shaped:
+            shape_row(logits[i], params[i], *histories[i])
     tokens = logits.argmax(dim=-1).tolist()
     for i, (p, generator) in enumerate(zip(params, generators)):
         if not is_greedy(p):
             tokens[i] = sample_row(logits[i], p, generator)
-    return tokens
+    logprobs: list[TokenLogprobs | None] = [None] * len(tokens)
+    wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if wanted:
+        rows = torch.log_softmax(raw[wanted].float(), dim=-1)
+        for row, i in zip(rows, wanted):
+            logprobs[i] = token_logprobs(row, tokens[i], params[i].logprobs)
+    return tokens, logprobs
+
+
+def shape_row(row: Tensor, params: SamplingParams, prompt: list[int], output: list[int]) -> None:
+    """Apply ``params``' logit bias and penalties to one row of logits, in place."""
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), device=row.device)
+        row.index_add_(0, ids, torch.tensor(list(params.logit_bias.values()), dtype=row.dtype, device=row.device))
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long, device=row.device)
+        values = row[seen]
+        row[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    if output and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(output, device=row.device), minlength=row.numel()).to(row.dtype)
+        row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def token_logprobs(row: Tensor, token: int, k: int) -> TokenLogprobs:
+    """``token``'s entry in one row of log probabilities, with the ``k`` most likely tokens."""
+    logprob = row[token]
+    top = torch.topk(row, k) if k else None
+    return TokenLogprobs(token_id=token, logprob=float(logprob), rank=int((row > logprob).sum()) + 1,
+                         top=list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else [])
 
 
 def sample_row(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> int:

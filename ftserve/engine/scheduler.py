@@ -28,12 +28,12 @@ from typing import Callable
 import torch
 
 from .adapter_cache import AdapterCache, AdapterRecord
-from .base import SamplingParams, StreamChunk
+from .base import SamplingParams, StreamChunk, TokenLogprobs
 from .detokenize import TextStream
 from .errors import EngineClosedError
 from .llama_runner import LlamaRunner, Piece
 from .lora_slots import LoraBatch, LoraSlots
-from .sampling import sample
+from .sampling import sample, token_logprobs
 
 logger = logging.getLogger("ftserve.engine")
 
@@ -54,6 +54,7 @@ class Sequence:
     cancelled: bool = False
     finished: bool = False
     blocked_steps: int = 0  # steps spent at the head of the queue without an adapter slot
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # filled chunk by chunk when asked for
     outputs: object = None  # where the caller reads chunks (an asyncio.Queue); the deliver callback knows it
 
 
@@ -169,17 +170,39 @@ class EngineCore:
             offset += len(piece.tokens)
         self.slots.context.batch = LoraBatch(segments, offset, self.runner.device)
         logits = self.runner.forward(pieces)
-        sampled = [seq for piece, seq in zip(pieces, owners) if piece.logits]
-        tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+        picked, sampled, cursor = [], [], 0
         for piece, seq in zip(pieces, owners):
+            if piece.logits == "all":
+                self._prompt_logprobs(seq, piece, logits[cursor:cursor + len(piece.tokens)])
+            cursor += {"none": 0, "last": 1, "all": len(piece.tokens)}[piece.logits]
             seq.cached = piece.start + len(piece.tokens)
-        for seq, token in zip(sampled, tokens):
-            self._append(seq, token)
+            if piece.logits != "none" and seq.cached >= len(seq.prompt):  # a decode, or a prompt's last chunk
+                picked.append(cursor - 1)
+                sampled.append(seq)
+        if len(picked) < logits.shape[0]:
+            logits = logits.index_select(0, torch.tensor(picked, dtype=torch.long, device=logits.device))
+        tokens, logprobs = sample(logits, [s.params for s in sampled], [s.generator for s in sampled],
+                                  [(s.prompt, s.output) for s in sampled])
+        for seq, token, logprob in zip(sampled, tokens, logprobs):
+            self._append(seq, token, logprob)
+
+    def _prompt_logprobs(self, seq: Sequence, piece: Piece, logits: torch.Tensor) -> None:
+        """Log probabilities of the prompt tokens that follow each of ``piece``'s tokens."""
+        targets = seq.prompt[piece.start + 1:piece.start + 1 + len(piece.tokens)]
+        rows = torch.log_softmax(logits[:len(targets)].float(), dim=-1)
+        seq.prompt_logprobs += [token_logprobs(row, token, seq.params.prompt_logprobs)
+                                for row, token in zip(rows, targets)]
 
     def _plan_prefill(self, row: int, seq: Sequence, budget: int, pieces: list[Piece], owners: list[Sequence]) -> int:
         """Add the next chunk of ``seq``'s prompt, at most ``budget`` tokens; the tokens taken."""
         chunk = seq.prompt[seq.cached:seq.cached + budget]
-        pieces.append(Piece(row, seq.cached, chunk, logits=seq.cached + len(chunk) == len(seq.prompt)))
+        if seq.params.prompt_logprobs is not None:
+            if seq.cached == 0:
+                seq.prompt_logprobs = [None]  # the first token has no context to be predicted from
+            logits = "all"
+        else:
+            logits = "last" if seq.cached + len(chunk) == len(seq.prompt) else "none"
+        pieces.append(Piece(row, seq.cached, chunk, logits=logits))
         owners.append(seq)
         self.prefill_tokens += len(chunk)
         return len(chunk)
@@ -214,7 +237,7 @@ class EngineCore:
         with self.queued_lock:
             self.queued -= 1
 
-    def _append(self, seq: Sequence, token: int) -> None:
+    def _append(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None = None) -> None:
         seq.output.append(token)
         self.generated_tokens += 1
         finish = None
@@ -227,9 +250,11 @@ class EngineCore:
         seq.finished = finish is not None
         if seq.finished:
             self.finished_requests += 1  # counted before the last chunk leaves, so a reader never sees it lag
-        self.outbox.append((seq, StreamChunk(token_ids=[token], text=seq.stream.take(final=seq.finished),
-                                             finish_reason=finish, prompt_tokens=len(seq.prompt),
-                                             completion_tokens=len(seq.output))))
+        self.outbox.append((seq, StreamChunk(
+            token_ids=[token], text=seq.stream.take(final=seq.finished), finish_reason=finish,
+            prompt_tokens=len(seq.prompt), completion_tokens=len(seq.output),
+            logprobs=None if logprobs is None else [logprobs],
+            prompt_logprobs=seq.prompt_logprobs if len(seq.output) == 1 else None)))
 
     def _retire(self) -> None:
         done = [i for i, s in enumerate(self.running) if s.finished or s.cancelled]
