@@ -6,8 +6,8 @@ import shutil
 import pytest
 
 from ftserve.engine.base import GenerationRequest, SamplingParams
-from ftserve.engine.errors import (AdapterExistsError, AdapterLoadError, ContextLengthError, QueueFullError,
-                                   RequestError, UnknownAdapterError)
+from ftserve.engine.errors import (AdapterExistsError, AdapterLoadError, ContextLengthError, GenerationError,
+                                   QueueFullError, RequestError, UnknownAdapterError)
 from ftserve.engine.torch_engine import TorchEngine
 from ftserve.errors import ServingError
 from ftserve.tiny import save_tiny_model
@@ -116,3 +116,35 @@ def test_adapter_that_breaks_after_eviction_fails_its_request_only(llama_dir, fo
     ok, firsts = asyncio.run(main())
     assert ok[0] == references(llama_dir, other, [PROMPT], new=4)[0]
     assert all(chunk.completion_tokens == 1 for chunk in firsts)
+
+
+def test_an_adapter_that_overflows_fails_its_requests_alone(llama_dir, folders, tmp_path):
+    """Finite but huge factors pass the load checks and overflow in the forward pass: the requests using that
+    adapter fail with a GenerationError naming it, greedy or sampled, and the batch beside them is unharmed."""
+    from safetensors.torch import load_file, save_file
+
+    huge = tmp_path / "huge"
+    shutil.copytree(folders["good"], huge)
+    weights = huge / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v * 1e30 if "lora_B" in k else v for k, v in tensors.items()}, weights)
+    expected = references(llama_dir, folders["good"], [PROMPT], new=12)[0]
+
+    async def main():
+        async with TorchEngine.from_pretrained(llama_dir, max_batch_size=8) as engine:
+            await engine.load_adapter("good", str(folders["good"]))
+            await engine.load_adapter("huge", str(huge))
+            sampled = SamplingParams(max_tokens=12, temperature=1.0, seed=1, ignore_eos=True)
+            return await asyncio.gather(
+                collect(engine, GenerationRequest(PROMPT, adapter="good", params=greedy(12))),
+                collect(engine, GenerationRequest(PROMPT, adapter="huge", params=greedy(12))),
+                collect(engine, GenerationRequest(PROMPT, adapter="huge", params=sampled)),
+                collect(engine, GenerationRequest(PROMPT, params=sampled)),
+                return_exceptions=True)
+
+    good, huge_greedy, huge_sampled, base_sampled = asyncio.run(main())
+    assert good[0] == expected and good[2] == "length"
+    for failure in (huge_greedy, huge_sampled):
+        assert isinstance(failure, GenerationError) and failure.http_status == 500
+        assert "adapter 'huge'" in str(failure) and "not finite" in str(failure)
+    assert len(base_sampled[0]) == 12

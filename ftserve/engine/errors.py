@@ -37,6 +37,12 @@ class AdapterExistsError(ServingError):
     http_status = 400
 
 
+class GenerationError(ServingError):
+    """This request's computation went wrong (non-finite scores); requests beside it are not affected."""
+
+    http_status = 500
+
+
 class QueueFullError(ServingError):
     """The waiting queue is at ``max_queue``; retry later."""
 

@@ -65,7 +65,7 @@ class LlamaRunner:
         shape = (max_batch, self.n_kv, max_len, self.head_dim)
         self.k = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in self.layers]
         self.v = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in self.layers]
-        self.device = weight.device
+        self.device, self.dtype = weight.device, weight.dtype
 
     def nbytes(self) -> int:
         return 2 * sum(t.numel() * t.element_size() for t in self.k)

@@ -30,7 +30,7 @@ import torch
 from .adapter_cache import AdapterCache, AdapterRecord
 from .base import SamplingParams, StreamChunk, TokenLogprobs
 from .detokenize import TextStream
-from .errors import EngineClosedError
+from .errors import EngineClosedError, GenerationError
 from .llama_runner import LlamaRunner, Piece
 from .lora_slots import LoraBatch, LoraSlots
 from .sampling import sample, token_logprobs
@@ -108,9 +108,7 @@ class EngineCore:
                         logger.exception("engine step failed")
                         for seq in self.running:
                             if not seq.finished:
-                                seq.finished = True
-                                self.finished_requests += 1
-                                self.outbox.append((seq, exc))
+                                self._fail(seq, exc)
                     self._retire()
                     self._flush()
         finally:
@@ -181,6 +179,14 @@ class EngineCore:
                 sampled.append(seq)
         if len(picked) < logits.shape[0]:
             logits = logits.index_select(0, torch.tensor(picked, dtype=torch.long, device=logits.device))
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        if not all(finite):  # an adapter (or the base) overflowed on some rows: fail those, sample the rest
+            for ok, seq in zip(finite, sampled):
+                if not ok:
+                    self._fail(seq, GenerationError(_overflow_message(seq, self.runner.dtype)))
+            keep = [i for i, ok in enumerate(finite) if ok]
+            logits = logits[keep]
+            sampled = [sampled[i] for i in keep]
         tokens, logprobs = sample(logits, [s.params for s in sampled], [s.generator for s in sampled],
                                   [(s.prompt, s.output) for s in sampled])
         for seq, token, logprob in zip(sampled, tokens, logprobs):
@@ -256,6 +262,11 @@ class EngineCore:
             logprobs=None if logprobs is None else [logprobs],
             prompt_logprobs=seq.prompt_logprobs if len(seq.output) == 1 else None)))
 
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        seq.finished = True
+        self.finished_requests += 1
+        self.outbox.append((seq, error))
+
     def _retire(self) -> None:
         done = [i for i, s in enumerate(self.running) if s.finished or s.cancelled]
         for row in reversed(done):
@@ -270,3 +281,10 @@ class EngineCore:
             self.running.pop()
             if not seq.finished:
                 self.finished_requests += 1
+
+
+def _overflow_message(seq: Sequence, dtype: torch.dtype) -> str:
+    where = f"adapter {seq.adapter.info.name!r}" if seq.adapter is not None else "the base model"
+    return (f"the next-token scores of this request are not finite (NaN or infinity) after "
+            f"{len(seq.output)} generated tokens: {where} overflows in {dtype}; check the adapter's weights "
+            f"(or serve in float32)")
