@@ -1,5 +1,6 @@
-"""The engine's scheduling: prompts chunked over steps and mixed with decodes, arrivals while others decode,
-and no request starved of an adapter slot. Every output is checked against the request run alone."""
+"""The engine's scheduling and architectures: prompts chunked over steps and mixed with decodes, arrivals while
+others decode, no request starved of an adapter slot, Llama with grouped-query attention and GPT-2. Every
+output is checked against the request run alone."""
 
 import asyncio
 
@@ -11,7 +12,8 @@ from ftserve.engine.base import AdapterInfo, GenerationRequest
 from ftserve.engine.detokenize import TextStream
 from ftserve.engine.scheduler import STARVATION_STEPS, Sequence
 from ftserve.engine.torch_engine import TorchEngine
-from ftserve.tiny import build_tokenizer, tiny_llama
+from ftserve.errors import ServingError
+from ftserve.tiny import build_tokenizer, tiny_gpt2, tiny_llama
 from test_engine import collect, greedy, references, write_random_adapter
 
 # Lengths 1 to 23: single-token prompts, prompts shorter and longer than the per-step budget.
@@ -142,3 +144,51 @@ def test_admission_stops_passing_a_request_blocked_on_slots_after_a_bound(llama_
         engine.cache.slot_rows[seq.slot] -= 1
     core.running.clear()
     assert admit()[0] is b
+
+
+@pytest.fixture(scope="module")
+def sharp_gpt2_dir(tmp_path_factory):
+    """GPT-2 (fused c_attn Conv1D, learned positions, LayerNorm) with sharp attention, as gqa_dir."""
+    model = tiny_gpt2()
+    width = model.config.n_embd
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_attn.weight[:, :2 * width].mul_(8)  # Conv1D is (in, out): q and k are the first columns
+    path = tmp_path_factory.mktemp("gpt2_sharp") / "base"
+    model.save_pretrained(path)
+    build_tokenizer(model.config.vocab_size).save_pretrained(path)
+    return path
+
+
+def test_gpt2_mixed_adapters_with_chunked_prefill_equal_solo_runs(sharp_gpt2_dir, tmp_path):
+    """GPT-2 adapters of three methods (LoRA on every Conv1D, VeRA and Delta-LoRA on c_attn) and the base in
+    one engine, prompts chunked over steps: every request equals its solo unmerged run in transformers."""
+    adapters = {"lora": write_random_adapter(sharp_gpt2_dir, tmp_path / "lora", "lora", seed=1),
+                "vera": write_random_adapter(sharp_gpt2_dir, tmp_path / "vera", "vera", seed=2, targets=["c_attn"]),
+                "delta-lora": write_random_adapter(sharp_gpt2_dir, tmp_path / "delta", "delta-lora", seed=3,
+                                                   targets=["c_attn"])}
+    prompts = PROMPTS[:4]
+    expected = {name: references(sharp_gpt2_dir, adapters.get(name), prompts, new=8)
+                for name in ["base", *adapters]}
+    assert len({tuple(expected[n][0]) for n in expected}) == 4  # every adapter changes the output
+
+    async def main():
+        async with TorchEngine.from_pretrained(sharp_gpt2_dir, max_batch_size=6, max_num_batched_tokens=8) as engine:
+            for name, path in adapters.items():
+                await engine.load_adapter(name, str(path))
+            return await asyncio.gather(*[collect(engine, GenerationRequest(p, adapter=name, params=greedy(8)))
+                                          for name in expected for p in prompts])
+
+    outs = iter(asyncio.run(main()))
+    for name in expected:
+        for i in range(len(prompts)):
+            assert next(outs)[0] == expected[name][i], (name, i)
+
+
+def test_an_architecture_without_a_runner_is_refused_by_name():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(ServingError, match="this base is 'gpt_neox'.*vLLM engine"):
+        TorchEngine(model)

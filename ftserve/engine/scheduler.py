@@ -1,6 +1,6 @@
 """The engine loop: continuous batching of many requests, each with its own adapter, on one thread.
 
-Each iteration is one forward pass (llama_runner.py) over every row that has work, all adapters mixed:
+Each iteration is one forward pass (runner.py) over every row that has work, all adapters mixed:
 
 1. take new requests from the inbox into the waiting queue (FIFO);
 2. plan the step under a budget of ``max_num_batched_tokens``: one token for every decoding row, then the
@@ -31,7 +31,7 @@ from .adapter_cache import AdapterCache, AdapterRecord
 from .base import SamplingParams, StreamChunk, TokenLogprobs
 from .detokenize import TextStream
 from .errors import EngineClosedError, GenerationError
-from .llama_runner import LlamaRunner, Piece
+from .runner import Piece, Runner
 from .lora_slots import LoraBatch, LoraSlots
 from .sampling import sample, token_logprobs
 
@@ -64,7 +64,7 @@ STARVATION_STEPS = 16
 class EngineCore:
     """``deliver(items)`` takes a step's ``(sequence, chunk or exception)`` pairs from the engine thread."""
 
-    def __init__(self, runner: LlamaRunner, slots: LoraSlots, cache: AdapterCache, max_batch: int,
+    def __init__(self, runner: Runner, slots: LoraSlots, cache: AdapterCache, max_batch: int,
                  max_batched_tokens: int, deliver: Callable[[list[tuple[Sequence, object]]], None]) -> None:
         self.runner, self.slots, self.cache = runner, slots, cache
         self.max_batch, self.max_batched_tokens = max_batch, max_batched_tokens

@@ -6,7 +6,7 @@
 ...     print(chunk.text, end="")
 
 The async API runs on the caller's event loop; the model runs on one engine thread (scheduler.py) doing
-continuous batching over a preallocated KV cache (llama_runner.py), with every loaded adapter's exact
+continuous batching over a preallocated KV cache (runner.py, one runner per architecture), with every loaded adapter's exact
 plain-LoRA factors in stacked slots (lora_slots.py) behind an LRU cache (adapter_cache.py).
 
 Errors are typed (errors.py). ``generate`` raises the ones it can see at once (bad parameters, unknown
@@ -30,7 +30,7 @@ from .base import AdapterInfo, GenerationRequest, StreamChunk
 from .detokenize import TextStream
 from .errors import (AdapterExistsError, AdapterLoadError, ContextLengthError, EngineClosedError, QueueFullError,
                      RequestError, UnknownAdapterError)
-from .llama_runner import LlamaRunner, check_supported
+from .architectures import runner_class
 from .lora_slots import LoraSlots
 from .sampling import check_params, make_generator
 from .scheduler import EngineCore, Sequence
@@ -53,7 +53,7 @@ class TorchEngine:
     def __init__(self, model: nn.Module, tokenizer: Any = None, *, model_name: str = "base", max_loras: int = 8,
                  max_cpu_loras: int | None = None, max_lora_rank: int = 64, max_batch_size: int = 32,
                  max_queue: int = 1024, max_model_len: int | None = None, max_num_batched_tokens: int = 4096) -> None:
-        check_supported(model)
+        runner = runner_class(model)
         max_cpu_loras = max(max_loras, 32) if max_cpu_loras is None else max_cpu_loras
         for name, value, least in (("max_loras", max_loras, 1), ("max_cpu_loras", max_cpu_loras, max_loras),
                                    ("max_lora_rank", max_lora_rank, 1), ("max_batch_size", max_batch_size, 1),
@@ -75,7 +75,7 @@ class TorchEngine:
         self.slots = LoraSlots(model, max_loras, max_lora_rank, exclude=(model.get_output_embeddings(),))
         self.shapes = self.slots.shapes()
         self.cache = AdapterCache(self.slots, max_loras, max_cpu_loras)
-        self.runner = LlamaRunner(model, max_batch_size, self.max_model_len)
+        self.runner = runner(model, max_batch_size, self.max_model_len)
         self.core = EngineCore(self.runner, self.slots, self.cache, max_batch_size, max_num_batched_tokens,
                                self._deliver)
         eos = config.eos_token_id if config.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
