@@ -323,7 +323,7 @@ def test_unknown_model_is_404_with_the_error_object(server):
     ({"model": "lora"}, "prompt"),
     ({"prompt": PROMPT}, "model"),
     ({"model": "lora", "prompt": PROMPT, "n": "many"}, "n"),
-    ({"model": "lora", "prompt": PROMPT, "presence_penalty": 1.0}, "presence_penalty"),
+    ({"model": "lora", "prompt": PROMPT, "presence_penalty": 3.0}, "presence_penalty"),
 ])
 def test_invalid_completion_body_is_400_naming_the_field(server, body, param):
     error = error_of(response := httpx.post(server.url + "/v1/completions", json=body))

@@ -1,8 +1,15 @@
 """Request bodies (pydantic) and response objects in OpenAI's shapes, as vLLM serves them.
 
-Fields OpenAI defines and this server cannot honour (logprobs, tools, penalties, ...) are refused with a 400
-that names them rather than silently ignored; fields it does not know are ignored, as OpenAI's clients send
-new ones over time.
+Sampling follows OpenAI's ranges: ``presence_penalty`` and ``frequency_penalty`` in [-2, 2], ``logit_bias``
+maps token ids (JSON string keys) to biases in [-100, 100], ``logprobs`` (completions) and ``top_logprobs``
+(chat, with ``logprobs: true``) ask for up to 20 alternatives per token. vLLM's extras are accepted too:
+``top_k``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``. Completions' ``echo`` returns the prompt
+before the completion (and, with ``logprobs``, the prompt tokens' log probabilities first); with
+``max_tokens: 0`` only the prompt, which is how clients such as lm-evaluation-harness score text.
+
+Fields OpenAI defines and this server cannot honour (``suffix``, tools, ``best_of`` other than ``n``, ...) are
+refused with a 400 that names them rather than silently ignored; fields it does not know are ignored, as
+OpenAI's clients send new ones over time.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..engine.base import SamplingParams
+from ..engine.base import MAX_LOGPROBS, SamplingParams
 from .errors import APIError
 
 
@@ -26,8 +33,8 @@ class StreamOptions(_Body):
 
 
 class _Sampling(_Body):
-    """Fields shared by completions and chat, with OpenAI's ranges; top_k, stop_token_ids and ignore_eos are
-    vLLM's extras (the official client sends them through ``extra_body``)."""
+    """Fields shared by completions and chat, with OpenAI's ranges; top_k, repetition_penalty, stop_token_ids
+    and ignore_eos are vLLM's extras (the official client sends them through ``extra_body``)."""
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -41,8 +48,9 @@ class _Sampling(_Body):
     top_k: int = Field(default=-1, ge=-1)
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
@@ -54,14 +62,17 @@ class _Sampling(_Body):
             raise ValueError("stop strings must not be empty")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, value):
+        for key, bias in (value or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"keys must be token ids (non-negative integers); got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases must be in [-100, 100]; token {key} has {bias}")
+        return value
+
     def refuse_unsupported(self, extra: dict[str, Any]) -> None:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise APIError(400, f"`{name}` is not supported by this server; leave it at 0", param=name,
-                               code="unsupported_parameter")
-        if self.logit_bias:
-            raise APIError(400, "`logit_bias` is not supported by this server", param="logit_bias",
-                           code="unsupported_parameter")
         for name, value in extra.items():
             if value not in (None, False, 0, [], {}):
                 raise APIError(400, f"`{name}` is not supported by this server", param=name,
@@ -70,12 +81,21 @@ class _Sampling(_Body):
             raise APIError(400, "`stream_options` is only allowed when `stream` is true", param="stream_options",
                            code="invalid_value")
 
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        """Alternatives per generated token and per prompt token the engine is asked for (None: no logprobs)."""
+        return None, None
+
     def sampling_params(self, max_tokens: int, choice: int) -> SamplingParams:
         """One choice's parameters; choice i of n with a seed uses seed + i, so the n samples differ."""
         seed = None if self.seed is None else self.seed + choice
+        logprobs, prompt_logprobs = self.logprob_counts()
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, seed=seed, stop=list(self.stop or []),
-                              stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos)
+                              stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos,
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                              repetition_penalty=self.repetition_penalty,
+                              logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+                              logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     @property
     def include_usage(self) -> bool:
@@ -84,8 +104,9 @@ class _Sampling(_Body):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)  # 0: only with echo
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
 
@@ -100,10 +121,21 @@ class CompletionRequest(_Sampling):
         return list(p)
 
     def check(self) -> None:
-        self.refuse_unsupported({"echo": self.echo, "logprobs": self.logprobs, "suffix": self.suffix})
+        self.refuse_unsupported({"suffix": self.suffix})
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "`max_tokens` must be at least 1; 0 is allowed only with `echo` (to score the "
+                                "prompt)", param="max_tokens", code="invalid_value")
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(400, "`best_of` different from `n` is not supported", param="best_of",
                            code="unsupported_parameter")
+
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        return self.logprobs, self.logprobs if self.echo else None
+
+    @property
+    def token_limit(self) -> int:
+        """``max_tokens``, OpenAI's default 16; 0 means echo the prompt and generate nothing."""
+        return 16 if self.max_tokens is None else self.max_tokens
 
 
 class ChatMessage(_Body):
@@ -129,18 +161,23 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     add_generation_prompt: bool = True
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
 
     def check(self) -> None:
-        extra = {"logprobs": self.logprobs, "top_logprobs": self.top_logprobs, "tools": self.tools}
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "`top_logprobs` needs `logprobs: true`", param="top_logprobs", code="invalid_value")
+        extra = {"tools": self.tools}
         if self.tool_choice not in (None, "none", "auto"):
             extra["tool_choice"] = self.tool_choice
         if self.response_format and self.response_format.get("type") != "text":
             extra["response_format"] = self.response_format
         self.refuse_unsupported(extra)
+
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        return (self.top_logprobs or 0) if self.logprobs else None, None
 
     def conversation(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text(i)} for i, m in enumerate(self.messages)]

@@ -2,7 +2,8 @@
 
 The ``model`` field names the base model (its served name) or a loaded adapter, as in vLLM. Chat prompts are
 rendered with the chat template of the tokenizer the engine picks for that model (an adapter's own wins) and
-tokenized without adding special tokens, since the template places them.
+tokenized without adding special tokens, since the template places them. Completions with ``echo`` tokenize a
+string prompt here too, as the engine would, so that the echoed tokens are the ones the engine scored.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..engine.base import Engine, GenerationRequest
 from .errors import APIError, model_not_found
+from .logprobs import chat_logprobs, completion_logprobs
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, new_id, now, usage
-from .streams import Tracker, count_tokens, first_event, merged, run_to_end, sse_stream
+from .streams import Choice, Tracker, count_tokens, first_event, merged, run_to_end, sse_stream
 
 
 @dataclass
@@ -64,31 +66,61 @@ class OpenAIServing:
         body.check()
         adapter = self.resolve(body.model)
         self.admit()
+        tokenizer = self.engine.tokenizer_for(adapter)
+        if tokenizer is None and (body.echo or body.logprobs is not None):
+            name = "echo" if body.echo else "logprobs"
+            raise APIError(400, f"`{name}` needs a tokenizer to turn tokens into text, and `{body.model}` is served "
+                                f"without one.", param=name, code="unsupported_parameter")
         prompts = body.prompts()
-        max_tokens = body.max_tokens or 16
+        echoes = [echoed(prompt, tokenizer) for prompt in prompts] if body.echo else []
+        engine_prompts = [ids for ids, _ in echoes] if body.echo else prompts
+        echo_only = body.token_limit == 0  # the engine generates one token, which is dropped, as in vLLM
         response_id, created = new_id("cmpl"), now()
-        requests = [GenerationRequest(prompt, adapter, body.sampling_params(max_tokens, i),
+        requests = [GenerationRequest(prompt, adapter, body.sampling_params(max(body.token_limit, 1), i),
                                       f"{response_id}-{p}-{i}")
-                    for p, prompt in enumerate(prompts) for i in range(body.n)]
+                    for p, prompt in enumerate(engine_prompts) for i in range(body.n)]
         tracker = Tracker(self.metrics, "/v1/completions", body.model)
 
-        def choice(index: int, text: str, finish_reason: str | None) -> dict:
-            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        def content(index: int, state: Choice, text: str, token_ids: list[int], entries, prompt_entries):
+            """Text and logprobs of a choice's tokens (a chunk's, or all): the echoed prompt's before the
+            first ones."""
+            if echo_only:
+                text, token_ids, entries = "", [], []
+            if body.echo and not state.started:
+                prompt_ids, prompt_text = echoes[index // body.n]
+                text, token_ids = prompt_text + text, prompt_ids + token_ids
+                entries = [*(prompt_entries or []), *(entries or [])]
+            state.started = True
+            if body.logprobs is None:
+                return text, None
+            logprobs = completion_logprobs(tokenizer, token_ids, entries, state.text_offset)
+            state.text_offset += sum(len(token) for token in logprobs["tokens"])
+            return text, logprobs
+
+        def choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
+            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
         def envelope(choices: list[dict], **extra) -> dict:
             return {"id": response_id, "object": "text_completion", "created": created, "model": body.model,
                     "choices": choices, **extra}
 
+        def counted(prompt_tokens: int, completion_tokens: int) -> dict:
+            return usage(prompt_tokens, 0 if echo_only else completion_tokens)
+
         if body.stream:
             def frame(index, chunk, state):
-                if chunk.text or chunk.finish_reason:
-                    yield envelope([choice(index, chunk.text, chunk.finish_reason)])
+                text, logprobs = content(index, state, chunk.text, chunk.token_ids, chunk.logprobs,
+                                         chunk.prompt_logprobs)
+                if text or chunk.finish_reason or (logprobs and logprobs["tokens"]):
+                    yield envelope([choice(index, text, logprobs, chunk.finish_reason)])
 
-            usage_frame = (lambda p, c: envelope([], usage=usage(p, c))) if body.include_usage else None
+            usage_frame = (lambda p, c: envelope([], usage=counted(p, c))) if body.include_usage else None
             return await self._stream(requests, tracker, len(prompts), frame, usage_frame)
         choices = await self._run(requests, tracker, len(prompts))
-        return JSONResponse(envelope([choice(i, "".join(c.text), c.finish_reason) for i, c in enumerate(choices)],
-                                     usage=usage(*count_tokens(choices, len(prompts)))))
+        return JSONResponse(envelope(
+            [choice(i, *content(i, c, "".join(c.text), c.token_ids, c.logprobs, c.prompt_logprobs), c.finish_reason)
+             for i, c in enumerate(choices)],
+            usage=counted(*count_tokens(choices, len(prompts)))))
 
     # Chat ----------------------------------------------------------------------------------------
 
@@ -96,7 +128,8 @@ class OpenAIServing:
         body.check()
         adapter = self.resolve(body.model)
         self.admit()
-        prompt = self.render_chat(body, adapter)
+        tokenizer = self.engine.tokenizer_for(adapter)
+        prompt = self.render_chat(body, tokenizer)
         limit = body.token_limit
         if limit is None:
             limit = self.engine.max_model_len - len(prompt)
@@ -110,31 +143,35 @@ class OpenAIServing:
         created = now()
         tracker = Tracker(self.metrics, "/v1/chat/completions", body.model)
 
+        def logprobs(token_ids: list[int], entries) -> dict | None:
+            return chat_logprobs(tokenizer, token_ids, entries) if body.logprobs else None
+
         def envelope(choices: list[dict], obj: str = "chat.completion.chunk", **extra) -> dict:
             return {"id": rid, "object": obj, "created": created, "model": body.model, "choices": choices,
                     **extra}
 
         if body.stream:
             def frame(index, chunk, state):
-                if not state.announced:
-                    state.announced = True
+                if not state.started:
+                    state.started = True
                     yield envelope([{"index": index, "delta": {"role": "assistant", "content": ""},
                                      "logprobs": None, "finish_reason": None}])
-                if chunk.text or chunk.finish_reason:
+                chunk_logprobs = logprobs(chunk.token_ids, chunk.logprobs)
+                if chunk.text or chunk.finish_reason or (chunk_logprobs and chunk_logprobs["content"]):
                     delta = {"content": chunk.text} if chunk.text else {}
-                    yield envelope([{"index": index, "delta": delta, "logprobs": None,
+                    yield envelope([{"index": index, "delta": delta, "logprobs": chunk_logprobs,
                                      "finish_reason": chunk.finish_reason}])
 
             usage_frame = (lambda p, c: envelope([], usage=usage(p, c))) if body.include_usage else None
             return await self._stream(requests, tracker, 1, frame, usage_frame)
         choices = await self._run(requests, tracker, 1)
         return JSONResponse(envelope(
-            [{"index": i, "message": {"role": "assistant", "content": "".join(c.text)}, "logprobs": None,
-              "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
+            [{"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
+              "logprobs": logprobs(c.token_ids, c.logprobs), "finish_reason": c.finish_reason}
+             for i, c in enumerate(choices)],
             obj="chat.completion", usage=usage(*count_tokens(choices, 1))))
 
-    def render_chat(self, body: ChatCompletionRequest, adapter: str | None) -> list[int]:
-        tokenizer = self.engine.tokenizer_for(adapter)
+    def render_chat(self, body: ChatCompletionRequest, tokenizer) -> list[int]:
         if not getattr(tokenizer, "chat_template", None):
             raise APIError(400, f"`{body.model}` has no chat template in its tokenizer, so it cannot serve chat; "
                                 f"use /v1/completions, or add a chat template to the tokenizer files.",
@@ -169,3 +206,10 @@ class OpenAIServing:
         return StreamingResponse(body, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+
+def echoed(prompt: str | list[int], tokenizer) -> tuple[list[int], str]:
+    """A prompt as token ids and as text, for ``echo``. A string is tokenized here as the engine tokenizes it,
+    so the echoed tokens are those the engine scores."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt)["input_ids"]), prompt
+    return prompt, tokenizer.decode(prompt)

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from ..engine.base import Engine, GenerationRequest, StreamChunk
+from ..engine.base import Engine, GenerationRequest, StreamChunk, TokenLogprobs
 from .errors import from_exception
 from .metrics import ServerMetrics
 
@@ -63,10 +63,14 @@ async def merged(engine: Engine, requests: list[GenerationRequest]) -> AsyncIter
 @dataclass
 class Choice:
     text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    announced: bool = False  # a chat stream has sent this choice's role
+    started: bool = False  # its first frame is out: a chat stream's role, a completion's echoed prompt
+    text_offset: int = 0  # where its next token's text starts, in completions logprobs
 
 
 class Tracker:
@@ -111,6 +115,10 @@ def count_tokens(choices: list[Choice], prompts: int) -> tuple[int, int]:
 def record(choice: Choice, chunk: StreamChunk) -> None:
     if chunk.text:
         choice.text.append(chunk.text)
+    choice.token_ids += chunk.token_ids
+    choice.logprobs += chunk.logprobs or []
+    if chunk.prompt_logprobs is not None:
+        choice.prompt_logprobs = chunk.prompt_logprobs
     choice.prompt_tokens = chunk.prompt_tokens or choice.prompt_tokens
     choice.completion_tokens = chunk.completion_tokens or choice.completion_tokens
     if chunk.finish_reason:
