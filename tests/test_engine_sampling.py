@@ -21,13 +21,16 @@ def model(llama_dir):
     return AutoModelForCausalLM.from_pretrained(llama_dir).eval()
 
 
-def reference_greedy(model, prompt, steps, bias=None, presence=0.0, frequency=0.0, repetition=1.0):
+def reference_greedy(model, prompt, steps, bias=None, presence=0.0, frequency=0.0, repetition=1.0, stop=(),
+                     min_tokens=0):
     """Greedy decoding, recomputing the whole sequence each step, with the penalties written out one token at
-    a time as vLLM defines them."""
+    a time as vLLM defines them; ``stop`` token ids are banned for the first ``min_tokens`` and end it after."""
     ids, out = list(prompt), []
     with torch.no_grad():
         for _ in range(steps):
             logits = model(torch.tensor([ids])).logits[0, -1].double()
+            if len(out) < min_tokens:
+                logits[list(stop)] = float("-inf")
             for token, value in (bias or {}).items():
                 logits[token] += value
             for token in set(prompt) | set(out):
@@ -37,6 +40,8 @@ def reference_greedy(model, prompt, steps, bias=None, presence=0.0, frequency=0.
                 logits[token] -= presence + frequency * out.count(token)
             out.append(int(logits.argmax()))
             ids.append(out[-1])
+            if out[-1] in stop:
+                break
     return out
 
 
@@ -106,6 +111,28 @@ def test_logprobs_of_generated_and_prompt_tokens_are_the_models(llama_dir, model
             assert [t for t, _ in prompt[i].top] == row.topk(2).indices.tolist()
 
 
+def test_min_tokens_holds_back_stop_tokens_and_stop_strings(llama_dir, model, tokenizer):
+    """The stop token id that ends plain greedy output at its second token, and a stop string matching its
+    first tokens' text, end nothing before min_tokens; the stop id is banned until then, not after."""
+    plain = reference_greedy(model, PROMPT, 12)
+    stop = plain[1]
+    expected = reference_greedy(model, PROMPT, 12, stop={stop}, min_tokens=6)
+    assert len(expected) > 2 and stop not in expected[:6]
+    word = tokenizer.decode(plain[:2], skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()[:3]
+    assert word
+
+    def greedy(**kw):
+        return GenerationRequest(PROMPT, params=SamplingParams(max_tokens=12, temperature=0, **kw))
+
+    early, held, by_text, by_text_held = run(llama_dir, [
+        greedy(stop_token_ids=[stop]), greedy(stop_token_ids=[stop], min_tokens=6),
+        greedy(stop=[word], ignore_eos=True), greedy(stop=[word], ignore_eos=True, min_tokens=12)])
+    assert [t for c in early for t in c.token_ids] == plain[:2]
+    assert [t for c in held for t in c.token_ids] == expected
+    assert by_text[-1].finish_reason == "stop" and sum(len(c.token_ids) for c in by_text) <= 2
+    assert sum(len(c.token_ids) for c in by_text_held) == 12 and by_text_held[-1].finish_reason == "length"
+
+
 def test_shaping_by_hand_placed_values():
     """Bias first, then repetition over prompt and output (divide positives, multiply negatives), then presence
     and frequency over output tokens only."""
@@ -135,6 +162,7 @@ def test_logprobs_zero_reports_the_token_alone_and_none_reports_nothing(llama_di
     ("logit_bias", {5000: 1.0}, "outside this model's vocabulary"),
     ("logprobs", 21, "logprobs must be an integer in [0, 20]"),
     ("prompt_logprobs", -1, "prompt_logprobs must be an integer in [0, 20]"),
+    ("min_tokens", 17, "min_tokens must be an integer in [0, max_tokens=16]"),
 ])
 def test_out_of_range_shaping_and_logprobs_are_refused_by_name(llama_dir, field, value, message):
     async def main():

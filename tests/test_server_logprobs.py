@@ -233,6 +233,21 @@ def test_logit_bias_forces_and_bans_tokens(server, oracle):
     assert response.choices[0].logprobs.tokens == [oracle.text(t) for t in want]
 
 
+def test_min_tokens_holds_back_a_stop_token_through_the_client(server, oracle):
+    """vLLM's ``min_tokens`` extra: the stop token that ends greedy output at its second token is banned until
+    five tokens are out."""
+    ids = oracle.encode(PROMPT)
+    stop = oracle.greedy(ids, 2)[1]
+    client = server.client()
+    ended = client.completions.create(model=BASE, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=0,
+                                      extra_body={"stop_token_ids": [stop]})
+    held = client.completions.create(model=BASE, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=0,
+                                     extra_body={"stop_token_ids": [stop], "min_tokens": 5})
+    assert ended.usage.completion_tokens == 2 and ended.choices[0].finish_reason == "stop"
+    assert held.usage.completion_tokens >= 5
+    assert oracle.text(stop) not in held.choices[0].logprobs.tokens[:5]
+
+
 @pytest.mark.parametrize("penalty, direction", [
     ({"frequency_penalty": 2.0}, -1),
     ({"presence_penalty": 0.1}, -1),

@@ -14,7 +14,9 @@ class SamplingParams:
     and greedy choice, as in vLLM: ``repetition_penalty`` over prompt and output tokens (a positive logit is
     divided by it, a negative one multiplied), ``presence_penalty`` and ``frequency_penalty`` over output tokens
     (minus the penalty once, or once per occurrence). ``logprobs``: report each generated token's log
-    probability and the ``logprobs`` most likely alternatives (0: the token's only); ``prompt_logprobs``: the
+    probability and the ``logprobs`` most likely alternatives (0: the token's only); ``min_tokens``: neither
+    the end-of-sequence token, ``stop_token_ids`` nor ``stop`` strings end the output before it has that many
+    tokens (their logits are -inf until then), as in vLLM; ``prompt_logprobs``: the
     same for every prompt token after the first. Log probabilities are the model's own (log-softmax of its
     logits, before penalties, bias and temperature), as vLLM reports them by default.
     """
@@ -33,6 +35,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    min_tokens: int = 0
 
 
 MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default max_logprobs and OpenAI's top_logprobs limit

@@ -25,8 +25,9 @@ class TextStream:
         self.text = ""
         self.sent = 0
 
-    def push(self, token: int) -> bool:
-        """Add a generated token's text; True when a stop string appeared (the text then ends before it)."""
+    def push(self, token: int, check_stop: bool = True) -> bool:
+        """Add a generated token's text; True when a stop string appeared (the text then ends before it).
+        ``check_stop`` False (before min_tokens): text only, as vLLM, which looks for stops in new text only."""
         if self.tokenizer is None:
             return False
         self.ids.append(token)
@@ -37,7 +38,7 @@ class TextStream:
         start = max(0, len(self.text) - self.hold)
         self.text += after[len(before):]
         self.prefix, self.read = self.read, len(self.ids)
-        found = [at for at in (self.text.find(stop, start) for stop in self.stop) if at != -1]
+        found = [at for at in (self.text.find(stop, start) for stop in self.stop) if at != -1] if check_stop else []
         if found:
             self.text = self.text[:min(found)]
             return True

@@ -2,7 +2,8 @@
 
 First, for a request that asks, the logits are shaped as vLLM does: ``logit_bias`` added, then the
 repetition penalty over prompt and output tokens (a positive logit divided by it, a negative one multiplied),
-then the presence and frequency penalties over output tokens. ``temperature == 0`` is greedy (argmax of the
+then the presence and frequency penalties over output tokens, and stop tokens set to -inf while the output
+is shorter than ``min_tokens``. ``temperature == 0`` is greedy (argmax of the
 shaped logits). Otherwise, per row: divide the logits by the temperature, keep the ``top_k`` largest (``top_k <= 0`` keeps all), keep the smallest set of most likely tokens whose probability
 sums to at least ``top_p`` (the token that crosses ``top_p`` stays, so at least one does), renormalise, and
 draw from the row's own ``torch.Generator``. A request's seed fixes its generator, so its draws do not depend
@@ -47,6 +48,10 @@ def check_params(params: SamplingParams) -> None:
             isinstance(k, bool) or not isinstance(k, int) or not _number(v) or not -100 <= v <= 100
             for k, v in params.logit_bias.items()):
         raise RequestError(f"logit_bias must map token ids to numbers in [-100, 100]; got {params.logit_bias!r}")
+    if isinstance(params.min_tokens, bool) or not isinstance(params.min_tokens, int) or not (
+            0 <= params.min_tokens <= params.max_tokens):
+        raise RequestError(f"min_tokens must be an integer in [0, max_tokens={params.max_tokens}]; got "
+                           f"{params.min_tokens!r}")
     for name in ("logprobs", "prompt_logprobs"):
         value = getattr(params, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -79,12 +84,15 @@ def shapes_logits(params: SamplingParams) -> bool:
                 or params.repetition_penalty != 1.0)
 
 
+History = tuple[list[int], list[int], frozenset[int]]  # a row's prompt, output and banned token ids
+
+
 def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           histories: list[tuple[list[int], list[int]]]) -> tuple[list[int], list[TokenLogprobs | None]]:
+           histories: list[History]) -> tuple[list[int], list[TokenLogprobs | None]]:
     """Next token of every row of ``logits (rows, vocab)``, and its log probabilities where asked for;
-    ``histories``: each row's (prompt, output) token ids, read by the penalties."""
+    ``histories``: each row's (prompt, output, banned) token ids, read by the penalties and min_tokens."""
     raw = logits
-    shaped = [i for i, p in enumerate(params) if shapes_logits(p)]
+    shaped = [i for i, p in enumerate(params) if shapes_logits(p) or histories[i][2]]
     if shaped:
         logits = logits.clone()
         for i in shaped:
@@ -102,8 +110,10 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
     return tokens, logprobs
 
 
-def shape_row(row: Tensor, params: SamplingParams, prompt: list[int], output: list[int]) -> None:
-    """Apply ``params``' logit bias and penalties to one row of logits, in place."""
+def shape_row(row: Tensor, params: SamplingParams, prompt: list[int], output: list[int],
+              banned: frozenset[int] = frozenset()) -> None:
+    """Apply ``params``' logit bias and penalties to one row of logits, in place; ``banned`` tokens (stop tokens
+    before ``min_tokens``) get -inf."""
     if params.logit_bias:
         ids = torch.tensor(list(params.logit_bias), device=row.device)
         row.index_add_(0, ids, torch.tensor(list(params.logit_bias.values()), dtype=row.dtype, device=row.device))
@@ -114,6 +124,8 @@ def shape_row(row: Tensor, params: SamplingParams, prompt: list[int], output: li
     if output and (params.presence_penalty or params.frequency_penalty):
         counts = torch.bincount(torch.tensor(output, device=row.device), minlength=row.numel()).to(row.dtype)
         row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(row.dtype)
+    if banned:
+        row[torch.tensor(sorted(banned), dtype=torch.long, device=row.device)] = float("-inf")
 
 
 def token_logprobs(row: Tensor, token: int, k: int) -> TokenLogprobs:

@@ -188,7 +188,8 @@ class EngineCore:
             logits = logits[keep]
             sampled = [sampled[i] for i in keep]
         tokens, logprobs = sample(logits, [s.params for s in sampled], [s.generator for s in sampled],
-                                  [(s.prompt, s.output) for s in sampled])
+                                  [(s.prompt, s.output, s.stop_ids if len(s.output) < s.params.min_tokens
+                                    else frozenset()) for s in sampled])
         for seq, token, logprob in zip(sampled, tokens, logprobs):
             self._append(seq, token, logprob)
 
@@ -249,7 +250,7 @@ class EngineCore:
         finish = None
         if token in seq.stop_ids:
             finish = "stop"
-        elif seq.stream.push(token):
+        elif seq.stream.push(token, check_stop=len(seq.output) >= seq.params.min_tokens):
             finish = "stop"
         elif len(seq.output) >= seq.params.max_tokens or seq.cached + 1 >= self.runner.max_len:
             finish = "length"

@@ -3,7 +3,7 @@
 Sampling follows OpenAI's ranges: ``presence_penalty`` and ``frequency_penalty`` in [-2, 2], ``logit_bias``
 maps token ids (JSON string keys) to biases in [-100, 100], ``logprobs`` (completions) and ``top_logprobs``
 (chat, with ``logprobs: true``) ask for up to 20 alternatives per token. vLLM's extras are accepted too:
-``top_k``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``. Completions' ``echo`` returns the prompt
+``top_k``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``, ``min_tokens``. Completions' ``echo`` returns the prompt
 before the completion (and, with ``logprobs``, the prompt tokens' log probabilities first); with
 ``max_tokens: 0`` only the prompt, which is how clients such as lm-evaluation-harness score text.
 
@@ -33,8 +33,8 @@ class StreamOptions(_Body):
 
 
 class _Sampling(_Body):
-    """Fields shared by completions and chat, with OpenAI's ranges; top_k, repetition_penalty, stop_token_ids
-    and ignore_eos are vLLM's extras (the official client sends them through ``extra_body``)."""
+    """Fields shared by completions and chat, with OpenAI's ranges; top_k, repetition_penalty, stop_token_ids,
+    ignore_eos and min_tokens are vLLM's extras (the official client sends them through ``extra_body``)."""
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -48,6 +48,7 @@ class _Sampling(_Body):
     top_k: int = Field(default=-1, ge=-1)
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
@@ -95,7 +96,7 @@ class _Sampling(_Body):
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                               repetition_penalty=self.repetition_penalty,
                               logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
-                              logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                              logprobs=logprobs, prompt_logprobs=prompt_logprobs, min_tokens=self.min_tokens)
 
     @property
     def include_usage(self) -> bool:
