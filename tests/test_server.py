@@ -408,3 +408,34 @@ def test_metrics_in_prometheus_text(server):
     assert lines["ftserve_queue_depth"] == 0 and lines["ftserve_requests_in_flight"] == 0
     assert lines["ftserve_loaded_adapters"] == len({m.id for m in server.client().models.list().data}) - 1
     assert "# TYPE ftserve_request_latency_seconds histogram" in text
+
+
+def test_tokenize_and_detokenize_as_vllm(server, llama_dir, root):
+    """POST /tokenize (a prompt, or messages through the model's own chat template) and /detokenize give what
+    the tokenizer gives; an adapter with its own template tokenizes with it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    templated = AutoTokenizer.from_pretrained(root / "templated")
+    ids = tokenizer(PROMPT)["input_ids"]
+    body = httpx.post(server.url + "/tokenize", json={"model": BASE, "prompt": PROMPT}).json()
+    assert body == {"count": len(ids), "max_model_len": 256, "tokens": ids, "token_strs": None}
+    body = httpx.post(server.url + "/tokenize", json={"prompt": PROMPT, "add_special_tokens": False,
+                                                      "return_token_strs": True}).json()
+    plain = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    assert body["tokens"] == plain and body["token_strs"] == tokenizer.convert_ids_to_tokens(plain)
+    for model, tok in (("lora", tokenizer), ("templated", templated)):
+        text = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+        body = httpx.post(server.url + "/tokenize", json={"model": model, "messages": MESSAGES}).json()
+        assert body["tokens"] == tok(text, add_special_tokens=False)["input_ids"], model
+    assert tokenizer.chat_template != templated.chat_template
+    assert httpx.post(server.url + "/detokenize", json={"model": "lora", "tokens": ids}).json() == {
+        "prompt": tokenizer.decode(ids)}
+
+    for route, body, status, param in (
+            ("/tokenize", {"prompt": PROMPT, "messages": MESSAGES}, 400, "prompt"),
+            ("/tokenize", {"model": "nope", "prompt": PROMPT}, 404, "model"),
+            ("/detokenize", {"tokens": [1, 10 ** 6]}, 400, "tokens"),
+            ("/detokenize", {"tokens": "abc"}, 400, "tokens")):
+        response = httpx.post(server.url + route, json=body)
+        assert response.status_code == status and error_of(response)["param"] == param, (route, body)

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP app in front of any engine: routes, error objects, auth, limits, metrics.
 
 Routes (vLLM's): GET /v1/models, POST /v1/completions, POST /v1/chat/completions, POST /v1/load_lora_adapter
-and /v1/unload_lora_adapter (with ``enable_adapter_api``), GET /health, GET /metrics.
+and /v1/unload_lora_adapter (with ``enable_adapter_api``), POST /tokenize and /detokenize, GET /health,
+GET /metrics.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from ..engine.base import Engine
 from ..errors import FtserveError
 from .errors import APIError, error_body, from_exception, validation_error
 from .metrics import ServerMetrics
-from .protocol import (ChatCompletionRequest, CompletionRequest, LoadLoraAdapterRequest, UnloadLoraAdapterRequest,
-                       model_card)
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadLoraAdapterRequest,
+                       TokenizeRequest, UnloadLoraAdapterRequest, model_card)
 from .security import ApiKeyMiddleware, BodyLimitMiddleware, confine
 from .serving import OpenAIServing, ServerSettings
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
 ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter",
-          "/v1/unload_lora_adapter", "/health", "/metrics")
+          "/v1/unload_lora_adapter", "/tokenize", "/detokenize", "/health", "/metrics")
 
 
 class HttpMetricsMiddleware:
@@ -117,6 +118,14 @@ def build_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await serving.chat(await parse(request, ChatCompletionRequest))
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return serving.tokenize(await parse(request, TokenizeRequest))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return serving.detokenize(await parse(request, DetokenizeRequest))
 
     def adapter_api_enabled(route: str) -> None:
         if not settings.enable_adapter_api:

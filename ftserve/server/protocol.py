@@ -181,11 +181,41 @@ class ChatCompletionRequest(_Sampling):
         return (self.top_logprobs or 0) if self.logprobs else None, None
 
     def conversation(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text(i)} for i, m in enumerate(self.messages)]
+        return conversation(self.messages)
 
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.text(i)} for i, m in enumerate(messages)]
+
+
+class TokenizeRequest(_Body):
+    """vLLM's POST /tokenize: a completion ``prompt``, or chat ``messages`` rendered with the chat template.
+    ``add_special_tokens`` defaults to True for a prompt and False for messages (the template places them)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(400, "Send exactly one of `prompt` and `messages`.", param="prompt", code="invalid_value")
+
+    def conversation(self) -> list[dict[str, str]]:
+        return conversation(self.messages)
+
+
+class DetokenizeRequest(_Body):
+    """vLLM's POST /detokenize."""
+
+    model: str | None = None
+    tokens: list[int]
 
 
 class LoadLoraAdapterRequest(_Body):

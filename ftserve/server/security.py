@@ -1,8 +1,8 @@
 """What stands between the network and the handlers: API keys, body size, and adapter paths.
 
-- ``ApiKeyMiddleware``: every ``/v1`` route needs ``Authorization: Bearer KEY``; the key is compared in
-  constant time (``hmac.compare_digest``) so response timing leaks nothing about it. ``/health`` and
-  ``/metrics`` stay open, as in vLLM, for probes and scrapers.
+- ``ApiKeyMiddleware``: every ``/v1`` route, ``/tokenize`` and ``/detokenize`` need ``Authorization: Bearer
+  KEY``; the key is compared in constant time (``hmac.compare_digest``) so response timing leaks nothing
+  about it. ``/health`` and ``/metrics`` stay open, as in vLLM, for probes and scrapers.
 - ``BodyLimitMiddleware``: a body over the limit gets 413 before any handler or JSON parser sees it, whether
   the client declares a Content-Length or streams chunks.
 - ``confine``: the runtime load API reads adapter folders only under ``--adapter-root``; ``..``, absolute
@@ -26,13 +26,16 @@ async def send_error(send, status: int, message: str, code: str, headers: dict[s
     await send({"type": "http.response.body", "body": body})
 
 
+PROTECTED = ("/tokenize", "/detokenize")  # besides /v1: vLLM leaves these open, but they name served models
+
+
 class ApiKeyMiddleware:
     def __init__(self, app, api_key: str) -> None:
         self.app = app
         self.expected = api_key.encode()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
+        if scope["type"] != "http" or not (scope["path"].startswith("/v1") or scope["path"] in PROTECTED):
             return await self.app(scope, receive, send)
         given = next((v for k, v in scope["headers"] if k == b"authorization"), None)
         if given is None:

@@ -17,7 +17,8 @@ from ..engine.base import Engine, GenerationRequest
 from .errors import APIError, model_not_found
 from .logprobs import chat_logprobs, completion_logprobs
 from .metrics import ServerMetrics
-from .protocol import ChatCompletionRequest, CompletionRequest, new_id, now, usage
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, new_id, now,
+                       usage)
 from .streams import Choice, Tracker, count_tokens, first_event, merged, run_to_end, sse_stream
 
 
@@ -171,7 +172,38 @@ class OpenAIServing:
              for i, c in enumerate(choices)],
             obj="chat.completion", usage=usage(*count_tokens(choices, 1))))
 
-    def render_chat(self, body: ChatCompletionRequest, tokenizer) -> list[int]:
+    # Tokens ---------------------------------------------------------------------------------------
+
+    def tokenize(self, body: TokenizeRequest) -> dict:
+        body.check()
+        body.model = body.model or self.settings.served_model_name
+        tokenizer = self._tokenizer(body.model)
+        if body.messages is not None:
+            ids = self.render_chat(body, tokenizer, add_special_tokens=bool(body.add_special_tokens))
+        else:
+            add = True if body.add_special_tokens is None else body.add_special_tokens
+            ids = list(tokenizer(body.prompt, add_special_tokens=add)["input_ids"])
+        return {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids,
+                "token_strs": tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None}
+
+    def detokenize(self, body: DetokenizeRequest) -> dict:
+        model = body.model or self.settings.served_model_name
+        tokenizer = self._tokenizer(model)
+        size = len(tokenizer)
+        outside = [t for t in body.tokens if not 0 <= t < size]
+        if outside:
+            raise APIError(400, f"Token ids {outside[:5]} are outside the vocabulary of `{model}` (0 .. {size - 1}).",
+                           param="tokens", code="invalid_value")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+    def _tokenizer(self, model: str):
+        tokenizer = self.engine.tokenizer_for(self.resolve(model))
+        if tokenizer is None:
+            raise APIError(400, f"`{model}` is served without a tokenizer.", param="model", code="no_tokenizer")
+        return tokenizer
+
+    def render_chat(self, body: ChatCompletionRequest | TokenizeRequest, tokenizer,
+                    add_special_tokens: bool = False) -> list[int]:
         if not getattr(tokenizer, "chat_template", None):
             raise APIError(400, f"`{body.model}` has no chat template in its tokenizer, so it cannot serve chat; "
                                 f"use /v1/completions, or add a chat template to the tokenizer files.",
@@ -182,7 +214,7 @@ class OpenAIServing:
         except Exception as exc:  # jinja raises for conversations a template does not accept
             raise APIError(400, f"The chat template of `{body.model}` cannot render these messages: {exc}",
                            param="messages", code="invalid_messages") from None
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     # Running ------------------------------------------------------------------------------------
 
