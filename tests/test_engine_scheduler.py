@@ -192,3 +192,53 @@ def test_an_architecture_without_a_runner_is_refused_by_name():
                                              num_attention_heads=2, intermediate_size=64))
     with pytest.raises(ServingError, match="this base is 'gpt_neox'.*vLLM engine"):
         TorchEngine(model)
+
+
+def _family_model(kind: str):
+    """Tiny Mistral, Qwen2 (biased q/k/v projections) and Qwen3 (per-head q/k RMSNorm) with grouped-query and
+    sharp attention, built here from their transformers configs."""
+    import transformers
+
+    config_class, model_class = {"mistral": ("MistralConfig", "MistralForCausalLM"),
+                                 "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+                                 "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}[kind]
+    config = getattr(transformers, config_class)(
+        vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+        pad_token_id=3, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+            if layer.self_attn.q_proj.bias is not None:
+                layer.self_attn.q_proj.bias.normal_(0, 0.5)
+                layer.self_attn.k_proj.bias.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3"])
+def test_llama_family_models_equal_transformers(kind, tmp_path):
+    """The Llama runner on the other families it claims: a LoRA and the base mixed, prompts chunked, each
+    request equal to its solo run in transformers."""
+    model = _family_model(kind)
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    build_tokenizer(1000).save_pretrained(base)
+    adapter = write_random_adapter(base, tmp_path / "lora", "lora", seed=5)
+    prompts = PROMPTS[:3]
+    expected = {name: references(base, path, prompts, new=8) for name, path in (("base", None), ("lora", adapter))}
+    assert expected["base"] != expected["lora"]
+
+    async def main():
+        async with TorchEngine.from_pretrained(base, max_batch_size=6, max_num_batched_tokens=8) as engine:
+            assert type(engine.runner).__name__ == "LlamaRunner"
+            await engine.load_adapter("lora", str(adapter))
+            return await asyncio.gather(*[collect(engine, GenerationRequest(p, adapter=name, params=greedy(8)))
+                                          for name in expected for p in prompts])
+
+    outs = iter(asyncio.run(main()))
+    for name in expected:
+        for i in range(len(prompts)):
+            assert next(outs)[0] == expected[name][i], (kind, name, i)
