@@ -242,3 +242,27 @@ def test_llama_family_models_equal_transformers(kind, tmp_path):
     for name in expected:
         for i in range(len(prompts)):
             assert next(outs)[0] == expected[name][i], (kind, name, i)
+
+
+def test_kv_cache_grows_with_the_longest_sequence_mid_run(llama_dir):
+    """The cache starts at 256 positions per row and doubles when a row needs more, while other rows run;
+    every request still equals its solo run."""
+    long_prompt = [1] + [(13 * j) % 990 + 5 for j in range(229)]  # 230 tokens + 60 new: crosses 256
+    prompts = [long_prompt, PROMPTS[0], PROMPTS[2]]
+    expected = references(llama_dir, None, prompts, new=60)
+
+    async def main():
+        async with TorchEngine.from_pretrained(llama_dir, max_batch_size=4) as engine:
+            before = engine.stats()["kv_cache_bytes"]
+            outs = await asyncio.gather(*[collect(engine, GenerationRequest(p, params=greedy(60))) for p in prompts])
+            return outs, before, engine.stats()["kv_cache_bytes"]
+
+    outs, before, after = asyncio.run(main())
+    assert [ids for ids, _, _ in outs] == expected
+    assert after == 2 * before
+
+
+def test_a_kv_cache_that_cannot_fit_in_memory_is_refused_at_start(llama_dir):
+    with pytest.raises(ServingError, match=r"KV cache for 100000000 requests \(--max-num-seqs\) of 512 tokens "
+                                           r"\(--max-model-len\) can grow to .* GiB, and .* GiB of memory is free"):
+        TorchEngine.from_pretrained(llama_dir, max_batch_size=10 ** 8, max_num_batched_tokens=10 ** 8 + 1)

@@ -4,9 +4,13 @@ Each architecture (llama_runner.py, gpt2_runner.py) runs its own modules for eve
 (embeddings, norms, positions, projections, which carry the batched LoRA terms, MLP, head), so numerics
 follow transformers; this module holds what they share. Attention reads a cache written in place::
 
-    K, V per layer: (max_batch, kv_heads, max_len, head_dim)
+    K, V per layer: (max_batch, kv_heads, columns, head_dim)
 
 Row ``i`` of the running batch lives in cache row ``i`` and holds its tokens in columns ``0 .. len_i - 1``.
+``columns`` starts at 256 and doubles (one copy) when a step needs more, up to ``max_len``, so memory
+follows the longest sequence in flight. The worst case, ``max_batch x max_len`` positions, must fit in the
+memory free when the engine starts, or the engine refuses to start, naming the settings to lower, rather
+than being killed mid-request later.
 
 One step is one forward over a list of pieces, each ``tokens`` of one row at positions ``start ..``: a decode
 piece is one token; a prefill piece is a whole prompt or one chunk of a long one (chunked prefill). All
@@ -33,12 +37,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ServingError
+
 Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device``: the GPU's free memory, or the host's MemAvailable; None when
+    unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 class Runner:
     """The KV cache and the step over pieces; a subclass runs one architecture's layers (``_forward``) and
     head (``_logits``)."""
+
+    INITIAL_COLUMNS = 256
 
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, n_layers: int, n_heads: int, n_kv: int,
                  head_dim: int) -> None:
@@ -47,9 +70,31 @@ class Runner:
         self.max_batch, self.max_len = max_batch, max_len
         weight = model.get_output_embeddings().weight
         self.device, self.dtype = weight.device, weight.dtype
-        shape = (max_batch, n_kv, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n_layers)]
+        position_bytes = 2 * n_layers * n_kv * head_dim * self.dtype.itemsize
+        worst, free = max_batch * max_len * position_bytes, available_memory(self.device)
+        if free is not None and worst > free:
+            raise ServingError(f"the KV cache for {max_batch} requests (--max-num-seqs) of {max_len} tokens "
+                               f"(--max-model-len) can grow to {worst / 2**30:.1f} GiB, and {free / 2**30:.1f} GiB "
+                               f"of memory is free; lower one of them (each position of one request takes "
+                               f"{position_bytes / 2**10:.0f} KiB)")
+        self.columns = min(max_len, self.INITIAL_COLUMNS)
+        self.k = [self._zeros() for _ in range(n_layers)]
+        self.v = [self._zeros() for _ in range(n_layers)]
+
+    def _zeros(self) -> Tensor:
+        return torch.zeros(self.max_batch, self.n_kv, self.columns, self.head_dim, dtype=self.dtype,
+                           device=self.device)
+
+    def reserve(self, columns: int) -> None:
+        """Room for ``columns`` positions per row: the allocation doubles (one copy) when it is short."""
+        if columns <= self.columns:
+            return
+        old = self.columns
+        self.columns = min(self.max_len, max(columns, 2 * old))
+        for cache in (self.k, self.v):
+            for i, tensor in enumerate(cache):
+                cache[i] = self._zeros()
+                cache[i][:, :, :old] = tensor
 
     def nbytes(self) -> int:
         return 2 * sum(t.numel() * t.element_size() for t in self.k)
@@ -70,16 +115,17 @@ class Runner:
     def forward(self, pieces: list[Piece]) -> Tensor:
         """One step over ``pieces`` (single tokens first); next-token logits ``(k, vocab)``, piece by piece in
         order: none, the last token's, or every token's, as each piece asks."""
-        device, kv, max_len = self.device, self.n_kv, self.max_len
+        self.reserve(max(p.start + len(p.tokens) for p in pieces))
+        device, kv, columns = self.device, self.n_kv, self.columns
         ids = [t for p in pieces for t in p.tokens]
         positions = [p.start + j for p in pieces for j in range(len(p.tokens))]
         rows = [p.row for p in pieces for _ in p.tokens]
         singles = next((i for i, p in enumerate(pieces) if len(p.tokens) != 1), len(pieces))
         pos = torch.tensor(positions, dtype=torch.long, device=device)
-        # (row, head, pos) as a row index of the cache viewed as (max_batch * kv_heads * max_len, head_dim):
+        # (row, head, pos) as a row index of the cache viewed as (max_batch * kv_heads * columns, head_dim):
         # index_copy_ is far cheaper than advanced-index assignment on CPU.
         heads = torch.arange(kv, device=device)
-        where = ((torch.tensor(rows, device=device)[:, None] * kv + heads) * max_len + pos[:, None]).reshape(-1)
+        where = ((torch.tensor(rows, device=device)[:, None] * kv + heads) * columns + pos[:, None]).reshape(-1)
         single = _SingleGroup(pieces[:singles], self) if singles else None
         multi = _MultiGroup(pieces[singles:], singles, self) if singles < len(pieces) else None
 
