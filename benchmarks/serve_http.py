@@ -245,7 +245,8 @@ def main() -> None:
             proc.terminate()
             proc.wait(60)
     print(json.dumps({
-        "benchmark": "serve_http", "quick": quick, "client": args.client, "model": SHAPE, "adapters": ADAPTERS, "rank": RANK,
+        "benchmark": "serve_http", "quick": quick, "client": args.client, "model": SHAPE, "adapters": ADAPTERS,
+        "rank": RANK,
         "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "rounds": rounds,
         "requests_per_round": {f"c{c}": counts[c] for c in LEVELS}, "threads": torch.get_num_threads(),
         **figures, "goal_c32": 0.9, "meets_goal_c32": figures["c32"]["http_over_direct"] >= 0.9,

@@ -80,7 +80,8 @@ def test_cli_refuses_what_it_cannot_do(llama_dir):
     assert result.exit_code == 2 and "--adapter-root" in result.output
     result = CliRunner().invoke(main, ["serve", str(llama_dir), "--adapter", "no-equals-sign"])
     assert result.exit_code == 2 and "NAME=PATH" in result.output
-    result = CliRunner().invoke(main, ["serve", str(llama_dir), "--max-num-seqs", "16", "--max-num-batched-tokens", "16"])
+    result = CliRunner().invoke(main, ["serve", str(llama_dir), "--max-num-seqs", "16",
+                                       "--max-num-batched-tokens", "16"])
     assert result.exit_code == 2 and "--max-num-batched-tokens" in result.output and "> --max-num-seqs" in result.output
 
 

@@ -3,20 +3,21 @@
 First, for a request that asks, the logits are shaped as vLLM does: ``logit_bias`` added, then the
 repetition penalty over prompt and output tokens (a positive logit divided by it, a negative one multiplied),
 then the presence and frequency penalties over output tokens, and stop tokens set to -inf while the output
-is shorter than ``min_tokens``. ``temperature == 0`` is greedy (argmax of the
-shaped logits). Otherwise, per row: divide the logits by the temperature, keep the ``top_k`` largest (``top_k <= 0`` keeps all), keep the smallest set of most likely tokens whose probability
-sums to at least ``top_p`` (the token that crosses ``top_p`` stays, so at least one does), renormalise, and
-draw from the row's own ``torch.Generator``. A request's seed fixes its generator, so its draws do not depend
-on which other requests share the batch. Log probabilities, when asked for, are those of the model's own
-logits (before shaping and temperature), as vLLM reports them by default.
+is shorter than ``min_tokens``. ``temperature == 0`` is greedy (argmax of the shaped logits). Otherwise, per
+row: divide the logits by the temperature, keep the ``top_k`` largest (``top_k <= 0`` keeps all), keep the
+smallest set of most likely tokens whose probability sums to at least ``top_p`` (the token that crosses
+``top_p`` stays, so at least one does), renormalise, and draw from the row's own ``torch.Generator``. A
+request's seed fixes its generator, so its draws do not depend on which other requests share the batch.
+Log probabilities, when asked for, are those of the model's own logits (before shaping and temperature), as
+vLLM reports them by default.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
-
-import math
 
 from .base import MAX_LOGPROBS, SamplingParams, TokenLogprobs
 from .errors import RequestError

@@ -6,8 +6,8 @@
 ...     print(chunk.text, end="")
 
 The async API runs on the caller's event loop; the model runs on one engine thread (scheduler.py) doing
-continuous batching over a preallocated KV cache (runner.py, one runner per architecture), with every loaded adapter's exact
-plain-LoRA factors in stacked slots (lora_slots.py) behind an LRU cache (adapter_cache.py).
+continuous batching over a KV cache (runner.py, with one runner per architecture), with every loaded
+adapter's exact plain-LoRA factors in stacked slots (lora_slots.py) behind an LRU cache (adapter_cache.py).
 
 Errors are typed (errors.py). ``generate`` raises the ones it can see at once (bad parameters, unknown
 adapter, too long a prompt, full queue) when called; later ones (an evicted adapter that cannot be read

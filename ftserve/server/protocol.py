@@ -3,9 +3,9 @@
 Sampling follows OpenAI's ranges: ``presence_penalty`` and ``frequency_penalty`` in [-2, 2], ``logit_bias``
 maps token ids (JSON string keys) to biases in [-100, 100], ``logprobs`` (completions) and ``top_logprobs``
 (chat, with ``logprobs: true``) ask for up to 20 alternatives per token. vLLM's extras are accepted too:
-``top_k``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``, ``min_tokens``. Completions' ``echo`` returns the prompt
-before the completion (and, with ``logprobs``, the prompt tokens' log probabilities first); with
-``max_tokens: 0`` only the prompt, which is how clients such as lm-evaluation-harness score text.
+``top_k``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``, ``min_tokens``. Completions' ``echo``
+returns the prompt before the completion (and, with ``logprobs``, the prompt tokens' log probabilities
+first); with ``max_tokens: 0`` only the prompt, which is how clients such as lm-evaluation-harness score text.
 
 Fields OpenAI defines and this server cannot honour (``suffix``, tools, ``best_of`` other than ``n``, ...) are
 refused with a 400 that names them rather than silently ignored; fields it does not know are ignored, as
