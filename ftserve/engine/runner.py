@@ -138,11 +138,8 @@ class Runner:
         hidden = self._forward(torch.tensor(ids, dtype=torch.long, device=device), pos, attend)
         picked, offset = [], 0
         for p in pieces:
-            if p.logits == "all":
-                picked += range(offset, offset + len(p.tokens))
-            elif p.logits == "last":
-                picked.append(offset + len(p.tokens) - 1)
             offset += len(p.tokens)
+            picked += range(offset - p.logit_rows, offset)
         if len(picked) < len(ids):
             hidden = hidden.index_select(0, torch.tensor(picked, dtype=torch.long, device=device))
         return self._logits(hidden)
@@ -174,6 +171,11 @@ class Piece:
     start: int
     tokens: list[int]
     logits: Literal["none", "last", "all"] = "last"
+
+    @property
+    def logit_rows(self) -> int:
+        """Rows of logits this piece yields: none, its last token's, or all of its tokens'."""
+        return {"none": 0, "last": 1}.get(self.logits, len(self.tokens))
 
 
 class _SingleGroup:

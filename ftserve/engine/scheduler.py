@@ -172,7 +172,7 @@ class EngineCore:
         for piece, seq in zip(pieces, owners):
             if piece.logits == "all":
                 self._prompt_logprobs(seq, piece, logits[cursor:cursor + len(piece.tokens)])
-            cursor += {"none": 0, "last": 1, "all": len(piece.tokens)}[piece.logits]
+            cursor += piece.logit_rows
             seq.cached = piece.start + len(piece.tokens)
             if piece.logits != "none" and seq.cached >= len(seq.prompt):  # a decode, or a prompt's last chunk
                 picked.append(cursor - 1)
