@@ -2,7 +2,7 @@
 
 Routes (vLLM's): GET /v1/models, POST /v1/completions, POST /v1/chat/completions, POST /v1/load_lora_adapter
 and /v1/unload_lora_adapter (with ``enable_adapter_api``), POST /tokenize and /detokenize, GET /health,
-GET /metrics.
+GET /metrics, and GET /openapi.json (the request models' schema; behind the API key when one is set).
 """
 
 from __future__ import annotations
@@ -16,18 +16,58 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import __version__
 from ..engine.base import Engine
 from ..errors import FtserveError
+from . import openapi
 from .errors import APIError, error_body, from_exception, validation_error
 from .metrics import ServerMetrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadLoraAdapterRequest,
                        TokenizeRequest, UnloadLoraAdapterRequest, model_card)
-from .security import ApiKeyMiddleware, BodyLimitMiddleware, confine
+from .security import ApiKeyMiddleware, BodyLimitMiddleware, confine, send_error
 from .serving import OpenAIServing, ServerSettings
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
-ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter",
+STREAMS = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}
+BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+          "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest,
+          "/v1/load_lora_adapter": LoadLoraAdapterRequest, "/v1/unload_lora_adapter": UnloadLoraAdapterRequest}
+ROUTES = ("/openapi.json", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter",
           "/v1/unload_lora_adapter", "/tokenize", "/detokenize", "/health", "/metrics")
+
+
+class UnexpectedErrorMiddleware:
+    """Turns an exception no handler took into a 500 error object inside the app, logged once.
+
+    Starlette's own catch-all runs outside every user middleware and re-raises, so the answer would skip the
+    metrics and uvicorn would drop the keep-alive connection. Here the 500 is an ordinary response: counted,
+    and the connection stays usable. If the response had started (a stream), it is ended cleanly instead.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = finished = False
+
+        async def tracked(message):
+            nonlocal started, finished
+            started = started or message["type"] == "http.response.start"
+            finished = message["type"] == "http.response.body" and not message.get("more_body", False)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            err = from_exception(exc)  # logs the traceback
+            if finished:
+                return
+            if started:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            else:
+                await send_error(send, err.status, err.message, err.code, err.headers())
 
 
 class HttpMetricsMiddleware:
@@ -52,17 +92,56 @@ class HttpMetricsMiddleware:
         await self.app(scope, receive, counted)
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _unencodable(data) -> str | None:
+    """The dotted path of the first string holding a lone surrogate (``"\\ud800"`` is valid JSON, but no
+    tokenizer can encode it), or None. Iterative, so that depth costs no recursion."""
+    stack = [((), data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return ".".join(map(str, path)) or "body"
+        elif isinstance(value, (dict, list)):
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                stack.append(((*path, key), item))
+                if isinstance(key, str):
+                    stack.append(((*path, "<key>"), key))
+    return None
+
+
 async def parse(request: Request, model: type[BodyT]) -> BodyT:
-    """The JSON body as ``model``, whatever Content-Type the client sent; 400 naming the field otherwise."""
+    """The JSON body as ``model``, whatever Content-Type the client sent; 400 naming the field otherwise.
+
+    Strict JSON: ``NaN`` and ``Infinity`` are refused, as are integers beyond Python's conversion limit
+    (4300 digits) and nesting deeper than the parser's recursion limit, which ``json`` reports as ValueError
+    and RecursionError rather than as a decoding error.
+    """
     raw = await request.body()
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(raw, parse_constant=_refuse_constant)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise APIError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "The request body is nested too deeply to parse.", code="invalid_json") from None
+    if b"\\u" in raw:  # only a \u escape can smuggle a lone surrogate into a decoded string
+        where = _unencodable(data)
+        if where is not None:
+            raise APIError(400, f"`{where}` holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its "
+                                f"pair), which is not text and cannot be tokenized.", param=where,
+                           code="invalid_value")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc.errors()) from None
+    except RecursionError:
+        raise APIError(400, "The request body is nested too deeply to validate.", code="invalid_json") from None
 
 
 def build_app(engine: Engine, settings: ServerSettings) -> FastAPI:
@@ -70,7 +149,7 @@ def build_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     metrics = ServerMetrics()
     serving = OpenAIServing(engine, settings, metrics)
     started = int(time.time())
-    app = FastAPI(title="ftserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="ftserve", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.serving = serving
 
     def error_response(exc: BaseException) -> JSONResponse:
@@ -88,17 +167,13 @@ def build_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     async def _ours(request: Request, exc: FtserveError):
         return error_response(exc)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        return error_response(exc)
-
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "Shutting down", "content": {"application/json": {}}}})
     async def health():
         if serving.draining:
             return JSONResponse({"status": "shutting down"}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
         text = metrics.render(len(engine.list_adapters()), dict(engine.stats()))
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -111,11 +186,11 @@ def build_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                   for a in engine.list_adapters()]
         return {"object": "list", "data": cards}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=STREAMS)
     async def completions(request: Request):
         return await serving.completions(await parse(request, CompletionRequest))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=STREAMS)
     async def chat_completions(request: Request):
         return await serving.chat(await parse(request, ChatCompletionRequest))
 
@@ -133,7 +208,7 @@ def build_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                                 f"--adapter-root DIR to load and unload adapters at runtime.",
                            code="adapter_api_disabled")
 
-    @app.post("/v1/load_lora_adapter")
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
     async def load_lora_adapter(request: Request):
         adapter_api_enabled("/v1/load_lora_adapter")
         body = await parse(request, LoadLoraAdapterRequest)
@@ -147,7 +222,7 @@ def build_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         await engine.load_adapter(body.lora_name, str(path))
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter")
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
     async def unload_lora_adapter(request: Request):
         adapter_api_enabled("/v1/unload_lora_adapter")
         body = await parse(request, UnloadLoraAdapterRequest)
@@ -157,7 +232,10 @@ def build_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         await engine.unload_adapter(body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
+    openapi.install(app, BODIES, __version__)
+
     # Outermost last: metrics see every answer, auth runs before the body is read.
+    app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
