@@ -27,10 +27,13 @@ def resolve_folder(name_or_path: str | os.PathLike, what: str, allow_patterns: l
     """
     name = os.fspath(name_or_path)
     local = Path(name).expanduser()
-    if local.is_dir():
-        return local
-    if local.exists():
-        raise error(f"{name}: a file, not a {what} folder")
+    try:
+        if local.is_dir():
+            return local
+        if local.exists():
+            raise error(f"{name}: a file, not a {what} folder")
+    except OSError as exc:  # a name too long for the file system, a folder we may not enter, ...
+        raise error(f"{name}: cannot be opened as a folder ({exc.strerror or exc})") from None
     if looks_like_path(name):
         raise error(f"{name}: no such {what} folder")
     from huggingface_hub import snapshot_download

@@ -2,6 +2,7 @@
 against an independent implementation on transformers' own logits."""
 
 import asyncio
+import re
 
 import pytest
 import torch
@@ -156,7 +157,9 @@ def test_logprobs_zero_reports_the_token_alone_and_none_reports_nothing(llama_di
 @pytest.mark.parametrize("field, value, message", [
     ("frequency_penalty", 2.5, "frequency_penalty must be a number in [-2, 2]"),
     ("presence_penalty", float("nan"), "presence_penalty must be a number in [-2, 2]"),
-    ("repetition_penalty", 0.0, "repetition_penalty must be a number in (0, 10]"),
+    ("repetition_penalty", 0.0, "repetition_penalty must be a number in [0.01, 10]"),
+    ("repetition_penalty", 1e-300, "repetition_penalty must be a number in [0.01, 10]"),
+    ("seed", 2 ** 64, "seed must be a 64-bit signed integer"),
     ("logit_bias", {5: 101.0}, "logit_bias must map token ids to numbers in [-100, 100]"),
     ("logit_bias", {"5": 1.0}, "logit_bias must map token ids"),
     ("logit_bias", {5000: 1.0}, "outside this model's vocabulary"),
@@ -167,6 +170,6 @@ def test_logprobs_zero_reports_the_token_alone_and_none_reports_nothing(llama_di
 def test_out_of_range_shaping_and_logprobs_are_refused_by_name(llama_dir, field, value, message):
     async def main():
         async with TorchEngine.from_pretrained(llama_dir) as engine:
-            with pytest.raises(RequestError, match=message.replace("(", r"\(").replace("[", r"\[")):
+            with pytest.raises(RequestError, match=re.escape(message)):
                 engine.generate(GenerationRequest(PROMPT, params=SamplingParams(**{field: value})))
     asyncio.run(main())

@@ -8,7 +8,8 @@ from typing import AsyncIterator, Protocol
 
 @dataclass
 class SamplingParams:
-    """OpenAI/vLLM meanings: temperature 0 is greedy; top_k 0 or -1 disables it; seed makes sampling repeatable.
+    """OpenAI/vLLM meanings: temperature 0 is greedy (and one in (0, MIN_TEMPERATURE) samples at
+    MIN_TEMPERATURE, as vLLM); top_k 0 or -1 disables it; seed makes sampling repeatable.
 
     Penalties and ``logit_bias`` (token id -> added logit) shape the logits before temperature, top-k/top-p
     and greedy choice, as in vLLM: ``repetition_penalty`` over prompt and output tokens (a positive logit is
@@ -39,6 +40,9 @@ class SamplingParams:
 
 
 MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default max_logprobs and OpenAI's top_logprobs limit
+MIN_TEMPERATURE = 0.01  # vLLM's _MAX_TEMP: a positive temperature below it is raised to it (dividing overflows)
+MIN_REPETITION_PENALTY = 0.01  # a positive logit is divided by the penalty: much below this it overflows
+SEED_RANGE = (-2 ** 63, 2 ** 63 - 1)  # a signed 64-bit integer, as vLLM's and torch.Generator's seeds
 
 
 @dataclass

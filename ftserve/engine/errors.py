@@ -19,6 +19,11 @@ class ContextLengthError(RequestError):
     """The prompt, or the prompt plus ``max_tokens``, does not fit the model's context."""
 
 
+class SamplingError(RequestError):
+    """This request's sampling parameters made its next-token draw impossible (finite scores turned NaN or
+    infinite by its penalties or bias, every token banned); requests beside it are not affected."""
+
+
 class UnknownAdapterError(RequestError):
     """No adapter of that name is loaded (or it is being unloaded)."""
 

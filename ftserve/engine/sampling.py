@@ -4,10 +4,13 @@ First, for a request that asks, the logits are shaped as vLLM does: ``logit_bias
 repetition penalty over prompt and output tokens (a positive logit divided by it, a negative one multiplied),
 then the presence and frequency penalties over output tokens, and stop tokens set to -inf while the output
 is shorter than ``min_tokens``. ``temperature == 0`` is greedy (argmax of the shaped logits). Otherwise, per
-row: divide the logits by the temperature, keep the ``top_k`` largest (``top_k <= 0`` keeps all), keep the
+row: divide the logits by the temperature (at least ``MIN_TEMPERATURE``: a smaller positive temperature is
+raised to it, as vLLM does, since dividing by it overflows; at 0.01 the draw is already all but greedy), keep the ``top_k`` largest (``top_k <= 0`` keeps all), keep the
 smallest set of most likely tokens whose probability sums to at least ``top_p`` (the token that crosses
 ``top_p`` stays, so at least one does), renormalise, and draw from the row's own ``torch.Generator``. A
 request's seed fixes its generator, so its draws do not depend on which other requests share the batch.
+A row whose shaped scores are not finite (NaN or +inf; -inf is a ban), or whose draw fails, fails alone:
+``sample`` names the cause for that row and samples the others.
 Log probabilities, when asked for, are those of the model's own logits (before shaping and temperature), as
 vLLM reports them by default.
 """
@@ -19,7 +22,8 @@ import math
 import torch
 from torch import Tensor
 
-from .base import MAX_LOGPROBS, SamplingParams, TokenLogprobs
+from .base import (MAX_LOGPROBS, MIN_REPETITION_PENALTY, MIN_TEMPERATURE, SEED_RANGE, SamplingParams,
+                   TokenLogprobs)
 from .errors import RequestError
 
 
@@ -33,8 +37,9 @@ def check_params(params: SamplingParams) -> None:
         raise RequestError(f"top_p must be in (0, 1]; got {params.top_p!r}")
     if isinstance(params.top_k, bool) or not isinstance(params.top_k, int):
         raise RequestError(f"top_k must be an integer (0 or -1 disables it); got {params.top_k!r}")
-    if params.seed is not None and (isinstance(params.seed, bool) or not isinstance(params.seed, int)):
-        raise RequestError(f"seed must be an integer or None; got {params.seed!r}")
+    if params.seed is not None and (isinstance(params.seed, bool) or not isinstance(params.seed, int)
+                                    or not SEED_RANGE[0] <= params.seed <= SEED_RANGE[1]):
+        raise RequestError(f"seed must be a 64-bit signed integer or None; got {_short(params.seed)}")
     if any(not isinstance(s, str) or not s for s in params.stop):
         raise RequestError(f"stop must be a list of non-empty strings; got {params.stop!r}")
     if any(isinstance(t, bool) or not isinstance(t, int) for t in params.stop_token_ids):
@@ -43,8 +48,9 @@ def check_params(params: SamplingParams) -> None:
         value = getattr(params, name)
         if not _number(value) or not -2 <= value <= 2:
             raise RequestError(f"{name} must be a number in [-2, 2]; got {value!r}")
-    if not _number(params.repetition_penalty) or not 0 < params.repetition_penalty <= 10:
-        raise RequestError(f"repetition_penalty must be a number in (0, 10]; got {params.repetition_penalty!r}")
+    if not _number(params.repetition_penalty) or not MIN_REPETITION_PENALTY <= params.repetition_penalty <= 10:
+        raise RequestError(f"repetition_penalty must be a number in [{MIN_REPETITION_PENALTY}, 10]; got "
+                           f"{params.repetition_penalty!r}")
     if not isinstance(params.logit_bias, dict) or any(
             isinstance(k, bool) or not isinstance(k, int) or not _number(v) or not -100 <= v <= 100
             for k, v in params.logit_bias.items()):
@@ -58,6 +64,11 @@ def check_params(params: SamplingParams) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or not 0 <= value <= MAX_LOGPROBS):
             raise RequestError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None; got {value!r}")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
 def _number(value: object) -> bool:
@@ -89,26 +100,41 @@ History = tuple[list[int], list[int], frozenset[int]]  # a row's prompt, output 
 
 
 def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           histories: list[History]) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """Next token of every row of ``logits (rows, vocab)``, and its log probabilities where asked for;
-    ``histories``: each row's (prompt, output, banned) token ids, read by the penalties and min_tokens."""
+           histories: list[History]) -> tuple[list[int | None], list[TokenLogprobs | None], list[str | None]]:
+    """Next token of every row of ``logits (rows, vocab)``, its log probabilities where asked for, and why a
+    row failed (None for the rows that did not; their token is None). ``histories``: each row's (prompt,
+    output, banned) token ids, read by the penalties and min_tokens."""
     raw = logits
+    failures: list[str | None] = [None] * len(params)
     shaped = [i for i, p in enumerate(params) if shapes_logits(p) or histories[i][2]]
     if shaped:
         logits = logits.clone()
         for i in shaped:
             shape_row(logits[i], params[i], *histories[i])
-    tokens = logits.argmax(dim=-1).tolist()
+            failures[i] = unusable(logits[i])
+    tokens: list[int | None] = logits.argmax(dim=-1).tolist()
     for i, (p, generator) in enumerate(zip(params, generators)):
-        if not is_greedy(p):
-            tokens[i] = sample_row(logits[i], p, generator)
+        if failures[i] is None and not is_greedy(p):
+            tokens[i], failures[i] = sample_row(logits[i], p, generator)
     logprobs: list[TokenLogprobs | None] = [None] * len(tokens)
-    wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+    wanted = [i for i, p in enumerate(params) if p.logprobs is not None and failures[i] is None]
     if wanted:
         rows = torch.log_softmax(raw[wanted].float(), dim=-1)
         for row, i in zip(rows, wanted):
             logprobs[i] = token_logprobs(row, tokens[i], params[i].logprobs)
-    return tokens, logprobs
+    for i, failure in enumerate(failures):
+        if failure is not None:
+            tokens[i] = None
+    return tokens, logprobs, failures
+
+
+def unusable(scores: Tensor) -> str | None:
+    """Why a row of scores cannot be sampled from (NaN, +inf, or every token banned), or None."""
+    if bool(torch.isnan(scores).any()) or bool(torch.isposinf(scores).any()):
+        return "its penalties and logit_bias made the scores NaN or infinite"
+    if bool(torch.isneginf(scores).all()):
+        return "every token is banned"
+    return None
 
 
 def shape_row(row: Tensor, params: SamplingParams, prompt: list[int], output: list[int],
@@ -137,8 +163,10 @@ def token_logprobs(row: Tensor, token: int, k: int) -> TokenLogprobs:
                          top=list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else [])
 
 
-def sample_row(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    scores = logits.float() / params.temperature
+def sample_row(logits: Tensor, params: SamplingParams,
+               generator: torch.Generator) -> tuple[int | None, str | None]:
+    """One draw from a row, or None and why it could not be drawn."""
+    scores = logits.float() / max(params.temperature, MIN_TEMPERATURE)
     if 0 < params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -148,4 +176,6 @@ def sample_row(logits: Tensor, params: SamplingParams, generator: torch.Generato
         drop = sorted_probs.cumsum(0) - sorted_probs >= params.top_p  # mass before this token already suffices
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+        return None, f"at temperature {params.temperature} the sampling probabilities are not finite"
+    return int(torch.multinomial(probs, 1, generator=generator)), None

@@ -30,7 +30,7 @@ import torch
 from .adapter_cache import AdapterCache, AdapterRecord
 from .base import SamplingParams, StreamChunk, TokenLogprobs
 from .detokenize import TextStream
-from .errors import EngineClosedError, GenerationError
+from .errors import EngineClosedError, GenerationError, SamplingError
 from .runner import Piece, Runner
 from .lora_slots import LoraBatch, LoraSlots
 from .sampling import sample, token_logprobs
@@ -187,11 +187,16 @@ class EngineCore:
             keep = [i for i, ok in enumerate(finite) if ok]
             logits = logits[keep]
             sampled = [sampled[i] for i in keep]
-        tokens, logprobs = sample(logits, [s.params for s in sampled], [s.generator for s in sampled],
-                                  [(s.prompt, s.output, s.stop_ids if len(s.output) < s.params.min_tokens
-                                    else frozenset()) for s in sampled])
-        for seq, token, logprob in zip(sampled, tokens, logprobs):
-            self._append(seq, token, logprob)
+        tokens, logprobs, failures = sample(
+            logits, [s.params for s in sampled], [s.generator for s in sampled],
+            [(s.prompt, s.output, s.stop_ids if len(s.output) < s.params.min_tokens else frozenset())
+             for s in sampled])
+        for seq, token, logprob, failure in zip(sampled, tokens, logprobs, failures):
+            if failure is None:
+                self._append(seq, token, logprob)
+            else:  # this request's sampling parameters broke its own draw; the rows beside it go on
+                self._fail(seq, SamplingError(f"cannot choose the next token after {len(seq.output)} generated "
+                                              f"tokens: {failure}"))
 
     def _prompt_logprobs(self, seq: Sequence, piece: Piece, logits: torch.Tensor) -> None:
         """Log probabilities of the prompt tokens that follow each of ``piece``'s tokens."""

@@ -144,6 +144,16 @@ async def parse(request: Request, model: type[BodyT]) -> BodyT:
         raise APIError(400, "The request body is nested too deeply to validate.", code="invalid_json") from None
 
 
+def disconnect_of(request: Request):
+    """A coroutine function that returns once the client of ``request`` (whose body is read) disconnects."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return disconnected
+
+
 def build_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     """The ASGI app. The engine must be started (and stopped) by the caller; see ``run.serve``."""
     metrics = ServerMetrics()
@@ -188,11 +198,11 @@ def build_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/completions", responses=STREAMS)
     async def completions(request: Request):
-        return await serving.completions(await parse(request, CompletionRequest))
+        return await serving.completions(await parse(request, CompletionRequest), disconnect_of(request))
 
     @app.post("/v1/chat/completions", responses=STREAMS)
     async def chat_completions(request: Request):
-        return await serving.chat(await parse(request, ChatCompletionRequest))
+        return await serving.chat(await parse(request, ChatCompletionRequest), disconnect_of(request))
 
     @app.post("/tokenize")
     async def tokenize(request: Request):

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..engine.base import MAX_LOGPROBS, SamplingParams
+from ..engine.base import MAX_LOGPROBS, MIN_REPETITION_PENALTY, SEED_RANGE, SamplingParams
 from .errors import APIError
 
 
@@ -42,7 +42,7 @@ class _Sampling(_Body):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=128)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
     top_k: int = Field(default=-1, ge=-1)
@@ -51,7 +51,7 @@ class _Sampling(_Body):
     min_tokens: int = Field(default=0, ge=0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    repetition_penalty: float = Field(default=1.0, ge=MIN_REPETITION_PENALTY, le=10.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
@@ -68,7 +68,9 @@ class _Sampling(_Body):
     def _token_biases(cls, value):
         for key, bias in (value or {}).items():
             if not (key.isascii() and key.isdigit()):
-                raise ValueError(f"keys must be token ids (non-negative integers); got {key!r}")
+                raise ValueError(f"keys must be token ids (non-negative integers); got {key[:40]!r}")
+            if len(key) > 18:  # no vocabulary comes near; and int() refuses more than 4300 digits
+                raise ValueError(f"token id {key[:20]}... ({len(key)} digits) is outside every vocabulary")
             if not -100 <= bias <= 100:
                 raise ValueError(f"biases must be in [-100, 100]; token {key} has {bias}")
         return value
@@ -88,7 +90,7 @@ class _Sampling(_Body):
 
     def sampling_params(self, max_tokens: int, choice: int) -> SamplingParams:
         """One choice's parameters; choice i of n with a seed uses seed + i, so the n samples differ."""
-        seed = None if self.seed is None else self.seed + choice
+        seed = None if self.seed is None else wrap_seed(self.seed + choice)
         logprobs, prompt_logprobs = self.logprob_counts()
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, seed=seed, stop=list(self.stop or []),
@@ -227,6 +229,12 @@ class LoadLoraAdapterRequest(_Body):
 class UnloadLoraAdapterRequest(_Body):
     lora_name: str = Field(min_length=1, max_length=256)
     lora_int_id: int | None = None
+
+
+def wrap_seed(seed: int) -> int:
+    """``seed`` folded into the signed 64-bit range, so that seed + i for choice i of n stays a valid seed."""
+    low, high = SEED_RANGE
+    return (seed - low) % (high - low + 1) + low
 
 
 # Responses --------------------------------------------------------------------------------------------

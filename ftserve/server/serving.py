@@ -19,7 +19,8 @@ from .logprobs import chat_logprobs, completion_logprobs
 from .metrics import ServerMetrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, new_id, now,
                        usage)
-from .streams import Choice, Tracker, count_tokens, first_event, merged, run_to_end, sse_stream
+from .streams import (GONE, Choice, Disconnected, Tracker, client_gone, count_tokens, first_event, merged,
+                      open_streams, run_to_end, sse_stream, unless_disconnected)
 
 
 @dataclass
@@ -63,7 +64,7 @@ class OpenAIServing:
 
     # Completions --------------------------------------------------------------------------------
 
-    async def completions(self, body: CompletionRequest):
+    async def completions(self, body: CompletionRequest, disconnected: Disconnected | None = None):
         body.check()
         adapter = self.resolve(body.model)
         self.admit()
@@ -73,13 +74,17 @@ class OpenAIServing:
             raise APIError(400, f"`{name}` needs a tokenizer to turn tokens into text, and `{body.model}` is served "
                                 f"without one.", param=name, code="unsupported_parameter")
         prompts = body.prompts()
-        echoes = [echoed(prompt, tokenizer) for prompt in prompts] if body.echo else []
-        engine_prompts = [ids for ids, _ in echoes] if body.echo else prompts
+        # With echo, a string prompt is tokenized here as the engine would, so the echoed tokens are the ones
+        # it scores; token ids are decoded only once the engine has checked them against the vocabulary.
+        engine_prompts = [echo_ids(prompt, tokenizer) for prompt in prompts] if body.echo else prompts
         echo_only = body.token_limit == 0  # the engine generates one token, which is dropped, as in vLLM
         response_id, created = new_id("cmpl"), now()
         requests = [GenerationRequest(prompt, adapter, body.sampling_params(max(body.token_limit, 1), i),
                                       f"{response_id}-{p}-{i}")
                     for p, prompt in enumerate(engine_prompts) for i in range(body.n)]
+        streams = open_streams(self.engine, requests)
+        echoes = [(ids, prompt if isinstance(prompt, str) else tokenizer.decode(ids))
+                  for prompt, ids in zip(prompts, engine_prompts)] if body.echo else []
         tracker = Tracker(self.metrics, "/v1/completions", body.model)
 
         def content(index: int, state: Choice, text: str, token_ids: list[int], entries, prompt_entries):
@@ -116,8 +121,10 @@ class OpenAIServing:
                     yield envelope([choice(index, text, logprobs, chunk.finish_reason)])
 
             usage_frame = (lambda p, c: envelope([], usage=counted(p, c))) if body.include_usage else None
-            return await self._stream(requests, tracker, len(prompts), frame, usage_frame)
-        choices = await self._run(requests, tracker, len(prompts))
+            return await self._stream(streams, tracker, len(prompts), frame, usage_frame, disconnected)
+        choices = await self._run(streams, tracker, len(prompts), disconnected)
+        if choices is None:
+            return client_gone()
         return JSONResponse(envelope(
             [choice(i, *content(i, c, "".join(c.text), c.token_ids, c.logprobs, c.prompt_logprobs), c.finish_reason)
              for i, c in enumerate(choices)],
@@ -125,7 +132,7 @@ class OpenAIServing:
 
     # Chat ----------------------------------------------------------------------------------------
 
-    async def chat(self, body: ChatCompletionRequest):
+    async def chat(self, body: ChatCompletionRequest, disconnected: Disconnected | None = None):
         body.check()
         adapter = self.resolve(body.model)
         self.admit()
@@ -141,6 +148,7 @@ class OpenAIServing:
         rid = new_id("chatcmpl")
         requests = [GenerationRequest(prompt, adapter, body.sampling_params(limit, i), f"{rid}-{i}")
                     for i in range(body.n)]
+        streams = open_streams(self.engine, requests)
         created = now()
         tracker = Tracker(self.metrics, "/v1/chat/completions", body.model)
 
@@ -164,8 +172,10 @@ class OpenAIServing:
                                      "finish_reason": chunk.finish_reason}])
 
             usage_frame = (lambda p, c: envelope([], usage=usage(p, c))) if body.include_usage else None
-            return await self._stream(requests, tracker, 1, frame, usage_frame)
-        choices = await self._run(requests, tracker, 1)
+            return await self._stream(streams, tracker, 1, frame, usage_frame, disconnected)
+        choices = await self._run(streams, tracker, 1, disconnected)
+        if choices is None:
+            return client_gone()
         return JSONResponse(envelope(
             [{"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
               "logprobs": logprobs(c.token_ids, c.logprobs), "finish_reason": c.finish_reason}
@@ -218,30 +228,35 @@ class OpenAIServing:
 
     # Running ------------------------------------------------------------------------------------
 
-    async def _run(self, requests, tracker: Tracker, prompts: int):
+    async def _run(self, streams, tracker: Tracker, prompts: int,
+                   disconnected: Disconnected | None) -> list[Choice] | None:
+        """Every choice to its end; None if the client went away first (its requests are then cancelled)."""
         choices = None
         try:
-            choices = await run_to_end(self.engine, requests, tracker)
+            result = await unless_disconnected(run_to_end(streams, tracker), disconnected)
+            choices = None if result is GONE else result
             return choices
         finally:
             tracker.close(choices, prompts)
 
-    async def _stream(self, requests, tracker: Tracker, prompts: int, frame, usage_frame):
-        events = merged(self.engine, requests)
+    async def _stream(self, streams, tracker: Tracker, prompts: int, frame, usage_frame,
+                      disconnected: Disconnected | None):
+        events = merged(streams)
         try:
-            first = await first_event(events)
+            first = await unless_disconnected(first_event(events), disconnected)
         except BaseException:
             await events.aclose()
             tracker.close()
             raise
-        body = sse_stream(events, first, len(requests), prompts, frame, tracker, usage_frame)
+        if first is GONE:
+            await events.aclose()
+            tracker.close()
+            return client_gone()
+        body = sse_stream(events, first, len(streams), prompts, frame, tracker, usage_frame)
         return StreamingResponse(body, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def echoed(prompt: str | list[int], tokenizer) -> tuple[list[int], str]:
-    """A prompt as token ids and as text, for ``echo``. A string is tokenized here as the engine tokenizes it,
-    so the echoed tokens are those the engine scores."""
-    if isinstance(prompt, str):
-        return list(tokenizer(prompt)["input_ids"]), prompt
-    return prompt, tokenizer.decode(prompt)
+def echo_ids(prompt: str | list[int], tokenizer) -> list[int]:
+    """A prompt's token ids for ``echo``: a string tokenized as the engine tokenizes it."""
+    return list(tokenizer(prompt)["input_ids"]) if isinstance(prompt, str) else prompt

@@ -6,10 +6,12 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
+
+from fastapi.responses import JSONResponse
 
 from ..engine.base import Engine, GenerationRequest, StreamChunk, TokenLogprobs
-from .errors import from_exception
+from .errors import error_body, from_exception
 from .metrics import ServerMetrics
 
 
@@ -19,31 +21,37 @@ async def _close(iterator) -> None:
         await close()
 
 
-async def merged(engine: Engine, requests: list[GenerationRequest]) -> AsyncIterator[tuple[int, StreamChunk]]:
-    """``(choice index, chunk)`` from every request as the engine produces them. Closing this iterator (a client
-    that went away) closes every engine stream, which cancels their requests."""
-    if len(requests) == 1:
-        stream = engine.generate(requests[0])
+def open_streams(engine: Engine, requests: list[GenerationRequest]) -> list[AsyncIterator[StreamChunk]]:
+    """Every request's stream, or the first request's error with nothing queued: the engine checks a request
+    when ``generate`` is called and queues it only when its stream is first read, so a fan-out (``n > 1``, a
+    list of prompts) is validated whole before any of it runs."""
+    return [engine.generate(request) for request in requests]  # an error drops the unstarted ones unread
+
+
+async def merged(streams: list[AsyncIterator[StreamChunk]]) -> AsyncIterator[tuple[int, StreamChunk]]:
+    """``(choice index, chunk)`` from every stream as the engine produces them. Closing this iterator (a client
+    that went away) closes every engine stream, which cancels their requests. Any stream's failure is raised
+    here, and the others are cancelled."""
+    if len(streams) == 1:
         try:
-            async for chunk in stream:
+            async for chunk in streams[0]:
                 yield 0, chunk
         finally:
-            await _close(stream)
+            await _close(streams[0])
         return
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(index: int, request: GenerationRequest) -> None:
-        stream = engine.generate(request)
+    async def pump(index: int, stream: AsyncIterator[StreamChunk]) -> None:
         try:
             async for chunk in stream:
-                await queue.put((index, chunk, None))
-            await queue.put((index, None, None))
+                queue.put_nowait((index, chunk, None))
+            queue.put_nowait((index, None, None))
         except Exception as exc:  # handed to the consumer, which raises it
-            await queue.put((index, None, exc))
+            queue.put_nowait((index, None, exc))
         finally:
             await _close(stream)
 
-    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
     try:
         running = len(tasks)
         while running:
@@ -58,6 +66,33 @@ async def merged(engine: Engine, requests: list[GenerationRequest]) -> AsyncIter
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+Disconnected = Callable[[], Awaitable[None]]  # returns when the client has gone away
+GONE = object()  # what ``unless_disconnected`` returns when the client went away first
+CLIENT_CLOSED = 499  # nginx's status for a request whose client closed the connection; only metrics see it
+
+
+async def unless_disconnected(work: Awaitable, disconnected: Disconnected | None):
+    """``work``'s result, or GONE once the client has disconnected, after cancelling ``work`` (which closes
+    its engine streams, cancelling their requests: a client that gives up costs nothing more)."""
+    if disconnected is None:
+        return await work
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(watch, task, return_exceptions=True)
+    return GONE if task.cancelled() else task.result()
+
+
+def client_gone() -> JSONResponse:
+    """The answer to a request whose client left: nobody reads it, but the metrics count it."""
+    return JSONResponse(error_body(CLIENT_CLOSED, "The client closed the connection before the answer was ready."),
+                        status_code=CLIENT_CLOSED)
 
 
 @dataclass
@@ -125,11 +160,15 @@ def record(choice: Choice, chunk: StreamChunk) -> None:
         choice.finish_reason = chunk.finish_reason
 
 
-async def run_to_end(engine: Engine, requests: list[GenerationRequest], tracker: Tracker) -> list[Choice]:
-    choices = [Choice() for _ in requests]
-    async for index, chunk in merged(engine, requests):
-        tracker.token()
-        record(choices[index], chunk)
+async def run_to_end(streams: list[AsyncIterator[StreamChunk]], tracker: Tracker) -> list[Choice]:
+    choices = [Choice() for _ in streams]
+    events = merged(streams)
+    try:
+        async for index, chunk in events:
+            tracker.token()
+            record(choices[index], chunk)
+    finally:
+        await events.aclose()
     return choices
 
 
