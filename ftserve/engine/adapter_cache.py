@@ -11,6 +11,10 @@ A request pins its adapter from submission to its last chunk; a pinned adapter i
 cache, and a slot is reused only when no running row reads it. So what a request needs is there until it
 ends, and each tier stays within its bound. Slots are touched by the engine thread only; the cache by both
 threads, under ``lock``.
+
+An adapter loaded under a root (the server's ``--adapter-root``) keeps that root on its record, and every read
+of its folder, the first and each one after an eviction, checks first that nothing in the folder resolves
+outside it (ftserve/confinement.py, which says the check's limits). Adapters loaded without a root are trusted.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ import torch
 from torch import Tensor
 
 from ..adapter_io import read_adapter
+from ..confinement import confine_folder
 from ..errors import AdapterFileError
 from ..hub import resolve_folder
 from .base import AdapterInfo
-from .errors import AdapterLoadError
+from .errors import AdapterLoadError, PathOutsideAdapterRootError
 from .lora_slots import LoraSlots
 
 SlotFactors = dict[str, tuple[Tensor, Tensor, float]]  # module -> (A (r, d_in), B (d_out, r), scale)
@@ -39,6 +44,7 @@ SlotFactors = dict[str, tuple[Tensor, Tensor, float]]  # module -> (A (r, d_in),
 class AdapterRecord:
     info: AdapterInfo
     tokenizer: Any = None
+    root: Path | None = None  # every read of the folder stays inside it; None: trusted (given at startup)
     factors: SlotFactors | None = None
     pins: int = 0
     slot: int | None = None
@@ -51,12 +57,20 @@ def resolve_adapter_path(path: str) -> Path:
     return resolve_folder(path, "adapter", error=AdapterLoadError)
 
 
-def read_factors(path: Path, shapes: dict[str, tuple[int, int]], max_rank: int) -> tuple[Any, SlotFactors]:
+def read_factors(path: Path, shapes: dict[str, tuple[int, int]], max_rank: int,
+                 root: Path | None = None) -> tuple[Any, SlotFactors]:
     """Read and check an adapter folder against the base model; its exact plain-LoRA factors per module.
 
     Every method exports exact plain-LoRA factors (VeRA slices its shared pair with each module's input size,
-    taken from the base model), so one code path serves all five.
+    taken from the base model), so one code path serves all five. With ``root``, the folder is first checked
+    to hold nothing that resolves outside it (PathOutsideAdapterRootError, 403).
     """
+    if root is not None:
+        try:
+            confine_folder(path, root, error=PathOutsideAdapterRootError)
+        except OSError as exc:
+            raise AdapterLoadError(f"{path}: cannot check that every file in it lies inside the adapter root "
+                                   f"({exc.strerror or exc}); make the folder and all it holds readable") from None
     try:
         folder = read_adapter(path)
     except AdapterFileError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
@@ -99,7 +100,9 @@ class Engine(Protocol):
         """Stream a request's output; closing the iterator early cancels the request."""
         ...
 
-    async def load_adapter(self, name: str, path: str) -> AdapterInfo: ...
+    async def load_adapter(self, name: str, path: str, root: str | os.PathLike | None = None) -> AdapterInfo:
+        """Register the adapter at ``path`` as ``name``; with ``root``, every read of it stays inside ``root``."""
+        ...
 
     async def unload_adapter(self, name: str) -> None: ...
 

@@ -58,3 +58,10 @@ class EngineClosedError(ServingError):
     """The engine was shut down (or its loop died); nothing more is served."""
 
     http_status = 503
+
+
+class PathOutsideAdapterRootError(AdapterLoadError):
+    """An adapter loaded under a root has a file (or is itself) a symlink leading out of it
+    (ftserve/confinement.py); the class name is the error code the server answers with."""
+
+    http_status = 403

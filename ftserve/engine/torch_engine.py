@@ -246,10 +246,12 @@ class TorchEngine:
             await self._unpinned.wait()
 
     async def _read_once(self, name: str, path: Path):
-        """One disk read per adapter however many requests wait for it."""
+        """One disk read per adapter however many requests wait for it, checked against the adapter's root (if
+        it was loaded under one) on this read too: the folder may have changed since it was loaded."""
         if name not in self._reads:
             loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(None, read_factors, path, self.shapes, self.max_lora_rank)
+            root = self.cache.records[name].root  # the caller holds a pin, so the record is there
+            future = loop.run_in_executor(None, read_factors, path, self.shapes, self.max_lora_rank, root)
             self._reads[name] = future
             future.add_done_callback(lambda _: self._reads.pop(name, None))
         _, factors = await asyncio.shield(self._reads[name])
@@ -257,24 +259,33 @@ class TorchEngine:
 
     # Adapters --------------------------------------------------------------------------------------------
 
-    async def load_adapter(self, name: str, path: str) -> AdapterInfo:
+    async def load_adapter(self, name: str, path: str, root: str | os.PathLike | None = None) -> AdapterInfo:
         """Read, check and register an adapter (a folder or a Hub repo id) under ``name``; requests may use it
-        as soon as this returns. Requests in flight are not disturbed."""
+        as soon as this returns. Requests in flight are not disturbed.
+
+        With ``root`` (the server's runtime load API), ``path`` must be a folder whose every file resolves
+        inside ``root``, now and on every later read (PathOutsideAdapterRootError, 403); never a Hub id.
+        """
         self._bind_loop()
         if not isinstance(name, str) or not name or name == self.model_name:
             raise AdapterLoadError(f"adapter name {name!r} is empty or is the base model's name")
         if name in self.cache.records:
             raise AdapterExistsError(f"an adapter named {name!r} is already loaded; unload it first")
         loop = asyncio.get_running_loop()
+        if root is not None:
+            root = Path(os.path.realpath(root))
+            path = os.path.abspath(path)  # an absolute name is never taken for a Hub repo id
         resolved = await loop.run_in_executor(None, resolve_adapter_path, str(path))
-        folder, factors = await loop.run_in_executor(None, read_factors, resolved, self.shapes, self.max_lora_rank)
+        folder, factors = await loop.run_in_executor(None, read_factors, resolved, self.shapes, self.max_lora_rank,
+                                                     root)
+        # The check read_factors made also covered the tokenizer files, read just after it.
         tokenizer = await loop.run_in_executor(None, _adapter_tokenizer, resolved)
         if name in self.cache.records:
             raise AdapterExistsError(f"an adapter named {name!r} is already loaded; unload it first")
         rank = max(A.shape[0] for A, _, _ in factors.values())
         info = AdapterInfo(name=name, path=str(resolved), method=folder.config.method, rank=rank,
                            loaded_at=time.time())
-        record = AdapterRecord(info=info, tokenizer=tokenizer)
+        record = AdapterRecord(info=info, tokenizer=tokenizer, root=root)
         self.cache.records[name] = record
         self.cache.put(record, factors)  # if every cached adapter is busy, it is read again on first use
         return info

@@ -229,7 +229,8 @@ def build_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             raise APIError(400, f"`{body.lora_name}` is the base model's name; choose another adapter name.",
                            param="lora_name", code="invalid_value")
         path = confine(settings.adapter_root, body.lora_path)
-        await engine.load_adapter(body.lora_name, str(path))
+        # The engine checks every file of the folder against the root, now and whenever it reads it again.
+        await engine.load_adapter(body.lora_name, str(path), root=settings.adapter_root)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)

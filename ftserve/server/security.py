@@ -6,7 +6,9 @@
 - ``BodyLimitMiddleware``: a body over the limit gets 413 before any handler or JSON parser sees it, whether
   the client declares a Content-Length or streams chunks.
 - ``confine``: the runtime load API reads adapter folders only under ``--adapter-root``; ``..``, absolute
-  paths elsewhere and symlinks that lead out are refused.
+  paths elsewhere and symlinks that lead out are refused. That covers the folder named; the files in it
+  (a weights file that is a symlink to a file outside, say) are checked by the engine, which is given the
+  root and checks the whole folder before every read of it (ftserve/confinement.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import hmac
 import os
 from pathlib import Path, PurePosixPath
 
+from ..confinement import is_inside
 from .errors import APIError, error_bytes
 
 
@@ -114,7 +117,7 @@ def confine(root: Path, requested: str) -> Path:
     real_root = Path(os.path.realpath(root))
     candidate = Path(requested) if pure.is_absolute() else real_root / pure
     real = Path(os.path.realpath(candidate))
-    if real != real_root and real_root not in real.parents:
+    if not is_inside(real, real_root):
         why = "it is outside the root" if pure.is_absolute() else "it resolves (through a symlink) outside the root"
         raise _outside(requested, why)
     return real
