@@ -39,7 +39,8 @@ from torch import Tensor
 from .adapter_io import AdapterFolder, atomic_output_dir, read_adapter
 from .checkpoint import (FLOATS, INDEX, SINGLE, Checkpoint, TensorEntry, TensorReader, copy_range,
                          open_checkpoint, parse_size, resolve_base, safetensors_header)
-from .errors import AdapterFileError, CheckpointError
+from .errors import AdapterFileError, CheckpointError, ConfigError
+from .methods import LoraFactors
 
 COPIED_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken", ".py", ".vocab")
 NOT_COPIED = {INDEX, "pytorch_model.bin.index.json", "README.md", "adapter_config.json"}
@@ -52,20 +53,30 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @dataclass
 class AdapterSpec:
-    """``DIR`` or ``DIR:WEIGHT`` on the command line."""
+    """``DIR`` or ``DIR:WEIGHT`` on the command line. The weight must be finite: a NaN or inf weight would make
+    every folded weight NaN or inf, and such a model loads without complaint."""
 
     path: Path
     weight: float = 1.0
 
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.weight):
+            raise ConfigError(f"{self.path}: adapter weight {self.weight!r} is not a finite number; give a weight "
+                              f"such as 1 or 0.5")
+
     @classmethod
     def parse(cls, text: str) -> "AdapterSpec":
+        """The text after the last colon is the weight, unless the whole text names an existing path (a folder
+        whose name holds a colon)."""
         head, sep, tail = text.rpartition(":")
-        if sep and head:
-            try:
-                return cls(Path(head), float(tail))
-            except ValueError:
-                pass
-        return cls(Path(text))
+        if not (sep and head) or Path(text).exists():
+            return cls(Path(text))
+        try:
+            weight = float(tail)
+        except ValueError:
+            raise ConfigError(f"adapter weight {tail!r} in {text!r} is not a number, and there is no adapter "
+                              f"folder {text!r}; write DIR or DIR:WEIGHT, e.g. {head}:0.5") from None
+        return cls(Path(head), weight)
 
 
 @dataclass
@@ -140,8 +151,9 @@ class MergePlan:
 
 def plan_merge(base: str | os.PathLike, adapters: list[AdapterSpec], dtype: str | None = None,
                max_shard_size: str | int = "5GB", allow_pickle: bool = False) -> MergePlan:
-    """Resolve the base, read every adapter, check that each fits (module present, shapes agree) and lay out
-    the output shards. Raises AdapterFileError / CheckpointError naming the module and both shapes."""
+    """Resolve the base, read every adapter, check that each fits (module present, shapes agree, factors
+    finite) and lay out the output shards. Raises AdapterFileError / CheckpointError naming the module (and both
+    shapes, for a mismatch)."""
     if not adapters:
         raise AdapterFileError("give at least one adapter to merge")
     if dtype is not None and dtype not in DTYPES:
@@ -200,6 +212,7 @@ def _plan_folds(checkpoint: Checkpoint, folders: list[tuple[AdapterSpec, Adapter
             sizes[module], keys[module] = (shape[0] if is_t else shape[1]), (key, entry, is_t)
         factors = folder.lora_factors(sizes)
         for module, f in factors.items():
+            _check_finite(folder, module, f, spec.weight)
             key, entry, is_t = keys[module]
             need = (f.B.shape[0], f.A.shape[1])
             have = tuple(entry.shape[::-1]) if is_t else tuple(entry.shape)
@@ -224,6 +237,21 @@ def _plan_folds(checkpoint: Checkpoint, folders: list[tuple[AdapterSpec, Adapter
             B = torch.cat([p[2] * (p[0] * p[3]) for p in parts], dim=1)
             folds[key] = Fold(A, B, 1.0, transposed[key])
     return folds, extra
+
+
+def _check_finite(folder: AdapterFolder, module: str, factors: LoraFactors, weight: float) -> None:
+    """A NaN or inf in an adapter (a diverged training run, a damaged file) spreads to every row of the weight
+    it is folded into, and the merged model still loads; refuse it before anything is written. B is checked
+    as the fold scales it too, in fp32, where a huge weight overflows."""
+    for name, value in (("A", factors.A), ("B", factors.B)):
+        bad = int(value.numel() - torch.isfinite(value).sum())
+        if bad:
+            raise AdapterFileError(f"{folder.path}: module {module}: its LoRA factor {name} holds {bad} NaN or inf "
+                                   f"value(s) of {value.numel()}; the adapter is corrupt or its training diverged, "
+                                   f"so retrain it or use an earlier checkpoint")
+    if not torch.isfinite(factors.B.float() * (factors.scale * weight)).all():
+        raise ConfigError(f"{folder.path}: module {module}: weight {weight:g} times the scale {factors.scale:g} "
+                          f"overflows float32 in its LoRA factor B; give a smaller weight")
 
 
 def _find_weight(checkpoint: Checkpoint, module: str, tied: bool,

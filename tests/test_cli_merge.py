@@ -3,6 +3,7 @@
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from ftserve.cli import main
@@ -69,6 +70,54 @@ def test_errors_are_one_line_messages_not_tracebacks(tmp_path, llama_dir, adapte
     assert "Traceback" not in missing.output and not (tmp_path / "m").exists()
     pickled = run("merge", llama_dir, tmp_path / "nowhere", "-o", tmp_path / "m")
     assert pickled.exit_code == 1 and "no such adapter folder" in pickled.output
+
+
+DOWN_PROJ_B = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_merge_refuses_an_adapter_holding_nan_or_inf_and_writes_nothing(tmp_path, llama_dir, adapters, bad):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(adapters / "lora", adapter)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    tensors[DOWN_PROJ_B][3, 1] = bad
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    result = run("merge", llama_dir, adapter, "-o", tmp_path / "merged")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert (f"Error: {adapter}: module model.layers.1.mlp.down_proj: its LoRA factor B holds 1 NaN or inf value(s) "
+            f"of 512;") in result.output, result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+@pytest.mark.parametrize("weight", ["nan", "inf", "-inf"])
+def test_merge_refuses_a_nan_or_inf_weight(tmp_path, llama_dir, adapters, weight):
+    result = run("merge", llama_dir, f"{adapters / 'lora'}:{weight}", "-o", tmp_path / "merged")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"Error: {adapters / 'lora'}: adapter weight {float(weight)!r} is not a finite number" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_refuses_a_weight_that_overflows_float32(tmp_path, llama_dir, adapters):
+    result = run("merge", llama_dir, f"{adapters / 'lora'}:1e39", "-o", tmp_path / "merged")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "weight 1e+39 times the scale 2 overflows float32" in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_weight_that_is_not_a_number_is_named_as_such(tmp_path, llama_dir, adapters):
+    text = f"{adapters / 'lora'}:abc"
+    result = run("merge", llama_dir, text, "-o", tmp_path / "merged")
+    assert result.exit_code == 1 and "no such adapter folder" not in result.output
+    assert f"Error: adapter weight 'abc' in {text!r} is not a number" in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_adapter_folder_whose_name_holds_a_colon_is_still_a_folder(tmp_path, llama_dir, adapters):
+    for name in ("run:abc", "run:0.5"):
+        shutil.copytree(adapters / "lora", tmp_path / name)
+        result = run("merge", llama_dir, tmp_path / name, "-o", tmp_path / f"{name}-merged")
+        assert result.exit_code == 0, result.output
+        assert f"| `{tmp_path / name}` | 1 |" in (tmp_path / f"{name}-merged" / "README.md").read_text()
 
 
 def test_inspect_says_what_vllm_can_serve(adapters):

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from ftserve import AdapterFileError, CheckpointError, read_adapter
+from ftserve import AdapterFileError, CheckpointError, ConfigError, read_adapter
 from ftserve.merge import AdapterSpec, merge_checkpoint
 from ftserve.tiny import save_tiny_model, tiny_llama
 
@@ -210,6 +210,12 @@ def test_tied_lm_head_is_written_out_and_the_config_untied(tmp_path, gpt2_dir):
 def assert_nothing_written(out: Path) -> None:
     assert not out.exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_a_nan_or_inf_weight_given_from_python_is_refused(tmp_path, weight):
+    with pytest.raises(ConfigError, match=f"adapter weight {weight!r} is not a finite number"):
+        AdapterSpec(tmp_path / "adapter", weight)
 
 
 def test_adapter_for_another_architecture_is_refused_naming_the_module(tmp_path, llama_dir, matrix):
