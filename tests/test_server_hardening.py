@@ -275,6 +275,21 @@ def test_a_non_streaming_request_is_cancelled_when_its_client_disconnects(server
     assert solo(server) == solo(server)
 
 
+def test_openapi_json_describes_the_request_models_the_server_validates_with(server):
+    from ftserve.server.protocol import CompletionRequest
+
+    document = httpx.get(server.url + "/openapi.json").json()
+    body = document["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/CompletionRequest"}
+    schema = document["components"]["schemas"]["CompletionRequest"]
+    assert schema == CompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}") | {
+        "$defs": schema.get("$defs")} if "$defs" in schema else schema
+    seed = next(s for s in schema["properties"]["seed"]["anyOf"] if s.get("type") == "integer")
+    assert (seed["minimum"], seed["maximum"]) == (-2 ** 63, 2 ** 63 - 1)
+    errors = document["paths"]["/v1/chat/completions"]["post"]["responses"]["default"]
+    assert errors["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+
+
 def test_sigterm_exits_0_after_all_of_the_above(server):
     """Last in this module: nothing above left a request hanging, so the server drains and exits."""
     settle(server)

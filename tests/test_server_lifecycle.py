@@ -33,7 +33,8 @@ def test_v1_routes_need_the_api_key(server):
             server.client(api_key=key).models.list()
         assert info.value.status_code == 401 and info.value.body["code"] == "invalid_api_key"
     for method, route in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
-                          ("POST", "/v1/load_lora_adapter"), ("POST", "/tokenize"), ("POST", "/detokenize")):
+                          ("POST", "/v1/load_lora_adapter"), ("POST", "/tokenize"), ("POST", "/detokenize"),
+                          ("GET", "/openapi.json")):
         response = httpx.request(method, server.url + route, json={"model": "base", "prompt": "x"})
         assert response.status_code == 401
         assert response.json()["error"]["code"] == "missing_api_key"

@@ -29,7 +29,8 @@ async def send_error(send, status: int, message: str, code: str, headers: dict[s
     await send({"type": "http.response.body", "body": body})
 
 
-PROTECTED = ("/tokenize", "/detokenize")  # besides /v1: vLLM leaves these open, but they name served models
+# Besides /v1: vLLM leaves these open, but they name served models (and the schema, the adapter API's shape).
+PROTECTED = ("/tokenize", "/detokenize", "/openapi.json")
 
 
 class ApiKeyMiddleware:
