@@ -404,10 +404,55 @@ def test_metrics_in_prometheus_text(server):
     assert lines['ftserve_prompt_tokens_total{model="fa"}'] >= 1
     assert lines['ftserve_generation_tokens_total{model="fa"}'] >= 3
     assert lines['ftserve_request_latency_seconds_count{route="/v1/completions"}'] >= 1
-    assert lines['ftserve_time_to_first_token_seconds_bucket{route="/v1/completions",le="+Inf"}'] >= 1
+    assert lines['ftserve_time_to_first_token_seconds_bucket{le="+Inf",route="/v1/completions"}'] >= 1
     assert lines["ftserve_queue_depth"] == 0 and lines["ftserve_requests_in_flight"] == 0
     assert lines["ftserve_loaded_adapters"] == len({m.id for m in server.client().models.list().data}) - 1
     assert "# TYPE ftserve_request_latency_seconds histogram" in text
+
+
+LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, float("inf")]
+TTFT_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, float("inf")]
+METRICS = {  # family: type, label names of its samples (a histogram's buckets add "le")
+    "ftserve_http_requests": ("counter", {"route", "status"}),
+    "ftserve_request_errors": ("counter", {"route", "status"}),
+    "ftserve_generation_requests": ("counter", {"model"}),
+    "ftserve_prompt_tokens": ("counter", {"model"}),
+    "ftserve_generation_tokens": ("counter", {"model"}),
+    "ftserve_request_latency_seconds": ("histogram", {"route"}),
+    "ftserve_time_to_first_token_seconds": ("histogram", {"route"}),
+    "ftserve_requests_in_flight": ("gauge", set()),
+    "ftserve_queue_depth": ("gauge", set()),
+    "ftserve_loaded_adapters": ("gauge", set()),
+}
+
+
+def test_metrics_parse_with_their_names_labels_types_and_buckets(server):
+    """What Prometheus' own parser reads from /metrics: exactly these families (no ``_created`` ones), the
+    engine's stats as ``ftserve_engine_<key>``, counters exposed as ``<name>_total``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server.client().chat.completions.create(model="lora", messages=MESSAGES, max_tokens=2)
+    response = httpx.get(server.url + "/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    engine = {name: f for name, f in families.items() if name.startswith("ftserve_engine_")}
+    assert set(families) - set(engine) == set(METRICS)
+    for name, (kind, labels) in METRICS.items():
+        assert families[name].type == kind, name
+        for sample in families[name].samples:
+            bucket = sample.name == name + "_bucket"
+            assert set(sample.labels) == labels | ({"le"} if bucket else set()), sample
+            assert kind != "counter" or sample.name == name + "_total", sample
+    for name, bounds in [("ftserve_request_latency_seconds", LATENCY_BUCKETS),
+                         ("ftserve_time_to_first_token_seconds", TTFT_BUCKETS)]:
+        les = [float(s.labels["le"]) for s in families[name].samples
+               if s.name == name + "_bucket" and s.labels["route"] == "/v1/chat/completions"]
+        assert les == bounds, name
+    assert engine["ftserve_engine_steps"].type == "counter"
+    assert engine["ftserve_engine_queued_requests"].type == "gauge"
+    for name, family in engine.items():
+        (sample,) = family.samples
+        assert (family.type == "counter") == sample.name.endswith("_total"), sample
 
 
 def test_tokenize_and_detokenize_as_vllm(server, llama_dir, root):

@@ -13,6 +13,7 @@ from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -84,9 +85,9 @@ class HttpMetricsMiddleware:
         async def counted(message):
             if message["type"] == "http.response.start":
                 status = str(message["status"])
-                self.metrics.http_requests.inc(route=route, status=status)
+                self.metrics.http_requests.labels(route=route, status=status).inc()
                 if message["status"] >= 400:
-                    self.metrics.errors.inc(route=route, status=status)
+                    self.metrics.errors.labels(route=route, status=status).inc()
             await send(message)
 
         await self.app(scope, receive, counted)
@@ -156,7 +157,7 @@ def disconnect_of(request: Request):
 
 def build_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     """The ASGI app. The engine must be started (and stopped) by the caller; see ``run.serve``."""
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(engine)
     serving = OpenAIServing(engine, settings, metrics)
     started = int(time.time())
     app = FastAPI(title="ftserve", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
@@ -185,8 +186,7 @@ def build_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
-        text = metrics.render(len(engine.list_adapters()), dict(engine.stats()))
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():

@@ -118,13 +118,13 @@ class Tracker:
         self.closed = False
         metrics.in_flight += 1
         metrics.waiting += 1
-        metrics.generation_requests.inc(model=model)
+        metrics.generation_requests.labels(model=model).inc()
 
     def token(self) -> None:
         if not self.first:
             self.first = True
             self.metrics.waiting -= 1
-            self.metrics.ttft.observe(time.perf_counter() - self.start, route=self.route)
+            self.metrics.ttft.labels(route=self.route).observe(time.perf_counter() - self.start)
 
     def close(self, choices: list[Choice] | None = None, prompts: int = 1) -> None:
         if self.closed:
@@ -135,9 +135,9 @@ class Tracker:
             self.metrics.waiting -= 1
         if choices:
             prompt_tokens, completion_tokens = count_tokens(choices, prompts)
-            self.metrics.prompt_tokens.inc(prompt_tokens, model=self.model)
-            self.metrics.generation_tokens.inc(completion_tokens, model=self.model)
-            self.metrics.latency.observe(time.perf_counter() - self.start, route=self.route)
+            self.metrics.prompt_tokens.labels(model=self.model).inc(prompt_tokens)
+            self.metrics.generation_tokens.labels(model=self.model).inc(completion_tokens)
+            self.metrics.latency.labels(route=self.route).observe(time.perf_counter() - self.start)
 
 
 def count_tokens(choices: list[Choice], prompts: int) -> tuple[int, int]:
