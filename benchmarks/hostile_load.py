@@ -2,7 +2,7 @@
 their solo answers, does every hostile one get a clean 4xx (or a 200 where it is valid), and what does the hostile
 traffic cost? Prints one JSON line; exits 1 if a normal answer changed, a hostile request got a 5xx or hung.
 
-The tiny Llama of ``ftserve.tiny`` (hidden 128, 2 layers, vocab 1000) served by ``ftserve serve`` in a subprocess
+The tiny Llama of ``ftserve.testing`` (hidden 128, 2 layers, vocab 1000) served by ``ftserve serve`` in a subprocess
 on 127.0.0.1 (started as serve_http.py starts it; 32 sequences a batch, the default 256 concurrent requests), with
 three adapters of different methods (lora, vera, delta-lora) whose every factor is random.
 The 32 normal requests mix completions and chat, streaming and not, the base and each adapter, greedy (temperature
@@ -52,7 +52,7 @@ import openai  # noqa: E402
 import torch  # noqa: E402
 
 from ftserve import FineTuningConfig, FineTuningModel  # noqa: E402
-from ftserve.tiny import save_tiny_model, tiny_llama, toy_sentences  # noqa: E402
+from ftserve.testing import save_tiny_model, tiny_llama, toy_sentences  # noqa: E402
 from serve_http import start_server  # noqa: E402  (this script's folder is on sys.path)
 
 BASE, ADAPTERS = "base", {"lora": "lora", "vera": "vera", "delta": "delta-lora"}
@@ -336,7 +336,7 @@ def main() -> None:
     ok = (exact == NORMAL and fivexx == 0 and counts["server_counted_5xx"] == 0 and hung == 0 and end["server_alive"]
           and end["health_status"] == 200 and end["sigterm_exit"] == 0)
     print(json.dumps({
-        "benchmark": "hostile_load", "model": "ftserve.tiny llama (hidden 128, 2 layers, vocab 1000)",
+        "benchmark": "hostile_load", "model": "ftserve.testing llama (hidden 128, 2 layers, vocab 1000)",
         "adapters": ADAPTERS, "normal_total": NORMAL, "normal_exact_as_solo": exact,
         "clean_exact_as_solo": run["clean_exact_as_solo"], "mixed_exact_as_solo": run["mixed_exact_as_solo"],
         "normal_sampled_with_seed": sum(r["seed"] is not None for r in normal_requests()),

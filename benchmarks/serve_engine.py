@@ -32,8 +32,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from ftserve.engine.base import GenerationRequest, SamplingParams  # noqa: E402
-from ftserve.engine.torch_engine import TorchEngine  # noqa: E402
-from ftserve.tiny import save_random_lora, tiny_llama  # noqa: E402
+from ftserve.engine.torch import TorchEngine  # noqa: E402
+from ftserve.testing import save_random_lora, tiny_llama  # noqa: E402
 
 
 def build_model(shape: dict):

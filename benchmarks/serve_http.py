@@ -47,7 +47,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from ftserve.engine.base import GenerationRequest, SamplingParams  # noqa: E402
-from ftserve.tiny import build_tokenizer, save_random_lora, tiny_llama  # noqa: E402
+from ftserve.testing import build_tokenizer, save_random_lora, tiny_llama  # noqa: E402
 
 SHAPE = {"vocab_size": 1000, "hidden": 256, "layers": 4, "heads": 8, "intermediate": 512}
 ADAPTERS, RANK, PROMPT_TOKENS, NEW_TOKENS, LEVELS = 8, 16, 32, 32, (1, 8, 32)
@@ -101,7 +101,7 @@ async def measure(base: Path, root: Path, names: list[str], url: str, counts: di
                   client_kind: str, server_pid: int) -> dict:
     """Direct and HTTP runs alternate, round by round, so that both see the same machine; each level's ratio is
     the median of its per-round ratios."""
-    from ftserve.engine.torch_engine import TorchEngine
+    from ftserve.engine.torch import TorchEngine
 
     engine = TorchEngine.from_pretrained(base, model_name="base", max_loras=ADAPTERS, max_batch_size=32)
     this, server = psutil.Process(), psutil.Process(server_pid)

@@ -1,15 +1,51 @@
-"""ftserve: train adapters with five methods, fold them into standalone models, serve many at once."""
+"""ftserve: train adapters with five methods, fold them into standalone models, serve many at once.
 
-__version__ = "0.1.0"
+The public names are imported on first use (PEP 562), so ``import ftserve`` and the CLI's ``--help`` do not
+pay for torch and transformers.
+"""
 
-from .adapter_io import AdapterFolder, export_adapter, load_adapter, read_adapter  # noqa: E402
-from .config import METHODS, FineTuningConfig  # noqa: E402
-from .errors import AdapterFileError, CheckpointError, ConfigError, FtserveError, ServingError  # noqa: E402
-from .methods import LoraFactors  # noqa: E402
-from .model import FineTuningModel  # noqa: E402
+from __future__ import annotations
 
-__all__ = [
-    "METHODS", "AdapterFileError", "AdapterFolder", "CheckpointError", "ConfigError", "FineTuningConfig",
-    "FineTuningModel", "FtserveError", "LoraFactors", "ServingError", "export_adapter", "load_adapter",
-    "read_adapter", "__version__",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .version import __version__
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "AdapterFolder": "ftserve.files.adapter_folder",
+    "export_adapter": "ftserve.files.adapter_folder",
+    "read_adapter": "ftserve.files.adapter_folder",
+    "METHODS": "ftserve.config",
+    "FineTuningConfig": "ftserve.config",
+    "AdapterFileError": "ftserve.errors",
+    "CheckpointError": "ftserve.errors",
+    "ConfigError": "ftserve.errors",
+    "FtserveError": "ftserve.errors",
+    "ServingError": "ftserve.errors",
+    "LoraFactors": "ftserve.methods",
+    "FineTuningModel": "ftserve.model",
+    "load_adapter": "ftserve.model",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+if TYPE_CHECKING:
+    from .config import METHODS, FineTuningConfig
+    from .errors import AdapterFileError, CheckpointError, ConfigError, FtserveError, ServingError
+    from .files.adapter_folder import AdapterFolder, export_adapter, read_adapter
+    from .methods import LoraFactors
+    from .model import FineTuningModel, load_adapter
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ftserve' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -222,7 +222,7 @@ class FineTuningConfig:
 
 
 def _version() -> str:
-    from . import __version__
+    from .version import __version__
 
     return __version__
 

@@ -1,4 +1,5 @@
-"""FineTuningModel: a transformers causal LM with one adapter method injected in place.
+"""FineTuningModel: a transformers causal LM with one adapter method injected in place; adapter folders
+saved from it and loaded onto a base model.
 
 The wrapped model is modified in place, as PEFT does: every target ``nn.Linear`` / ``Conv1D`` is replaced by
 the method's AdapterLayer holding the original layer as ``base_layer``; every base parameter is frozen.
@@ -6,18 +7,29 @@ the method's AdapterLayer holding the original layer as ``base_layer``; every ba
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import weakref
 from typing import Any, Iterator
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .config import FineTuningConfig
-from .errors import ConfigError
+from .config import EXTRA_KEY, FineTuningConfig
+from .errors import AdapterFileError, ConfigError
+from .files.adapter_folder import (
+    ADAPTER_WEIGHTS,
+    DELTA_STATE,
+    PREFIX,
+    AdapterFolder,
+    plain_lora,
+    read_adapter,
+    write_adapter_folder,
+)
 from .methods import AdapterLayer, get_method
 from .methods.base import LoraFactors, linear_shape, targetable_types
+from .methods.vera import VeraProjection
 
 # Targets used when none are given, as PEFT's defaults for the same model types.
 DEFAULT_TARGETS = {
@@ -207,8 +219,6 @@ class FineTuningModel(nn.Module):
 
     def save_adapter(self, path: str | os.PathLike) -> None:
         """Write the adapter in PEFT's layout (adapter_config.json + adapter_model.safetensors)."""
-        from .adapter_io import save_adapter
-
         save_adapter(self, path)
 
     save_pretrained = save_adapter
@@ -217,8 +227,6 @@ class FineTuningModel(nn.Module):
     def from_pretrained(cls, base_model: nn.Module, path: str | os.PathLike,
                         is_trainable: bool = False) -> "FineTuningModel":
         """Load an adapter folder written by us or by PEFT onto ``base_model`` (modified in place)."""
-        from .adapter_io import load_adapter
-
         return load_adapter(base_model, path, is_trainable=is_trainable)
 
     def adapter_parameters(self) -> Iterator[nn.Parameter]:
@@ -234,3 +242,97 @@ def untie_if_changed(model: nn.Module) -> None:
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     if inp is not None and out is not None and inp.weight is not out.weight:
         config.tie_word_embeddings = False
+
+
+# Loading onto a model ---------------------------------------------------------------------------
+
+def load_adapter(base_model: torch.nn.Module, path: str | os.PathLike, is_trainable: bool = False,
+                 allow_pickle: bool = False) -> FineTuningModel:
+    """Inject the folder's adapter into ``base_model`` and load its tensors. On any mismatch the base model
+    is left exactly as it was and AdapterFileError lists every problem."""
+    folder = read_adapter(path, allow_pickle)
+    flags = {name: p.requires_grad for name, p in base_model.named_parameters()}
+    try:
+        model = FineTuningModel(base_model, folder.config, module_names=sorted(folder.modules))
+    except ConfigError as exc:
+        raise AdapterFileError(f"{folder.path}: does not fit this model: {exc}") from None
+    try:
+        load_tensors(model, folder)
+    except AdapterFileError:
+        _restore(model, flags)
+        raise
+    model.steps_done = int(folder.extra.get("steps_done", 0))
+    if not is_trainable:
+        for param in model.adapter_parameters():
+            param.requires_grad_(False)
+        model.eval()
+    return model
+
+
+def load_tensors(model: FineTuningModel, folder: AdapterFolder) -> None:
+    problems = []
+    for name, layer in model.adapter_layers.items():
+        state = folder.modules[name]
+        layer.prepare_for_state(set(state))
+        expected = {k: tuple(v.shape) for k, v in layer.adapter_state().items()}
+        for key, shape in expected.items():
+            if key not in state:
+                problems.append(f"{name}.{key} is missing")
+            elif tuple(state[key].shape) != shape:
+                problems.append(f"{name}.{key} has shape {tuple(state[key].shape)}, this model needs {shape}")
+        problems += [f"{name}.{key} is not used by {folder.config.method}" for key in set(state) - set(expected)]
+    shared = getattr(model, "shared", None)
+    if isinstance(shared, VeraProjection) and folder.shared:
+        for key in ("vera_A", "vera_B"):
+            if key not in folder.shared:
+                problems.append(f"base_model.{key} is missing")
+        if not problems:
+            need_in, need_out = shared.vera_A.shape[1], shared.vera_B.shape[0]
+            got_A, got_B = folder.shared["vera_A"], folder.shared["vera_B"]
+            if got_A.shape[0] != folder.config.lora_r or got_A.shape[1] < need_in or got_B.shape[0] < need_out:
+                problems.append(f"base_model.vera_A/B have shapes {tuple(got_A.shape)}/{tuple(got_B.shape)}, this "
+                                f"model needs at least ({folder.config.lora_r}, {need_in})/({need_out}, "
+                                f"{folder.config.lora_r})")
+    if problems:
+        raise AdapterFileError(f"{folder.path}: adapter does not fit this model: " + "; ".join(problems[:8])
+                               + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""))
+    for name, layer in model.adapter_layers.items():
+        layer.load_adapter_state(folder.modules[name])
+    if isinstance(shared, VeraProjection) and folder.shared:
+        shared.vera_A = folder.shared["vera_A"].to(shared.vera_A.device).float().clone()
+        shared.vera_B = folder.shared["vera_B"].to(shared.vera_B.device).float().clone()
+
+
+def _restore(model: FineTuningModel, flags: dict[str, bool]) -> None:
+    base = model.base_model
+    for name, layer in model.adapter_layers.items():
+        parent, _, child = name.rpartition(".")
+        setattr(base.get_submodule(parent), child, layer.base_layer)
+    for name, param in base.named_parameters():
+        param.requires_grad_(flags.get(name, param.requires_grad))
+
+
+# Saving -------------------------------------------------------------------------------------------
+
+def save_adapter(model: FineTuningModel, path: str | os.PathLike) -> None:
+    """Write ``model``'s adapter in PEFT's layout; files appear whole or not at all."""
+    config: FineTuningConfig = model.config
+    layers = model.adapter_layers
+    fan_in_fan_out = any(layer.is_conv1d for layer in layers.values())
+    targets = sorted({name.rsplit(".", 1)[-1] for name in layers})
+    extra = {"config": dataclasses.asdict(config), "steps_done": model.steps_done}
+    native = {PREFIX + f"{name}.{key}": t for name, layer in layers.items() for key, t in layer.adapter_state().items()}
+    files: dict[str, dict[str, Tensor]] = {}
+    if config.method == "delta-lora":
+        peft_config, files[ADAPTER_WEIGHTS] = plain_lora(model.lora_factors(), config, targets, fan_in_fan_out)
+        peft_config[EXTRA_KEY] = {**peft_config[EXTRA_KEY], **extra, "method": "delta-lora"}
+        files[DELTA_STATE] = native
+    else:
+        if config.method == "vera":
+            extra["module_in_features"] = {name: layer.in_features for name, layer in layers.items()}
+            if config.save_projection:
+                native["base_model.vera_A"] = model.shared.vera_A
+                native["base_model.vera_B"] = model.shared.vera_B
+        peft_config = config.to_peft_dict(targets, fan_in_fan_out, extra)
+        files[ADAPTER_WEIGHTS] = native
+    write_adapter_folder(path, peft_config, files)

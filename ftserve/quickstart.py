@@ -14,7 +14,7 @@ import torch
 
 from .config import METHODS, FineTuningConfig
 from .model import FineTuningModel
-from .tiny import build_tokenizer, tiny_llama, toy_sentences
+from .testing import build_tokenizer, tiny_llama, toy_sentences
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 What it does, in order:
 
-1. Builds the tiny Llama (``ftserve.tiny.save_tiny_model``) and a LoRA with random factors, and an adapter
+1. Builds the tiny Llama (``ftserve.testing.save_tiny_model``) and a LoRA with random factors, and an adapter
    root holding a copy of that LoRA.
 2. Starts ``ftserve serve BASE`` on 127.0.0.1 with ``--adapter fuzz-lora=PATH``, ``--enable-adapter-api
    --adapter-root ROOT`` and ``--api-key KEY``; checks that /v1 answers 401 without the key and with a wrong one.
@@ -63,7 +63,7 @@ def build_models(work: Path) -> tuple[Path, Path, Path]:
     """The tiny Llama, a LoRA over it with random factors, and an adapter root that holds a copy of the LoRA."""
     from transformers import AutoModelForCausalLM
 
-    from ftserve.tiny import save_random_lora, save_tiny_model
+    from ftserve.testing import save_random_lora, save_tiny_model
 
     base = save_tiny_model(work / "base", "llama")
     adapter = save_random_lora(AutoModelForCausalLM.from_pretrained(base), work / "adapter", rank=8, seed=0)

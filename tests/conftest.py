@@ -10,7 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from ftserve.tiny import build_tokenizer, save_tiny_model, tiny_gpt2, tiny_llama  # noqa: E402
+from ftserve.testing import build_tokenizer, save_tiny_model, tiny_gpt2, tiny_llama  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: one thread is as fast and immune to a busy machine
 

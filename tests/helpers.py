@@ -1,7 +1,7 @@
 """Shared test utilities: small models, a fixed toy batch, randomised adapters, closed-form parameter counts.
 
 Everything here is deterministic: every random draw goes through a seeded ``torch.Generator``, a seed the test sets, or
-``ftserve.tiny``'s seeded builders.
+``ftserve.testing``'s seeded builders.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ftserve.tiny import tiny_gpt2, tiny_llama
+from ftserve.testing import tiny_gpt2, tiny_llama
 
 METHODS = ("lora", "vera", "lora+", "delta-lora", "lora-fa")
 

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from ftserve import FineTuningConfig, FineTuningModel
 from ftserve.engine.base import GenerationRequest, SamplingParams
-from ftserve.engine.lora_slots import BatchedLoraLinear, LoraBatch, LoraContext
-from ftserve.engine.torch_engine import TorchEngine
+from ftserve.engine.torch.lora_slots import BatchedLoraLinear, LoraBatch, LoraContext
+from ftserve.engine.torch import TorchEngine
 
 METHODS = ["lora", "lora+", "lora-fa", "vera", "delta-lora"]
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 40, 41], [1, 100, 200, 300, 400, 500, 600, 700, 800]]

@@ -8,9 +8,9 @@ import pytest
 from ftserve.engine.base import GenerationRequest, SamplingParams
 from ftserve.engine.errors import (AdapterExistsError, AdapterLoadError, ContextLengthError, GenerationError,
                                    QueueFullError, RequestError, UnknownAdapterError)
-from ftserve.engine.torch_engine import TorchEngine
+from ftserve.engine.torch import TorchEngine
 from ftserve.errors import ServingError
-from ftserve.tiny import save_tiny_model
+from ftserve.testing import save_tiny_model
 from test_engine import collect, greedy, references, write_random_adapter
 
 PROMPT = [1, 5, 6, 7, 8, 9]

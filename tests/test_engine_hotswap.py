@@ -11,7 +11,7 @@ import pytest
 
 from ftserve.engine.base import GenerationRequest, SamplingParams
 from ftserve.engine.errors import UnknownAdapterError
-from ftserve.engine.torch_engine import TorchEngine
+from ftserve.engine.torch import TorchEngine
 from test_engine import collect, references, write_random_adapter
 
 METHODS = ["lora", "lora+", "lora-fa", "vera", "delta-lora", "lora", "lora"]  # a0 .. a5, then a6 loaded later

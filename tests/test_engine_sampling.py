@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from ftserve.engine.base import GenerationRequest, SamplingParams
 from ftserve.engine.errors import RequestError
-from ftserve.engine.sampling import shape_row
-from ftserve.engine.torch_engine import TorchEngine
+from ftserve.engine.torch.sampling import shape_row
+from ftserve.engine.torch import TorchEngine
 
 PROMPT = [1, 17, 230, 17, 45, 230, 9, 17, 88, 4, 230, 61]
 STEPS = 10

@@ -7,13 +7,13 @@ import asyncio
 import pytest
 import torch
 
-from ftserve.engine.adapter_cache import AdapterRecord, read_factors
+from ftserve.engine.torch.adapter_cache import AdapterRecord, read_factors
 from ftserve.engine.base import AdapterInfo, GenerationRequest
-from ftserve.engine.detokenize import TextStream
-from ftserve.engine.scheduler import STARVATION_STEPS, Sequence
-from ftserve.engine.torch_engine import TorchEngine
+from ftserve.engine.torch.detokenize import TextStream
+from ftserve.engine.torch.scheduler import STARVATION_STEPS, Sequence
+from ftserve.engine.torch import TorchEngine
 from ftserve.errors import ServingError
-from ftserve.tiny import build_tokenizer, tiny_gpt2, tiny_llama
+from ftserve.testing import build_tokenizer, tiny_gpt2, tiny_llama
 from test_engine import collect, greedy, references, write_random_adapter
 
 # Lengths 1 to 23: single-token prompts, prompts shorter and longer than the per-step budget.

@@ -6,7 +6,7 @@ from torch import nn
 
 from ftserve import FineTuningConfig, FineTuningModel
 from ftserve.methods import AdapterLayer
-from ftserve.tiny import tiny_gpt2, tiny_llama
+from ftserve.testing import tiny_gpt2, tiny_llama
 
 # (case, model kind, config): every generic check runs over these rows.
 CASES = [

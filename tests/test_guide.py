@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from finetuning_toolkit import FineTuningConfig, FineTuningModel
-from ftserve.tiny import tiny_llama
+from ftserve.testing import tiny_llama
 
 from helpers import METHODS, closed_form_trainable, randomise_adapter, target_shapes
 

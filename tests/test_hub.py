@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from ftserve.checkpoint import resolve_base
-from ftserve.engine.adapter_cache import resolve_adapter_path
+from ftserve.files.checkpoint import resolve_base
+from ftserve.engine.torch.adapter_cache import resolve_adapter_path
 from ftserve.engine.errors import AdapterLoadError
 from ftserve.errors import CheckpointError, FtserveError
-from ftserve.hub import resolve_folder
+from ftserve.files.hub import resolve_folder
 
 # (caller, the error type it raises, the word its messages use)
 CALLERS = [(resolve_base, CheckpointError, "model"), (resolve_adapter_path, AdapterLoadError, "adapter")]

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from ftserve import AdapterFileError, CheckpointError, ConfigError, read_adapter
 from ftserve.merge import AdapterSpec, merge_checkpoint
-from ftserve.tiny import save_tiny_model, tiny_llama
+from ftserve.testing import save_tiny_model, tiny_llama
 
 from test_fold import CASES, FP32, IDS, ONE_THREAD, trained, one_thread  # noqa: F401 (autouse fixture)
 

@@ -135,7 +135,7 @@ def server(booting, expected):
 
 def engine_outputs(base_dir: Path, root: Path, jobs: dict) -> dict:
     """Run ``{key: (adapter, prompt, SamplingParams)}`` on a TorchEngine built here, directly, as the server's."""
-    from ftserve.engine.torch_engine import TorchEngine
+    from ftserve.engine.torch import TorchEngine
 
     async def main():
         engine = TorchEngine.from_pretrained(base_dir, model_name=BASE, max_model_len=256)

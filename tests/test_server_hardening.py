@@ -23,11 +23,11 @@ import torch
 from test_server import ServerProcess, make_adapter
 
 from ftserve.engine.base import SamplingParams
-from ftserve.engine.sampling import sample
+from ftserve.engine.torch.sampling import sample
 
 BASE = "base"
 LIMIT = 4
-VOCAB = 1000  # ftserve.tiny's
+VOCAB = 1000  # ftserve.testing's
 GREEDY = {"temperature": 0, "max_tokens": 24, "extra_body": {"ignore_eos": True}}
 
 
@@ -205,7 +205,7 @@ def http_post(route: str, body: dict) -> bytes:
 
 FAULTY_SERVER = textwrap.dedent("""
     import asyncio, logging, sys
-    from ftserve.engine.torch_engine import TorchEngine
+    from ftserve.engine.torch import TorchEngine
     from ftserve.server.run import serve
     from ftserve.server.serving import ServerSettings
 

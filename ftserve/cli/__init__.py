@@ -3,7 +3,7 @@ heavy libraries only when it runs."""
 
 import click
 
-from .. import __version__
+from ..version import __version__
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -97,9 +97,9 @@ def merge(base: str, adapters: tuple[str, ...], out_dir: Path, dtype: str | None
 @clean_errors
 def export(adapter_dir: Path, out_dir: Path, base: str | None, force: bool) -> None:
     """Write any method's adapter as an exact plain PEFT LoRA that PEFT, vLLM and any LoRA server load."""
-    from ..adapter_io import export_adapter, read_adapter
-    from ..checkpoint import module_in_features
     from ..errors import CheckpointError
+    from ..files.adapter_folder import export_adapter, read_adapter
+    from ..files.checkpoint import module_in_features
 
     if out_dir.exists() and not force:
         raise CheckpointError(f"{out_dir} already exists; pass --force to replace it")
@@ -120,13 +120,13 @@ def export(adapter_dir: Path, out_dir: Path, base: str | None, force: bool) -> N
 @clean_errors
 def verify(base: str, adapter: str, merged: str, prompts: tuple[str, ...], new_tokens: int) -> None:
     """Compare MERGED with BASE + ADAPTER on a few prompts; exit 1 when they disagree beyond tolerance."""
-    from ..merge import AdapterSpec
+    from ..merge.plan import AdapterSpec
 
     _verify(base, [AdapterSpec.parse(adapter)], merged, prompts, new_tokens)
 
 
 def _verify(base, specs, merged, prompts=(), new_tokens: int = 8) -> None:
-    from ..verify import PROMPTS, verify_merge
+    from ..merge.verify import PROMPTS, verify_merge
 
     report = verify_merge(base, specs, merged, tuple(prompts) or PROMPTS, new_tokens)
     click.echo(report.summary())
@@ -153,7 +153,7 @@ def inspect_adapter(adapter_dir: Path, as_json: bool) -> None:
 
 
 def describe_adapter(path: Path) -> dict:
-    from ..adapter_io import read_adapter
+    from ..files.adapter_folder import read_adapter
 
     folder = read_adapter(path)
     c, raw = folder.config, folder.raw_config

@@ -30,8 +30,8 @@ def quickstart(ctx: click.Context, out_dir: Path, steps: int, serve: bool, port:
     """Offline tour: build a small model, train each of the five methods briefly, merge one, serve the rest."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from ..merge import AdapterSpec, merge_checkpoint
+    from ..merge.verify import verify_merge
     from ..quickstart import run_training
-    from ..verify import verify_merge
 
     click.echo(f"1/4 Building a small Llama-shaped model and tokenizer in {out_dir / 'base'}")
     bars: dict = {}

@@ -118,7 +118,7 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
 
     import torch
 
-    from ..engine.torch_engine import TorchEngine
+    from ..engine.torch import TorchEngine
     from ..errors import FtserveError
     from ..server.run import serve as run_server
     from ..server.serving import ServerSettings

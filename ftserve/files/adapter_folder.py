@@ -9,29 +9,22 @@ training state (A, B and the start snapshot) beside it in ``delta_lora_state.saf
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import json
 import os
-import re
-import shutil
-import socket
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .config import EXTRA_KEY, FineTuningConfig
-from .errors import AdapterFileError, ConfigError
-from .methods import METHODS, LoraFactors, get_method
-from .methods.vera import VeraProjection
+from ..config import EXTRA_KEY, FineTuningConfig
+from ..errors import AdapterFileError, ConfigError
+from ..methods import METHODS, LoraFactors, get_method
+from .atomic import atomic_output_dir, fsync
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -156,101 +149,7 @@ def _load_safetensors(file: Path) -> dict[str, Tensor]:
         raise AdapterFileError(f"{file}: corrupt or unreadable safetensors file ({exc})") from None
 
 
-# Loading onto a model ---------------------------------------------------------------------------
-
-def load_adapter(base_model: torch.nn.Module, path: str | os.PathLike, is_trainable: bool = False,
-                 allow_pickle: bool = False):
-    """Inject the folder's adapter into ``base_model`` and load its tensors. On any mismatch the base model
-    is left exactly as it was and AdapterFileError lists every problem."""
-    from .model import FineTuningModel
-
-    folder = read_adapter(path, allow_pickle)
-    flags = {name: p.requires_grad for name, p in base_model.named_parameters()}
-    try:
-        model = FineTuningModel(base_model, folder.config, module_names=sorted(folder.modules))
-    except ConfigError as exc:
-        raise AdapterFileError(f"{folder.path}: does not fit this model: {exc}") from None
-    try:
-        load_tensors(model, folder)
-    except AdapterFileError:
-        _restore(model, flags)
-        raise
-    model.steps_done = int(folder.extra.get("steps_done", 0))
-    if not is_trainable:
-        for param in model.adapter_parameters():
-            param.requires_grad_(False)
-        model.eval()
-    return model
-
-
-def load_tensors(model, folder: AdapterFolder) -> None:
-    problems = []
-    for name, layer in model.adapter_layers.items():
-        state = folder.modules[name]
-        layer.prepare_for_state(set(state))
-        expected = {k: tuple(v.shape) for k, v in layer.adapter_state().items()}
-        for key, shape in expected.items():
-            if key not in state:
-                problems.append(f"{name}.{key} is missing")
-            elif tuple(state[key].shape) != shape:
-                problems.append(f"{name}.{key} has shape {tuple(state[key].shape)}, this model needs {shape}")
-        problems += [f"{name}.{key} is not used by {folder.config.method}" for key in set(state) - set(expected)]
-    shared = getattr(model, "shared", None)
-    if isinstance(shared, VeraProjection) and folder.shared:
-        for key in ("vera_A", "vera_B"):
-            if key not in folder.shared:
-                problems.append(f"base_model.{key} is missing")
-        if not problems:
-            need_in, need_out = shared.vera_A.shape[1], shared.vera_B.shape[0]
-            got_A, got_B = folder.shared["vera_A"], folder.shared["vera_B"]
-            if got_A.shape[0] != folder.config.lora_r or got_A.shape[1] < need_in or got_B.shape[0] < need_out:
-                problems.append(f"base_model.vera_A/B have shapes {tuple(got_A.shape)}/{tuple(got_B.shape)}, this "
-                                f"model needs at least ({folder.config.lora_r}, {need_in})/({need_out}, "
-                                f"{folder.config.lora_r})")
-    if problems:
-        raise AdapterFileError(f"{folder.path}: adapter does not fit this model: " + "; ".join(problems[:8])
-                               + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""))
-    for name, layer in model.adapter_layers.items():
-        layer.load_adapter_state(folder.modules[name])
-    if isinstance(shared, VeraProjection) and folder.shared:
-        shared.vera_A = folder.shared["vera_A"].to(shared.vera_A.device).float().clone()
-        shared.vera_B = folder.shared["vera_B"].to(shared.vera_B.device).float().clone()
-
-
-def _restore(model, flags: dict[str, bool]) -> None:
-    base = model.base_model
-    for name, layer in model.adapter_layers.items():
-        parent, _, child = name.rpartition(".")
-        setattr(base.get_submodule(parent), child, layer.base_layer)
-    for name, param in base.named_parameters():
-        param.requires_grad_(flags.get(name, param.requires_grad))
-
-
-# Saving -------------------------------------------------------------------------------------------
-
-def save_adapter(model, path: str | os.PathLike) -> None:
-    """Write ``model``'s adapter in PEFT's layout; files appear whole or not at all."""
-    config: FineTuningConfig = model.config
-    layers = model.adapter_layers
-    fan_in_fan_out = any(layer.is_conv1d for layer in layers.values())
-    targets = sorted({name.rsplit(".", 1)[-1] for name in layers})
-    extra = {"config": dataclasses.asdict(config), "steps_done": model.steps_done}
-    native = {PREFIX + f"{name}.{key}": t for name, layer in layers.items() for key, t in layer.adapter_state().items()}
-    files: dict[str, dict[str, Tensor]] = {}
-    if config.method == "delta-lora":
-        peft_config, files[ADAPTER_WEIGHTS] = plain_lora(model.lora_factors(), config, targets, fan_in_fan_out)
-        peft_config[EXTRA_KEY] = {**peft_config[EXTRA_KEY], **extra, "method": "delta-lora"}
-        files[DELTA_STATE] = native
-    else:
-        if config.method == "vera":
-            extra["module_in_features"] = {name: layer.in_features for name, layer in layers.items()}
-            if config.save_projection:
-                native["base_model.vera_A"] = model.shared.vera_A
-                native["base_model.vera_B"] = model.shared.vera_B
-        peft_config = config.to_peft_dict(targets, fan_in_fan_out, extra)
-        files[ADAPTER_WEIGHTS] = native
-    write_adapter_folder(path, peft_config, files)
-
+# Exporting ---------------------------------------------------------------------------------------
 
 def plain_lora(factors: dict[str, LoraFactors], config: FineTuningConfig, targets: list[str],
                fan_in_fan_out: bool) -> tuple[dict, dict[str, Tensor]]:
@@ -294,98 +193,7 @@ def export_adapter(src: str | os.PathLike, dst: str | os.PathLike, in_features: 
     return folder
 
 
-# Atomic output -------------------------------------------------------------------------------------
-
-HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
-
-
-@contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it becomes ``path``, on any error it vanishes.
-
-    Durable: every file and folder in it is fsynced before the rename and the parent folder after it, so after
-    a power cut ``path`` holds the old output or the new one, whole. What a killed writer leaves behind is
-    named ``.NAME.tmp-<pid>-<host>-<random>`` (and ``.NAME.old-...`` for a replaced output), and the next
-    writer of ``path`` on this host clears it once that pid is gone; a live writer's folders are never touched.
-    """
-    path = Path(path)
-    remove_abandoned(path)
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} already exists; pass --force to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    token = f"{os.getpid()}-{HOST_TAG}-{uuid.uuid4().hex[:8]}"
-    tmp = _scratch(path, "tmp", token)
-    tmp.mkdir()
-    try:
-        yield tmp
-        _sync_tree(tmp)
-        if path.exists():
-            old = _scratch(path, "old", token)
-            os.replace(path, old)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(old, path)
-                raise
-            fsync(path.parent)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-            fsync(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def remove_abandoned(path: Path) -> None:
-    """Remove the scratch folders of ``path``'s writers on this host whose process is gone. A writer killed
-    between moving the old output aside and moving the new one in left no ``path``: the old one is put back."""
-    if not path.parent.is_dir():
-        return
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(tmp|old)-((\d+)-{HOST_TAG}-[0-9a-f]{{8}})")
-    dead: dict[str, dict[str, Path]] = {}
-    for entry in path.parent.iterdir():
-        match = pattern.fullmatch(entry.name)
-        if match and not _process_alive(int(match.group(3))):
-            dead.setdefault(match.group(2), {})[match.group(1)] = entry
-    for scratch in dead.values():
-        if set(scratch) == {"tmp", "old"} and not path.exists():
-            os.replace(scratch.pop("old"), path)
-        for entry in scratch.values():
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def _scratch(path: Path, kind: str, token: str) -> Path:
-    return path.parent / f".{path.name}.{kind}-{token}"
-
-
-def _process_alive(pid: int) -> bool:
-    if pid <= 0:
-        return True  # not a pid we wrote; leave its folder alone
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _sync_tree(root: Path) -> None:
-    for folder, _, files in os.walk(root, topdown=False):  # each folder after what it holds
-        for name in files:
-            fsync(os.path.join(folder, name))
-        fsync(folder)
-
-
-def fsync(path: str | os.PathLike) -> None:
-    """Flush a file's or a folder's data and metadata to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
+# Writing a folder --------------------------------------------------------------------------------
 
 def write_adapter_folder(path: str | os.PathLike, peft_config: dict, files: dict[str, dict[str, Tensor]],
                          force: bool = True, replace_whole: bool = False) -> None:

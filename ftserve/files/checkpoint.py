@@ -21,7 +21,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .hub import resolve_folder
 
 SAFETENSORS_DTYPES = {
@@ -276,7 +276,7 @@ def module_in_features(base: str | os.PathLike, module_names: list[str]) -> dict
     instantiated on the meta device, so no weights are read or allocated."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .methods.base import TARGETABLE, linear_shape
+    from ..methods.base import TARGETABLE, linear_shape
 
     path = resolve_base(base)
     try:

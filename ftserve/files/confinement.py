@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import FtserveError
+from ..errors import FtserveError
 
 
 def is_inside(real: Path, real_root: Path) -> bool:

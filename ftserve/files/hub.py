@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import FtserveError
+from ..errors import FtserveError
 
 
 def looks_like_path(name: str) -> bool:

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import FLOATS, open_checkpoint, resolve_base
-from .merge import AdapterSpec
+from ..files.checkpoint import FLOATS, open_checkpoint, resolve_base
+from .plan import AdapterSpec
 
 RTOL = {torch.float64: 1e-3, torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 PROMPTS = ("The quick brown fox jumps over the lazy dog.", "Once upon a time, in a small village,",
@@ -85,8 +85,9 @@ def verify_merge(base: str | os.PathLike, adapters: list[AdapterSpec], merged: s
 
 
 def _reference_model(model, adapters: list[AdapterSpec]):
-    from .adapter_io import load_adapter, read_adapter
-    from .methods.base import linear_shape
+    from ..files.adapter_folder import read_adapter
+    from ..methods.base import linear_shape
+    from ..model import load_adapter
 
     if len(adapters) == 1 and adapters[0].weight == 1.0:
         return load_adapter(model, adapters[0].path).eval()

@@ -17,14 +17,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
 from ..engine.base import Engine
 from ..errors import FtserveError
+from ..version import __version__
 from . import openapi
 from .errors import APIError, error_body, from_exception, validation_error
 from .metrics import ServerMetrics
-from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadLoraAdapterRequest,
-                       TokenizeRequest, UnloadLoraAdapterRequest, model_card)
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    LoadLoraAdapterRequest,
+    TokenizeRequest,
+    UnloadLoraAdapterRequest,
+    model_card,
+)
 from .security import ApiKeyMiddleware, BodyLimitMiddleware, confine, send_error
 from .serving import OpenAIServing, ServerSettings
 

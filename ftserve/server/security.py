@@ -17,7 +17,7 @@ import hmac
 import os
 from pathlib import Path, PurePosixPath
 
-from ..confinement import is_inside
+from ..files.confinement import is_inside
 from .errors import APIError, error_bytes
 
 

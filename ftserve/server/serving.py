@@ -17,10 +17,21 @@ from ..engine.base import Engine, GenerationRequest
 from .errors import APIError, model_not_found
 from .logprobs import chat_logprobs, completion_logprobs
 from .metrics import ServerMetrics
-from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, new_id, now,
-                       usage)
-from .streams import (GONE, Choice, Disconnected, Tracker, client_gone, count_tokens, first_event, merged,
-                      open_streams, run_to_end, sse_stream, unless_disconnected)
+from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, new_id, now, usage
+from .streams import (
+    GONE,
+    Choice,
+    Disconnected,
+    Tracker,
+    client_gone,
+    count_tokens,
+    first_event,
+    merged,
+    open_streams,
+    run_to_end,
+    sse_stream,
+    unless_disconnected,
+)
 
 
 @dataclass

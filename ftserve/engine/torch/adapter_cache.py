@@ -29,12 +29,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..adapter_io import read_adapter
-from ..confinement import confine_folder
-from ..errors import AdapterFileError
-from ..hub import resolve_folder
-from .base import AdapterInfo
-from .errors import AdapterLoadError, PathOutsideAdapterRootError
+from ...errors import AdapterFileError
+from ...files.adapter_folder import read_adapter
+from ...files.confinement import confine_folder
+from ...files.hub import resolve_folder
+from ..base import AdapterInfo
+from ..errors import AdapterLoadError, PathOutsideAdapterRootError
 from .lora_slots import LoraSlots
 
 SlotFactors = dict[str, tuple[Tensor, Tensor, float]]  # module -> (A (r, d_in), B (d_out, r), scale)

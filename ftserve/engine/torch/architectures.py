@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import ServingError
+from ...errors import ServingError
 from .gpt2_runner import Gpt2Runner
 from .llama_runner import LlamaRunner
 from .runner import Runner

@@ -25,12 +25,19 @@ from typing import Any, AsyncIterator
 import torch
 from torch import nn
 
+from ..base import AdapterInfo, GenerationRequest, StreamChunk
+from ..errors import (
+    AdapterExistsError,
+    AdapterLoadError,
+    ContextLengthError,
+    EngineClosedError,
+    QueueFullError,
+    RequestError,
+    UnknownAdapterError,
+)
 from .adapter_cache import AdapterCache, AdapterRecord, read_factors, resolve_adapter_path
-from .base import AdapterInfo, GenerationRequest, StreamChunk
-from .detokenize import TextStream
-from .errors import (AdapterExistsError, AdapterLoadError, ContextLengthError, EngineClosedError, QueueFullError,
-                     RequestError, UnknownAdapterError)
 from .architectures import runner_class
+from .detokenize import TextStream
 from .lora_slots import LoraSlots
 from .sampling import check_params, make_generator
 from .scheduler import EngineCore, Sequence

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..errors import ServingError
+from ...errors import ServingError
 from .runner import Attend, Runner
 
 

@@ -27,7 +27,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..methods.base import TARGETABLE, linear_shape
+from ...methods.base import TARGETABLE, linear_shape
 
 
 class LoraBatch:

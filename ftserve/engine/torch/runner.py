@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ServingError
+from ...errors import ServingError
 
 Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 

@@ -22,9 +22,8 @@ import math
 import torch
 from torch import Tensor
 
-from .base import (MAX_LOGPROBS, MIN_REPETITION_PENALTY, MIN_TEMPERATURE, SEED_RANGE, SamplingParams,
-                   TokenLogprobs)
-from .errors import RequestError
+from ..base import MAX_LOGPROBS, MIN_REPETITION_PENALTY, MIN_TEMPERATURE, SEED_RANGE, SamplingParams, TokenLogprobs
+from ..errors import RequestError
 
 
 def check_params(params: SamplingParams) -> None:

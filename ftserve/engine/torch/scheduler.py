@@ -27,12 +27,12 @@ from typing import Callable
 
 import torch
 
+from ..base import SamplingParams, StreamChunk, TokenLogprobs
+from ..errors import EngineClosedError, GenerationError, SamplingError
 from .adapter_cache import AdapterCache, AdapterRecord
-from .base import SamplingParams, StreamChunk, TokenLogprobs
 from .detokenize import TextStream
-from .errors import EngineClosedError, GenerationError, SamplingError
-from .runner import Piece, Runner
 from .lora_slots import LoraBatch, LoraSlots
+from .runner import Piece, Runner
 from .sampling import sample, token_logprobs
 
 logger = logging.getLogger("ftserve.engine")

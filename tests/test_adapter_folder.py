@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ftserve import AdapterFileError, FineTuningConfig, FineTuningModel, export_adapter, load_adapter, read_adapter
-from ftserve.adapter_io import HOST_TAG, atomic_output_dir
+from ftserve.files.atomic import HOST_TAG, atomic_output_dir
 
 from helpers import METHODS, TOY_IDS, logits, randomise_adapter, small_gpt2, small_llama, train
 
@@ -221,14 +221,14 @@ def test_save_into_a_fresh_path_leaves_no_temporary_folders(tmp_path):
 
 
 def test_a_failed_save_writes_nothing(tmp_path, monkeypatch):
-    import ftserve.adapter_io
+    import ftserve.files.adapter_folder
 
     model = FineTuningModel(small_llama(), FineTuningConfig(target_modules=TARGETS))
 
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(ftserve.adapter_io, "save_file", disk_full)
+    monkeypatch.setattr(ftserve.files.adapter_folder, "save_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
         model.save_adapter(tmp_path / "adapter")
     assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,231 @@
+"""Merge, writing: the planned checkpoint written tensor by tensor, folded in fp32 blocks by worker threads.
+
+Memory stays bounded whatever the model size: tensors are read, folded and written in blocks of whole rows
+(``W'[i:j]`` needs only ``W[i:j]`` and ``B[i:j]``, or ``A[:, i:j]`` when transposed), untouched tensors are
+copied file to file inside the kernel, and output files are written header first then byte by byte. Worker
+threads (one per core, one intra-op thread each) fold blocks while the main thread writes them in order. The
+output folder appears whole at the end (temporary folder beside it, then a rename) or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import threading
+import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..errors import CheckpointError
+from ..files.atomic import atomic_output_dir
+from ..files.checkpoint import INDEX, TensorReader, copy_range, safetensors_header
+from .plan import BLOCK_BYTES, COPIED_SUFFIXES, NOT_COPIED, AdapterSpec, MergePlan, OutputTensor, plan_merge
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    plan: MergePlan
+    files: list[str]
+
+
+def merge_checkpoint(base: str | os.PathLike, adapters: list[AdapterSpec], out_dir: str | os.PathLike, *,
+                     dtype: str | None = None, max_shard_size: str | int = "5GB", force: bool = False,
+                     allow_pickle: bool = False, progress: Callable[[int, int], None] | None = None,
+                     workers: int | None = None) -> MergeResult:
+    """Fold ``adapters`` (weighted) into ``base`` and write a standalone model folder at ``out_dir``.
+
+    ``progress(bytes_done_now, total_bytes)`` is called as weights are written; ``workers`` threads fold
+    blocks (default: one per CPU core, at most 4)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise CheckpointError(f"{out_dir} already exists; pass --force to replace it")
+    plan = plan_merge(base, adapters, dtype, max_shard_size, allow_pickle)
+    inputs = [plan.checkpoint.path] + [folder.path for _, folder in plan.adapters]
+    for path in inputs:
+        a, b = out_dir.resolve(), path.resolve()
+        if a == b or a in b.parents or b in a.parents:
+            raise CheckpointError(f"output {out_dir} overlaps the input {path}; choose another folder")
+    for note in plan.warnings:
+        warnings.warn(note, stacklevel=2)
+    try:
+        with atomic_output_dir(out_dir, force=force) as tmp:
+            names = plan.shard_names()
+            total = plan.total_bytes
+            _write_tensors(plan, tmp, names, lambda n: progress(n, total) if progress else None, workers)
+            if len(names) > 1:
+                index = {"metadata": {"total_size": plan.total_bytes},
+                         "weight_map": {t.name: name for name, shard in zip(names, plan.shards) for t in shard}}
+                (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            _copy_side_files(plan, tmp)
+            (tmp / "README.md").write_text(model_card(plan))
+            tmp.chmod(0o755)
+            for child in tmp.iterdir():
+                child.chmod(0o644)
+            files = sorted(p.name for p in tmp.iterdir())
+    except OSError as exc:  # a full disk, a file-size limit, a failing drive
+        raise CheckpointError(f"{out_dir}: merge failed, output left as it was ({exc.strerror or exc}"
+                              f"{f': {exc.filename}' if exc.filename else ''})") from None
+    return MergeResult(out_dir, plan, files)
+
+
+def _write_tensors(plan: MergePlan, folder: Path, names: list[str], progress: Callable[[int], None],
+                   workers: int | None) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # parallel over blocks instead: no spin-waiting barriers on a busy machine
+    workers = max(1, workers or min(4, os.cpu_count() or 1))
+    window = 2 * workers + 2
+    pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
+    buffers: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(window + workers + 1):  # enough that a worker never waits for one the writer holds
+        buffers.put(bytearray(BLOCK_BYTES))
+    try:
+        with TensorReader(plan.checkpoint) as reader:
+            for name, shard in zip(names, plan.shards):
+                with open(folder / name, "wb", buffering=0) as f, _WriteBehind(f.fileno()) as flusher:
+                    f.write(safetensors_header((t.name, t.dtype, t.source.shape, t.nbytes) for t in shard))
+                    _write_shard(shard, f, reader, pool, buffers, flusher.wrote(progress), window)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
+
+
+def _write_shard(shard: list[OutputTensor], f, reader: TensorReader, pool: ThreadPoolExecutor,
+                 buffers: queue.SimpleQueue, progress: Callable[[int], None], window: int) -> None:
+    pending: deque = deque()
+
+    def write_head() -> None:
+        item = pending.popleft()
+        if isinstance(item, Future):
+            buffer, size = item.result()
+            view = memoryview(buffer)[:size]
+            while view:
+                view = view[f.write(view):]
+            if len(buffer) == BLOCK_BYTES:
+                buffers.put(buffer)
+            progress(size)
+        else:
+            entry = item.source
+            copy_range(reader.fd(entry), f.fileno(), entry.offset, entry.nbytes)
+            progress(entry.nbytes)
+
+    for t in shard:
+        if t.is_copy:
+            pending.append(t)
+        else:
+            per_row = max(1, t.source.cols) * max(4, t.source.dtype.itemsize, t.dtype.itemsize)
+            # whole multiples of 8 rows: GEMM kernels take another code path for a few leftover rows, and
+            # the folded values must not depend on where a block starts (bit-identical to folding at once)
+            step = max(8, BLOCK_BYTES // per_row // 8 * 8)
+            for start in range(0, t.source.rows, step):
+                pending.append(pool.submit(_fold_block, t, reader, buffers, start, min(start + step, t.source.rows)))
+                while len(pending) > window:
+                    write_head()
+        while pending and not isinstance(pending[0], Future):
+            write_head()
+    while pending:
+        write_head()
+
+
+class _WriteBehind:
+    """Flush a file to disk while it is still being written, one ``fdatasync`` at a time on a thread of its
+    own, so that the fsync before the output's rename (atomic_output_dir) finds little left to write instead
+    of the whole checkpoint."""
+
+    EVERY = 64 * 2**20
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.unflushed = fd, 0
+        self.thread = ThreadPoolExecutor(1)
+        self.pending: Future | None = None
+
+    def wrote(self, progress: Callable[[int], None]) -> Callable[[int], None]:
+        def counted(size: int) -> None:
+            progress(size)
+            self.unflushed += size
+            if self.unflushed >= self.EVERY and (self.pending is None or self.pending.done()):
+                self.unflushed = 0
+                self.pending = self.thread.submit(os.fdatasync, self.fd)
+        return counted
+
+    def __enter__(self) -> "_WriteBehind":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.thread.shutdown(wait=True)  # the file stays open until its last flush is done
+
+
+class _Scratch(threading.local):
+    """Per-thread work buffers, reused block after block: no page faults, no zeroing."""
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+        numel = shape[0] * shape[1]
+        buf = getattr(self, name, None)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = torch.empty(numel, dtype=dtype)
+            setattr(self, name, buf)
+        return buf[:numel].view(shape)
+
+    def raw(self, size: int) -> bytearray:
+        if len(getattr(self, "input", b"")) < size:
+            self.input = bytearray(size)
+        return self.input
+
+
+_scratch = _Scratch()
+
+
+def _fold_block(t: OutputTensor, reader: TensorReader, buffers: queue.SimpleQueue, start: int,
+                stop: int) -> tuple[bytearray, int]:
+    """Rows ``[start, stop)`` of the output tensor, as bytes in a buffer from ``buffers``."""
+    shape = (stop - start, t.source.cols)
+    size = shape[0] * shape[1] * t.dtype.itemsize
+    rows = reader.read_rows(t.source, start, stop, _scratch.raw(shape[0] * shape[1] * t.source.dtype.itemsize))
+    buffer = buffers.get() if size <= BLOCK_BYTES else bytearray(size)
+    if size:
+        out = torch.frombuffer(buffer, dtype=t.dtype, count=shape[0] * shape[1]).view(shape)
+        if t.fold is None:
+            out.copy_(rows)
+        else:
+            weight = _scratch.get("weight", shape).copy_(rows)
+            f = t.fold
+            delta = _scratch.get("delta", (shape[1], shape[0]) if f.transposed else shape)
+            out.copy_(f.block(weight, delta, start, stop))
+    return buffer, size
+
+
+def _copy_side_files(plan: MergePlan, folder: Path) -> None:
+    """Config (untied when the output embedding changed), generation config, tokenizer, chat template."""
+    for src in sorted(plan.checkpoint.path.iterdir()):
+        if src.is_file() and src.name.endswith(COPIED_SUFFIXES) and src.name not in NOT_COPIED \
+                and src.name != "config.json":
+            shutil.copyfile(src, folder / src.name)
+    if plan.config:
+        (folder / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+
+
+def model_card(plan: MergePlan) -> str:
+    """README.md of a merged model: what went in, with which weights, methods and dtype."""
+    from ..version import __version__
+
+    rows = []
+    for spec, folder in plan.adapters:
+        c = folder.config
+        rows.append(f"| `{spec.path}` | {spec.weight:g} | {c.method} | {c.lora_r} | "
+                    f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in folder.modules}))} |")
+    folded = sum(1 for t in plan.tensors if t.fold is not None)
+    return (f"---\nbase_model: {plan.base}\nlibrary_name: transformers\ntags:\n- ftserve\n- merge\n---\n\n"
+            f"# Merged model\n\nBase model `{plan.base}` with {len(plan.adapters)} adapter(s) folded into "
+            f"{folded} weight tensors by ftserve {__version__} (`ftserve merge`), in fp32 and rounded once to "
+            f"{plan.dtype_name}.\n\n| adapter | weight | method | rank | targets |\n|---|---|---|---|---|\n"
+            + "\n".join(rows) + f"\n\n- dtype: {plan.dtype_name}\n- shards: {len(plan.shards)}, "
+            f"{plan.total_bytes:,d} bytes of weights\n- tool: ftserve {__version__}\n\n"
+            f"Load it with `transformers.AutoModelForCausalLM.from_pretrained(path)`; no ftserve needed.\n")
