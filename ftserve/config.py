@@ -1,7 +1,9 @@
 """FineTuningConfig: which adapter method, where, and with what hyperparameters.
 
 It validates everything at construction, resolves per-module rank and alpha the way PEFT does
-(`rank_pattern` / `alpha_pattern`), and maps itself to and from PEFT's `adapter_config.json`.
+(`rank_pattern` / `alpha_pattern`), and maps itself to and from PEFT's `adapter_config.json`. What is
+particular to one method (its spellings, the checks of its fields, its PEFT fields) the registry in
+ftserve/methods/ answers; this module never branches on a method's name.
 """
 
 from __future__ import annotations
@@ -9,15 +11,21 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .methods import METHODS as _REGISTRY
+from .methods import AdapterMethod, method_for_peft_type, method_for_spelling
+from .methods.base import check_int as _check_int
+from .methods.base import check_number as _check_number
 
-METHODS = ("lora", "vera", "lora+", "delta-lora", "lora-fa")
 
-_SPELLINGS = {"lora": "lora", "vera": "vera", "lora+": "lora+", "deltalora": "delta-lora", "lorafa": "lora-fa"}
+def __getattr__(name: str) -> Any:
+    if name == "METHODS":  # the registry's names, read when asked, so a registered method shows up
+        return tuple(_REGISTRY)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Key under which methods that PEFT has no type for, and our own hyperparameters, live in
 # adapter_config.json. PEFT and vLLM ignore unknown keys.
@@ -27,12 +35,11 @@ EXTRA_KEY = "ftserve"
 def canonical_method(name: str) -> str:
     """`"LoRA-Plus"`, `"loraplus"`, `"delta_lora"` ... -> one of METHODS."""
     if not isinstance(name, str):
-        raise ConfigError(f"method must be a string, one of {list(METHODS)}; got {name!r}")
-    key = re.sub(r"[\s_\-]", "", name.strip().lower()).replace("plus", "+")
-    method = _SPELLINGS.get(key)
+        raise ConfigError(f"method must be a string, one of {list(_REGISTRY)}; got {name!r}")
+    method = method_for_spelling(name)
     if method is None:
-        raise ConfigError(f"unknown method {name!r}; expected one of {list(METHODS)}")
-    return method
+        raise ConfigError(f"unknown method {name!r}; expected one of {list(_REGISTRY)}")
+    return method.name
 
 
 def pattern_lookup(patterns: dict[str, Any], module_name: str) -> Any | None:
@@ -65,6 +72,9 @@ class FineTuningConfig:
     delta_update_ratio: float = 2.0
     delta_start_step: int = 500
     base_model_name_or_path: str | None = None
+    # Settings of a method that has no field here (one registered from outside the package); its
+    # AdapterMethod.option_defaults fill the ones not given.
+    method_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.method = canonical_method(self.method)
@@ -89,21 +99,18 @@ class FineTuningConfig:
             setattr(self, name, dict(patterns))
         for key, value in self.rank_pattern.items():
             _check_int(f"rank_pattern[{key!r}]", value, minimum=1)
-        _check_number("loraplus_lr_ratio", self.loraplus_lr_ratio, positive=True)
-        _check_int("projection_prng_key", self.projection_prng_key, minimum=0)
-        _check_number("d_initial", self.d_initial)
-        if not isinstance(self.save_projection, bool):
-            raise ConfigError(f"save_projection must be True or False; got {self.save_projection!r}")
-        _check_number("delta_update_ratio", self.delta_update_ratio)
-        if self.delta_update_ratio < 0:
-            raise ConfigError(f"delta_update_ratio must be >= 0; got {self.delta_update_ratio}")
-        _check_int("delta_start_step", self.delta_start_step, minimum=0)
-        if self.method == "delta-lora" and self.lora_dropout > 0:
-            warnings.warn(f"Delta-LoRA removes dropout from the low-rank branch, as the paper does; "
-                          f"lora_dropout={self.lora_dropout} is set to 0", stacklevel=3)
-            self.lora_dropout = 0.0
-        if self.method == "vera" and (self.rank_pattern or self.alpha_pattern):
-            raise ConfigError("VeRA shares one rank across layers: rank_pattern/alpha_pattern are not allowed")
+        if not isinstance(self.method_options, dict):
+            raise ConfigError(f"method_options must be a dict of setting -> value; got {self.method_options!r}")
+        for method in _REGISTRY.values():
+            method.validate_fields(self)
+        chosen = self.adapter_method
+        chosen.validate(self)
+        self.method_options = {**chosen.option_defaults, **self.method_options}
+
+    @property
+    def adapter_method(self) -> AdapterMethod:
+        """The registry's entry for ``method``."""
+        return _REGISTRY[self.method]
 
     # Per-module values -------------------------------------------------------------------------
 
@@ -117,7 +124,7 @@ class FineTuningConfig:
 
     def scale_for(self, module_name: str) -> float:
         """s = alpha / r, or alpha / sqrt(r) with rsLoRA (arXiv:2312.03732). VeRA has no scale."""
-        if self.method == "vera":
+        if not self.adapter_method.has_scale:
             return 1.0
         r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
@@ -143,37 +150,9 @@ class FineTuningConfig:
             "layers_to_transform": None,
             "layers_pattern": None,
         }
-        ours = {"method": self.method, "version": _version()}
-        if self.method == "vera":
-            body = {
-                "peft_type": "VERA",
-                "r": self.lora_r,
-                "vera_dropout": self.lora_dropout,
-                "d_initial": self.d_initial,
-                "projection_prng_key": self.projection_prng_key,
-                "save_projection": self.save_projection,
-                "bias": "none",
-                "init_weights": True,
-            }
-        else:
-            body = {
-                "peft_type": "LORA",
-                "r": self.lora_r,
-                "lora_alpha": self.lora_alpha,
-                "lora_dropout": self.lora_dropout,
-                "use_rslora": self.use_rslora,
-                "rank_pattern": dict(self.rank_pattern),
-                "alpha_pattern": dict(self.alpha_pattern),
-                "bias": "none",
-                "init_lora_weights": True,
-                "use_dora": False,
-                "lora_bias": False,
-            }
-            if self.method == "lora+":
-                ours["loraplus_lr_ratio"] = self.loraplus_lr_ratio
-            if self.method == "delta-lora":
-                ours["delta_update_ratio"] = self.delta_update_ratio
-                ours["delta_start_step"] = self.delta_start_step
+        method = self.adapter_method
+        ours = {"method": self.method, "version": _version(), **method.ftserve_fields(self)}
+        body = method.peft_fields(self)
         ours.update(extra or {})
         return dict(sorted({**common, **body, EXTRA_KEY: ours}.items()))
 
@@ -194,30 +173,11 @@ class FineTuningConfig:
             raise ConfigError("DoRA adapters (use_dora=true) are not supported")
         if data.get("modules_to_save"):
             raise ConfigError(f"adapters with modules_to_save={data['modules_to_save']} are not supported")
-        if peft_type == "LORA":
-            kwargs.update(
-                method=ours.get("method", "lora"),
-                lora_r=data.get("r", 8),
-                lora_alpha=data.get("lora_alpha", 8),
-                lora_dropout=data.get("lora_dropout", 0.0) or 0.0,
-                use_rslora=bool(data.get("use_rslora", False)),
-                rank_pattern=data.get("rank_pattern") or {},
-                alpha_pattern=data.get("alpha_pattern") or {},
-            )
-            for key in ("loraplus_lr_ratio", "delta_update_ratio", "delta_start_step"):
-                if key in ours:
-                    kwargs[key] = ours[key]
-        elif peft_type == "VERA":
-            kwargs.update(
-                method="vera",
-                lora_r=data.get("r", 256),
-                lora_dropout=data.get("vera_dropout", 0.0) or 0.0,
-                d_initial=data.get("d_initial", 0.1),
-                projection_prng_key=data.get("projection_prng_key", 0),
-                save_projection=bool(data.get("save_projection", True)),
-            )
-        else:
-            raise ConfigError(f"peft_type {peft_type!r} is not supported; expected 'LORA' or 'VERA'")
+        method = method_for_peft_type(peft_type, ours.get("method"))
+        if method is None:
+            types = sorted({m.peft_type for m in _REGISTRY.values()})
+            raise ConfigError(f"peft_type {peft_type!r} is not supported; expected one of {types}")
+        kwargs.update(method=method.name, **method.from_peft(data, ours))
         return cls(**kwargs)
 
 
@@ -225,18 +185,6 @@ def _version() -> str:
     from .version import __version__
 
     return __version__
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}; got {value!r}")
-
-
-def _check_number(name: str, value: Any, positive: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number; got {value!r}")
-    if positive and value <= 0:
-        raise ConfigError(f"{name} must be > 0; got {value!r}")
 
 
 def _check_targets(targets: Any) -> list[str] | str | None:

@@ -20,7 +20,6 @@ from .config import EXTRA_KEY, FineTuningConfig
 from .errors import AdapterFileError, ConfigError
 from .files.adapter_folder import (
     ADAPTER_WEIGHTS,
-    DELTA_STATE,
     PREFIX,
     AdapterFolder,
     plain_lora,
@@ -29,7 +28,6 @@ from .files.adapter_folder import (
 )
 from .methods import AdapterLayer, get_method
 from .methods.base import LoraFactors, linear_shape, targetable_types
-from .methods.vera import VeraProjection
 
 # Targets used when none are given, as PEFT's defaults for the same model types.
 DEFAULT_TARGETS = {
@@ -282,25 +280,14 @@ def load_tensors(model: FineTuningModel, folder: AdapterFolder) -> None:
                 problems.append(f"{name}.{key} has shape {tuple(state[key].shape)}, this model needs {shape}")
         problems += [f"{name}.{key} is not used by {folder.config.method}" for key in set(state) - set(expected)]
     shared = getattr(model, "shared", None)
-    if isinstance(shared, VeraProjection) and folder.shared:
-        for key in ("vera_A", "vera_B"):
-            if key not in folder.shared:
-                problems.append(f"base_model.{key} is missing")
-        if not problems:
-            need_in, need_out = shared.vera_A.shape[1], shared.vera_B.shape[0]
-            got_A, got_B = folder.shared["vera_A"], folder.shared["vera_B"]
-            if got_A.shape[0] != folder.config.lora_r or got_A.shape[1] < need_in or got_B.shape[0] < need_out:
-                problems.append(f"base_model.vera_A/B have shapes {tuple(got_A.shape)}/{tuple(got_B.shape)}, this "
-                                f"model needs at least ({folder.config.lora_r}, {need_in})/({need_out}, "
-                                f"{folder.config.lora_r})")
+    if not problems:
+        problems += model.method.load_shared(shared, folder.shared, folder.config, check_only=True)
     if problems:
         raise AdapterFileError(f"{folder.path}: adapter does not fit this model: " + "; ".join(problems[:8])
                                + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""))
     for name, layer in model.adapter_layers.items():
         layer.load_adapter_state(folder.modules[name])
-    if isinstance(shared, VeraProjection) and folder.shared:
-        shared.vera_A = folder.shared["vera_A"].to(shared.vera_A.device).float().clone()
-        shared.vera_B = folder.shared["vera_B"].to(shared.vera_B.device).float().clone()
+    model.method.load_shared(shared, folder.shared, folder.config, check_only=False)
 
 
 def _restore(model: FineTuningModel, flags: dict[str, bool]) -> None:
@@ -320,19 +307,16 @@ def save_adapter(model: FineTuningModel, path: str | os.PathLike) -> None:
     layers = model.adapter_layers
     fan_in_fan_out = any(layer.is_conv1d for layer in layers.values())
     targets = sorted({name.rsplit(".", 1)[-1] for name in layers})
-    extra = {"config": dataclasses.asdict(config), "steps_done": model.steps_done}
+    method = model.method
+    extra = {"config": dataclasses.asdict(config), "steps_done": model.steps_done, **method.save_extra(layers)}
     native = {PREFIX + f"{name}.{key}": t for name, layer in layers.items() for key, t in layer.adapter_state().items()}
+    native.update({f"base_model.{key}": t for key, t in method.shared_state(getattr(model, "shared", None), config).items()})
     files: dict[str, dict[str, Tensor]] = {}
-    if config.method == "delta-lora":
+    if method.side_file:
         peft_config, files[ADAPTER_WEIGHTS] = plain_lora(model.lora_factors(), config, targets, fan_in_fan_out)
-        peft_config[EXTRA_KEY] = {**peft_config[EXTRA_KEY], **extra, "method": "delta-lora"}
-        files[DELTA_STATE] = native
+        peft_config[EXTRA_KEY] = {**peft_config[EXTRA_KEY], **extra, "method": config.method}
+        files[method.side_file] = native
     else:
-        if config.method == "vera":
-            extra["module_in_features"] = {name: layer.in_features for name, layer in layers.items()}
-            if config.save_projection:
-                native["base_model.vera_A"] = model.shared.vera_A
-                native["base_model.vera_B"] = model.shared.vera_B
         peft_config = config.to_peft_dict(targets, fan_in_fan_out, extra)
         files[ADAPTER_WEIGHTS] = native
     write_adapter_folder(path, peft_config, files)

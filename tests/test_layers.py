@@ -16,8 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ftserve"
 # Lowest first. A module may import its own layer or any layer listed before it.
 LAYERS = (
     ("version", "errors"),
+    ("methods",),  # the registry: a FineTuningConfig asks it what a method name means
     ("config",),
-    ("methods",),
     ("files",),
     ("model",),
     ("testing",),

@@ -3,8 +3,8 @@
 A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` with PEFT's keys
 (``base_model.model.<module>.lora_A.weight``, ``...vera_lambda_b``, ``base_model.vera_A``), so PEFT,
 transformers and vLLM read it. Our exact settings live under the ``"ftserve"`` config key, which PEFT and
-vLLM ignore. Delta-LoRA, which PEFT has no type for, is written as its exact rank-2r plain LoRA, with the
-training state (A, B and the start snapshot) beside it in ``delta_lora_state.safetensors``.
+vLLM ignore. A method PEFT has no type for (Delta-LoRA) names a side file: the weights file is then its exact
+plain LoRA and the training state sits beside it (``delta_lora_state.safetensors``).
 """
 
 from __future__ import annotations
@@ -23,16 +23,14 @@ from torch import Tensor
 
 from ..config import EXTRA_KEY, FineTuningConfig
 from ..errors import AdapterFileError, ConfigError
-from ..methods import METHODS, LoraFactors, get_method
+from ..methods import LoraFactors, get_method
 from .atomic import atomic_output_dir, fsync
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
-DELTA_STATE = "delta_lora_state.safetensors"
 PREFIX = "base_model.model."
-SHARED = {"base_model.vera_A": "vera_A", "base_model.vera_B": "vera_B"}
-SUFFIXES = tuple(sorted({key for method in METHODS.values() for key in method.saved_keys}))
+SHARED_PREFIX = "base_model."
 
 
 @dataclass
@@ -56,9 +54,10 @@ class AdapterFolder:
         """Exact plain-LoRA factors of every module. VeRA needs each layer's input size (recorded by us)."""
         method = get_method(self.config.method)
         sizes = {**self.in_features(), **(in_features or {})}
-        shared = self.shared
-        if self.config.method == "vera" and not shared:
-            shared = self._regenerate_vera_pair(sizes)
+        try:
+            shared = method.export_shared(self.config, self.modules, self.shared, sizes)
+        except ValueError as exc:
+            raise AdapterFileError(f"{self.path}: {exc}; pass the base model") from None
         factors = {}
         for name, state in self.modules.items():
             try:
@@ -66,14 +65,6 @@ class AdapterFolder:
             except ValueError as exc:
                 raise AdapterFileError(f"{self.path}: {exc}; pass the base model to supply layer sizes") from None
         return factors
-
-    def _regenerate_vera_pair(self, sizes: dict[str, int]) -> dict[str, Tensor]:
-        if set(sizes) < set(self.modules):
-            raise AdapterFileError(f"{self.path}: VeRA adapter saved without its projections and without layer "
-                                   f"sizes; pass the base model")
-        shapes = [(s["vera_lambda_b"].shape[0], sizes[n]) for n, s in self.modules.items()]
-        pair = get_method("vera").create_shared(self.config, shapes)
-        return {"vera_A": pair.vera_A, "vera_B": pair.vera_B}
 
 
 def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> AdapterFolder:
@@ -92,20 +83,23 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
         config = config_from_dict(raw)
     except ConfigError as exc:
         raise AdapterFileError(f"{config_path}: {exc}") from None
+    method = get_method(config.method)
     tensors = _read_tensors(path, allow_pickle)
-    if config.method == "delta-lora" and (path / DELTA_STATE).exists():
-        tensors = _load_safetensors(path / DELTA_STATE)
-    elif config.method == "delta-lora":
-        raise AdapterFileError(f"{path}: Delta-LoRA adapter without {DELTA_STATE}, which holds its exact training "
-                               f"state; use `ftserve export` output to serve it as a plain LoRA instead")
+    if method.side_file and (path / method.side_file).exists():
+        tensors = _load_safetensors(path / method.side_file)
+    elif method.side_file:
+        raise AdapterFileError(f"{path}: {method.title} adapter without {method.side_file}, which holds its exact "
+                               f"training state; use `ftserve export` output to serve it as a plain LoRA instead")
+    shared_names = {SHARED_PREFIX + key: key for key in method.shared_keys}
+    suffixes = sorted(method.saved_keys, key=len, reverse=True)
     modules: dict[str, dict[str, Tensor]] = {}
     shared: dict[str, Tensor] = {}
     unknown = []
     for key, tensor in tensors.items():
-        if key in SHARED:
-            shared[SHARED[key]] = tensor
+        if key in shared_names:
+            shared[shared_names[key]] = tensor
             continue
-        suffix = next((s for s in SUFFIXES if key.endswith("." + s)), None)
+        suffix = next((s for s in suffixes if key.endswith("." + s)), None)
         if suffix is None or not key.startswith(PREFIX):
             unknown.append(key)
             continue

@@ -7,15 +7,50 @@ folding transposes.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from ..config import FineTuningConfig
+from ..errors import ConfigError
+
+
+class FineTuningConfig(Protocol):
+    """What a method reads of ftserve.config.FineTuningConfig, which sits above the registry and asks it."""
+
+    method: str
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    use_rslora: bool
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    method_options: dict[str, Any]
+
+    def rank_for(self, module_name: str) -> int: ...
+
+    def scale_for(self, module_name: str) -> float: ...
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}; got {value!r}")
+
+
+def check_number(name: str, value: Any, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number; got {value!r}")
+    if positive and value <= 0:
+        raise ConfigError(f"{name} must be > 0; got {value!r}")
+
+
+def normalised_spelling(name: str) -> str:
+    """`"LoRA-Plus"` -> `"lora+"`, `"delta_lora"` -> `"deltalora"`: lower case, no spaces, `_` or `-`."""
+    return re.sub(r"[\s_\-]", "", name.strip().lower()).replace("plus", "+")
 
 
 def targetable_types() -> tuple[type, ...]:
@@ -154,33 +189,109 @@ class AdapterLayer(nn.Module):
 
 
 class AdapterMethod:
-    """A method's registry entry: how it builds layers, trains, and exports from saved tensors.
+    """A method's registry entry: everything about it that is not the layer's own math.
 
-    The defaults suit methods that add no shared tensors, train every adapter tensor at one learning
-    rate and need nothing after an optimizer step. See ftserve/methods/lora.py for the simplest one.
+    How it builds layers, trains and exports from saved tensors; its name and spellings; its own config
+    fields, their checks and their place in adapter_config.json; the files and shared tensors it saves.
+    The defaults suit a method stored as PEFT's LoRA that adds no shared tensors, trains every adapter
+    tensor at one learning rate and needs nothing after an optimizer step. See ftserve/methods/lora.py.
     """
 
     name: str = ""
+    title: str = ""  # as the paper writes it, for messages: "Delta-LoRA"
     peft_type: str = "LORA"
+    spellings: tuple[str, ...] = ()  # normalised spellings besides the name's own (see normalised_spelling)
     saved_keys: tuple[str, ...] = ()  # per-module tensor names on disk, after "<module>."
+    own_fields: tuple[str, ...] = ()  # FineTuningConfig fields this method reads, kept under the "ftserve" key
+    option_defaults: dict[str, Any] = {}  # settings without a FineTuningConfig field: config.method_options
+    shared_keys: tuple[str, ...] = ()  # shared tensors on disk, as "base_model.<key>"
+    side_file: str | None = None  # a file holding the exact training state, the weights file being plain LoRA
+    has_scale: bool = True  # False: no alpha / r (VeRA)
+    quickstart_settings: dict[str, float] = {"rank": 8, "lr": 1e-2}
 
-    def create_layer(self, base_layer: nn.Module, module_name: str, config: "FineTuningConfig",
+    # Config ------------------------------------------------------------------------------------
+
+    def validate_fields(self, config: FineTuningConfig) -> None:
+        """Check this method's own fields; called for every config, since every config carries them."""
+
+    def validate(self, config: FineTuningConfig) -> None:
+        """Rules that apply when this method is chosen; may adjust the config (with a warning)."""
+        unknown = sorted(set(config.method_options) - set(self.option_defaults))
+        if unknown:
+            raise ConfigError(f"method_options {unknown} are not settings of {self.name}; it has "
+                              f"{sorted(self.option_defaults) or 'none'}")
+
+    def peft_fields(self, config: FineTuningConfig) -> dict[str, Any]:
+        """adapter_config.json fields PEFT reads for this method (besides the ones every adapter has)."""
+        return {
+            "peft_type": self.peft_type, "r": config.lora_r, "lora_alpha": config.lora_alpha,
+            "lora_dropout": config.lora_dropout, "use_rslora": config.use_rslora,
+            "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern),
+            "bias": "none", "init_lora_weights": True, "use_dora": False, "lora_bias": False,
+        }
+
+    def ftserve_fields(self, config: FineTuningConfig) -> dict[str, Any]:
+        """Our own settings PEFT does not see, written under the "ftserve" key."""
+        ours = {name: getattr(config, name) for name in self.own_fields}
+        return {**ours, "method_options": dict(config.method_options)} if config.method_options else ours
+
+    def from_peft(self, data: dict, ours: dict) -> dict[str, Any]:
+        """FineTuningConfig keyword arguments from an adapter_config.json (``ours``: its "ftserve" key)."""
+        kwargs = dict(
+            lora_r=data.get("r", 8), lora_alpha=data.get("lora_alpha", 8),
+            lora_dropout=data.get("lora_dropout", 0.0) or 0.0, use_rslora=bool(data.get("use_rslora", False)),
+            rank_pattern=data.get("rank_pattern") or {}, alpha_pattern=data.get("alpha_pattern") or {},
+        )
+        return {**kwargs, **{key: ours[key] for key in (*self.own_fields, "method_options") if key in ours}}
+
+    def describe(self, config: FineTuningConfig) -> dict[str, Any]:
+        """`ftserve inspect`'s alpha and scale lines for this method."""
+        return {"alpha": config.lora_alpha,
+                "scale": f"alpha/{'sqrt(r)' if config.use_rslora else 'r'} = {config.scale_for(''):g}"}
+
+    # Layers and training -----------------------------------------------------------------------
+
+    def create_layer(self, base_layer: nn.Module, module_name: str, config: FineTuningConfig,
                      shared: nn.Module | None) -> AdapterLayer:
         raise NotImplementedError
 
-    def create_shared(self, config: "FineTuningConfig", shapes: list[tuple[int, int]]) -> nn.Module | None:
+    def create_shared(self, config: FineTuningConfig, shapes: list[tuple[int, int]]) -> nn.Module | None:
         """Tensors shared by all layers (VeRA's frozen pair), built from the (d_out, d_in) of every target."""
         return None
 
-    def param_groups(self, named_params: list[tuple[str, nn.Parameter]], config: "FineTuningConfig",
+    def param_groups(self, named_params: list[tuple[str, nn.Parameter]], config: FineTuningConfig,
                      lr: float, weight_decay: float) -> list[dict]:
         params = [p for _, p in named_params if p.requires_grad]
         return [{"params": params, "lr": lr, "weight_decay": weight_decay}]
 
-    def after_step(self, layers: list[AdapterLayer], config: "FineTuningConfig", steps_done: int) -> None:
+    def after_step(self, layers: list[AdapterLayer], config: FineTuningConfig, steps_done: int) -> None:
         """Called after every optimizer step with the number of steps done so far."""
 
-    def export_factors(self, state: dict[str, Tensor], shared: dict[str, Tensor], config: "FineTuningConfig",
+    # Saved tensors -----------------------------------------------------------------------------
+
+    def shared_state(self, shared: nn.Module | None, config: FineTuningConfig) -> dict[str, Tensor]:
+        """Shared tensors to save, keyed as in ``shared_keys``."""
+        return {}
+
+    def load_shared(self, shared: nn.Module | None, tensors: dict[str, Tensor], config: FineTuningConfig,
+                    check_only: bool) -> list[str]:
+        """Check saved shared tensors against the model's (problems, as sentences); load them unless check_only."""
+        return [f"base_model.{key} is not used by {self.name}" for key in tensors]
+
+    def save_extra(self, layers: dict[str, AdapterLayer]) -> dict[str, Any]:
+        """What export needs beyond the tensors (VeRA: each layer's input size), kept under the "ftserve" key."""
+        return {}
+
+    def export_shared(self, config: FineTuningConfig, modules: dict[str, dict[str, Tensor]],
+                      shared: dict[str, Tensor], in_features: dict[str, int]) -> dict[str, Tensor]:
+        """The shared tensors ``export_factors`` needs (VeRA rebuilds an unsaved pair); ValueError if it cannot."""
+        return shared
+
+    def state_shape(self, state: dict[str, Tensor]) -> tuple[int, int]:
+        """(d_out, rank) of one module's saved tensors."""
+        return state["lora_B.weight"].shape[0], state["lora_A.weight"].shape[0]
+
+    def export_factors(self, state: dict[str, Tensor], shared: dict[str, Tensor], config: FineTuningConfig,
                        module_name: str, in_features: int | None) -> LoraFactors:
         """Exact plain-LoRA factors from one module's saved tensors, without a model."""
         raise NotImplementedError

@@ -19,11 +19,14 @@ full-size copy of W and accumulates no rounding in a bf16 W. The deployed delta
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import LoraFactors, add_low_rank
+from ..errors import ConfigError
+from .base import LoraFactors, add_low_rank, check_int, check_number
 from .lora import Lora, LoraLayer
 
 START_A, START_B = "lora_A_start.weight", "lora_B_start.weight"
@@ -104,7 +107,24 @@ def delta_lora_factors(state: dict[str, Tensor], scale: float, ratio: float) -> 
 
 class DeltaLora(Lora):
     name = "delta-lora"
+    title = "Delta-LoRA"
     saved_keys = ("lora_A.weight", "lora_B.weight", START_A, START_B)
+    own_fields = ("delta_update_ratio", "delta_start_step")
+    # PEFT has no type for it: the weights file is the exact rank-2r plain LoRA, the training state beside it.
+    side_file = "delta_lora_state.safetensors"
+
+    def validate_fields(self, config):
+        check_number("delta_update_ratio", config.delta_update_ratio)
+        if config.delta_update_ratio < 0:
+            raise ConfigError(f"delta_update_ratio must be >= 0; got {config.delta_update_ratio}")
+        check_int("delta_start_step", config.delta_start_step, minimum=0)
+
+    def validate(self, config):
+        super().validate(config)
+        if config.lora_dropout > 0:
+            warnings.warn(f"Delta-LoRA removes dropout from the low-rank branch, as the paper does; "
+                          f"lora_dropout={config.lora_dropout} is set to 0", stacklevel=5)
+            config.lora_dropout = 0.0
 
     def create_layer(self, base_layer, module_name, config, shared):
         return DeltaLoraLayer(base_layer, config.rank_for(module_name), config.scale_for(module_name),

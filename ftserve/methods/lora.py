@@ -64,6 +64,7 @@ def lora_factors(state: dict[str, Tensor], scale: float) -> LoraFactors:
 
 class Lora(AdapterMethod):
     name = "lora"
+    title = "LoRA"
     saved_keys = ("lora_A.weight", "lora_B.weight")
     layer_class = LoraLayer
 

@@ -62,6 +62,7 @@ class LoraFALayer(LoraLayer):
 
 class LoraFA(Lora):
     name = "lora-fa"
+    title = "LoRA-FA"
     layer_class = LoraFALayer
 
 

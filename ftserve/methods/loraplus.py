@@ -8,11 +8,17 @@ gets ``lr``. Unlike PEFT, ``weight_decay`` is applied as given rather than repla
 
 from __future__ import annotations
 
+from .base import check_number
 from .lora import Lora
 
 
 class LoraPlus(Lora):
     name = "lora+"
+    title = "LoRA+"
+    own_fields = ("loraplus_lr_ratio",)
+
+    def validate_fields(self, config):
+        check_number("loraplus_lr_ratio", config.loraplus_lr_ratio, positive=True)
 
     def param_groups(self, named_params, config, lr, weight_decay):
         fast = [p for n, p in named_params if p.requires_grad and ("lora_B" in n or p.ndim == 1)]

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AdapterLayer, AdapterMethod, LoraFactors
+from ..errors import ConfigError
+from .base import AdapterLayer, AdapterMethod, LoraFactors, check_int, check_number
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tensor:
@@ -120,8 +121,69 @@ def vera_factors(state: dict[str, Tensor], vera_A: Tensor, vera_B: Tensor, in_fe
 
 class Vera(AdapterMethod):
     name = "vera"
+    title = "VeRA"
     peft_type = "VERA"
     saved_keys = ("vera_lambda_b", "vera_lambda_d")
+    shared_keys = ("vera_A", "vera_B")
+    has_scale = False
+    quickstart_settings = {"rank": 64, "lr": 3e-2}
+
+    def validate_fields(self, config):
+        check_int("projection_prng_key", config.projection_prng_key, minimum=0)
+        check_number("d_initial", config.d_initial)
+        if not isinstance(config.save_projection, bool):
+            raise ConfigError(f"save_projection must be True or False; got {config.save_projection!r}")
+
+    def validate(self, config):
+        super().validate(config)
+        if config.rank_pattern or config.alpha_pattern:
+            raise ConfigError("VeRA shares one rank across layers: rank_pattern/alpha_pattern are not allowed")
+
+    def peft_fields(self, config):
+        return {"peft_type": "VERA", "r": config.lora_r, "vera_dropout": config.lora_dropout,
+                "d_initial": config.d_initial, "projection_prng_key": config.projection_prng_key,
+                "save_projection": config.save_projection, "bias": "none", "init_weights": True}
+
+    def from_peft(self, data, ours):
+        return dict(lora_r=data.get("r", 256), lora_dropout=data.get("vera_dropout", 0.0) or 0.0,
+                    d_initial=data.get("d_initial", 0.1), projection_prng_key=data.get("projection_prng_key", 0),
+                    save_projection=bool(data.get("save_projection", True)))
+
+    def describe(self, config):
+        return {"alpha": None, "scale": "none (VeRA has no alpha/r)"}
+
+    def shared_state(self, shared, config):
+        return {"vera_A": shared.vera_A, "vera_B": shared.vera_B} if config.save_projection else {}
+
+    def load_shared(self, shared, tensors, config, check_only):
+        if not tensors:
+            return []
+        problems = [f"base_model.{key} is missing" for key in self.shared_keys if key not in tensors]
+        if problems:
+            return problems
+        need_in, need_out, r = shared.vera_A.shape[1], shared.vera_B.shape[0], config.lora_r
+        got_A, got_B = tensors["vera_A"], tensors["vera_B"]
+        if got_A.shape[0] != r or got_A.shape[1] < need_in or got_B.shape[0] < need_out:
+            return [f"base_model.vera_A/B have shapes {tuple(got_A.shape)}/{tuple(got_B.shape)}, this model "
+                    f"needs at least ({r}, {need_in})/({need_out}, {r})"]
+        if not check_only:
+            shared.vera_A = got_A.to(shared.vera_A.device).float().clone()
+            shared.vera_B = got_B.to(shared.vera_B.device).float().clone()
+        return []
+
+    def save_extra(self, layers):
+        return {"module_in_features": {name: layer.in_features for name, layer in layers.items()}}
+
+    def export_shared(self, config, modules, shared, in_features):
+        if shared:
+            return shared
+        if set(in_features) < set(modules):
+            raise ValueError("VeRA adapter saved without its projections and without layer sizes")
+        pair = self.create_shared(config, [(s["vera_lambda_b"].shape[0], in_features[n]) for n, s in modules.items()])
+        return {"vera_A": pair.vera_A, "vera_B": pair.vera_B}
+
+    def state_shape(self, state):
+        return state["vera_lambda_b"].shape[0], state["vera_lambda_d"].shape[0]
 
     def create_shared(self, config, shapes):
         max_out = max(d_out for d_out, _ in shapes)
