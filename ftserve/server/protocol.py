@@ -16,12 +16,19 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, field_validator
 
 from ..engine.base import MAX_LOGPROBS, MIN_REPETITION_PENALTY, SEED_RANGE, SamplingParams
 from .errors import APIError
+
+
+# JSON's types as the schema states them: pydantic's lax mode would take `true` for 1, `0` for false and "5"
+# for 5. (An integer field also refuses 1.0.)
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = StrictBool
 
 
 class _Body(BaseModel):
@@ -29,7 +36,7 @@ class _Body(BaseModel):
 
 
 class StreamOptions(_Body):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class _Sampling(_Body):
@@ -37,22 +44,22 @@ class _Sampling(_Body):
     ignore_eos and min_tokens are vLLM's extras (the official client sends them through ``extra_body``)."""
 
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=128)
+    max_tokens: Annotated[Int, Field(ge=1)] | None = None
+    temperature: Float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: Float = Field(default=1.0, gt=0.0, le=1.0)
+    n: Int = Field(default=1, ge=1, le=128)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    stream: bool = False
+    seed: Annotated[Int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])] | None = None
+    stream: Bool = False
     stream_options: StreamOptions | None = None
-    top_k: int = Field(default=-1, ge=-1)
-    stop_token_ids: list[int] = Field(default_factory=list)
-    ignore_eos: bool = False
-    min_tokens: int = Field(default=0, ge=0)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, ge=MIN_REPETITION_PENALTY, le=10.0)
-    logit_bias: dict[str, float] | None = None
+    top_k: Int = Field(default=-1, ge=-1)
+    stop_token_ids: list[Int] = Field(default_factory=list)
+    ignore_eos: Bool = False
+    min_tokens: Int = Field(default=0, ge=0)
+    presence_penalty: Float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: Float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: Float = Field(default=1.0, ge=MIN_REPETITION_PENALTY, le=10.0)
+    logit_bias: dict[str, Float] | None = None
     user: str | None = None
 
     @field_validator("stop")
@@ -106,11 +113,11 @@ class _Sampling(_Body):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=None, ge=0)  # 0: only with echo
-    echo: bool = False
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    best_of: int | None = None
+    prompt: str | list[str] | list[Int] | list[list[Int]]
+    max_tokens: Annotated[Int, Field(ge=0)] | None = None  # 0: only with echo
+    echo: Bool = False
+    logprobs: Annotated[Int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    best_of: Int | None = None
     suffix: str | None = None
 
     def prompts(self) -> list[str | list[int]]:
@@ -161,10 +168,10 @@ class ChatMessage(_Body):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    add_generation_prompt: bool = True
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    max_completion_tokens: Annotated[Int, Field(ge=1)] | None = None
+    add_generation_prompt: Bool = True
+    logprobs: Bool = False
+    top_logprobs: Annotated[Int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
@@ -201,8 +208,8 @@ class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool | None = None
-    add_generation_prompt: bool = True
+    add_special_tokens: Bool | None = None
+    add_generation_prompt: Bool = True
     return_token_strs: bool = False
 
     def check(self) -> None:
@@ -217,18 +224,18 @@ class DetokenizeRequest(_Body):
     """vLLM's POST /detokenize."""
 
     model: str | None = None
-    tokens: list[int]
+    tokens: list[Int]
 
 
 class LoadLoraAdapterRequest(_Body):
     lora_name: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
     lora_path: str = Field(min_length=1, max_length=4096)
-    load_inplace: bool = False
+    load_inplace: Bool = False
 
 
 class UnloadLoraAdapterRequest(_Body):
     lora_name: str = Field(min_length=1, max_length=256)
-    lora_int_id: int | None = None
+    lora_int_id: Int | None = None
 
 
 def wrap_seed(seed: int) -> int:

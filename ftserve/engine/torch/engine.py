@@ -142,10 +142,11 @@ class TorchEngine:
         self._bind_loop()
         params = request.params
         check_params(params)
-        outside = [t for t in params.logit_bias if not 0 <= t < self.vocab_size]
-        if outside:
-            raise RequestError(f"logit_bias names token ids {outside[:5]} outside this model's vocabulary "
-                               f"(0 .. {self.vocab_size - 1})")
+        for name, ids in (("logit_bias", list(params.logit_bias)), ("stop_token_ids", params.stop_token_ids)):
+            outside = [t for t in ids if not 0 <= t < self.vocab_size]
+            if outside:
+                raise RequestError(f"{name} names token ids {outside[:5]} outside this model's vocabulary "
+                                   f"(0 .. {self.vocab_size - 1})")
         record = self._record(request.adapter)
         tokenizer = self.tokenizer_for(request.adapter)
         if params.stop and tokenizer is None:

@@ -151,7 +151,9 @@ def shape_row(row: Tensor, params: SamplingParams, prompt: list[int], output: li
         counts = torch.bincount(torch.tensor(output, device=row.device), minlength=row.numel()).to(row.dtype)
         row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(row.dtype)
     if banned:
-        row[torch.tensor(sorted(banned), dtype=torch.long, device=row.device)] = float("-inf")
+        # Only ids the row has: the engine checks requests' stop_token_ids, but a model's own eos may lie beyond
+        ids = sorted(t for t in banned if 0 <= t < row.numel())
+        row[torch.tensor(ids, dtype=torch.long, device=row.device)] = float("-inf")
 
 
 def token_logprobs(row: Tensor, token: int, k: int) -> TokenLogprobs:
