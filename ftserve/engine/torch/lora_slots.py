@@ -10,73 +10,19 @@ Every target module keeps two stacked tensors, allocated once on first use::
     A  (max_loras, max_rank, d_in)          rows past an adapter's rank are zero
     Bt (max_loras, max_rank, d_out)         (s B)^T
 
-A batch's rows are grouped by slot and laid out as ``(chunks, m, d_in)`` (a group larger than ``m`` rows is
-cut into several chunks of m, so the padded layout never exceeds ``2 N + G`` rows for N rows in G groups),
-then the whole term is two ``torch.bmm`` between two row gathers:
-
-    x ──gather──► (C, m, d_in) ──bmm A^T──► (C, m, r) ──bmm Bt──► (C, m, d_out) ──gather, add──► y
-
-``r`` is the largest rank among the batch's adapters on that module, not ``max_rank``. Rows of the base model
-are simply not in any chunk. Weights are never folded, so any mix of adapters runs in the same forward.
+The term itself, over a batch whose rows each read one slot (or none, the base model), is ``lora_delta``
+(kernels.py: two gathers and two small matmuls), reading only the first ``r`` rows of each slot, ``r`` the
+largest rank among the batch's adapters on that module, not ``max_rank``. Weights are never folded, so any
+mix of adapters runs in the same forward.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor, nn
 
 from ...methods.base import TARGETABLE, linear_shape
-
-
-class LoraBatch:
-    """Which rows of a flattened ``(rows, d)`` activation use which slot, laid out for ``torch.bmm``.
-
-    ``segments``: ``(slot, first_row, n_rows)`` triples; rows of the base model are left out. ``gather`` picks
-    the padded layout's rows from the activation; ``scatter`` picks each activation row's result back from
-    the layout's output, whose extra last row is zero (rows of the base model). Both are gathers:
-    ``index_add_`` would do the same but is orders of magnitude slower on CPU.
-    """
-
-    def __init__(self, segments: list[tuple[int, int, int]], rows: int, device: torch.device | str = "cpu") -> None:
-        groups: dict[int, list[int]] = {}
-        for slot, start, count in segments:
-            groups.setdefault(slot, []).extend(range(start, start + count))
-        self.slots = frozenset(groups)
-        self.empty = not groups
-        if self.empty:
-            return
-        adapted = sum(len(g) for g in groups.values())
-        self.m = m = max(1, math.ceil(adapted / len(groups)))
-        chunk_slots: list[int] = []
-        gather: list[int] = []
-        valid: list[float] = []
-        for slot, members in sorted(groups.items()):
-            for i in range(0, len(members), m):
-                part = members[i:i + m]
-                chunk_slots.append(slot)
-                gather += part + [part[0]] * (m - len(part))
-                valid += [1.0] * len(part) + [0.0] * (m - len(part))
-        self.chunks = len(chunk_slots)
-        self.identity = gather == list(range(rows))  # every row, in order, no padding: no gathers at all
-        scatter = [len(gather)] * rows
-        for position, (row, ok) in enumerate(zip(gather, valid)):
-            if ok:
-                scatter[row] = position
-        self.scatter = torch.tensor(scatter, dtype=torch.long, device=device)
-        lo = chunk_slots[0]
-        # Slots taken in order and once each: a view of the stacked tensors, no copy of the factors.
-        self.slot_range = (lo, lo + self.chunks) if chunk_slots == list(range(lo, lo + self.chunks)) else None
-        self.slot_index = torch.tensor(chunk_slots, dtype=torch.long, device=device)
-        self.gather = torch.tensor(gather, dtype=torch.long, device=device)
-        self.padded = 0.0 in valid
-        self.valid = torch.tensor(valid, device=device).view(self.chunks, m, 1) if self.padded else None
-
-    @classmethod
-    def for_rows(cls, row_slots: list[int | None], device: torch.device | str = "cpu") -> "LoraBatch":
-        """One row per entry (decode): the slot of each row, None for the base model."""
-        return cls([(s, i, 1) for i, s in enumerate(row_slots) if s is not None], len(row_slots), device)
+from .kernels import LoraBatch, lora_delta
 
 
 class LoraContext:
@@ -107,24 +53,7 @@ class BatchedLoraLinear(nn.Module):
         r = max(self.ranks[s] for s in batch.slots)
         if r == 0:
             return out
-        if batch.slot_range is not None:
-            A = self.A[batch.slot_range[0]:batch.slot_range[1], :r]
-            Bt = self.Bt[batch.slot_range[0]:batch.slot_range[1], :r]
-        else:
-            A = self.A[:, :r].index_select(0, batch.slot_index)
-            Bt = self.Bt[:, :r].index_select(0, batch.slot_index)
-        flat = x.reshape(-1, self.in_features)
-        if batch.identity:
-            h = torch.bmm(flat.view(batch.chunks, batch.m, self.in_features), A.transpose(1, 2))
-            return out.add_(torch.bmm(h, Bt).view(out.shape))
-        xs = flat.index_select(0, batch.gather).view(batch.chunks, batch.m, self.in_features)
-        h = torch.bmm(xs, A.transpose(1, 2))
-        if batch.valid is not None:
-            h = h * batch.valid  # padding rows contribute exactly zero
-        y = out.new_empty(batch.chunks * batch.m + 1, self.out_features)
-        y[-1].zero_()
-        torch.bmm(h, Bt, out=y[:-1].view(batch.chunks, batch.m, self.out_features))
-        return out.add_(y.index_select(0, batch.scatter).view(out.shape))
+        return out.add_(lora_delta(x.reshape(-1, self.in_features), batch, self.A, self.Bt, r).view(out.shape))
 
     @torch.no_grad()
     def write(self, slot: int, A: Tensor | None, B: Tensor | None, scale: float = 1.0) -> None:

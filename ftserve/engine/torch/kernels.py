@@ -1,0 +1,96 @@
+"""The batched LoRA term of a mixed-adapter batch: its row layout and the kernel that computes it.
+
+For the rows of one forward pass, each row ``i`` reading slot ``a(i)`` (or none: the base model)::
+
+    delta_i = B_{a(i)} (A_{a(i)} x_i)          (the scale s folded into B when a slot is written)
+
+A batch's rows are grouped by slot and laid out as ``(chunks, m, d_in)`` (a group larger than ``m`` rows is
+cut into several chunks of m, so the padded layout never exceeds ``2 N + G`` rows for N rows in G groups),
+then the whole term is two ``torch.bmm`` between two row gathers, as Punica's SGMV (arXiv:2310.18547)::
+
+    x ──gather──► (C, m, d_in) ──bmm A^T──► (C, m, r) ──bmm Bt──► (C, m, d_out) ──gather──► delta
+
+``lora_delta`` is the one entry point, so a fused GPU kernel can stand beside this one behind the same
+signature (as vLLM's ``punica_wrapper``); lora_slots.py owns the stacked tensors and calls it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+class LoraBatch:
+    """Which rows of a flattened ``(rows, d)`` activation use which slot, laid out for ``torch.bmm``.
+
+    ``segments``: ``(slot, first_row, n_rows)`` triples; rows of the base model are left out. ``gather`` picks
+    the padded layout's rows from the activation; ``scatter`` picks each activation row's result back from
+    the layout's output, whose extra last row is zero (rows of the base model). Both are gathers:
+    ``index_add_`` would do the same but is orders of magnitude slower on CPU.
+    """
+
+    def __init__(self, segments: list[tuple[int, int, int]], rows: int, device: torch.device | str = "cpu") -> None:
+        groups: dict[int, list[int]] = {}
+        for slot, start, count in segments:
+            groups.setdefault(slot, []).extend(range(start, start + count))
+        self.slots = frozenset(groups)
+        self.empty = not groups
+        if self.empty:
+            return
+        adapted = sum(len(g) for g in groups.values())
+        self.m = m = max(1, math.ceil(adapted / len(groups)))
+        chunk_slots: list[int] = []
+        gather: list[int] = []
+        valid: list[float] = []
+        for slot, members in sorted(groups.items()):
+            for i in range(0, len(members), m):
+                part = members[i:i + m]
+                chunk_slots.append(slot)
+                gather += part + [part[0]] * (m - len(part))
+                valid += [1.0] * len(part) + [0.0] * (m - len(part))
+        self.chunks = len(chunk_slots)
+        self.identity = gather == list(range(rows))  # every row, in order, no padding: no gathers at all
+        scatter = [len(gather)] * rows
+        for position, (row, ok) in enumerate(zip(gather, valid)):
+            if ok:
+                scatter[row] = position
+        self.scatter = torch.tensor(scatter, dtype=torch.long, device=device)
+        lo = chunk_slots[0]
+        # Slots taken in order and once each: a view of the stacked tensors, no copy of the factors.
+        self.slot_range = (lo, lo + self.chunks) if chunk_slots == list(range(lo, lo + self.chunks)) else None
+        self.slot_index = torch.tensor(chunk_slots, dtype=torch.long, device=device)
+        self.gather = torch.tensor(gather, dtype=torch.long, device=device)
+        self.padded = 0.0 in valid
+        self.valid = torch.tensor(valid, device=device).view(self.chunks, m, 1) if self.padded else None
+
+    @classmethod
+    def for_rows(cls, row_slots: list[int | None], device: torch.device | str = "cpu") -> "LoraBatch":
+        """One row per entry (decode): the slot of each row, None for the base model."""
+        return cls([(s, i, 1) for i, s in enumerate(row_slots) if s is not None], len(row_slots), device)
+
+
+def lora_delta(x: Tensor, batch: LoraBatch, A: Tensor, Bt: Tensor, rank: int) -> Tensor:
+    """The LoRA term ``(rows, d_out)`` of flattened activations ``x (rows, d_in)``, zero on base-model rows.
+
+    ``A (slots, max_rank, d_in)`` and ``Bt (slots, max_rank, d_out)`` are the stacked factors, ``(s B)^T`` in
+    ``Bt``; only their first ``rank`` rows are read (rows past an adapter's own rank are zero).
+    """
+    if batch.slot_range is not None:
+        A = A[batch.slot_range[0]:batch.slot_range[1], :rank]
+        Bt = Bt[batch.slot_range[0]:batch.slot_range[1], :rank]
+    else:
+        A = A[:, :rank].index_select(0, batch.slot_index)
+        Bt = Bt[:, :rank].index_select(0, batch.slot_index)
+    d_in, d_out = A.shape[-1], Bt.shape[-1]
+    if batch.identity:
+        return torch.bmm(torch.bmm(x.view(batch.chunks, batch.m, d_in), A.transpose(1, 2)), Bt).view(-1, d_out)
+    xs = x.index_select(0, batch.gather).view(batch.chunks, batch.m, d_in)
+    h = torch.bmm(xs, A.transpose(1, 2))
+    if batch.valid is not None:
+        h = h * batch.valid.to(h.dtype)  # padding rows contribute exactly zero (valid is float32)
+    y = x.new_empty(batch.chunks * batch.m + 1, d_out)
+    y[-1].zero_()
+    torch.bmm(h, Bt, out=y[:-1].view(batch.chunks, batch.m, d_out))
+    return y.index_select(0, batch.scatter)
