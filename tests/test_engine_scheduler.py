@@ -7,10 +7,7 @@ import asyncio
 import pytest
 import torch
 
-from ftserve.engine.torch.adapter_cache import AdapterRecord, read_factors
-from ftserve.engine.base import AdapterInfo, GenerationRequest
-from ftserve.engine.torch.detokenize import TextStream
-from ftserve.engine.torch.scheduler import STARVATION_STEPS, Sequence
+from ftserve.engine.base import GenerationRequest
 from ftserve.engine.torch import TorchEngine
 from ftserve.errors import ServingError
 from ftserve.testing import build_tokenizer, tiny_gpt2, tiny_llama
@@ -105,45 +102,6 @@ def test_a_request_whose_adapter_finds_no_slot_is_not_starved(llama_dir, tmp_pat
     b, finished = asyncio.run(main())
     assert b == references(llama_dir, paths["b"], [[1, 5, 6]], new=6)[0]
     assert finished.index("b") < len(finished) // 2, finished
-
-
-def test_admission_stops_passing_a_request_blocked_on_slots_after_a_bound(llama_dir, tmp_path):
-    """The scheduler's admission alone, step by step, so that no timing decides the outcome: with the only slot
-    held by `a`, new requests for `a` may pass the waiting request for `b` for STARVATION_STEPS steps, then no
-    longer; once `a`'s rows drain, `b` goes first."""
-    engine = TorchEngine.from_pretrained(llama_dir, max_loras=1, max_batch_size=64)
-    core = engine.core
-    records = {}
-    for i, name in enumerate("ab"):
-        path = write_random_adapter(llama_dir, tmp_path / name, "lora", seed=i)
-        records[name] = AdapterRecord(info=AdapterInfo(name, str(path), "lora", 4, 0.0))
-        assert engine.cache.put(records[name], read_factors(path, engine.shapes, engine.max_lora_rank)[1])
-
-    def arrive(name: str) -> Sequence:
-        seq = Sequence(prompt=[1, 5, 6], params=greedy(4), adapter=records[name],
-                       stream=TextStream(None, [1, 5, 6], []), generator=None, stop_ids=frozenset())
-        core.waiting.append(seq)
-        core.queued += 1
-        return seq
-
-    def admit() -> list[Sequence]:
-        admitted = core._admit(budget=1000)
-        core.running += admitted
-        return admitted
-
-    first = arrive("a")
-    assert admit() == [first]
-    b = arrive("b")
-    passed = []
-    for _ in range(STARVATION_STEPS + 3):
-        newest = arrive("a")
-        passed.append(admit() == [newest])
-    assert passed == [True] * STARVATION_STEPS + [False] * 3
-    assert b in core.waiting and len(core.waiting) == 4
-    for seq in core.running:  # `a`'s rows finish
-        engine.cache.slot_rows[seq.slot] -= 1
-    core.running.clear()
-    assert admit()[0] is b
 
 
 @pytest.fixture(scope="module")

@@ -37,10 +37,11 @@ from ..errors import (
 )
 from .adapter_cache import AdapterCache, AdapterRecord, read_factors, resolve_adapter_path
 from .architectures import runner_class
+from .core import EngineCore
 from .detokenize import TextStream
 from .lora_slots import LoraSlots
 from .sampling import check_params, make_generator
-from .scheduler import EngineCore, Sequence
+from .scheduler import Sequence
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
