@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .config import METHODS, FineTuningConfig
+from .methods import get_method
 from .model import FineTuningModel
 from .testing import build_tokenizer, tiny_llama, toy_sentences
 
@@ -41,11 +42,11 @@ def train_adapter(base_dir: Path, method: str, out_dir: Path, steps: int, progre
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_dir)
-    rank = 64 if method == "vera" else 8
-    config = FineTuningConfig(method=method, lora_r=rank, lora_alpha=16, target_modules="all-linear",
+    settings = get_method(method).quickstart_settings
+    config = FineTuningConfig(method=method, lora_r=settings["rank"], lora_alpha=16, target_modules="all-linear",
                               delta_start_step=steps // 2)
     model = FineTuningModel(base, config)
-    optimizer = model.create_optimizer(lr=1e-2 if method != "vera" else 3e-2)
+    optimizer = model.create_optimizer(lr=settings["lr"])
     batches = toy_batches(build_tokenizer())
     model.train()
     start, losses = time.perf_counter(), []

@@ -157,14 +157,14 @@ def describe_adapter(path: Path) -> dict:
 
     folder = read_adapter(path)
     c, raw = folder.config, folder.raw_config
-    trainable = sum(t.numel() for state in folder.modules.values() for k, t in state.items() if "_start" not in k)
-    ranks = sorted({(s.get("lora_A.weight", s.get("vera_lambda_d"))).shape[0] for s in folder.modules.values()})
+    method = c.adapter_method
+    trainable = sum(t.numel() for state in folder.modules.values() for k, t in state.items()
+                    if k not in method.snapshot_keys)
+    ranks = sorted({method.state_shape(s)[2] for s in folder.modules.values()})
     info = {
         "adapter": str(path), "method": c.method, "peft_type": raw.get("peft_type"),
         "rank": ranks[0] if len(ranks) == 1 else ranks,
-        "alpha": None if c.method == "vera" else c.lora_alpha,
-        "scale": "none (VeRA has no alpha/r)" if c.method == "vera" else
-        f"alpha/{'sqrt(r)' if c.use_rslora else 'r'} = {c.scale_for(''):g}",
+        **method.describe(c),
         "targets": sorted({n.rsplit(".", 1)[-1] for n in folder.modules}), "modules": len(folder.modules),
         "parameters": trainable,
     }
@@ -183,7 +183,7 @@ def _vllm_verdict(c, raw: dict) -> str:
     if raw.get("rank_pattern") or raw.get("alpha_pattern"):
         return ("needs `ftserve export` (vLLM applies one alpha/r to every module and ignores "
                 "rank_pattern/alpha_pattern; the export bakes each module's scale into B)")
-    if c.method == "delta-lora":
-        return (f"as is: adapter_model.safetensors is the exact rank-{rank} plain LoRA (rank 2r; the training "
-                f"state is in a separate file vLLM ignores); serve with --max-lora-rank >= {rank}")
+    if c.adapter_method.side_file:
+        return (f"as is: adapter_model.safetensors is the exact rank-{rank} plain LoRA (the training state is in "
+                f"{c.adapter_method.side_file}, which vLLM ignores); serve with --max-lora-rank >= {rank}")
     return f"as is (plain LoRA); serve with --max-lora-rank >= {rank}"

@@ -28,7 +28,7 @@ from torch import Tensor
 from ..errors import AdapterFileError, CheckpointError, ConfigError
 from ..files.adapter_folder import AdapterFolder, read_adapter
 from ..files.checkpoint import FLOATS, INDEX, SINGLE, Checkpoint, TensorEntry, open_checkpoint, parse_size, resolve_base
-from ..methods import LoraFactors
+from ..methods import LoraFactors, get_method
 
 COPIED_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken", ".py", ".vocab")
 NOT_COPIED = {INDEX, "pytorch_model.bin.index.json", "README.md", "adapter_config.json"}
@@ -183,16 +183,17 @@ def _plan_folds(checkpoint: Checkpoint, folders: list[tuple[AdapterSpec, Adapter
     transposed: dict[str, bool] = {}
     extra: dict[str, TensorEntry] = {}
     for spec, folder in folders:
+        method = get_method(folder.config.method)
         fan_in_fan_out = bool(folder.raw_config.get("fan_in_fan_out", False))
         sizes, keys = {}, {}
         for module, state in folder.modules.items():
             key, entry = _find_weight(checkpoint, module, tied, folder)
             if key not in checkpoint.tensors:
                 extra[key] = entry
-            d_out = (state.get("lora_B.weight", state.get("vera_lambda_b"))).shape[0]
+            d_out, d_in, _ = method.state_shape(state)
             shape = entry.shape
             if len(shape) != 2 or d_out not in shape:
-                d_in = state["lora_A.weight"].shape[1] if "lora_A.weight" in state else "d_in"
+                d_in = d_in or "d_in"
                 raise AdapterFileError(f"{folder.path}: module {module} does not fit the base: the adapter needs a "
                                        f"weight of shape ({d_out}, {d_in}), the base has {entry.name} with shape "
                                        f"{tuple(shape)}")

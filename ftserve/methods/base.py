@@ -202,6 +202,7 @@ class AdapterMethod:
     peft_type: str = "LORA"
     spellings: tuple[str, ...] = ()  # normalised spellings besides the name's own (see normalised_spelling)
     saved_keys: tuple[str, ...] = ()  # per-module tensor names on disk, after "<module>."
+    snapshot_keys: tuple[str, ...] = ()  # saved_keys that are a frozen copy, not trained parameters
     own_fields: tuple[str, ...] = ()  # FineTuningConfig fields this method reads, kept under the "ftserve" key
     option_defaults: dict[str, Any] = {}  # settings without a FineTuningConfig field: config.method_options
     shared_keys: tuple[str, ...] = ()  # shared tensors on disk, as "base_model.<key>"
@@ -287,9 +288,10 @@ class AdapterMethod:
         """The shared tensors ``export_factors`` needs (VeRA rebuilds an unsaved pair); ValueError if it cannot."""
         return shared
 
-    def state_shape(self, state: dict[str, Tensor]) -> tuple[int, int]:
-        """(d_out, rank) of one module's saved tensors."""
-        return state["lora_B.weight"].shape[0], state["lora_A.weight"].shape[0]
+    def state_shape(self, state: dict[str, Tensor]) -> tuple[int, int | None, int]:
+        """(d_out, d_in, rank) of one module's saved tensors; d_in None where they do not show it."""
+        d_out, r = state["lora_B.weight"].shape
+        return d_out, state["lora_A.weight"].shape[1], r
 
     def export_factors(self, state: dict[str, Tensor], shared: dict[str, Tensor], config: FineTuningConfig,
                        module_name: str, in_features: int | None) -> LoraFactors:

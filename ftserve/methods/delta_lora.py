@@ -109,6 +109,7 @@ class DeltaLora(Lora):
     name = "delta-lora"
     title = "Delta-LoRA"
     saved_keys = ("lora_A.weight", "lora_B.weight", START_A, START_B)
+    snapshot_keys = (START_A, START_B)
     own_fields = ("delta_update_ratio", "delta_start_step")
     # PEFT has no type for it: the weights file is the exact rank-2r plain LoRA, the training state beside it.
     side_file = "delta_lora_state.safetensors"

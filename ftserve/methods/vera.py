@@ -183,7 +183,7 @@ class Vera(AdapterMethod):
         return {"vera_A": pair.vera_A, "vera_B": pair.vera_B}
 
     def state_shape(self, state):
-        return state["vera_lambda_b"].shape[0], state["vera_lambda_d"].shape[0]
+        return state["vera_lambda_b"].shape[0], None, state["vera_lambda_d"].shape[0]
 
     def create_shared(self, config, shapes):
         max_out = max(d_out for d_out, _ in shapes)
