@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ftserve.methods import METHODS as REGISTRY
 from ftserve.testing import tiny_gpt2, tiny_llama
 
-METHODS = ("lora", "vera", "lora+", "delta-lora", "lora-fa")
+METHODS = tuple(REGISTRY)  # the built-in methods, as registered when the tests start
 
 # A cheap "memorise these sequences" task: each row repeats a cycle, so every token has one successor.
 TOY_IDS = torch.tensor([[10, 11, 12, 13, 14, 15, 16, 17] * 2, [40, 41, 42, 43, 44, 45, 46, 47] * 2])
