@@ -224,3 +224,28 @@ def test_a_kv_cache_that_cannot_fit_in_memory_is_refused_at_start(llama_dir):
     with pytest.raises(ServingError, match=r"KV cache for 100000000 requests \(--max-num-seqs\) of 512 tokens "
                                            r"\(--max-model-len\) can grow to .* GiB, and .* GiB of memory is free"):
         TorchEngine.from_pretrained(llama_dir, max_batch_size=10 ** 8, max_num_batched_tokens=10 ** 8 + 1)
+
+
+def test_a_stop_string_found_off_the_engine_thread_ends_the_request_and_its_generation(llama_dir):
+    """Text is decoded on the event loop: the chunk that completes a stop string is the last one emitted, its
+    usage counts only emitted tokens, and the engine stops generating for the request long before max_tokens
+    (the few tokens it computed meanwhile are never emitted)."""
+    prompt = "the cat sees a"
+
+    async def main():
+        async with TorchEngine.from_pretrained(llama_dir) as engine:
+            _, full, _ = await collect(engine, GenerationRequest(prompt, params=greedy(12)))
+            stop = full[len(full) // 2:][:3]
+            before = engine.stats()["generated_tokens_total"]
+            chunks = [c async for c in engine.generate(GenerationRequest(prompt, params=greedy(400, stop=[stop])))]
+            for _ in range(200):
+                if engine.stats()["running_requests"] == 0:
+                    break
+                await asyncio.sleep(0.01)
+            return full, stop, chunks, engine.stats()["generated_tokens_total"] - before, engine.stats()
+
+    full, stop, chunks, generated, stats = asyncio.run(main())
+    assert "".join(c.text for c in chunks) == full[:full.index(stop)]
+    assert chunks[-1].finish_reason == "stop" and all(c.finish_reason is None for c in chunks[:-1])
+    assert chunks[-1].completion_tokens == len(chunks) == sum(len(c.token_ids) for c in chunks)
+    assert stats["running_requests"] == 0 and generated < 200

@@ -7,7 +7,6 @@ import torch
 
 from ftserve.engine.base import AdapterInfo, SamplingParams
 from ftserve.engine.torch.adapter_cache import AdapterCache, AdapterRecord
-from ftserve.engine.torch.detokenize import TextStream
 from ftserve.engine.torch.lora_slots import LoraSlots
 from ftserve.engine.torch.scheduler import STARVATION_STEPS, Scheduler, Sequence
 from ftserve.engine.torch.update import update
@@ -27,7 +26,7 @@ def adapter(cache: AdapterCache, name: str) -> AdapterRecord:
 def request(scheduler: Scheduler, length: int, record: AdapterRecord | None = None, max_tokens: int = 4) -> Sequence:
     prompt = list(range(1, length + 1))
     seq = Sequence(prompt=prompt, params=SamplingParams(max_tokens=max_tokens, temperature=0), adapter=record,
-                   stream=TextStream(None, prompt, []), generator=None, stop_ids=frozenset())
+                   generator=None, stop_ids=frozenset())
     scheduler.waiting.append(seq)
     return seq
 

@@ -1,4 +1,10 @@
-"""Streaming text of one request: incremental detokenization and stop strings.
+"""Streaming text of one request: incremental detokenization and stop strings, on the caller's event loop.
+
+The engine thread emits token ids only; ``TextStream.process`` gives each chunk its text as the caller reads
+it (vLLM's output processor), so the model thread never decodes. A stop string ends the request there: the
+chunk that completes it is the last one the caller sees (finish_reason "stop"), and the caller's closing of
+the stream cancels the request, so the engine stops generating for it within a step or so; the tokens it
+computed past the stop are never emitted, and ``completion_tokens`` counts only emitted ones.
 
 Decoding token by token breaks multi-byte characters and word-joining rules, so each step decodes a short
 window ``ids[prefix:]`` and keeps only what it adds over ``ids[prefix:read]`` (the method of TGI and vLLM);
@@ -10,6 +16,8 @@ last ``len(longest stop) - 1`` characters are held back, since they may turn out
 """
 
 from __future__ import annotations
+
+from ..base import SamplingParams, StreamChunk
 
 PROMPT_CONTEXT = 5
 
@@ -24,6 +32,15 @@ class TextStream:
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.text = ""
         self.sent = 0
+
+    def process(self, chunk: StreamChunk, params: SamplingParams) -> StreamChunk:
+        """Fill in the text of one engine chunk (one token); finish it with "stop" when a stop string appears
+        (only once ``min_tokens`` are out, as vLLM). A stop token's own text is never part of the output."""
+        if chunk.finish_reason != "stop" and self.push(chunk.token_ids[-1],
+                                                       check_stop=chunk.completion_tokens >= params.min_tokens):
+            chunk.finish_reason = "stop"
+        chunk.text = self.take(final=chunk.finish_reason is not None)
+        return chunk
 
     def push(self, token: int, check_stop: bool = True) -> bool:
         """Add a generated token's text; True when a stop string appeared (the text then ends before it).

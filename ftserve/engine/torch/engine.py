@@ -5,7 +5,7 @@
 >>> async for chunk in engine.generate(GenerationRequest("SELECT", adapter="sql")):
 ...     print(chunk.text, end="")
 
-The async API runs on the caller's event loop; the model runs on one engine thread (scheduler.py) doing
+The async API runs on the caller's event loop; the model runs on one engine thread (core.py, scheduler.py) doing
 continuous batching over a KV cache (runner.py, with one runner per architecture), with every loaded
 adapter's exact plain-LoRA factors in stacked slots (lora_slots.py) behind an LRU cache (adapter_cache.py).
 
@@ -160,11 +160,10 @@ class TorchEngine:
         self._check_queue()
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
         seq = Sequence(prompt=prompt, params=params, adapter=record,
-                       stream=TextStream(tokenizer, prompt, list(params.stop)),
                        generator=make_generator(params, self.runner.device), stop_ids=frozenset(stop_ids))
-        return self._stream(seq)
+        return self._stream(seq, TextStream(tokenizer, prompt, list(params.stop)))
 
-    async def _stream(self, seq: Sequence) -> AsyncIterator[StreamChunk]:
+    async def _stream(self, seq: Sequence, text: TextStream) -> AsyncIterator[StreamChunk]:
         outputs: asyncio.Queue = asyncio.Queue()
         seq.outputs = outputs
         submitted = pinned = False
@@ -184,7 +183,7 @@ class TorchEngine:
                 item = await outputs.get()
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                yield text.process(item, seq.params)  # a stop string ends the stream; leaving cancels the rest
                 if item.finish_reason is not None:
                     return
         finally:

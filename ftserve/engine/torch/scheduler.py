@@ -27,7 +27,6 @@ import torch
 
 from ..base import SamplingParams, TokenLogprobs
 from .adapter_cache import AdapterCache, AdapterRecord
-from .detokenize import TextStream
 from .runner import Piece
 
 STARVATION_STEPS = 16
@@ -40,7 +39,6 @@ class Sequence:
     prompt: list[int]
     params: SamplingParams
     adapter: AdapterRecord | None
-    stream: TextStream
     generator: torch.Generator | None
     stop_ids: frozenset[int]
     output: list[int] = field(default_factory=list)

@@ -4,7 +4,8 @@
 piece the plan samples. A row whose scores are not finite (an adapter, or the base, overflowed), or whose own
 sampling parameters break its draw, fails alone; the rows beside it go on. ``update`` then advances each
 row's KV cache length, appends the tokens, finds the requests that end (a stop token, ``max_tokens``, the
-context length) and emits one chunk per token, or the row's error.
+context length) and emits one chunk per token, or the row's error. Chunks carry token ids; their text, and
+stop strings, are the caller's (detokenize.py), off this thread.
 """
 
 from __future__ import annotations
@@ -70,13 +71,11 @@ def update(plan: StepPlan, outcomes: list[Outcome], max_len: int, emit: Emit) ->
         finish = None
         if token in seq.stop_ids:
             finish = "stop"
-        elif seq.stream.push(token, check_stop=len(seq.output) >= seq.params.min_tokens):
-            finish = "stop"
         elif len(seq.output) >= seq.params.max_tokens or seq.cached + 1 >= max_len:
             finish = "length"
         seq.finished = finish is not None
         emit(seq, StreamChunk(
-            token_ids=[token], text=seq.stream.take(final=seq.finished), finish_reason=finish,
+            token_ids=[token], text="", finish_reason=finish,
             prompt_tokens=len(seq.prompt), completion_tokens=len(seq.output),
             logprobs=None if logprobs is None else [logprobs],
             prompt_logprobs=seq.prompt_logprobs if len(seq.output) == 1 else None))
