@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 from pathlib import Path
 
 import click
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
+from ..engine import KINDS, create_engine, engine_factory
+from ..engine.errors import EngineUnavailableError
+from ..engine.options import DTYPES, EngineOptions, EngineOptionsError
 
 def parse_adapters(values: tuple[str, ...]) -> dict[str, str]:
     adapters: dict[str, str] = {}
@@ -25,22 +25,11 @@ def parse_adapters(values: tuple[str, ...]) -> dict[str, str]:
     return adapters
 
 
-def checkpoint_dtype(base: str) -> str:
-    """``auto``: the dtype recorded in the checkpoint's config.json, float32 if none."""
-    config = Path(base) / "config.json"
-    try:
-        recorded = json.loads(config.read_text())
-    except (OSError, json.JSONDecodeError):
-        return "float32"
-    dtype = recorded.get("dtype") or recorded.get("torch_dtype") or "float32"
-    return dtype if dtype in DTYPES else "float32"
-
-
 @click.command()
 @click.argument("base")
 @click.option("--adapter", "--lora-modules", "adapters", multiple=True, metavar="NAME=PATH",
               help="An adapter to serve under NAME (any of the five methods); repeat for more.")
-@click.option("--engine", type=click.Choice(["torch", "vllm"]), default="torch", show_default=True,
+@click.option("--engine", type=click.Choice(KINDS), default="torch", show_default=True,
               help="torch: the embedded engine. vllm: not available yet.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
@@ -88,9 +77,10 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
     The request's `model` field picks the base (its served name) or an adapter (its NAME).
     """
     named = parse_adapters(adapters)
-    if engine == "vllm":
-        raise click.UsageError("--engine vllm is not available in this version yet; use --engine torch (the "
-                               "default), which serves all five adapter methods on CPU or one GPU.")
+    try:
+        engine_factory(engine)
+    except EngineUnavailableError as exc:
+        raise click.UsageError(str(exc)) from None
     if api_key is not None and not api_key.strip():
         raise click.BadParameter("the API key is empty", param_hint="--api-key")
     if enable_adapter_api and adapter_root is None:
@@ -98,11 +88,13 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
                                "from at runtime.")
     if adapter_root is not None and not enable_adapter_api:
         raise click.UsageError("--adapter-root only matters with --enable-adapter-api.")
-    if max_num_batched_tokens <= max_num_seqs:
-        raise click.BadParameter(f"must be > --max-num-seqs ({max_num_seqs}), so that prompts can be prefilled while "
-                                 f"every row decodes", param_hint="--max-num-batched-tokens")
-    if max_cpu_loras is not None and max_cpu_loras < max_loras:
-        raise click.BadParameter(f"must be >= --max-loras ({max_loras})", param_hint="--max-cpu-loras")
+    try:
+        options = EngineOptions(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
+                                max_model_len=max_model_len, dtype=dtype, device=device,
+                                served_model_name=served_model_name or base)
+    except EngineOptionsError as exc:
+        raise click.BadParameter(exc.reason, param_hint=exc.flag) from None
     if not Path(base).is_dir():
         raise click.BadParameter(f"{base}: no such model folder", param_hint="BASE")
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
@@ -116,26 +108,19 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
 
     import asyncio
 
-    import torch
-
-    from ..engine.torch import TorchEngine
     from ..errors import FtserveError
     from ..server.run import serve as run_server
     from ..server.serving import ServerSettings
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    name = served_model_name or base
-    click.echo(f"Loading {base} ({engine} engine, {device}) ...", err=True)
+    click.echo(f"Loading {base} ({engine} engine, device {device}) ...", err=True)
     try:
-        torch_engine = TorchEngine.from_pretrained(
-            base, dtype=checkpoint_dtype(base) if dtype == "auto" else dtype, device=device, model_name=name,
-            max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
-            max_model_len=max_model_len, max_batch_size=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
-        settings = ServerSettings(served_model_name=name, model_path=str(Path(base).resolve()), api_key=api_key,
+        served = create_engine(engine, base, options)
+        settings = ServerSettings(served_model_name=options.served_model_name, model_path=str(Path(base).resolve()),
+                                  api_key=api_key,
                                   enable_adapter_api=enable_adapter_api,
                                   adapter_root=adapter_root.resolve() if adapter_root else None,
                                   max_request_bytes=max_request_bytes,
                                   max_concurrent_requests=max_concurrent_requests)
-        asyncio.run(run_server(torch_engine, settings, host, port, named, log_level, shutdown_timeout))
+        asyncio.run(run_server(served, settings, host, port, named, log_level, shutdown_timeout))
     except (FtserveError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None

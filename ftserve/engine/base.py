@@ -86,8 +86,28 @@ class AdapterInfo:
     loaded_at: float
 
 
+STATS_KEYS = (
+    "queued_requests", "running_requests", "adapters_loaded", "adapters_cached", "lora_slots_active", "max_loras",
+    "max_cpu_loras", "finished_requests_total", "generated_tokens_total", "steps_total", "prefill_tokens_total",
+    "kv_cache_bytes", "lora_slot_bytes",
+)  # what every engine's stats() holds: /metrics exposes each as ftserve_engine_<key> (a counter if *_total)
+
+
 class Engine(Protocol):
-    """What the server needs from an engine."""
+    """What the server needs from an engine.
+
+    The error contract, the same for every engine (errors.py has the types, each with its HTTP status):
+
+    * raised when ``generate`` is called, before anything is queued: RequestError and its kinds (bad sampling
+      parameters, token ids outside the vocabulary, ContextLengthError), UnknownAdapterError (no such adapter,
+      or it is being unloaded), QueueFullError, EngineClosedError;
+    * raised out of the stream, at the first read or later: EngineClosedError (shut down meanwhile),
+      UnknownAdapterError (unloaded before the request was queued), AdapterLoadError (an evicted adapter
+      whose folder can no longer be read), GenerationError and SamplingError (this request's step went wrong;
+      the requests beside it carry on);
+    * raised by ``load_adapter``: AdapterLoadError (and PathOutsideAdapterRootError), AdapterExistsError;
+      by ``unload_adapter``: UnknownAdapterError.
+    """
 
     model_name: str  # the base model's served name
     max_model_len: int
@@ -112,6 +132,10 @@ class Engine(Protocol):
         """The tokenizer (and chat template) to use for a request: an adapter's own wins over the base's."""
         ...
 
+    def healthy(self) -> bool:
+        """False once the engine can serve nothing more: shut down, or its model loop has died."""
+        ...
+
     def stats(self) -> dict[str, float]:
-        """Gauges for /metrics: queue depth, running requests, loaded adapters, ..."""
+        """Exactly the keys of STATS_KEYS, each a float: gauges, and counters ending in ``_total``."""
         ...

@@ -65,3 +65,9 @@ class PathOutsideAdapterRootError(AdapterLoadError):
     (ftserve/confinement.py); the class name is the error code the server answers with."""
 
     http_status = 403
+
+
+class EngineUnavailableError(ServingError):
+    """No engine of that name in this install (or in this version); the message says what to use instead."""
+
+    http_status = 400

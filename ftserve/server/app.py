@@ -185,10 +185,13 @@ def build_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     async def _ours(request: Request, exc: FtserveError):
         return error_response(exc)
 
-    @app.get("/health", responses={503: {"description": "Shutting down", "content": {"application/json": {}}}})
+    @app.get("/health", responses={503: {"description": "Shutting down, or the engine has died",
+                                         "content": {"application/json": {}}}})
     async def health():
         if serving.draining:
             return JSONResponse({"status": "shutting down"}, status_code=503)
+        if not engine.healthy():
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics", response_class=PlainTextResponse)

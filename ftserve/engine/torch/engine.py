@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -35,6 +36,7 @@ from ..errors import (
     RequestError,
     UnknownAdapterError,
 )
+from ..options import EngineOptions, checkpoint_dtype
 from .adapter_cache import AdapterCache, AdapterRecord, read_factors, resolve_adapter_path
 from .architectures import runner_class
 from .core import EngineCore
@@ -48,44 +50,35 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 class TorchEngine:
-    """Serves a transformers Llama-family causal LM and any number of adapters on it.
+    """Serves a transformers Llama-family causal LM (or GPT-2) and any number of adapters on it.
 
-    ``max_loras``: adapters in compute slots at once (distinct adapters per batch); ``max_cpu_loras``: adapters
-    whose factors stay in memory (default ``max(max_loras, 32)``); ``max_lora_rank``: the largest exported
-    rank accepted (Delta-LoRA exports rank 2r); ``max_batch_size``: running requests; ``max_queue``: requests
-    waiting beyond those; ``max_model_len``: prompt plus output tokens per request (the KV cache holds
-    ``max_batch_size x max_model_len`` positions); ``max_num_batched_tokens``: tokens in one forward pass,
-    decodes and prompt chunks together (longer prompts are prefilled in chunks over several steps).
+    Built with EngineOptions (options.py says what each one means): ``TorchEngine(model, tokenizer, options)``,
+    or with the options as keywords, ``TorchEngine(model, tokenizer, max_loras=8)``. The KV cache holds
+    ``max_num_seqs x max_model_len`` positions.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None, *, model_name: str = "base", max_loras: int = 8,
-                 max_cpu_loras: int | None = None, max_lora_rank: int = 64, max_batch_size: int = 32,
-                 max_queue: int = 1024, max_model_len: int | None = None, max_num_batched_tokens: int = 4096) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any = None, options: EngineOptions | None = None,
+                 **keywords: Any) -> None:
+        options = with_keywords(options, keywords)
         runner = runner_class(model)
-        max_cpu_loras = max(max_loras, 32) if max_cpu_loras is None else max_cpu_loras
-        for name, value, least in (("max_loras", max_loras, 1), ("max_cpu_loras", max_cpu_loras, max_loras),
-                                   ("max_lora_rank", max_lora_rank, 1), ("max_batch_size", max_batch_size, 1),
-                                   ("max_queue", max_queue, 1),
-                                   ("max_num_batched_tokens", max_num_batched_tokens, max_batch_size + 1)):
-            if not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be an integer >= {least}; got {value!r}")
         config = model.config
         limit = config.max_position_embeddings
         window = getattr(config, "sliding_window", None)
         if window and (config.model_type == "mistral" or getattr(config, "use_sliding_window", False)):
             limit = min(limit, window)  # full attention equals sliding-window attention up to the window
-        self.max_model_len = min(limit, max_model_len or min(limit, 2048))
-        self.model_name = model_name
+        self.options = options
+        self.max_model_len = min(limit, options.max_model_len or min(limit, 2048))
+        self.model_name = options.served_model_name or "base"
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self.max_loras, self.max_cpu_loras, self.max_lora_rank = max_loras, max_cpu_loras, max_lora_rank
-        self.max_queue = max_queue
-        self.slots = LoraSlots(model, max_loras, max_lora_rank, exclude=(model.get_output_embeddings(),))
+        self.max_loras, self.max_cpu_loras = options.max_loras, options.max_cpu_loras
+        self.max_lora_rank, self.max_queue = options.max_lora_rank, options.max_queue
+        self.slots = LoraSlots(model, self.max_loras, self.max_lora_rank, exclude=(model.get_output_embeddings(),))
         self.shapes = self.slots.shapes()
-        self.cache = AdapterCache(self.slots, max_loras, max_cpu_loras)
-        self.runner = runner(model, max_batch_size, self.max_model_len)
-        self.core = EngineCore(self.runner, self.slots, self.cache, max_batch_size, max_num_batched_tokens,
-                               self._deliver)
+        self.cache = AdapterCache(self.slots, self.max_loras, self.max_cpu_loras)
+        self.runner = runner(model, options.max_num_seqs, self.max_model_len)
+        self.core = EngineCore(self.runner, self.slots, self.cache, options.max_num_seqs,
+                               options.max_num_batched_tokens, self._deliver)
         eos = config.eos_token_id if config.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
         self.eos_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.vocab_size = config.vocab_size
@@ -95,18 +88,30 @@ class TorchEngine:
 
     @classmethod
     def from_pretrained(cls, base_path: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
-                        device: str = "cpu", tokenizer: Any = None, model_name: str | None = None,
-                        **options: Any) -> "TorchEngine":
-        """Load a base model folder (and its tokenizer, if it has one) and build the engine on ``device``."""
+                        device: str = "cpu", tokenizer: Any = None, options: EngineOptions | None = None,
+                        **keywords: Any) -> "TorchEngine":
+        """Load a base model folder (and its tokenizer, if it has one) and build the engine on ``device``;
+        the options as in ``__init__``, ``served_model_name`` by default the folder's name."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        options = with_keywords(options, keywords)
         torch_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
         if not isinstance(torch_dtype, torch.dtype):
             raise ValueError(f"dtype must be one of {sorted(DTYPES)} or a torch.dtype; got {dtype!r}")
         model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype).to(device)
         if tokenizer is None and any((Path(base_path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
             tokenizer = AutoTokenizer.from_pretrained(base_path)
-        return cls(model, tokenizer, model_name=model_name or Path(base_path).name, **options)
+        if options.served_model_name is None:
+            options = replace(options, served_model_name=Path(base_path).name)
+        return cls(model, tokenizer, options)
+
+    @classmethod
+    def from_options(cls, base_path: str | os.PathLike, options: EngineOptions) -> "TorchEngine":
+        """What ``create_engine("torch", ...)`` builds: ``dtype`` and ``device`` ``auto`` resolved here (the
+        checkpoint's dtype; cuda when there is a GPU)."""
+        dtype = checkpoint_dtype(base_path) if options.dtype == "auto" else options.dtype
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if options.device == "auto" else options.device
+        return cls.from_pretrained(base_path, dtype=dtype, device=device, options=options)
 
     # Life cycle --------------------------------------------------------------------------------------------
 
@@ -319,6 +324,9 @@ class TorchEngine:
         record = self.cache.records.get(adapter) if adapter else None
         return record.tokenizer if record is not None and record.tokenizer is not None else self.tokenizer
 
+    def healthy(self) -> bool:
+        return not self.core.closed and (self._loop is None or self.core.thread.is_alive())
+
     def stats(self) -> dict[str, float]:
         return {
             "queued_requests": float(self.core.queued),
@@ -335,6 +343,15 @@ class TorchEngine:
             "kv_cache_bytes": float(self.runner.nbytes()),
             "lora_slot_bytes": float(self.slots.nbytes()),
         }
+
+
+OLD_NAMES = {"max_batch_size": "max_num_seqs", "model_name": "served_model_name"}  # this engine's names before vLLM's
+
+
+def with_keywords(options: EngineOptions | None, keywords: dict[str, Any]) -> EngineOptions:
+    """``options`` with ``keywords`` (EngineOptions fields, or their older names here) put over them."""
+    keywords = {OLD_NAMES.get(name, name): value for name, value in keywords.items()}
+    return replace(options or EngineOptions(), **keywords)
 
 
 def _put_all(items: list[tuple[Sequence, object]]) -> None:

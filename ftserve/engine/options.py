@@ -1,0 +1,85 @@
+"""EngineOptions: what every engine is built with, under vLLM's names, checked once for all engines.
+
+The names are vLLM's engine arguments (``--max-num-seqs`` is ``max_num_seqs``), so the CLI passes its flags
+through unchanged and the vLLM engine hands them on as they are. An engine reads what applies to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class EngineOptionsError(ConfigError):
+    """An engine option out of range; ``flag`` is the option's ``ftserve serve`` flag, ``reason`` the rest."""
+
+    def __init__(self, flag: str, reason: str) -> None:
+        super().__init__(f"{flag} {reason}")
+        self.flag, self.reason = flag, reason
+
+
+def flag(name: str) -> str:
+    """``max_num_seqs`` -> ``--max-num-seqs``: how vLLM and ``ftserve serve`` spell an option."""
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class EngineOptions:
+    """``max_num_seqs``: requests decoded together; ``max_num_batched_tokens``: tokens in one forward pass,
+    decodes and prompt chunks together (longer prompts are prefilled in chunks), more than ``max_num_seqs``;
+    ``max_loras``: adapters in compute slots at once; ``max_cpu_loras``: adapters kept in memory, least
+    recently used evicted first (default ``max(max_loras, 32)``); ``max_lora_rank``: the largest exported
+    rank accepted (Delta-LoRA exports rank 2r); ``max_model_len``: prompt plus output tokens per request
+    (default: the model's, at most 2048); ``max_queue``: requests waiting beyond the running ones;
+    ``dtype`` and ``device``: ``auto`` takes the checkpoint's dtype and a GPU if there is one;
+    ``served_model_name``: the base model's name in requests (default: the base folder's name).
+    """
+
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 4096
+    max_loras: int = 8
+    max_cpu_loras: int | None = None
+    max_lora_rank: int = 64
+    max_model_len: int | None = None
+    max_queue: int = 1024
+    dtype: str = "auto"
+    device: str = "auto"
+    served_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_cpu_loras is None and isinstance(self.max_loras, int):
+            self.max_cpu_loras = max(self.max_loras, 32)
+        for name in ("max_num_seqs", "max_loras", "max_lora_rank", "max_queue", "max_num_batched_tokens",
+                     "max_cpu_loras", "max_model_len"):
+            value = getattr(self, name)
+            if value is None and name == "max_model_len":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise EngineOptionsError(flag(name), f"must be an integer >= 1; got {value!r}")
+        if self.max_num_batched_tokens <= self.max_num_seqs:
+            raise EngineOptionsError(flag("max_num_batched_tokens"),
+                                     f"must be > {flag('max_num_seqs')} ({self.max_num_seqs}), so that prompts "
+                                     f"can be prefilled while every row decodes")
+        if self.max_cpu_loras < self.max_loras:
+            raise EngineOptionsError(flag("max_cpu_loras"), f"must be >= {flag('max_loras')} ({self.max_loras})")
+        if self.dtype not in DTYPES:
+            raise EngineOptionsError(flag("dtype"), f"must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if not isinstance(self.device, str) or not self.device:
+            raise EngineOptionsError(flag("device"), f"must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+
+
+def checkpoint_dtype(base: str | os.PathLike) -> str:
+    """What ``dtype="auto"`` means: the dtype recorded in the checkpoint's config.json, float32 if none."""
+    config = Path(base) / "config.json"
+    try:
+        recorded = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "float32"
+    dtype = recorded.get("dtype") or recorded.get("torch_dtype") or "float32"
+    return dtype if dtype in DTYPES[1:] else "float32"
