@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from ftserve.files.checkpoint import resolve_base
-from ftserve.engine.torch.adapter_cache import resolve_adapter_path
+from ftserve.engine.frontend import resolve_adapter_path
 from ftserve.engine.errors import AdapterLoadError
 from ftserve.errors import CheckpointError, FtserveError
 from ftserve.files.hub import resolve_folder

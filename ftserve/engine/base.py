@@ -132,6 +132,11 @@ class Engine(Protocol):
         """The tokenizer (and chat template) to use for a request: an adapter's own wins over the base's."""
         ...
 
+    def prompt_ids(self, prompt: str | list[int], adapter: str | None = None) -> list[int]:
+        """The prompt's token ids as ``generate`` runs them (the front end's, frontend.py); RequestError as
+        ``generate`` raises it for an empty prompt, ids outside the vocabulary, or text without a tokenizer."""
+        ...
+
     def healthy(self) -> bool:
         """False once the engine can serve nothing more: shut down, or its model loop has died."""
         ...

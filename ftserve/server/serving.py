@@ -2,8 +2,8 @@
 
 The ``model`` field names the base model (its served name) or a loaded adapter, as in vLLM. Chat prompts are
 rendered with the chat template of the tokenizer the engine picks for that model (an adapter's own wins) and
-tokenized without adding special tokens, since the template places them. Completions with ``echo`` tokenize a
-string prompt here too, as the engine would, so that the echoed tokens are the ones the engine scored.
+tokenized without adding special tokens, since the template places them. Completions with ``echo`` ask the
+engine's front end for a prompt's ids and pass those on, so the echoed tokens are the ones the engine scores.
 """
 
 from __future__ import annotations
@@ -85,9 +85,9 @@ class OpenAIServing:
             raise APIError(400, f"`{name}` needs a tokenizer to turn tokens into text, and `{body.model}` is served "
                                 f"without one.", param=name, code="unsupported_parameter")
         prompts = body.prompts()
-        # With echo, a string prompt is tokenized here as the engine would, so the echoed tokens are the ones
-        # it scores; token ids are decoded only once the engine has checked them against the vocabulary.
-        engine_prompts = [echo_ids(prompt, tokenizer) for prompt in prompts] if body.echo else prompts
+        # With echo, the engine's front end turns each prompt into ids once (checked against the vocabulary),
+        # and those ids are what it runs and what is echoed.
+        engine_prompts = [self.engine.prompt_ids(prompt, adapter) for prompt in prompts] if body.echo else prompts
         echo_only = body.token_limit == 0  # the engine generates one token, which is dropped, as in vLLM
         response_id, created = new_id("cmpl"), now()
         requests = [GenerationRequest(prompt, adapter, body.sampling_params(max(body.token_limit, 1), i),
@@ -266,8 +266,3 @@ class OpenAIServing:
         body = sse_stream(events, first, len(streams), prompts, frame, tracker, usage_frame)
         return StreamingResponse(body, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def echo_ids(prompt: str | list[int], tokenizer) -> list[int]:
-    """A prompt's token ids for ``echo``: a string tokenized as the engine tokenizes it."""
-    return list(tokenizer(prompt)["input_ids"]) if isinstance(prompt, str) else prompt

@@ -2,7 +2,7 @@
 
 Three tiers, with vLLM's names and meanings:
 
-* registered: every loaded name and its folder (a few bytes each; ``list_adapters``);
+* registered: every loaded name and its folder (a few bytes each; the front end's AdapterRegistry);
 * cached: exported factors in memory, at most ``max_cpu_loras`` adapters, least recently used evicted first;
   an evicted adapter is read again from its folder when a request asks for it;
 * active: at most ``max_loras`` adapters written into the stacked slots that a forward pass reads.
@@ -32,8 +32,7 @@ from torch import Tensor
 from ...errors import AdapterFileError
 from ...files.adapter_folder import read_adapter
 from ...files.confinement import confine_folder
-from ...files.hub import resolve_folder
-from ..base import AdapterInfo
+from ..frontend import RegisteredAdapter
 from ..errors import AdapterLoadError, PathOutsideAdapterRootError
 from .lora_slots import LoraSlots
 
@@ -41,20 +40,12 @@ SlotFactors = dict[str, tuple[Tensor, Tensor, float]]  # module -> (A (r, d_in),
 
 
 @dataclass(eq=False)
-class AdapterRecord:
-    info: AdapterInfo
-    tokenizer: Any = None
-    root: Path | None = None  # every read of the folder stays inside it; None: trusted (given at startup)
+class AdapterRecord(RegisteredAdapter):
+    """A registered adapter (frontend.py) and where this engine holds it: factors in memory, a slot."""
+
     factors: SlotFactors | None = None
-    pins: int = 0
     slot: int | None = None
-    unloading: bool = False
     last_used: float = field(default_factory=time.monotonic)
-
-
-def resolve_adapter_path(path: str) -> Path:
-    """A local folder as is; otherwise a Hugging Face Hub repo id, fetched (or found in the local hub cache)."""
-    return resolve_folder(path, "adapter", error=AdapterLoadError)
 
 
 def read_factors(path: Path, shapes: dict[str, tuple[int, int]], max_rank: int,
@@ -106,7 +97,6 @@ class AdapterCache:
         self.slots = slots
         self.max_loras, self.max_cpu_loras = max_loras, max_cpu_loras
         self.lock = threading.Lock()
-        self.records: dict[str, AdapterRecord] = {}
         self.cached: OrderedDict[str, AdapterRecord] = OrderedDict()  # least recently used first
         self.slot_owner: list[AdapterRecord | None] = [None] * max_loras
         self.slot_rows = [0] * max_loras  # running rows reading each slot (engine thread)

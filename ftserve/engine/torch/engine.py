@@ -5,11 +5,14 @@
 >>> async for chunk in engine.generate(GenerationRequest("SELECT", adapter="sql")):
 ...     print(chunk.text, end="")
 
+Requests are checked and tokenized, and adapters named and counted, by the front end every engine shares
+(../frontend.py); what is here is the torch part.
+
 The async API runs on the caller's event loop; the model runs on one engine thread (core.py, scheduler.py) doing
 continuous batching over a KV cache (runner.py, with one runner per architecture), with every loaded
 adapter's exact plain-LoRA factors in stacked slots (lora_slots.py) behind an LRU cache (adapter_cache.py).
 
-Errors are typed (errors.py). ``generate`` raises the ones it can see at once (bad parameters, unknown
+Errors are typed (errors.py), under the contract base.py's ``Engine`` states. ``generate`` raises the ones it can see at once (bad parameters, unknown
 adapter, too long a prompt, full queue) when called; later ones (an evicted adapter that cannot be read
 again, a failed step, shutdown) come out of the stream. Closing the stream cancels the request.
 """
@@ -27,17 +30,10 @@ import torch
 from torch import nn
 
 from ..base import AdapterInfo, GenerationRequest, StreamChunk
-from ..errors import (
-    AdapterExistsError,
-    AdapterLoadError,
-    ContextLengthError,
-    EngineClosedError,
-    QueueFullError,
-    RequestError,
-    UnknownAdapterError,
-)
+from ..errors import EngineClosedError
+from ..frontend import Frontend, adapter_tokenizer
 from ..options import EngineOptions, checkpoint_dtype
-from .adapter_cache import AdapterCache, AdapterRecord, read_factors, resolve_adapter_path
+from .adapter_cache import AdapterCache, AdapterRecord, read_factors
 from .architectures import runner_class
 from .core import EngineCore
 from .detokenize import TextStream
@@ -70,7 +66,6 @@ class TorchEngine:
         self.max_model_len = min(limit, options.max_model_len or min(limit, 2048))
         self.model_name = options.served_model_name or "base"
         self.model = model.eval().requires_grad_(False)
-        self.tokenizer = tokenizer
         self.max_loras, self.max_cpu_loras = options.max_loras, options.max_cpu_loras
         self.max_lora_rank, self.max_queue = options.max_lora_rank, options.max_queue
         self.slots = LoraSlots(model, self.max_loras, self.max_lora_rank, exclude=(model.get_output_embeddings(),))
@@ -80,10 +75,11 @@ class TorchEngine:
         self.core = EngineCore(self.runner, self.slots, self.cache, options.max_num_seqs,
                                options.max_num_batched_tokens, self._deliver)
         eos = config.eos_token_id if config.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
-        self.eos_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        self.vocab_size = config.vocab_size
+        self.frontend = Frontend(tokenizer, model_name=self.model_name, vocab_size=config.vocab_size,
+                                 max_model_len=self.max_model_len, max_queue=self.max_queue,
+                                 eos_ids=frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos]))
+        self.adapters = self.frontend.adapters
         self._reads: dict[str, asyncio.Future] = {}
-        self._unpinned: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
@@ -136,7 +132,8 @@ class TorchEngine:
         if self.core.closed:
             raise EngineClosedError("this engine was shut down; build a new one")
         if self._loop is None:
-            self._loop, self._unpinned = loop, asyncio.Event()
+            self._loop = loop
+            self.adapters.bind()
             self.core.thread.start()
         elif self._loop is not loop:
             raise EngineClosedError("this engine runs on another event loop; use it from the loop that started it")
@@ -148,36 +145,21 @@ class TorchEngine:
         self._bind_loop()
         params = request.params
         check_params(params)
-        for name, ids in (("logit_bias", list(params.logit_bias)), ("stop_token_ids", params.stop_token_ids)):
-            outside = [t for t in ids if not 0 <= t < self.vocab_size]
-            if outside:
-                raise RequestError(f"{name} names token ids {outside[:5]} outside this model's vocabulary "
-                                   f"(0 .. {self.vocab_size - 1})")
-        record = self._record(request.adapter)
-        tokenizer = self.tokenizer_for(request.adapter)
-        if params.stop and tokenizer is None:
-            raise RequestError("stop strings need a tokenizer, and this engine was built without one")
-        prompt = self._prompt_ids(request.prompt, tokenizer)
-        if len(prompt) + params.max_tokens > self.max_model_len:
-            raise ContextLengthError(f"this model's context is {self.max_model_len} tokens; the prompt has "
-                                     f"{len(prompt)} and max_tokens asks for {params.max_tokens} more. Shorten the "
-                                     f"prompt or lower max_tokens")
-        self._check_queue()
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
-        seq = Sequence(prompt=prompt, params=params, adapter=record,
-                       generator=make_generator(params, self.runner.device), stop_ids=frozenset(stop_ids))
-        return self._stream(seq, TextStream(tokenizer, prompt, list(params.stop)))
+        ready = self.frontend.prepare(request, self.core.queued)
+        seq = Sequence(prompt=ready.prompt, params=params, adapter=ready.adapter,
+                       generator=make_generator(params, self.runner.device), stop_ids=ready.stop_ids)
+        return self._stream(seq, TextStream(ready.tokenizer, ready.prompt, list(params.stop)))
 
     async def _stream(self, seq: Sequence, text: TextStream) -> AsyncIterator[StreamChunk]:
         outputs: asyncio.Queue = asyncio.Queue()
         seq.outputs = outputs
         submitted = pinned = False
         with self.core.queued_lock:
-            self._check_queue()
+            self.frontend.check_queue(self.core.queued)
             self.core.queued += 1
         try:
             if seq.adapter is not None:
-                self._pin(seq.adapter)
+                self.adapters.pin(seq.adapter)
                 pinned = True
                 await self._make_resident(seq.adapter)
             if self.core.closed:
@@ -197,9 +179,7 @@ class TorchEngine:
                 with self.core.queued_lock:
                     self.core.queued -= 1
             if pinned:
-                seq.adapter.pins -= 1
-                if seq.adapter.pins == 0:
-                    self._unpinned.set()
+                self.adapters.unpin(seq.adapter)
 
     def _deliver(self, items: list[tuple[Sequence, object]]) -> None:
         """From the engine thread: one step's outputs, handed to the event loop in one wake-up."""
@@ -209,61 +189,25 @@ class TorchEngine:
             for seq, _ in items:
                 seq.cancelled = True
 
-    def _check_queue(self) -> None:
-        if self.core.queued >= self.max_queue:
-            raise QueueFullError(f"{self.core.queued} requests are already waiting (max_queue={self.max_queue}); "
-                                 f"retry later")
-
-    def _record(self, adapter: str | None) -> AdapterRecord | None:
-        if adapter is None or adapter == self.model_name:
-            return None
-        record = self.cache.records.get(adapter)
-        if record is None or record.unloading:
-            state = f"adapter {adapter!r} is being unloaded" if record else f"no adapter named {adapter!r} is loaded"
-            loaded = sorted(info.name for info in self.list_adapters())
-            raise UnknownAdapterError(f"{state}; loaded: {loaded or 'none'} (or {self.model_name!r}, the base model)")
-        return record
-
-    def _pin(self, record: AdapterRecord) -> None:
-        if record.unloading or self.cache.records.get(record.info.name) is not record:
-            raise UnknownAdapterError(f"adapter {record.info.name!r} was unloaded")
-        record.pins += 1
-
-    def _prompt_ids(self, prompt: str | list[int], tokenizer: Any) -> list[int]:
-        if isinstance(prompt, str):
-            if tokenizer is None:
-                raise RequestError("this engine has no tokenizer; send the prompt as token ids")
-            ids = list(tokenizer(prompt)["input_ids"])
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids = list(prompt)
-        else:
-            raise RequestError(f"prompt must be a string or a list of token ids; got {type(prompt).__name__}")
-        if not ids:
-            raise RequestError("the prompt is empty")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise RequestError(f"token ids {bad[:5]} are outside this model's vocabulary (0 .. {self.vocab_size - 1})")
-        return ids
-
     async def _make_resident(self, record: AdapterRecord) -> None:
         """Bring a pinned adapter's factors into memory, reading its folder again if they were evicted, and
         waiting while every cached adapter is pinned by requests in flight."""
         factors = None
         while True:
-            self._unpinned.clear()
+            self.adapters.unpinned.clear()
             if self.cache.put(record, factors):
                 return
             if factors is None:
                 factors = await self._read_once(record.info.name, Path(record.info.path))
                 continue
-            await self._unpinned.wait()
+            await self.adapters.unpinned.wait()
 
     async def _read_once(self, name: str, path: Path):
         """One disk read per adapter however many requests wait for it, checked against the adapter's root (if
         it was loaded under one) on this read too: the folder may have changed since it was loaded."""
         if name not in self._reads:
             loop = asyncio.get_running_loop()
-            root = self.cache.records[name].root  # the caller holds a pin, so the record is there
+            root = self.adapters.records[name].root  # the caller holds a pin, so the record is there
             future = loop.run_in_executor(None, read_factors, path, self.shapes, self.max_lora_rank, root)
             self._reads[name] = future
             future.add_done_callback(lambda _: self._reads.pop(name, None))
@@ -280,49 +224,40 @@ class TorchEngine:
         inside ``root``, now and on every later read (PathOutsideAdapterRootError, 403); never a Hub id.
         """
         self._bind_loop()
-        if not isinstance(name, str) or not name or name == self.model_name:
-            raise AdapterLoadError(f"adapter name {name!r} is empty or is the base model's name")
-        if name in self.cache.records:
-            raise AdapterExistsError(f"an adapter named {name!r} is already loaded; unload it first")
+        resolved, root = await self.adapters.locate(name, path, root)
         loop = asyncio.get_running_loop()
-        if root is not None:
-            root = Path(os.path.realpath(root))
-            path = os.path.abspath(path)  # an absolute name is never taken for a Hub repo id
-        resolved = await loop.run_in_executor(None, resolve_adapter_path, str(path))
         folder, factors = await loop.run_in_executor(None, read_factors, resolved, self.shapes, self.max_lora_rank,
                                                      root)
         # The check read_factors made also covered the tokenizer files, read just after it.
-        tokenizer = await loop.run_in_executor(None, _adapter_tokenizer, resolved)
-        if name in self.cache.records:
-            raise AdapterExistsError(f"an adapter named {name!r} is already loaded; unload it first")
+        tokenizer = await loop.run_in_executor(None, adapter_tokenizer, resolved)
         rank = max(A.shape[0] for A, _, _ in factors.values())
         info = AdapterInfo(name=name, path=str(resolved), method=folder.config.method, rank=rank,
                            loaded_at=time.time())
         record = AdapterRecord(info=info, tokenizer=tokenizer, root=root)
-        self.cache.records[name] = record
+        self.adapters.add(record)
         self.cache.put(record, factors)  # if every cached adapter is busy, it is read again on first use
         return info
 
     async def unload_adapter(self, name: str) -> None:
         """Refuse new requests for ``name`` at once, wait for its requests in flight to end, then free it."""
         self._bind_loop()
-        record = self.cache.records.get(name)
-        if record is None or record.unloading:
-            raise UnknownAdapterError(f"no adapter named {name!r} is loaded")
-        record.unloading = True
-        while record.pins:
-            self._unpinned.clear()
-            await self._unpinned.wait()
-        del self.cache.records[name]
+        record = await self.adapters.unload(name)
         self.cache.drop(record)
         self.core.release_slot(record)
 
     def list_adapters(self) -> list[AdapterInfo]:
-        return [r.info for r in self.cache.records.values() if not r.unloading]
+        return self.adapters.infos()
 
     def tokenizer_for(self, adapter: str | None):
-        record = self.cache.records.get(adapter) if adapter else None
-        return record.tokenizer if record is not None and record.tokenizer is not None else self.tokenizer
+        return self.frontend.tokenizer_for(adapter)
+
+    def prompt_ids(self, prompt: str | list[int], adapter: str | None = None) -> list[int]:
+        return self.frontend.prompt_ids(prompt, adapter)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The base model's tokenizer (None if it has none)."""
+        return self.frontend.tokenizer
 
     def healthy(self) -> bool:
         return not self.core.closed and (self._loop is None or self.core.thread.is_alive())
@@ -357,12 +292,3 @@ def with_keywords(options: EngineOptions | None, keywords: dict[str, Any]) -> En
 def _put_all(items: list[tuple[Sequence, object]]) -> None:
     for seq, item in items:
         seq.outputs.put_nowait(item)
-
-
-def _adapter_tokenizer(path: Path):
-    """An adapter folder's own tokenizer (and chat template), if it ships one."""
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
