@@ -62,6 +62,7 @@ class FineTuningConfig:
     use_rslora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    # The built-in methods' own fields; each method's file in ftserve/methods/ checks and saves its own.
     # LoRA+ (arXiv:2402.12354): learning rate of B = ratio x learning rate of A.
     loraplus_lr_ratio: float = 16.0
     # VeRA (arXiv:2310.11454): seed of the shared frozen pair, initial value of d, save the pair.
@@ -104,8 +105,8 @@ class FineTuningConfig:
         for method in _REGISTRY.values():
             method.validate_fields(self)
         chosen = self.adapter_method
-        chosen.validate(self)
         self.method_options = {**chosen.option_defaults, **self.method_options}
+        chosen.validate(self)
 
     @property
     def adapter_method(self) -> AdapterMethod:

@@ -69,7 +69,7 @@ class GainLora(AdapterMethod):
 
     def validate(self, config):
         super().validate(config)
-        check_number("method_options['gain_init']", config.method_options.get("gain_init", 1.0), positive=True)
+        check_number("method_options['gain_init']", config.method_options["gain_init"], positive=True)
 
     def create_layer(self, base_layer, module_name, config, shared):
         return GainLayer(base_layer, config.rank_for(module_name), config.scale_for(module_name),

@@ -124,7 +124,7 @@ class DeltaLora(Lora):
         super().validate(config)
         if config.lora_dropout > 0:
             warnings.warn(f"Delta-LoRA removes dropout from the low-rank branch, as the paper does; "
-                          f"lora_dropout={config.lora_dropout} is set to 0", stacklevel=5)
+                          f"lora_dropout={config.lora_dropout} is set to 0", stacklevel=4)
             config.lora_dropout = 0.0
 
     def create_layer(self, base_layer, module_name, config, shared):
