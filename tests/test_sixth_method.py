@@ -122,6 +122,11 @@ def test_the_five_methods_refuse_its_setting():
         FineTuningConfig(method="lora", method_options={"gain_init": 2.0})
 
 
+def test_a_second_method_with_a_taken_spelling_is_refused():
+    with pytest.raises(ValueError, match=r"spellings \['gainlora', 'loragain'\] are taken"):
+        register(GainLora())
+
+
 def test_unregistered_it_is_unknown_again():
     unregister("gain-lora")
     try:
