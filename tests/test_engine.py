@@ -1,19 +1,16 @@
-"""The embedded engine: mixed-adapter batches equal solo and merged runs, sampling, stops, cancellation.
+"""The torch engine's batched LoRA layer, and the helpers every engine test uses (the behaviours every engine
+shares are in test_engine_contract.py).
 
-Adapters of all five methods are written with random nonzero factors (B starts at zero in training) at a scale
-that changes greedy tokens, so a row served with the wrong adapter, or none, is caught.
+``write_random_adapter`` gives adapters of all five methods random nonzero factors (B starts at zero in
+training) at a scale that changes greedy tokens, so a row served with the wrong adapter, or none, is caught.
 """
 
-import asyncio
-
-import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from ftserve import FineTuningConfig, FineTuningModel
-from ftserve.engine.base import GenerationRequest, SamplingParams
+from ftserve.engine.base import SamplingParams
 from ftserve.engine.torch.lora_slots import BatchedLoraLinear, LoraBatch, LoraContext
-from ftserve.engine.torch import TorchEngine
 
 METHODS = ["lora", "lora+", "lora-fa", "vera", "delta-lora"]
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 40, 41], [1, 100, 200, 300, 400, 500, 600, 700, 800]]
@@ -53,12 +50,6 @@ def references(base_dir, adapter_dir, prompts, new=NEW, merged=False) -> list[li
     outs = [model.generate(torch.tensor([p]), max_new_tokens=new, do_sample=False, eos_token_id=None,
                            pad_token_id=3) for p in prompts]
     return [out[0, len(p):].tolist() for p, out in zip(prompts, outs)]
-
-
-@pytest.fixture(scope="module")
-def adapters(llama_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine_adapters")
-    return {m: write_random_adapter(llama_dir, root / m.replace("+", "plus"), m, seed=i) for i, m in enumerate(METHODS)}
 
 
 def greedy(max_tokens=NEW, **kw) -> SamplingParams:
@@ -103,87 +94,3 @@ def test_lora_batch_layout_is_bounded_when_groups_are_skewed():
     assert sorted(set(batch.gather.tolist())) == list(range(15))
     assert batch.scatter[15] == 25  # the base row reads the zero row past the layout
     assert batch.slot_range is None and batch.slot_index.tolist() == [0, 0, 0, 1, 2]
-
-
-def test_mixed_batch_equals_solo_and_merged_runs(llama_dir, adapters):
-    """Every request of a batch mixing all five methods and the base equals its solo unmerged and merged run."""
-    jobs = [(name, i) for name in [None, *METHODS] for i in range(len(PROMPTS))]
-    expected = {name: references(llama_dir, adapters.get(name), PROMPTS) for name in [None, *METHODS]}
-    merged = {name: references(llama_dir, adapters[name], PROMPTS, merged=True) for name in METHODS}
-
-    async def main():
-        engine = TorchEngine.from_pretrained(llama_dir, max_loras=6, max_batch_size=32)
-        async with engine:
-            for name, path in adapters.items():
-                await engine.load_adapter(name, str(path))
-            outs = await asyncio.gather(*[collect(engine, GenerationRequest(PROMPTS[i], adapter=n, params=greedy()))
-                                          for n, i in jobs])
-            assert {i.name: i.method for i in engine.list_adapters()} == {m: m for m in METHODS}
-            return outs
-
-    outs = asyncio.run(main())
-    for (name, i), (ids, _, finish) in zip(jobs, outs):
-        assert ids == expected[name][i], f"{name} on prompt {i}"
-        assert name is None or ids == merged[name][i], f"{name} merged on prompt {i}"
-        assert finish == "length"
-    assert len({tuple(expected[n][0]) for n in [None, *METHODS]}) == 6  # every adapter changes the output
-
-
-def test_seeded_sampling_is_reproducible_in_any_batch(llama_dir, adapters):
-    sampled = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
-
-    async def main():
-        async with TorchEngine.from_pretrained(llama_dir, max_batch_size=8) as engine:
-            await engine.load_adapter("lora", str(adapters["lora"]))
-            alone = await collect(engine, GenerationRequest(PROMPTS[0], adapter="lora", params=sampled))
-            crowd = await asyncio.gather(
-                collect(engine, GenerationRequest(PROMPTS[0], adapter="lora", params=sampled)),
-                *[collect(engine, GenerationRequest(p, params=greedy())) for p in PROMPTS],
-                collect(engine, GenerationRequest(PROMPTS[0], adapter="lora",
-                                                  params=SamplingParams(**{**sampled.__dict__, "seed": 99}))))
-            return alone, crowd
-
-    alone, crowd = asyncio.run(main())
-    assert crowd[0][0] == alone[0]
-    assert crowd[-1][0] != alone[0]
-
-
-def test_stop_strings_stop_ids_and_text(llama_dir, tokenizer):
-    prompt = "the cat sees a"
-
-    async def main():
-        async with TorchEngine.from_pretrained(llama_dir) as engine:
-            full = await collect(engine, GenerationRequest(prompt, params=greedy(12)))
-            ids = full[0]
-            by_id = await collect(engine, GenerationRequest(prompt, params=greedy(12, stop_token_ids=[ids[3]])))
-            stop = full[1][len(full[1]) // 2:][:3]
-            by_text = await collect(engine, GenerationRequest(prompt, params=greedy(12, stop=[stop])))
-            return full, by_id, by_text, stop
-
-    full, by_id, by_text, stop = asyncio.run(main())
-    assert full[1] == tokenizer.decode(full[0], skip_special_tokens=True)
-    assert by_id[0] == full[0][:full[0].index(full[0][3]) + 1] and by_id[2] == "stop"
-    assert by_text[2] == "stop" and by_text[1] == full[1][:full[1].index(stop)]
-
-
-def test_closing_a_stream_cancels_only_that_request(llama_dir, adapters):
-    async def main():
-        async with TorchEngine.from_pretrained(llama_dir, max_batch_size=4) as engine:
-            await engine.load_adapter("vera", str(adapters["vera"]))
-            other = asyncio.create_task(collect(engine, GenerationRequest(PROMPTS[1], adapter="vera",
-                                                                          params=greedy(40))))
-            stream = engine.generate(GenerationRequest(PROMPTS[0], params=greedy(200)))
-            async for chunk in stream:
-                if chunk.completion_tokens == 3:
-                    break
-            await stream.aclose()
-            result = await other
-            for _ in range(100):
-                if engine.stats()["running_requests"] == 0:
-                    break
-                await asyncio.sleep(0.01)
-            return result, engine.stats()
-
-    (ids, _, finish), stats = asyncio.run(main())
-    assert finish == "length" and [ids] == references(llama_dir, adapters["vera"], PROMPTS[1:2], new=40)
-    assert stats["running_requests"] == 0 and stats["queued_requests"] == 0
