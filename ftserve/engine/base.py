@@ -102,7 +102,8 @@ class Engine(Protocol):
       parameters, token ids outside the vocabulary, ContextLengthError), UnknownAdapterError (no such adapter,
       or it is being unloaded), QueueFullError, EngineClosedError;
     * raised out of the stream, at the first read or later: EngineClosedError (shut down meanwhile),
-      UnknownAdapterError (unloaded before the request was queued), AdapterLoadError (an evicted adapter
+      UnknownAdapterError (unloaded before the request was queued), QueueFullError (the queue filled up
+      between the call and the first read, when the request is queued), AdapterLoadError (an evicted adapter
       whose folder can no longer be read), GenerationError and SamplingError (this request's step went wrong;
       the requests beside it carry on);
     * raised by ``load_adapter``: AdapterLoadError (and PathOutsideAdapterRootError), AdapterExistsError;
