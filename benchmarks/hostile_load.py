@@ -49,10 +49,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import httpx  # noqa: E402
 import openai  # noqa: E402
-import torch  # noqa: E402
 
-from ftserve import FineTuningConfig, FineTuningModel  # noqa: E402
-from ftserve.testing import save_tiny_model, tiny_llama, toy_sentences  # noqa: E402
+from ftserve.testing import save_random_adapter, save_tiny_model, toy_sentences  # noqa: E402
 from serve_http import start_server  # noqa: E402  (this script's folder is on sys.path)
 
 BASE, ADAPTERS = "base", {"lora": "lora", "vera": "vera", "delta": "delta-lora"}
@@ -60,24 +58,11 @@ MODELS = (BASE, *ADAPTERS)
 NORMAL, HOSTILE_WORKERS, HANG_S, ALONE_HANG_S, NORMAL_TIMEOUT_S = 32, 8, 60.0, 20.0, 300.0
 
 
-def save_random_adapter(path: Path, method: str, seed: int) -> None:
-    """A ``method`` adapter on q, v and down projections of the tiny Llama, every factor random (VeRA's scaling
-    vectors too, which start at zero), so that its outputs differ from the base model's."""
-    config = FineTuningConfig(method=method, lora_r=16 if method == "vera" else 8, lora_alpha=16,
-                              target_modules=["q_proj", "v_proj", "down_proj"])
-    model = FineTuningModel(tiny_llama(), config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.adapter_parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    model.save_adapter(path)
-
-
 def write_models(root: Path) -> tuple[Path, list[str]]:
     """The tiny Llama and one adapter per method of ``ADAPTERS``, in ``root``; (base folder, adapter names)."""
     base = save_tiny_model(root / "base", "llama")
     for seed, (name, method) in enumerate(ADAPTERS.items()):
-        save_random_adapter(root / name, method, seed)
+        save_random_adapter(base, method, root / name, seed)
     return base, list(ADAPTERS)
 
 

@@ -73,16 +73,57 @@ def save_tiny_model(path: str | os.PathLike, kind: str = "llama", **kwargs) -> P
     return path
 
 
-def save_random_lora(base_model, path: str | os.PathLike, rank: int = 16, seed: int = 0) -> Path:
-    """An all-linear LoRA with random nonzero factors (B starts at zero when trained), saved at ``path``:
-    adapters that really change outputs, for benchmarks and demos."""
-    from .config import FineTuningConfig
+@torch.no_grad()
+def randomise_adapter(model, seed: int, std: float = 0.1, fan_in: bool = False) -> None:
+    """Fill every adapter tensor of a ``FineTuningModel`` with seeded noise, so that B / lambda_b are no longer
+    zero. Its standard deviation is ``std``, or with ``fan_in`` std / sqrt(the tensor's last dimension), so that
+    a wide layer's delta is no larger than a narrow one's."""
+    generator = torch.Generator().manual_seed(seed)
+    for param in model.adapter_parameters():
+        scale = std / param.shape[-1] ** 0.5 if fan_in else std
+        param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def random_adapter(base, config, seed: int = 0, std: float = 0.5, fan_in: bool = False):
+    """A ``FineTuningModel`` of ``config`` over ``base`` (a model or a Hugging Face folder) with every adapter
+    tensor random (see ``randomise_adapter``): an adapter that really changes outputs. A method with a frozen
+    snapshot (Delta-LoRA's start factors) snapshots the draw of ``seed`` and then takes that of ``seed + 1``,
+    so that the snapshot and the factors differ."""
     from .model import FineTuningModel
 
-    model = FineTuningModel(base_model, FineTuningConfig(lora_r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.adapter_parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * (0.5 / param.shape[-1] ** 0.5))
-    model.save_adapter(path)
+    if not isinstance(base, torch.nn.Module):
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(base)
+    model = FineTuningModel(base, config)
+    randomise_adapter(model, seed, std, fan_in)
+    snapshot = set(model.method.snapshot_keys)
+    if snapshot:
+        for layer in model.adapter_layers.values():
+            layer.prepare_for_state(snapshot)
+        randomise_adapter(model, seed + 1, std, fan_in)
+    return model
+
+
+def save_random_adapter(base, method: str, path: str | os.PathLike, seed: int = 0, std: float = 0.5,
+                        fan_in: bool = False, rank: int | None = None,
+                        targets: str | list[str] = ("q_proj", "v_proj", "down_proj"), **settings) -> Path:
+    """A ``random_adapter`` of any registered ``method`` saved at ``path``, for tests, benchmarks and demos.
+
+    ``rank`` defaults to 16 for a method without a scale (VeRA, whose shared pair needs the larger rank) and 8
+    for the rest, with alpha = 2 * rank; ``settings`` are further ``FineTuningConfig`` fields.
+    """
+    from .config import FineTuningConfig
+    from .methods import METHODS
+
+    rank = rank or (8 if METHODS[method].has_scale else 16)
+    targets = targets if isinstance(targets, str) else list(targets)
+    config = FineTuningConfig(method=method, lora_r=rank, target_modules=targets,
+                              **{"lora_alpha": 2 * rank, **settings})
+    random_adapter(base, config, seed, std, fan_in).save_adapter(path)
     return Path(path)
+
+
+def save_random_lora(base_model, path: str | os.PathLike, rank: int = 16, seed: int = 0) -> Path:
+    """An all-linear LoRA with random nonzero factors, for benchmarks and demos (see ``save_random_adapter``)."""
+    return save_random_adapter(base_model, "lora", path, seed, std=0.5, fan_in=True, rank=rank, targets="all-linear")

@@ -15,6 +15,16 @@ from ftserve.testing import build_tokenizer, save_tiny_model, tiny_gpt2, tiny_ll
 torch.set_num_threads(1)  # tiny models: one thread is as fast and immune to a busy machine
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spinning makes
+    every small op thousands of times slower: a module that another may have left multi-threaded asks for one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()

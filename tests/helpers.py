@@ -6,13 +6,65 @@ Everything here is deterministic: every random draw goes through a seeded ``torc
 
 from __future__ import annotations
 
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
 import torch
 from torch import nn
 
+from ftserve import FineTuningConfig, FineTuningModel
 from ftserve.methods import METHODS as REGISTRY
-from ftserve.testing import tiny_gpt2, tiny_llama
+from ftserve.methods import AdapterMethod
+from ftserve.testing import random_adapter, randomise_adapter, tiny_gpt2, tiny_llama
+
+__all__ = ["randomise_adapter"]  # re-exported: the in-memory half of ftserve.testing.save_random_adapter
 
 METHODS = tuple(REGISTRY)  # the built-in methods, as registered when the tests start
+
+FP32 = dict(atol=2e-5, rtol=1e-5)
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # for test subprocesses; conftest's one_thread says why
+IDS = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(1))  # for the conftest-sized models
+
+
+def case_settings(method: AdapterMethod) -> dict:
+    """Small settings for ``method``: rank 4, alpha 8; rank 16 for a method without a scale (VeRA, whose shared
+    pair is sliced per layer)."""
+    return dict(method=method.name, lora_r=4, lora_alpha=8) if method.has_scale else dict(method=method.name,
+                                                                                         lora_r=16)
+
+
+# The case matrix, (case name, model kind, FineTuningConfig settings): every registered method, plus rsLoRA's
+# other scale, on a Llama- and a GPT-2-shaped model (``tiny_model``). Every generic check runs over these rows.
+CASES = [(name, case_settings(method)) for name, method in REGISTRY.items()]
+CASES += [("lora-rslora", dict(method="lora", lora_r=4, lora_alpha=8, use_rslora=True))]
+KINDS = ("llama", "gpt2")
+ROWS = [(name, kind, settings) for kind in KINDS for name, settings in CASES]
+ROW_IDS = [f"{kind}-{name}" for name, kind, _ in ROWS]
+
+
+def tiny_model(kind: str) -> nn.Module:
+    """The conftest-sized model of ``kind``: Llama (vocab 1000, hidden 128) or GPT-2 (Conv1D, hidden 64)."""
+    return tiny_llama() if kind == "llama" else tiny_gpt2()
+
+
+def trained(base: nn.Module, settings: dict, seed: int = 0, targets="all-linear") -> FineTuningModel:
+    """An adapter with random, non-zero tensors (LoRA's B starts at zero, which would hide bugs), in eval mode."""
+    return random_adapter(base, FineTuningConfig(target_modules=targets, **settings), seed, std=0.05).eval()
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """sha256 of every file under ``path``, by relative path: to show that a folder was not touched."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
 
 # A cheap "memorise these sequences" task: each row repeats a cycle, so every token has one successor.
 TOY_IDS = torch.tensor([[10, 11, 12, 13, 14, 15, 16, 17] * 2, [40, 41, 42, 43, 44, 45, 46, 47] * 2])
@@ -58,14 +110,6 @@ def closed_form_trainable(method: str, r: int, shapes: dict[str, tuple[int, int]
     return sum(r * (d_in + d_out) for d_out, d_in in shapes.values())
 
 
-@torch.no_grad()
-def randomise_adapter(model: nn.Module, seed: int, std: float = 0.1) -> None:
-    """Fill every adapter tensor with seeded noise, so that B / lambda_b are no longer zero."""
-    generator = torch.Generator().manual_seed(seed)
-    for param in model.adapter_parameters():
-        param.copy_(torch.randn(param.shape, generator=generator) * std)
-
-
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor, steps: int) -> list[float]:
     """The guide's plain loop on one fixed batch; returns the loss of every step."""
     model.train()
@@ -102,3 +146,52 @@ def saved_activation_bytes(module: nn.Module, fn) -> int:
     total = sum(seen.values())
     del result
     return total
+
+
+class ServerProcess:
+    """``ftserve serve ...`` in a subprocess on a free loopback port, its output in a log file."""
+
+    def __init__(self, args: list[str], log: Path, env: dict | None = None) -> None:
+        self.args, self.log, self.env = args, log, {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        self._start()
+
+    def _start(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-c", "from ftserve.cli import main; main()", "serve", *self.args,
+               "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env)
+
+    def wait_ready(self, timeout: float = 180) -> "ServerProcess":
+        deadline, retries = time.monotonic() + timeout, 2
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                log = self.log.read_text()
+                if "address already in use" in log and retries:  # another process took the free port first
+                    retries -= 1
+                    self._start()
+                    continue
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{log}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log.read_text()}")
+
+    def client(self, api_key: str = "unused", **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=120, **kwargs)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

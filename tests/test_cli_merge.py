@@ -18,8 +18,9 @@ from transformers import AutoModelForCausalLM
 from ftserve.cli import main
 from ftserve.config import FineTuningConfig
 
-from test_fold import ONE_THREAD, trained, one_thread  # noqa: F401 (autouse fixture)
-from test_merge import tree_digest
+from helpers import ONE_THREAD, trained, tree_digest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

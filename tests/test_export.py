@@ -11,14 +11,15 @@ from transformers import AutoModelForCausalLM
 from ftserve import AdapterFileError, export_adapter
 from ftserve.cli import main
 
-from test_fold import CASES, FP32, IDS, trained, one_thread  # noqa: F401 (autouse fixture)
+from helpers import FP32, IDS, ROW_IDS, ROWS, trained
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 EXPECTED_RANK = {"vera": 16, "delta-lora": 8}  # VeRA exactly at r, Delta-LoRA exactly at 2r
-ROWS = [("llama", name, s) for name, s in CASES] + [("gpt2", name, s) for name, s in CASES if name in ("lora", "vera")]
 
 
-@pytest.mark.parametrize("kind,name,settings", ROWS, ids=[f"{k}-{n}" for k, n, _ in ROWS])
-def test_peft_loads_every_export_and_reproduces_the_adapter(tmp_path, llama_dir, gpt2_dir, kind, name, settings):
+@pytest.mark.parametrize("name,kind,settings", ROWS, ids=ROW_IDS)
+def test_peft_loads_every_export_and_reproduces_the_adapter(tmp_path, llama_dir, gpt2_dir, name, kind, settings):
     base_dir = llama_dir if kind == "llama" else gpt2_dir
     model = trained(AutoModelForCausalLM.from_pretrained(base_dir), settings)
     with torch.no_grad():

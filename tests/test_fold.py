@@ -2,61 +2,19 @@
 
 import pytest
 import torch
-from torch import nn
 
 from ftserve import FineTuningConfig, FineTuningModel
 from ftserve.methods import AdapterLayer
 from ftserve.testing import tiny_gpt2, tiny_llama
 
-# (case, model kind, config): every generic check runs over these rows.
-CASES = [
-    ("lora", dict(method="lora", lora_r=4, lora_alpha=8)),
-    ("lora-rslora", dict(method="lora", lora_r=4, lora_alpha=8, use_rslora=True)),
-    ("lora+", dict(method="lora+", lora_r=4, lora_alpha=16)),
-    ("lora-fa", dict(method="lora-fa", lora_r=4, lora_alpha=8)),
-    ("vera", dict(method="vera", lora_r=16)),
-    ("delta-lora", dict(method="delta-lora", lora_r=4, lora_alpha=8)),
-]
-ROWS = [(name, kind, cfg) for kind in ("llama", "gpt2") for name, cfg in CASES]
-FP32 = dict(atol=2e-5, rtol=1e-5)
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # for test subprocesses, see one_thread()
+from helpers import FP32, IDS, ROW_IDS, ROWS, tiny_model, trained
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spinning makes
-    every small op thousands of times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def trained(base: nn.Module, settings: dict, seed: int = 0, targets="all-linear") -> FineTuningModel:
-    """An adapter with random, non-zero tensors (LoRA's B starts at zero, which would hide bugs)."""
-    model = FineTuningModel(base, FineTuningConfig(target_modules=targets, **settings))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.adapter_parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-        if settings["method"] == "delta-lora":  # a start snapshot different from the final factors
-            for layer in model.adapter_layers.values():
-                layer.start_weight_updates()
-            for p in model.adapter_parameters():
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model.eval()
-
-
-def build(kind: str) -> nn.Module:
-    return tiny_llama() if kind == "llama" else tiny_gpt2()
-
-
-IDS = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(1))
-
-
-@pytest.mark.parametrize("name,kind,settings", ROWS, ids=[f"{k}-{n}" for n, k, _ in ROWS])
+@pytest.mark.parametrize("name,kind,settings", ROWS, ids=ROW_IDS)
 def test_fold_unfold_and_merge_and_unload_match_unmerged_forward(name, kind, settings):
-    model = trained(build(kind), settings)
+    model = trained(tiny_model(kind), settings)
     weights = {n: layer.base_layer.weight for n, layer in model.adapter_layers.items()}
     with torch.no_grad():
         unmerged = model(input_ids=IDS).logits

@@ -1,7 +1,6 @@
 """Streaming merge (ftserve.merge): equal to the in-memory fold and the unmerged forward for every method on
 Llama- and GPT-2-shaped models; sharded bf16 bases rounded once; weighted adapters; every refusal."""
 
-import hashlib
 import json
 import os
 import re
@@ -21,12 +20,9 @@ from ftserve import AdapterFileError, CheckpointError, ConfigError, read_adapter
 from ftserve.merge import AdapterSpec, merge_checkpoint
 from ftserve.testing import save_tiny_model, tiny_llama
 
-from test_fold import CASES, FP32, IDS, ONE_THREAD, trained, one_thread  # noqa: F401 (autouse fixture)
+from helpers import CASES, FP32, IDS, ONE_THREAD, ROW_IDS, trained, tree_digest
 
-
-def tree_digest(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def stored(folder: Path) -> dict[str, torch.Tensor]:
@@ -60,9 +56,6 @@ def matrix(llama_dir, gpt2_dir, tmp_path_factory):
             rows[f"{kind}-{name}"] = dict(adapter=adapter, unmerged=unmerged, folded=folded, out=out)
     assert digests == {"llama": tree_digest(llama_dir), "gpt2": tree_digest(gpt2_dir)}, "inputs were modified"
     return rows
-
-
-ROW_IDS = [f"{k}-{n}" for k in ("llama", "gpt2") for n, _ in CASES]
 
 
 @pytest.mark.parametrize("row", ROW_IDS)

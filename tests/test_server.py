@@ -8,24 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import torch
 
-from ftserve import FineTuningConfig, FineTuningModel
 from ftserve.engine.base import GenerationRequest, SamplingParams
+from ftserve.testing import save_random_adapter
 
-ADAPTERS = {"lora": "lora", "vera": "vera", "loraplus": "lora+", "delta": "delta-lora", "fa": "lora-fa"}
+from helpers import METHODS, ServerProcess
+
+ADAPTERS = METHODS  # one adapter per registered method, served under the method's name
 BASE = "tiny-base"
 PROMPT = "the cat sees"
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the dog runs"}]
@@ -33,78 +28,14 @@ ALT_TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% 
 MAX_TOKENS = 8
 
 
-class ServerProcess:
-    """``ftserve serve ...`` in a subprocess on a free loopback port, its output in a log file."""
-
-    def __init__(self, args: list[str], log: Path, env: dict | None = None) -> None:
-        self.args, self.log, self.env = args, log, {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-        self._start()
-
-    def _start(self) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-c", "from ftserve.cli import main; main()", "serve", *self.args,
-               "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env)
-
-    def wait_ready(self, timeout: float = 180) -> "ServerProcess":
-        deadline, retries = time.monotonic() + timeout, 2
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                log = self.log.read_text()
-                if "address already in use" in log and retries:  # another process took the free port first
-                    retries -= 1
-                    self._start()
-                    continue
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{log}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log.read_text()}")
-
-    def client(self, api_key: str = "unused", **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=120, **kwargs)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def make_adapter(base_dir: Path, method: str, out: Path, seed: int) -> Path:
-    """An adapter of ``method`` with every factor random, so that its output differs from the base's."""
-    from transformers import AutoModelForCausalLM
-
-    config = FineTuningConfig(method=method, lora_r=16 if method == "vera" else 8, lora_alpha=16,
-                              target_modules=["q_proj", "v_proj", "down_proj"])
-    model = FineTuningModel(AutoModelForCausalLM.from_pretrained(base_dir), config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.adapter_parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    model.save_adapter(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def root(llama_dir, tmp_path_factory) -> Path:
     """--adapter-root: one adapter per method, two spares for the load/unload API, one with its own template."""
     root = tmp_path_factory.mktemp("adapters")
-    for seed, (name, method) in enumerate(ADAPTERS.items()):
-        make_adapter(llama_dir, method, root / name, seed)
-    make_adapter(llama_dir, "lora", root / "extra", 10)
-    make_adapter(llama_dir, "lora", root / "spare", 11)
+    for seed, method in enumerate(ADAPTERS):
+        save_random_adapter(llama_dir, method, root / method, seed)
+    save_random_adapter(llama_dir, "lora", root / "extra", 10)
+    save_random_adapter(llama_dir, "lora", root / "spare", 11)
     shutil.copytree(root / "lora", root / "templated")
     from transformers import AutoTokenizer
 
@@ -251,19 +182,19 @@ def test_n_seed_stop_and_top_p(server, expected):
     assert len({c.text for c in first.choices}) > 1
     assert first.usage.prompt_tokens == again.usage.prompt_tokens
 
-    full = expected[("long", "delta")][0]
+    full = expected[("long", "delta-lora")][0]
     stop = full[len(full) // 2:len(full) // 2 + 3]
-    cut = client.completions.create(model="delta", prompt="a delta story", max_tokens=24, temperature=0, stop=[stop])
+    cut = client.completions.create(model="delta-lora", prompt="a delta-lora story", max_tokens=24, temperature=0, stop=[stop])
     assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
 
-    batch = client.completions.create(model="fa", prompt=[PROMPT, "a fa story"], max_tokens=24, temperature=0)
+    batch = client.completions.create(model="lora-fa", prompt=[PROMPT, "a lora-fa story"], max_tokens=24, temperature=0)
     assert [c.index for c in batch.choices] == [0, 1]
-    assert batch.choices[1].text == expected[("long", "fa")][0]
+    assert batch.choices[1].text == expected[("long", "lora-fa")][0]
 
 
 def test_64_concurrent_streams_while_adapters_load_and_unload(server, root, expected):
     """Every stream completes with its own adapter's text while the API loads one adapter and unloads another."""
-    models = ["lora", "vera", "delta", "fa"]
+    models = list(ADAPTERS)
 
     async def main():
         client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
@@ -280,7 +211,7 @@ def test_64_concurrent_streams_while_adapters_load_and_unload(server, root, expe
                 unload = await http.post("/v1/unload_lora_adapter", json={"lora_name": "spare"})
                 return load, unload
 
-        results = await asyncio.gather(*[one(models[i % 4]) for i in range(64)], manage())
+        results = await asyncio.gather(*[one(models[i % len(models)]) for i in range(64)], manage())
         await client.close()
         return results[:-1], results[-1]
 
@@ -366,7 +297,7 @@ def test_unknown_route_is_an_error_object(server):
 
 
 def test_adapter_paths_are_confined_to_the_adapter_root(server, root, llama_dir, tmp_path):
-    outside = make_adapter(llama_dir, "lora", tmp_path / "outside", 3)
+    outside = save_random_adapter(llama_dir, "lora", tmp_path / "outside", 3)
     (root / "link").symlink_to(outside, target_is_directory=True)
     try:
         for path in ("../outside", "lora/../../outside", str(outside), "/etc", "link"):
@@ -394,15 +325,15 @@ def test_adapter_api_errors(server, root):
 
 
 def test_metrics_in_prometheus_text(server):
-    server.client().completions.create(model="fa", prompt=PROMPT, max_tokens=3)
+    server.client().completions.create(model="lora-fa", prompt=PROMPT, max_tokens=3)
     text = httpx.get(server.url + "/metrics").text
     lines = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
              if line and not line.startswith("#")}
-    assert lines['ftserve_generation_requests_total{model="fa"}'] >= 1
+    assert lines['ftserve_generation_requests_total{model="lora-fa"}'] >= 1
     assert lines['ftserve_http_requests_total{route="/v1/completions",status="200"}'] >= 1
     assert lines['ftserve_request_errors_total{route="/v1/completions",status="404"}'] >= 1
-    assert lines['ftserve_prompt_tokens_total{model="fa"}'] >= 1
-    assert lines['ftserve_generation_tokens_total{model="fa"}'] >= 3
+    assert lines['ftserve_prompt_tokens_total{model="lora-fa"}'] >= 1
+    assert lines['ftserve_generation_tokens_total{model="lora-fa"}'] >= 3
     assert lines['ftserve_request_latency_seconds_count{route="/v1/completions"}'] >= 1
     assert lines['ftserve_time_to_first_token_seconds_bucket{le="+Inf",route="/v1/completions"}'] >= 1
     assert lines["ftserve_queue_depth"] == 0 and lines["ftserve_requests_in_flight"] == 0

@@ -14,7 +14,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from test_server import ServerProcess, make_adapter
+from helpers import ServerProcess
+
+from ftserve.testing import save_random_adapter
 
 BASE = "tiny-base"
 
@@ -23,12 +25,12 @@ BASE = "tiny-base"
 def sources(llama_dir, tmp_path_factory) -> dict[str, Path]:
     """Adapter folders outside the root, copied in (with one file made a link) by each test."""
     out = tmp_path_factory.mktemp("sources")
-    templated = make_adapter(llama_dir, "lora", out / "templated", 1)
+    templated = save_random_adapter(llama_dir, "lora", out / "templated", 1)
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(llama_dir).save_pretrained(templated)
-    return {"lora": make_adapter(llama_dir, "lora", out / "lora", 0),
-            "delta": make_adapter(llama_dir, "delta-lora", out / "delta", 2), "templated": templated}
+    return {"lora": save_random_adapter(llama_dir, "lora", out / "lora", 0),
+            "delta": save_random_adapter(llama_dir, "delta-lora", out / "delta", 2), "templated": templated}
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,11 @@ import httpx
 import openai
 import pytest
 import torch
-from test_server import ServerProcess, make_adapter
+from helpers import ServerProcess
 
 from ftserve.engine.base import SamplingParams
 from ftserve.engine.torch.sampling import sample
+from ftserve.testing import save_random_adapter
 
 BASE = "base"
 LIMIT = 4
@@ -34,7 +35,7 @@ GREEDY = {"temperature": 0, "max_tokens": 24, "extra_body": {"ignore_eos": True}
 @pytest.fixture(scope="module")
 def root(llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("root")
-    make_adapter(llama_dir, "lora", root / "lora", seed=3)
+    save_random_adapter(llama_dir, "lora", root / "lora", seed=3)
     return root
 
 

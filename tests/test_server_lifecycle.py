@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 from click.testing import CliRunner
-from test_server import ServerProcess
+from helpers import ServerProcess
 
 from ftserve.cli import main
 

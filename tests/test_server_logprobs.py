@@ -13,7 +13,7 @@ from itertools import accumulate
 import httpx
 import pytest
 import torch
-from test_server import ServerProcess
+from helpers import ServerProcess
 
 BASE = "tiny-base"
 PROMPT = "the cat sees"
