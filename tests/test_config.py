@@ -12,7 +12,7 @@ from peft.utils.other import get_pattern_key
 from ftserve import ConfigError, FineTuningConfig, FineTuningModel
 from ftserve.methods import AdapterLayer
 
-from helpers import small_gpt2, small_llama
+from helpers import METHODS, small_gpt2, small_llama
 
 BAD_VALUES = [
     ("unknown_method", dict(method="qlora"), "unknown method 'qlora'"),
@@ -176,7 +176,7 @@ def test_config_must_be_a_finetuning_config():
 
 # adapter_config.json --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["lora", "lora+", "lora-fa", "delta-lora", "vera"])
+@pytest.mark.parametrize("method", METHODS)
 def test_peft_dict_round_trip_keeps_every_setting(method):
     patterns = {} if method == "vera" else dict(rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 4.0})
     config = FineTuningConfig(method=method, lora_r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],

@@ -1,68 +1,9 @@
-"""The torch engine's batched LoRA layer, and the helpers every engine test uses (the behaviours every engine
-shares are in test_engine_contract.py).
-
-``write_random_adapter`` gives adapters of all five methods random nonzero factors (B starts at zero in
-training) at a scale that changes greedy tokens, so a row served with the wrong adapter, or none, is caught.
-"""
+"""The torch engine's batched LoRA layer (the behaviours every engine shares are in test_engine_contract.py; the
+helpers every engine test uses, ``write_random_adapter`` among them, are in tests/helpers.py)."""
 
 import torch
-from transformers import AutoModelForCausalLM
 
-from ftserve import FineTuningConfig, FineTuningModel
-from ftserve.engine.base import SamplingParams
 from ftserve.engine.torch.lora_slots import BatchedLoraLinear, LoraBatch, LoraContext
-
-METHODS = ["lora", "lora+", "lora-fa", "vera", "delta-lora"]
-PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 40, 41], [1, 100, 200, 300, 400, 500, 600, 700, 800]]
-NEW = 8
-
-
-def write_random_adapter(base_dir, out, method: str, seed: int, r: int = 4, targets="all-linear"):
-    """An adapter whose every tensor is random (Delta-LoRA: after its start snapshot, so it exports rank 2r)."""
-    model = FineTuningModel(AutoModelForCausalLM.from_pretrained(base_dir),
-                            FineTuningConfig(method=method, lora_r=r, lora_alpha=2 * r, target_modules=targets))
-    generator = torch.Generator().manual_seed(seed)
-
-    def randomise():
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "vera_lambda" in name:
-                    param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-                elif "lora_" in name:
-                    param.copy_(torch.randn(param.shape, generator=generator) * (0.6 / param.shape[-1] ** 0.5))
-
-    randomise()
-    if method == "delta-lora":
-        for layer in model.adapter_layers.values():
-            layer.start_weight_updates()
-        randomise()
-    model.save_adapter(out)
-    return out
-
-
-def references(base_dir, adapter_dir, prompts, new=NEW, merged=False) -> list[list[int]]:
-    """Greedy tokens of each request alone: FineTuningModel with the adapter unmerged (or merged), no engine."""
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    if adapter_dir is not None:
-        model = FineTuningModel.from_pretrained(model, adapter_dir)
-        if merged:
-            model = model.merge_and_unload()
-    outs = [model.generate(torch.tensor([p]), max_new_tokens=new, do_sample=False, eos_token_id=None,
-                           pad_token_id=3) for p in prompts]
-    return [out[0, len(p):].tolist() for p, out in zip(prompts, outs)]
-
-
-def greedy(max_tokens=NEW, **kw) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
-
-
-async def collect(engine, request) -> tuple[list[int], str, str]:
-    ids, text, finish = [], "", None
-    async for chunk in engine.generate(request):
-        ids += chunk.token_ids
-        text += chunk.text
-        finish = chunk.finish_reason
-    return ids, text, finish
 
 
 def test_batched_lora_linear_adds_each_rows_own_adapter():

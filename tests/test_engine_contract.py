@@ -20,7 +20,7 @@ from ftserve.engine.errors import (AdapterExistsError, AdapterLoadError, Context
 from ftserve.engine.options import EngineOptions, EngineOptionsError
 from ftserve.errors import ServingError
 from ftserve.testing import save_tiny_model
-from test_engine import METHODS, PROMPTS, collect, greedy, references, write_random_adapter
+from helpers import METHODS, PROMPTS, collect, greedy, references, write_random_adapter
 
 PROMPT = [1, 5, 6, 7, 8, 9]
 
