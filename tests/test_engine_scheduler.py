@@ -227,9 +227,10 @@ def test_a_kv_cache_that_cannot_fit_in_memory_is_refused_at_start(llama_dir):
 
 
 def test_a_stop_string_found_off_the_engine_thread_ends_the_request_and_its_generation(llama_dir):
-    """Text is decoded on the event loop: the chunk that completes a stop string is the last one emitted, its
-    usage counts only emitted tokens, and the engine stops generating for the request long before max_tokens
-    (the few tokens it computed meanwhile are never emitted)."""
+    """Text is decoded on the event loop as each step's outputs arrive, not as the caller reads them: the
+    engine stops generating for the request long before max_tokens even while its caller reads nothing, the
+    chunk that completes the stop string is the last one emitted (the few tokens computed past it never are),
+    and its usage counts only emitted tokens."""
     prompt = "the cat sees a"
 
     async def main():
@@ -237,11 +238,13 @@ def test_a_stop_string_found_off_the_engine_thread_ends_the_request_and_its_gene
             _, full, _ = await collect(engine, GenerationRequest(prompt, params=greedy(12)))
             stop = full[len(full) // 2:][:3]
             before = engine.stats()["generated_tokens_total"]
-            chunks = [c async for c in engine.generate(GenerationRequest(prompt, params=greedy(400, stop=[stop])))]
-            for _ in range(200):
+            stream = engine.generate(GenerationRequest(prompt, params=greedy(400, stop=[stop])))
+            chunks = [await anext(stream)]
+            for _ in range(200):  # the caller reads nothing meanwhile
                 if engine.stats()["running_requests"] == 0:
                     break
                 await asyncio.sleep(0.01)
+            chunks += [c async for c in stream]
             return full, stop, chunks, engine.stats()["generated_tokens_total"] - before, engine.stats()
 
     full, stop, chunks, generated, stats = asyncio.run(main())

@@ -1,10 +1,11 @@
 """Streaming text of one request: incremental detokenization and stop strings, on the caller's event loop.
 
-The engine thread emits token ids only; ``TextStream.process`` gives each chunk its text as the caller reads
-it (vLLM's output processor), so the model thread never decodes. A stop string ends the request there: the
-chunk that completes it is the last one the caller sees (finish_reason "stop"), and the caller's closing of
-the stream cancels the request, so the engine stops generating for it within a step or so; the tokens it
-computed past the stop are never emitted, and ``completion_tokens`` counts only emitted ones.
+The engine thread emits token ids only; ``OutputStream`` (vLLM's output processor) gives each chunk its text
+on the caller's event loop as the step's outputs arrive there, whether or not the caller is reading yet, so
+the model thread never decodes. A stop string ends the request at once: the chunk that completes it is the
+last one the caller gets (finish_reason "stop"), the engine's row is cancelled so it stops within a step or
+so, and the tokens it computed past the stop are dropped, never emitted; ``completion_tokens`` counts only
+emitted ones.
 
 Decoding token by token breaks multi-byte characters and word-joining rules, so each step decodes a short
 window ``ids[prefix:]`` and keeps only what it adds over ``ids[prefix:read]`` (the method of TGI and vLLM);
@@ -17,7 +18,13 @@ last ``len(longest stop) - 1`` characters are held back, since they may turn out
 
 from __future__ import annotations
 
-from ..base import SamplingParams, StreamChunk
+import asyncio
+from typing import TYPE_CHECKING
+
+from ..base import StreamChunk
+
+if TYPE_CHECKING:
+    from .scheduler import Sequence
 
 PROMPT_CONTEXT = 5
 
@@ -32,15 +39,6 @@ class TextStream:
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.text = ""
         self.sent = 0
-
-    def process(self, chunk: StreamChunk, params: SamplingParams) -> StreamChunk:
-        """Fill in the text of one engine chunk (one token); finish it with "stop" when a stop string appears
-        (only once ``min_tokens`` are out, as vLLM). A stop token's own text is never part of the output."""
-        if chunk.finish_reason != "stop" and self.push(chunk.token_ids[-1],
-                                                       check_stop=chunk.completion_tokens >= params.min_tokens):
-            chunk.finish_reason = "stop"
-        chunk.text = self.take(final=chunk.finish_reason is not None)
-        return chunk
 
     def push(self, token: int, check_stop: bool = True) -> bool:
         """Add a generated token's text; True when a stop string appeared (the text then ends before it).
@@ -69,3 +67,31 @@ class TextStream:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+class OutputStream:
+    """One request's outputs on the caller's event loop: ``put`` (from the step's delivery) fills in each
+    chunk's text and queues it for the request's stream; nothing is queued after the chunk that ends it."""
+
+    def __init__(self, seq: "Sequence", text: TextStream) -> None:
+        self.seq, self.text = seq, text
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.ended = False
+
+    def put(self, item: StreamChunk | Exception) -> None:
+        if self.ended:  # computed after a stop string, before the engine saw the cancellation
+            return
+        if isinstance(item, StreamChunk):
+            self._decode(item)
+        self.ended = not isinstance(item, StreamChunk) or item.finish_reason is not None
+        if self.ended:
+            self.seq.cancelled = True  # the engine drops the row at its next step, if it has not finished it
+        self.queue.put_nowait(item)
+
+    def _decode(self, chunk: StreamChunk) -> None:
+        """The text of one engine chunk (one token); "stop" when a stop string appears, once ``min_tokens``
+        are out (as vLLM). The engine finishes with "stop" only on a stop token, whose text is never output."""
+        if chunk.finish_reason != "stop" and self.text.push(
+                chunk.token_ids[-1], check_stop=chunk.completion_tokens >= self.seq.params.min_tokens):
+            chunk.finish_reason = "stop"
+        chunk.text = self.text.take(final=chunk.finish_reason is not None)

@@ -36,7 +36,7 @@ from ..options import EngineOptions, checkpoint_dtype
 from .adapter_cache import AdapterCache, AdapterRecord, read_factors
 from .architectures import runner_class
 from .core import EngineCore
-from .detokenize import TextStream
+from .detokenize import OutputStream, TextStream
 from .lora_slots import LoraSlots
 from .sampling import check_params, make_generator
 from .scheduler import Sequence
@@ -151,8 +151,7 @@ class TorchEngine:
         return self._stream(seq, TextStream(ready.tokenizer, ready.prompt, list(params.stop)))
 
     async def _stream(self, seq: Sequence, text: TextStream) -> AsyncIterator[StreamChunk]:
-        outputs: asyncio.Queue = asyncio.Queue()
-        seq.outputs = outputs
+        outputs = seq.outputs = OutputStream(seq, text)
         submitted = pinned = False
         with self.core.queued_lock:
             self.frontend.check_queue(self.core.queued)
@@ -167,10 +166,10 @@ class TorchEngine:
             self.core.submit(seq)
             submitted = True
             while True:
-                item = await outputs.get()
+                item = await outputs.queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                yield text.process(item, seq.params)  # a stop string ends the stream; leaving cancels the rest
+                yield item
                 if item.finish_reason is not None:
                     return
         finally:
@@ -291,4 +290,4 @@ def with_keywords(options: EngineOptions | None, keywords: dict[str, Any]) -> En
 
 def _put_all(items: list[tuple[Sequence, object]]) -> None:
     for seq, item in items:
-        seq.outputs.put_nowait(item)
+        seq.outputs.put(item)

@@ -48,7 +48,7 @@ class Sequence:
     finished: bool = False
     blocked_steps: int = 0  # steps spent at the head of the queue without an adapter slot
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # filled chunk by chunk when asked for
-    outputs: object = None  # where the caller reads chunks (an asyncio.Queue); the deliver callback knows it
+    outputs: object = None  # the caller's side (detokenize.OutputStream), touched on its event loop only
 
 
 @dataclass
