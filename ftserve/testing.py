@@ -1,4 +1,5 @@
-"""Small models and a tokenizer built locally, offline, in seconds: for quickstart, tests and benchmarks.
+"""Small models, a tokenizer and random adapters of every registered method, built locally, offline, in seconds:
+for quickstart, tests and benchmarks.
 
 The Llama shape keeps head_dim = 32 (vLLM's CPU attention needs >= 32); the GPT-2 shape exercises Conv1D.
 """
