@@ -18,6 +18,7 @@ from typing import Any
 
 from ..files.hub import resolve_folder
 from .base import AdapterInfo, GenerationRequest
+from .params import check_params
 from .errors import (AdapterExistsError, AdapterLoadError, ContextLengthError, QueueFullError, RequestError,
                      UnknownAdapterError)
 
@@ -138,8 +139,9 @@ class Frontend:
 
     def prepare(self, request: GenerationRequest, queued: int) -> Prepared:
         """``request`` checked against the vocabulary, its adapter, the context and the queue (``queued``
-        requests waiting now), with its prompt as ids; sampling parameters are the engine's to check first."""
+        requests waiting now), with its prompt as ids. Sampling parameters are checked first."""
         params = request.params
+        check_params(params)
         for name, ids in (("logit_bias", list(params.logit_bias)), ("stop_token_ids", params.stop_token_ids)):
             outside = [t for t in ids if not 0 <= t < self.vocab_size]
             if outside:

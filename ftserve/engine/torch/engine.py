@@ -38,7 +38,7 @@ from .architectures import runner_class
 from .core import EngineCore
 from .detokenize import OutputStream, TextStream
 from .lora_slots import LoraSlots
-from .sampling import check_params, make_generator
+from .sampling import make_generator
 from .scheduler import Sequence
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -144,7 +144,6 @@ class TorchEngine:
         """Check the request and return its stream; closing the stream early cancels the request."""
         self._bind_loop()
         params = request.params
-        check_params(params)
         ready = self.frontend.prepare(request, self.core.queued)
         seq = Sequence(prompt=ready.prompt, params=params, adapter=ready.adapter,
                        generator=make_generator(params, self.runner.device), stop_ids=ready.stop_ids)
