@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
@@ -50,35 +50,50 @@ def pattern_lookup(patterns: dict[str, Any], module_name: str) -> Any | None:
     return None
 
 
-@dataclass
+@dataclass(init=False)
 class FineTuningConfig:
-    """What to adapt and how. Defaults follow the papers (see adapters_spec/)."""
+    """What to adapt and how. Defaults follow the papers (see adapters_spec/).
 
-    method: str = "lora"
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    target_modules: list[str] | str | None = None
-    use_rslora: bool = False
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    # The built-in methods' own fields; each method's file in ftserve/methods/ checks and saves its own.
-    # LoRA+ (arXiv:2402.12354): learning rate of B = ratio x learning rate of A.
-    loraplus_lr_ratio: float = 16.0
-    # VeRA (arXiv:2310.11454): seed of the shared frozen pair, initial value of d, save the pair.
-    projection_prng_key: int = 0
-    d_initial: float = 0.1
-    save_projection: bool = True
-    # Delta-LoRA (arXiv:2309.02411): W moves by ratio * s * (B'A' - BA) after each step past start.
-    delta_update_ratio: float = 2.0
-    delta_start_step: int = 500
-    base_model_name_or_path: str | None = None
-    # Settings of a method that has no field here (one registered from outside the package); its
-    # AdapterMethod.option_defaults fill the ones not given.
-    method_options: dict[str, Any] = field(default_factory=dict)
+    The fields below are every method's. A method's own settings (LoRA+'s ``loraplus_lr_ratio``, VeRA's
+    ``projection_prng_key``, ``d_initial``, ``save_projection``, Delta-LoRA's ``delta_update_ratio``,
+    ``delta_start_step``, or a registered method's) are declared, defaulted and checked by the method's file
+    in ftserve/methods/ (``AdapterMethod.option_defaults`` and ``validate``), given as keyword arguments or
+    in ``method_options``, kept in ``method_options`` and read as attributes: ``config.delta_start_step``.
+    A setting of another method than the chosen one is refused: it would have no effect.
+    """
 
-    def __post_init__(self) -> None:
-        self.method = canonical_method(self.method)
+    method: str
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    target_modules: list[str] | str | None
+    use_rslora: bool
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    base_model_name_or_path: str | None
+    method_options: dict[str, Any]
+
+    def __init__(self, method: str = "lora", lora_r: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
+                 target_modules: list[str] | str | None = None, use_rslora: bool = False,
+                 rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None,
+                 base_model_name_or_path: str | None = None, method_options: dict[str, Any] | None = None,
+                 **settings: Any) -> None:
+        self.method = canonical_method(method)
+        self.lora_r, self.lora_alpha, self.lora_dropout = lora_r, lora_alpha, lora_dropout
+        self.target_modules, self.use_rslora = target_modules, use_rslora
+        self.rank_pattern = {} if rank_pattern is None else rank_pattern
+        self.alpha_pattern = {} if alpha_pattern is None else alpha_pattern
+        self.base_model_name_or_path = base_model_name_or_path
+        if method_options is not None and not isinstance(method_options, dict):
+            raise ConfigError(f"method_options must be a dict of setting -> value; got {method_options!r}")
+        options = {**(method_options or {}), **settings}
+        chosen = self.adapter_method
+        _refuse_foreign(options, chosen)
+        self.method_options = {**chosen.option_defaults, **options}
+        self._check()
+        chosen.validate(self)
+
+    def _check(self) -> None:
         _check_int("lora_r", self.lora_r, minimum=1)
         _check_number("lora_alpha", self.lora_alpha, positive=True)
         _check_number("lora_dropout", self.lora_dropout)
@@ -88,7 +103,7 @@ class FineTuningConfig:
         if not isinstance(self.use_rslora, bool):
             raise ConfigError(f"use_rslora must be True or False; got {self.use_rslora!r}")
         for name in ("rank_pattern", "alpha_pattern"):
-            patterns = getattr(self, name) or {}
+            patterns = getattr(self, name)
             if not isinstance(patterns, dict):
                 raise ConfigError(f"{name} must be a dict of module-name pattern -> value; got {patterns!r}")
             for key, value in patterns.items():
@@ -100,13 +115,30 @@ class FineTuningConfig:
             setattr(self, name, dict(patterns))
         for key, value in self.rank_pattern.items():
             _check_int(f"rank_pattern[{key!r}]", value, minimum=1)
-        if not isinstance(self.method_options, dict):
-            raise ConfigError(f"method_options must be a dict of setting -> value; got {self.method_options!r}")
-        for method in _REGISTRY.values():
-            method.validate_fields(self)
-        chosen = self.adapter_method
-        self.method_options = {**chosen.option_defaults, **self.method_options}
-        chosen.validate(self)
+
+    def __getattr__(self, name: str) -> Any:
+        """A method's own setting, ``config.loraplus_lr_ratio``: called only for names that are not fields."""
+        options = self.__dict__.get("method_options")
+        if options is not None and name in options:
+            return options[name]
+        owner = _owner_of(name)
+        if owner is not None and options is not None:
+            raise AttributeError(f"{name} is a setting of {owner.name}; this config's method is {self.method}")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in _FIELDS and name in self.__dict__.get("method_options", ()):
+            self.method_options[name] = value
+        else:
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FineTuningConfig":
+        """A config from ``dataclasses.asdict`` of one, or from an older ftserve's, which wrote every built-in
+        method's settings as fields: those of other methods than the chosen one are dropped, unread."""
+        chosen = _REGISTRY[canonical_method(data.get("method", "lora"))]
+        kept = {key: value for key, value in data.items() if key in _FIELDS or key in chosen.option_defaults}
+        return cls(**kept)
 
     @property
     def adapter_method(self) -> AdapterMethod:
@@ -131,7 +163,12 @@ class FineTuningConfig:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     def replace(self, **changes: Any) -> "FineTuningConfig":
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` (fields or settings). A new ``method`` keeps only the settings it has."""
+        fields = {name: getattr(self, name) for name in _FIELDS}
+        method = _REGISTRY[canonical_method(changes.get("method", self.method))]
+        fields["method_options"] = {key: value for key, value in self.method_options.items()
+                                    if key in method.option_defaults}
+        return type(self)(**{**fields, **changes})
 
     # PEFT adapter_config.json -------------------------------------------------------------------
 
@@ -180,6 +217,24 @@ class FineTuningConfig:
             raise ConfigError(f"peft_type {peft_type!r} is not supported; expected one of {types}")
         kwargs.update(method=method.name, **method.from_peft(data, ours))
         return cls(**kwargs)
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(FineTuningConfig))
+
+
+def _owner_of(setting: str) -> AdapterMethod | None:
+    return next((m for m in _REGISTRY.values() if setting in m.option_defaults), None)
+
+
+def _refuse_foreign(options: dict[str, Any], chosen: AdapterMethod) -> None:
+    """A ConfigError for settings the chosen method does not have, naming whose they are."""
+    for key in options:
+        if key in chosen.option_defaults:
+            continue
+        owner = _owner_of(key)
+        whose = f"a setting of {owner.name}, not of {chosen.name}" if owner else "not a setting of any method"
+        raise ConfigError(f"{key} is {whose}; {chosen.name}'s settings are {sorted(chosen.option_defaults) or 'none'}"
+                          f" (and FineTuningConfig's fields {sorted(_FIELDS - {'method_options'})})")
 
 
 def _version() -> str:

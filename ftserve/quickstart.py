@@ -42,9 +42,11 @@ def train_adapter(base_dir: Path, method: str, out_dir: Path, steps: int, progre
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_dir)
-    settings = get_method(method).quickstart_settings
+    chosen = get_method(method)
+    settings = chosen.quickstart_settings
+    start = {"delta_start_step": steps // 2} if "delta_start_step" in chosen.option_defaults else {}
     config = FineTuningConfig(method=method, lora_r=settings["rank"], lora_alpha=16, target_modules="all-linear",
-                              delta_start_step=steps // 2)
+                              **start)
     model = FineTuningModel(base, config)
     optimizer = model.create_optimizer(lr=settings["lr"])
     batches = toy_batches(build_tokenizer())

@@ -50,6 +50,12 @@ ROWS = [(name, kind, settings) for kind in KINDS for name, settings in CASES]
 ROW_IDS = [f"{kind}-{name}" for name, kind, _ in ROWS]
 
 
+def start_step(method: str, step: int) -> dict:
+    """Delta-LoRA's ``delta_start_step`` as a setting, for a method that has it (its default, 500, lies past
+    every test's run), else nothing: a setting of another method is refused."""
+    return {"delta_start_step": step} if "delta_start_step" in REGISTRY[method].option_defaults else {}
+
+
 def tiny_model(kind: str) -> nn.Module:
     """The conftest-sized model of ``kind``: Llama (vocab 1000, hidden 128) or GPT-2 (Conv1D, hidden 64)."""
     return tiny_llama() if kind == "llama" else tiny_gpt2()

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from ftserve import AdapterFileError, FineTuningConfig, FineTuningModel, export_adapter, load_adapter, read_adapter
 from ftserve.files.atomic import HOST_TAG, atomic_output_dir
 
-from helpers import METHODS, TOY_IDS, logits, randomise_adapter, small_gpt2, small_llama, train
+from helpers import METHODS, TOY_IDS, logits, randomise_adapter, small_gpt2, small_llama, start_step, train
 
 TARGETS = ["q_proj", "v_proj"]
 WEIGHTS = "adapter_model.safetensors"
@@ -319,7 +319,7 @@ def test_exported_plain_lora_gives_the_same_logits(method, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = FineTuningModel(small_llama(), FineTuningConfig(method=method, lora_r=4, target_modules=TARGETS,
-                                                                delta_start_step=1))
+                                                                **start_step(method, 1)))
     randomise_adapter(model, seed=3)
     train(model, model.create_optimizer(lr=1e-2), TOY_IDS, steps=3)
     model.save_adapter(tmp_path / "adapter")

@@ -3,14 +3,16 @@ target resolution on a real model, and the adapter_config.json mapping."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 
 import pytest
 import torch
 from peft.utils.other import get_pattern_key
 
 from ftserve import ConfigError, FineTuningConfig, FineTuningModel
-from ftserve.methods import AdapterLayer
+from ftserve.methods import AdapterLayer, get_method
 
 from helpers import METHODS, small_gpt2, small_llama
 
@@ -176,25 +178,63 @@ def test_config_must_be_a_finetuning_config():
 
 # adapter_config.json --------------------------------------------------------------------------------
 
+def other_value(default):
+    """A valid value of a setting that differs from its default."""
+    if isinstance(default, bool):
+        return not default
+    return default + 3 if isinstance(default, int) else default * 0.5 + 0.25
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_peft_dict_round_trip_keeps_every_setting(method):
-    patterns = {} if method == "vera" else dict(rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 4.0})
+    chosen = get_method(method)
+    patterns = dict(rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 4.0}) if chosen.has_scale else {}
+    settings = {name: other_value(default) for name, default in chosen.option_defaults.items()}
     config = FineTuningConfig(method=method, lora_r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                              loraplus_lr_ratio=8.0, projection_prng_key=7, d_initial=0.2, delta_update_ratio=1.5,
-                              delta_start_step=3, use_rslora=method == "lora", **patterns)
+                              use_rslora=chosen.has_scale, **settings, **patterns)
+    assert {name: getattr(config, name) for name in settings} == settings
     data = config.to_peft_dict(["q_proj", "v_proj"], fan_in_fan_out=False)
-    assert data["peft_type"] == ("VERA" if method == "vera" else "LORA")
+    assert data["peft_type"] == chosen.peft_type
     back = FineTuningConfig.from_peft_dict(data)
     assert back.method == method and back.lora_r == 4 and back.target_modules == ["q_proj", "v_proj"]
-    if method == "vera":
-        assert (back.projection_prng_key, back.d_initial) == (7, 0.2)
-    else:
+    assert back.method_options == settings
+    if chosen.has_scale:
         assert (back.lora_alpha, back.use_rslora, back.rank_pattern, back.alpha_pattern) == \
-            (8, method == "lora", {"v_proj": 2}, {"v_proj": 4.0})
-    if method == "lora+":
-        assert back.loraplus_lr_ratio == 8.0
-    if method == "delta-lora":
-        assert (back.delta_update_ratio, back.delta_start_step) == (1.5, 3)
+            (8, True, {"v_proj": 2}, {"v_proj": 4.0})
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_setting_of_another_method_is_refused_naming_its_owner(method):
+    others = [(m, name) for m in METHODS if m != method for name in get_method(m).option_defaults
+              if name not in get_method(method).option_defaults]
+    for owner, name in others:
+        with pytest.raises(ConfigError, match=f"{name} is a setting of {re.escape(owner)}, not of "
+                                              f"{re.escape(method)}"):
+            FineTuningConfig(method=method, **{name: get_method(owner).option_defaults[name]})
+    with pytest.raises(ConfigError, match="lora_rank is not a setting of any method"):
+        FineTuningConfig(method=method, lora_rank=4)
+
+
+def test_a_setting_reads_and_writes_as_an_attribute_and_replace_keeps_only_the_new_methods():
+    config = FineTuningConfig(method="delta-lora", delta_start_step=3)
+    config.delta_start_step = 7
+    assert config.method_options == {"delta_update_ratio": 2.0, "delta_start_step": 7}
+    assert config.replace(lora_r=4).delta_start_step == 7
+    plain = config.replace(method="lora")
+    assert plain.method_options == {}
+    with pytest.raises(AttributeError, match="delta_start_step is a setting of delta-lora; this config's method "
+                                             "is lora"):
+        plain.delta_start_step
+    assert FineTuningConfig.from_dict(dataclasses.asdict(config)) == config
+
+
+def test_a_config_saved_by_an_older_version_with_every_methods_fields_still_reads():
+    old = {"method": "lora+", "lora_r": 4, "lora_alpha": 8.0, "lora_dropout": 0.0, "target_modules": None,
+           "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}, "loraplus_lr_ratio": 4.0,
+           "projection_prng_key": 0, "d_initial": 0.1, "save_projection": True, "delta_update_ratio": 2.0,
+           "delta_start_step": 500, "base_model_name_or_path": None, "method_options": {}}
+    assert FineTuningConfig.from_dict(old) == FineTuningConfig(method="lora+", lora_r=4, lora_alpha=8.0,
+                                                               loraplus_lr_ratio=4.0)
 
 
 @pytest.mark.parametrize("data, message", [

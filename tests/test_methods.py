@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 from ftserve import FineTuningConfig, FineTuningModel, load_adapter
 
 from helpers import (METHODS, MODELS, TOY_IDS, closed_form_trainable, logits, randomise_adapter,
-                     saved_activation_bytes, small_llama, target_shapes, train)
+                     saved_activation_bytes, small_llama, start_step, target_shapes, train)
 
 R, ALPHA = 4, 8.0
 LEARNING_RATES = {"lora": 1e-2, "vera": 1e-1, "lora+": 3e-3, "delta-lora": 1e-2, "lora-fa": 2e-2}
@@ -24,7 +24,7 @@ CASES = [(f"{method}-{kind}", kind, method) for kind in MODELS for method in MET
 
 def matrix_config(method: str, targets: list[str]) -> FineTuningConfig:
     return FineTuningConfig(method=method, lora_r=R, lora_alpha=ALPHA, target_modules=targets,
-                            lora_dropout=0.0 if method == "delta-lora" else 0.05, delta_start_step=5)
+                            lora_dropout=0.0 if method == "delta-lora" else 0.05, **start_step(method, 5))
 
 
 # The matrix ------------------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ def test_each_layer_forward_is_base_plus_its_delta_and_its_lora_factors(case, ki
     """The forward (possibly fused), ``delta(x)`` and the exported ``s B' A'`` are one function."""
     build, targets = MODELS[kind]
     torch.manual_seed(0)
-    config = matrix_config(method, targets).replace(lora_dropout=0.0, delta_start_step=0)
+    config = matrix_config(method, targets).replace(lora_dropout=0.0, **start_step(method, 0))
     model = FineTuningModel(build(), config)
     randomise_adapter(model, seed=1)
     if method == "delta-lora":

@@ -110,7 +110,7 @@ def test_its_name_and_spellings_are_accepted(spelling):
 @pytest.mark.parametrize("options, message", [
     ({"gain_init": 0.0}, "method_options['gain_init'] must be > 0"),
     ({"gain_init": math.inf}, "method_options['gain_init'] must be a finite number"),
-    ({"gain": 2.0}, "method_options ['gain'] are not settings of gain-lora"),
+    ({"gain": 2.0}, "gain is not a setting of any method; gain-lora's settings are ['gain_init']"),
 ])
 def test_its_own_setting_is_checked(options, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
@@ -118,7 +118,7 @@ def test_its_own_setting_is_checked(options, message):
 
 
 def test_the_five_methods_refuse_its_setting():
-    with pytest.raises(ConfigError, match="not settings of lora"):
+    with pytest.raises(ConfigError, match="gain_init is a setting of gain-lora, not of lora"):
         FineTuningConfig(method="lora", method_options={"gain_init": 2.0})
 
 

@@ -116,8 +116,7 @@ def config_from_dict(raw: dict) -> FineTuningConfig:
     """Our own exact config when we wrote the folder, PEFT's fields otherwise."""
     ours = (raw.get(EXTRA_KEY) or {}).get("config") if isinstance(raw, dict) else None
     if ours:
-        known = {f.name for f in dataclasses.fields(FineTuningConfig)}
-        return FineTuningConfig(**{k: v for k, v in ours.items() if k in known})
+        return FineTuningConfig.from_dict(ours)
     return FineTuningConfig.from_peft_dict(raw)
 
 

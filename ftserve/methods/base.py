@@ -203,8 +203,9 @@ class AdapterMethod:
     spellings: tuple[str, ...] = ()  # normalised spellings besides the name's own (see normalised_spelling)
     saved_keys: tuple[str, ...] = ()  # per-module tensor names on disk, after "<module>."
     snapshot_keys: tuple[str, ...] = ()  # saved_keys that are a frozen copy, not trained parameters
-    own_fields: tuple[str, ...] = ()  # FineTuningConfig fields this method reads, kept under the "ftserve" key
-    option_defaults: dict[str, Any] = {}  # settings without a FineTuningConfig field: config.method_options
+    # The method's own settings and their defaults: FineTuningConfig keyword arguments, kept in its
+    # method_options, read as config.<name>, saved under the "ftserve" key; ``validate`` checks them.
+    option_defaults: dict[str, Any] = {}
     shared_keys: tuple[str, ...] = ()  # shared tensors on disk, as "base_model.<key>"
     side_file: str | None = None  # a file holding the exact training state, the weights file being plain LoRA
     has_scale: bool = True  # False: no alpha / r (VeRA)
@@ -212,15 +213,9 @@ class AdapterMethod:
 
     # Config ------------------------------------------------------------------------------------
 
-    def validate_fields(self, config: FineTuningConfig) -> None:
-        """Check this method's own fields; called for every config, since every config carries them."""
-
     def validate(self, config: FineTuningConfig) -> None:
-        """Rules that apply when this method is chosen; may adjust the config (with a warning)."""
-        unknown = sorted(set(config.method_options) - set(self.option_defaults))
-        if unknown:
-            raise ConfigError(f"method_options {unknown} are not settings of {self.name}; it has "
-                              f"{sorted(self.option_defaults) or 'none'}")
+        """Check this method's settings (``config.method_options``, unknown names already refused) and the
+        rules that apply when it is chosen; may adjust the config (with a warning). Raise ConfigError."""
 
     def peft_fields(self, config: FineTuningConfig) -> dict[str, Any]:
         """adapter_config.json fields PEFT reads for this method (besides the ones every adapter has)."""
@@ -233,8 +228,7 @@ class AdapterMethod:
 
     def ftserve_fields(self, config: FineTuningConfig) -> dict[str, Any]:
         """Our own settings PEFT does not see, written under the "ftserve" key."""
-        ours = {name: getattr(config, name) for name in self.own_fields}
-        return {**ours, "method_options": dict(config.method_options)} if config.method_options else ours
+        return dict(config.method_options)
 
     def from_peft(self, data: dict, ours: dict) -> dict[str, Any]:
         """FineTuningConfig keyword arguments from an adapter_config.json (``ours``: its "ftserve" key)."""
@@ -243,7 +237,13 @@ class AdapterMethod:
             lora_dropout=data.get("lora_dropout", 0.0) or 0.0, use_rslora=bool(data.get("use_rslora", False)),
             rank_pattern=data.get("rank_pattern") or {}, alpha_pattern=data.get("alpha_pattern") or {},
         )
-        return {**kwargs, **{key: ours[key] for key in (*self.own_fields, "method_options") if key in ours}}
+        return {**kwargs, **self.settings_from(ours)}
+
+    def settings_from(self, ours: dict) -> dict[str, Any]:
+        """This method's settings as saved under the "ftserve" key (older versions nested some of them
+        under "method_options")."""
+        saved = {**(ours.get("method_options") or {}), **ours}
+        return {key: saved[key] for key in self.option_defaults if key in saved}
 
     def describe(self, config: FineTuningConfig) -> dict[str, Any]:
         """`ftserve inspect`'s alpha and scale lines for this method."""

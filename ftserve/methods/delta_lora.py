@@ -110,18 +110,16 @@ class DeltaLora(Lora):
     title = "Delta-LoRA"
     saved_keys = ("lora_A.weight", "lora_B.weight", START_A, START_B)
     snapshot_keys = (START_A, START_B)
-    own_fields = ("delta_update_ratio", "delta_start_step")
+    # W moves by ratio * s * (B'A' - BA) after each optimizer step past the start step.
+    option_defaults = {"delta_update_ratio": 2.0, "delta_start_step": 500}
     # PEFT has no type for it: the weights file is the exact rank-2r plain LoRA, the training state beside it.
     side_file = "delta_lora_state.safetensors"
 
-    def validate_fields(self, config):
+    def validate(self, config):
         check_number("delta_update_ratio", config.delta_update_ratio)
         if config.delta_update_ratio < 0:
             raise ConfigError(f"delta_update_ratio must be >= 0; got {config.delta_update_ratio}")
         check_int("delta_start_step", config.delta_start_step, minimum=0)
-
-    def validate(self, config):
-        super().validate(config)
         if config.lora_dropout > 0:
             warnings.warn(f"Delta-LoRA removes dropout from the low-rank branch, as the paper does; "
                           f"lora_dropout={config.lora_dropout} is set to 0", stacklevel=4)

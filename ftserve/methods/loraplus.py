@@ -15,9 +15,9 @@ from .lora import Lora
 class LoraPlus(Lora):
     name = "lora+"
     title = "LoRA+"
-    own_fields = ("loraplus_lr_ratio",)
+    option_defaults = {"loraplus_lr_ratio": 16.0}  # learning rate of B = ratio x learning rate of A
 
-    def validate_fields(self, config):
+    def validate(self, config):
         check_number("loraplus_lr_ratio", config.loraplus_lr_ratio, positive=True)
 
     def param_groups(self, named_params, config, lr, weight_decay):

@@ -128,14 +128,14 @@ class Vera(AdapterMethod):
     has_scale = False
     quickstart_settings = {"rank": 64, "lr": 3e-2}
 
-    def validate_fields(self, config):
+    # The seed of the shared frozen pair, the initial value of d, whether the pair is saved.
+    option_defaults = {"projection_prng_key": 0, "d_initial": 0.1, "save_projection": True}
+
+    def validate(self, config):
         check_int("projection_prng_key", config.projection_prng_key, minimum=0)
         check_number("d_initial", config.d_initial)
         if not isinstance(config.save_projection, bool):
             raise ConfigError(f"save_projection must be True or False; got {config.save_projection!r}")
-
-    def validate(self, config):
-        super().validate(config)
         if config.rank_pattern or config.alpha_pattern:
             raise ConfigError("VeRA shares one rank across layers: rank_pattern/alpha_pattern are not allowed")
 
