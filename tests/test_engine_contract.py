@@ -11,6 +11,7 @@ import random
 import shutil
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from ftserve.engine import ENGINES, create_engine, engine_factory
 from ftserve.engine.base import STATS_KEYS, GenerationRequest, SamplingParams
@@ -189,10 +190,16 @@ def folders(llama_dir, gpt2_dir, tmp_path_factory):
     shutil.copytree(good, corrupt)
     weights = corrupt / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:200])
+    nan = shutil.copytree(good, root / "nan")
+    tensors = load_file(nan / "adapter_model.safetensors")
+    key = sorted(k for k in tensors if k.endswith("lora_B.weight"))[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, nan / "adapter_model.safetensors")
     wide = save_tiny_model(root / "wide_base", "llama", hidden=64, heads=2)
     return {
         "good": good,
         "corrupt": corrupt,
+        "nan": nan,
         "other_width": write_random_adapter(wide, root / "other_width", "lora", seed=8),
         "gpt2": write_random_adapter(gpt2_dir, root / "gpt2", "lora", seed=9, targets=["c_attn"]),
         "vera_gpt2": write_random_adapter(gpt2_dir, root / "vera_gpt2", "vera", seed=9, targets=["c_attn"]),
@@ -223,7 +230,7 @@ def test_each_bad_request_fails_alone(kind, llama_dir, folders, tmp_path):
                 with pytest.raises(ServingError) as info:
                     engine.generate(request)
                 errors[case] = info.value
-            for case in ("corrupt", "other_width", "gpt2", "vera_gpt2"):
+            for case in ("corrupt", "nan", "other_width", "gpt2", "vera_gpt2"):
                 with pytest.raises(AdapterLoadError) as info:
                     await engine.load_adapter(case, str(folders[case]))
                 errors[case] = info.value
@@ -247,6 +254,7 @@ def test_each_bad_request_fails_alone(kind, llama_dir, folders, tmp_path):
         assert isinstance(errors[case], RequestError) and "max_tokens" in str(errors[case])
     assert "top_p" in str(errors["top_p 0"]) and "99999" in str(errors["token id outside the vocabulary"])
     assert "corrupt" in str(errors["corrupt"])
+    assert "its LoRA factor B holds 1 NaN or inf value(s)" in str(errors["nan"]) and errors["nan"].http_status == 400
     assert "another base model" in str(errors["other_width"]) and " here, " in str(errors["other_width"])
     assert "another base model" in str(errors["gpt2"]) and "c_attn" in str(errors["gpt2"])
     assert errors["unknown adapter"].http_status == 404 and errors["corrupt"].http_status == 400
@@ -286,8 +294,6 @@ def test_adapter_that_breaks_after_eviction_fails_its_request_only(kind, llama_d
 def test_an_adapter_that_overflows_fails_its_requests_alone(kind, llama_dir, folders, tmp_path):
     """Finite but huge factors pass the load checks and overflow in the forward pass: the requests using that
     adapter fail with a GenerationError naming it, greedy or sampled, and the batch beside them is unharmed."""
-    from safetensors.torch import load_file, save_file
-
     huge = tmp_path / "huge"
     shutil.copytree(folders["good"], huge)
     weights = huge / "adapter_model.safetensors"

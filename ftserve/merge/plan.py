@@ -232,12 +232,10 @@ def _check_finite(folder: AdapterFolder, module: str, factors: LoraFactors, weig
     """A NaN or inf in an adapter (a diverged training run, a damaged file) spreads to every row of the weight
     it is folded into, and the merged model still loads; refuse it before anything is written. B is checked
     as the fold scales it too, in fp32, where a huge weight overflows."""
-    for name, value in (("A", factors.A), ("B", factors.B)):
-        bad = int(value.numel() - torch.isfinite(value).sum())
-        if bad:
-            raise AdapterFileError(f"{folder.path}: module {module}: its LoRA factor {name} holds {bad} NaN or inf "
-                                   f"value(s) of {value.numel()}; the adapter is corrupt or its training diverged, "
-                                   f"so retrain it or use an earlier checkpoint")
+    problem = factors.non_finite()
+    if problem:
+        raise AdapterFileError(f"{folder.path}: module {module}: {problem}; the adapter is corrupt or its training "
+                               f"diverged, so retrain it or use an earlier checkpoint")
     if not torch.isfinite(factors.B.float() * (factors.scale * weight)).all():
         raise ConfigError(f"{folder.path}: module {module}: weight {weight:g} times the scale {factors.scale:g} "
                           f"overflows float32 in its LoRA factor B; give a smaller weight")

@@ -82,6 +82,17 @@ class LoraFactors:
         """Dense ``scale * B @ A`` in fp32, shape (d_out, d_in)."""
         return (self.B.float() @ self.A.float()) * self.scale
 
+    def non_finite(self) -> str | None:
+        """Where NaN or inf values are, ``"its LoRA factor A holds 3 NaN or inf value(s) of 64"``, or None.
+
+        A diverged training run or a damaged file; folded or served, such a factor spreads NaN to every row
+        it touches, and nothing downstream complains, so merge and every engine refuse it by this check."""
+        for name, value in (("A", self.A), ("B", self.B)):
+            bad = int(value.numel() - torch.isfinite(value).sum())
+            if bad:
+                return f"its LoRA factor {name} holds {bad} NaN or inf value(s) of {value.numel()}"
+        return None
+
 
 def add_low_rank(out: Tensor, u: Tensor, B: Tensor, scale: float) -> Tensor:
     """``out + scale * u B^T`` as one ``addmm``: no pass over the activations for the scale or the add.

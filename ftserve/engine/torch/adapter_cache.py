@@ -86,8 +86,9 @@ def read_factors(path: Path, shapes: dict[str, tuple[int, int]], max_rank: int,
         if f.rank > max_rank:
             raise AdapterLoadError(f"{path}: rank {f.rank} on {name} exceeds the engine's max_lora_rank "
                                    f"{max_rank}; start the engine with max_lora_rank >= {f.rank}")
-        if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all()):
-            raise AdapterLoadError(f"{path}: {name} holds NaN or infinite values")
+        problem = f.non_finite()
+        if problem:
+            raise AdapterLoadError(f"{path}: {name}: {problem}; the adapter is corrupt or its training diverged")
         factors[name] = (f.A.detach().float().contiguous(), f.B.detach().float().contiguous(), float(f.scale))
     return folder, factors
 
