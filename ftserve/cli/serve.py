@@ -57,7 +57,10 @@ def parse_adapters(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--enable-adapter-api", is_flag=True,
               help="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --adapter-root).")
 @click.option("--adapter-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="The only folder the adapter API may load from.")
+              help="The only folder the adapter API, and adapter resolution, may load from.")
+@click.option("--enable-adapter-resolution", is_flag=True,
+              help="A request whose `model` names a folder under --adapter-root that is not loaded loads it "
+                   "first, checked as the adapter API checks it.")
 @click.option("--max-request-bytes", type=click.IntRange(min=1024), default=4 * 1024 * 1024, show_default=True,
               help="Larger request bodies are answered 413.")
 @click.option("--max-concurrent-requests", type=click.IntRange(min=1), default=256, show_default=True,
@@ -69,7 +72,7 @@ def parse_adapters(values: tuple[str, ...]) -> dict[str, str]:
 def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: int, api_key: str | None,
           served_model_name: str | None, dtype: str, device: str, max_loras: int, max_cpu_loras: int | None,
           max_lora_rank: int, max_model_len: int | None, max_num_seqs: int, max_num_batched_tokens: int,
-          enable_adapter_api: bool,
+          enable_adapter_api: bool, enable_adapter_resolution: bool,
           adapter_root: Path | None, max_request_bytes: int, max_concurrent_requests: int,
           shutdown_timeout: float | None, log_level: str) -> None:
     """Serve BASE and adapters behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...).
@@ -83,11 +86,14 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
         raise click.UsageError(str(exc)) from None
     if api_key is not None and not api_key.strip():
         raise click.BadParameter("the API key is empty", param_hint="--api-key")
-    if enable_adapter_api and adapter_root is None:
-        raise click.UsageError("--enable-adapter-api needs --adapter-root DIR: the folder adapters may be loaded "
-                               "from at runtime.")
-    if adapter_root is not None and not enable_adapter_api:
-        raise click.UsageError("--adapter-root only matters with --enable-adapter-api.")
+    for flag, on in (("--enable-adapter-api", enable_adapter_api),
+                     ("--enable-adapter-resolution", enable_adapter_resolution)):
+        if on and adapter_root is None:
+            raise click.UsageError(f"{flag} needs --adapter-root DIR: the folder adapters may be loaded from at "
+                                   f"runtime.")
+    if adapter_root is not None and not (enable_adapter_api or enable_adapter_resolution):
+        raise click.UsageError("--adapter-root only matters with --enable-adapter-api or "
+                               "--enable-adapter-resolution.")
     try:
         options = EngineOptions(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
@@ -118,6 +124,7 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
         settings = ServerSettings(served_model_name=options.served_model_name, model_path=str(Path(base).resolve()),
                                   api_key=api_key,
                                   enable_adapter_api=enable_adapter_api,
+                                  enable_adapter_resolution=enable_adapter_resolution,
                                   adapter_root=adapter_root.resolve() if adapter_root else None,
                                   max_request_bytes=max_request_bytes,
                                   max_concurrent_requests=max_concurrent_requests)
