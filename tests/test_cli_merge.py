@@ -156,6 +156,13 @@ def slow_merge_inputs(tmp_path_factory):
     return base, adapter
 
 
+def interruptible() -> None:
+    """Ctrl-C as in a terminal's foreground job. A suite started in the background (`pytest &`, a CI runner)
+    inherits SIGINT ignored, and a Python started with SIGINT ignored installs no KeyboardInterrupt handler, so
+    the merge would never see the signal and would finish with status 0."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 def test_a_merge_killed_after_its_first_shard_leaves_no_output(tmp_path, slow_merge_inputs, sig, llama_dir,
                                                                adapters):
@@ -164,7 +171,8 @@ def test_a_merge_killed_after_its_first_shard_leaves_no_output(tmp_path, slow_me
     out = tmp_path / "merged"
     process = subprocess.Popen([sys.executable, "-c", "from ftserve.cli import main; main()", "merge", str(base),
                                 str(adapter), "-o", str(out), "--max-shard-size", "8MB"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **ONE_THREAD})
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **ONE_THREAD},
+                               preexec_fn=interruptible)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         if list(tmp_path.glob(".merged.tmp-*/model-00002-of-00008.safetensors")):
