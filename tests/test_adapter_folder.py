@@ -308,7 +308,7 @@ def test_a_writer_killed_between_its_two_renames_gets_the_old_output_put_back(tm
     dead = dead_pid()
     old = scratch(out, "old", dead)  # the previous output, moved aside
     scratch(out, "tmp", dead)  # the new one, never moved in
-    with pytest.raises(FileExistsError, match="already exists; pass --force"):
+    with pytest.raises(FileExistsError, match="already exists; pass force=True"):
         with atomic_output_dir(out):
             pass
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]

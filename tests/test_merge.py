@@ -266,7 +266,7 @@ def test_existing_output_is_refused_unless_forced_and_inputs_are_never_targets(t
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     adapter = [AdapterSpec(matrix["llama-lora"]["adapter"])]
-    with pytest.raises(CheckpointError, match="already exists; pass --force"):
+    with pytest.raises(CheckpointError, match="already exists; pass force=True"):
         merge_checkpoint(llama_dir, adapter, out)
     assert (out / "keep.txt").read_text() == "mine"
     merge_checkpoint(llama_dir, adapter, out, force=True)
