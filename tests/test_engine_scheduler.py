@@ -221,8 +221,8 @@ def test_kv_cache_grows_with_the_longest_sequence_mid_run(llama_dir):
 
 
 def test_a_kv_cache_that_cannot_fit_in_memory_is_refused_at_start(llama_dir):
-    with pytest.raises(ServingError, match=r"KV cache for 100000000 requests \(--max-num-seqs\) of 512 tokens "
-                                           r"\(--max-model-len\) can grow to .* GiB, and .* GiB of memory is free"):
+    with pytest.raises(ServingError, match=r"KV cache for 100000000 requests \(max_num_seqs\) of 512 tokens "
+                                           r"\(max_model_len\) can grow to .* GiB, and .* GiB of memory is free"):
         TorchEngine.from_pretrained(llama_dir, max_batch_size=10 ** 8, max_num_batched_tokens=10 ** 8 + 1)
 
 

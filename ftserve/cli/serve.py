@@ -5,13 +5,30 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import socket
 from pathlib import Path
 
 import click
 
 from ..engine import KINDS, create_engine, engine_factory
 from ..engine.errors import EngineUnavailableError
-from ..engine.options import DTYPES, EngineOptions, EngineOptionsError
+from ..engine.options import DTYPES, EngineOptions, EngineOptionsError, check_max_model_len
+from .errors import in_cli_words
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse an address another server holds, before any slow work (as uvicorn binds: SO_REUSEADDR)."""
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+    except OSError as exc:
+        raise click.UsageError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); is another server "
+                               f"running there? Stop it or pass --port.") from None
+
 
 def parse_adapters(values: tuple[str, ...]) -> dict[str, str]:
     adapters: dict[str, str] = {}
@@ -100,9 +117,14 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
                                 max_model_len=max_model_len, dtype=dtype, device=device,
                                 served_model_name=served_model_name or base)
     except EngineOptionsError as exc:
-        raise click.BadParameter(exc.reason, param_hint=exc.flag) from None
+        raise click.BadParameter(in_cli_words(exc.reason), param_hint=exc.flag) from None
     if not Path(base).is_dir():
         raise click.BadParameter(f"{base}: no such model folder", param_hint="BASE")
+    try:
+        check_max_model_len(base, max_model_len)
+    except EngineOptionsError as exc:
+        raise click.BadParameter(in_cli_words(exc.reason), param_hint=exc.flag) from None
+    check_port(host, port)
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"Warning: listening on {host} without --api-key: anyone who can reach it can use it.",
                    err=True)
@@ -130,4 +152,4 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
                                   max_concurrent_requests=max_concurrent_requests)
         asyncio.run(run_server(served, settings, host, port, named, log_level, shutdown_timeout))
     except (FtserveError, ValueError, OSError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(in_cli_words(str(exc))) from None

@@ -73,8 +73,8 @@ class Runner:
         position_bytes = 2 * n_layers * n_kv * head_dim * self.dtype.itemsize
         worst, free = max_batch * max_len * position_bytes, available_memory(self.device)
         if free is not None and worst > free:
-            raise ServingError(f"the KV cache for {max_batch} requests (--max-num-seqs) of {max_len} tokens "
-                               f"(--max-model-len) can grow to {worst / 2**30:.1f} GiB, and {free / 2**30:.1f} GiB "
+            raise ServingError(f"the KV cache for {max_batch} requests (max_num_seqs) of {max_len} tokens "
+                               f"(max_model_len) can grow to {worst / 2**30:.1f} GiB, and {free / 2**30:.1f} GiB "
                                f"of memory is free; lower one of them (each position of one request takes "
                                f"{position_bytes / 2**10:.0f} KiB)")
         self.columns = min(max_len, self.INITIAL_COLUMNS)
