@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -276,6 +279,19 @@ def test_probes_and_the_scraper_need_no_key_but_v1_does(deployed):
     assert httpx.get(deployed.url + "/v1/models").status_code == 401
     with pytest.raises(openai.AuthenticationError):
         deployed.client(api_key="not-" + KEY).models.list()
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_the_image_health_check_passes_on_a_serving_server_only(name, deployed, tmp_path):
+    (check,) = DOCKERFILES[name]["HEALTHCHECK"]
+    argv = json.loads(check[check.index("CMD") + 3:])
+    argv = [sys.executable, *argv[1:]]  # python or python3: this interpreter
+    up = [a.replace(f"127.0.0.1:{PORT}", deployed.url.removeprefix("http://")) for a in argv]
+    assert subprocess.run(up, check=False).returncode == 0
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        down = [a.replace(f"127.0.0.1:{PORT}", f"127.0.0.1:{s.getsockname()[1]}") for a in argv]
+    assert subprocess.run(down, capture_output=True, check=False).returncode == 1
 
 
 def test_an_adapter_added_at_runtime_as_deploy_readme_says(deployed):
