@@ -42,6 +42,20 @@ def parse_adapters(values: tuple[str, ...]) -> dict[str, str]:
     return adapters
 
 
+def read_api_key_file(path: Path, given: bool) -> str:
+    """The key in ``path`` (a Docker or Kubernetes secret file), without the newline editors leave."""
+    if given:
+        raise click.UsageError("give the API key once: --api-key (or $FTSERVE_API_KEY) or --api-key-file (or "
+                               "$FTSERVE_API_KEY_FILE), not both.")
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"cannot read the API key from {path}: {exc}", param_hint="--api-key-file") from None
+    if not key:
+        raise click.BadParameter(f"{path} is empty", param_hint="--api-key-file")
+    return key
+
+
 @click.command()
 @click.argument("base")
 @click.option("--adapter", "--lora-modules", "adapters", multiple=True, metavar="NAME=PATH",
@@ -53,6 +67,10 @@ def parse_adapters(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--api-key", envvar="FTSERVE_API_KEY", default=None,
               help="Require `Authorization: Bearer KEY` on every /v1 route. Also read from $FTSERVE_API_KEY, "
                    "which keeps the key out of the process list.")
+@click.option("--api-key-file", envvar="FTSERVE_API_KEY_FILE", default=None,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Read the API key from this file (a mounted secret), surrounding whitespace stripped. Also "
+                   "read from $FTSERVE_API_KEY_FILE.")
 @click.option("--served-model-name", default=None, help="The base model's name in requests and /v1/models. "
                                                         "[default: BASE as given]")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
@@ -87,7 +105,8 @@ def parse_adapters(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: int, api_key: str | None,
-          served_model_name: str | None, dtype: str, device: str, max_loras: int, max_cpu_loras: int | None,
+          api_key_file: Path | None, served_model_name: str | None, dtype: str, device: str, max_loras: int,
+          max_cpu_loras: int | None,
           max_lora_rank: int, max_model_len: int | None, max_num_seqs: int, max_num_batched_tokens: int,
           enable_adapter_api: bool, enable_adapter_resolution: bool,
           adapter_root: Path | None, max_request_bytes: int, max_concurrent_requests: int,
@@ -101,6 +120,8 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
         engine_factory(engine)
     except EngineUnavailableError as exc:
         raise click.UsageError(str(exc)) from None
+    if api_key_file is not None:
+        api_key = read_api_key_file(api_key_file, given=api_key is not None)
     if api_key is not None and not api_key.strip():
         raise click.BadParameter("the API key is empty", param_hint="--api-key")
     for flag, on in (("--enable-adapter-api", enable_adapter_api),
