@@ -174,6 +174,8 @@ def test_compose_serves_the_image_port_and_reads_the_key_from_a_secret():
         assert service["environment"]["FTSERVE_API_KEY_FILE"] == f"/run/secrets/{secret}"
         mounts = {volume.split(":")[1] for volume in service["volumes"]}
         assert {"/adapters", "/cache"} <= mounts
+        grace = int(service["stop_grace_period"].removesuffix("m")) * 60
+        assert grace > float(parse(service["command"])[1]["--shutdown-timeout"]), "SIGKILL before the drain ends"
     assert COMPOSE["services"]["ftserve-gpu"]["profiles"] == ["gpu"]
     assert (DEPLOY / COMPOSE["services"]["prometheus"]["volumes"][0].split(":")[0]).resolve() == \
         DEPLOY / "prometheus.yml"
