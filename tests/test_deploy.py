@@ -188,7 +188,7 @@ def by_kind(kind: str) -> list[dict]:
 def test_kubernetes_ports_volumes_secrets_and_selectors_line_up():
     claims = {doc["metadata"]["name"] for doc in by_kind("PersistentVolumeClaim")}
     (secret,) = by_kind("Secret")
-    fetch = next(c for where, c, _ in containers() if c["command"][:2] == ["hf", "download"])
+    fetch = next(c for _, c, _ in containers() if c.get("command", [])[:2] == ["hf", "download"])
     for where, argv, container, spec in SERVE_COMMANDS:
         if container is None:
             continue
