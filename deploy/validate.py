@@ -7,7 +7,7 @@
 what its wheel ships:
 
 - every Kubernetes manifest (deploy/k8s/**/*.yaml) with ``kubernetes-validate --strict`` against the
-  Kubernetes version below. It has no schema for custom resources and only warns about them, so a
+  Kubernetes versions below. It has no schema for custom resources and only warns about them, so a
   LeaderWorkerSet is checked here instead: its top-level fields against deploy/schemas/, our own schema, and
   its leader and worker pod templates as core ``PodTemplate`` objects, strictly. Any other kind it does not
   know (a misspelt ``kind:``, say) fails;
@@ -35,7 +35,9 @@ import yaml
 
 DEPLOY = Path(__file__).resolve().parent
 REPO = DEPLOY.parent
-KUBERNETES = "1.33"
+# The oldest Kubernetes the manifests support (the preStop `sleep` action is on by default from 1.30) and the
+# newest that kubernetes-validate ships schemas for.
+KUBERNETES = ("1.30", "1.37")
 DOCKERFILES = ("Dockerfile", "Dockerfile.cpu")
 SCHEMAS = {("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"): "leaderworkerset.schema.json"}
 
@@ -53,11 +55,12 @@ def check_custom(deploy: Path, doc: dict, where: str) -> list[str]:
     for path, template in pod_templates(doc).items():
         wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{doc['metadata']['name']}"},
                    "template": template}
-        try:
-            kubernetes_validate.validate(wrapped, KUBERNETES, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            problems.append(f"{where}: spec.{path} as a PodTemplate: "
-                            f"{'.'.join(map(str, exc.path)) or '(top)'}: {exc.message}")
+        for version in KUBERNETES:
+            try:
+                kubernetes_validate.validate(wrapped, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                problems.append(f"{where}: spec.{path} as a Kubernetes {version} PodTemplate: "
+                                f"{'.'.join(map(str, exc.path)) or '(top)'}: {exc.message}")
     return problems
 
 
@@ -67,9 +70,10 @@ def check_kubernetes(deploy: Path) -> list[str]:
         return ["no manifests under deploy/k8s"]
     problems = []
     # --quiet: failures and warnings only; the warning for each custom resource is answered just below.
-    result = run(["kubernetes-validate", "--strict", "--quiet", "-k", KUBERNETES, *map(str, files)])
-    if result.returncode:
-        problems.append(f"kubernetes-validate --strict failed (exit {result.returncode})")
+    for version in KUBERNETES:
+        result = run(["kubernetes-validate", "--strict", "--quiet", "-k", version, *map(str, files)])
+        if result.returncode:
+            problems.append(f"kubernetes-validate --strict -k {version} failed (exit {result.returncode})")
     for path in files:
         for i, doc in enumerate(yaml.safe_load_all(path.read_text())):
             if doc is None:
@@ -82,10 +86,10 @@ def check_kubernetes(deploy: Path) -> list[str]:
                     print(f"{where}: its fields match deploy/schemas/ and its pod templates are valid PodTemplates")
                 continue
             try:
-                kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+                kubernetes_validate.validate(doc, KUBERNETES[0], strict=True)
             except kubernetes_validate.SchemaNotFoundError:
                 problems.append(f"{where}: kind {doc.get('kind')} of {doc.get('apiVersion')} is neither a "
-                                f"Kubernetes {KUBERNETES} kind nor one of ours ({sorted(k for _, k in SCHEMAS)})")
+                                f"Kubernetes kind nor one of ours ({sorted(k for _, k in SCHEMAS)})")
             except kubernetes_validate.ValidationError:
                 pass  # reported by the command above
     return problems

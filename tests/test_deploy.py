@@ -174,6 +174,8 @@ def test_compose_serves_the_image_port_and_reads_the_key_from_a_secret():
         assert service["environment"]["FTSERVE_API_KEY_FILE"] == f"/run/secrets/{secret}"
         mounts = {volume.split(":")[1] for volume in service["volumes"]}
         assert {"/adapters", "/cache"} <= mounts
+        grace = int(service["stop_grace_period"].removesuffix("m")) * 60
+        assert grace > float(parse(service["command"])[1]["--shutdown-timeout"]), "SIGKILL before the drain ends"
     assert COMPOSE["services"]["ftserve-gpu"]["profiles"] == ["gpu"]
     assert (DEPLOY / COMPOSE["services"]["prometheus"]["volumes"][0].split(":")[0]).resolve() == \
         DEPLOY / "prometheus.yml"
@@ -186,7 +188,7 @@ def by_kind(kind: str) -> list[dict]:
 def test_kubernetes_ports_volumes_secrets_and_selectors_line_up():
     claims = {doc["metadata"]["name"] for doc in by_kind("PersistentVolumeClaim")}
     (secret,) = by_kind("Secret")
-    fetch = next(c for where, c, _ in containers() if c["command"][:2] == ["hf", "download"])
+    fetch = next(c for _, c, _ in containers() if c.get("command", [])[:2] == ["hf", "download"])
     for where, argv, container, spec in SERVE_COMMANDS:
         if container is None:
             continue
