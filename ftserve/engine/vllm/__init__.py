@@ -13,5 +13,7 @@ INSTALL = ("--engine vllm needs vLLM, which is not installed here: `pip install 
 
 
 def available() -> bool:
-    """True when vLLM can be imported (without importing it)."""
-    return importlib.util.find_spec("vllm") is not None
+    """True when vLLM is installed (found without importing it; a folder named vllm that is no package, as a
+    namespace package, does not count)."""
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin is not None
