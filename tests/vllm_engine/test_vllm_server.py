@@ -48,8 +48,11 @@ def five(llama_dir, adapter_root):
 
 
 def serve_args(base, adapters: dict, *extra: str) -> list[str]:
+    """``ftserve serve`` arguments; a vLLM server also gets $FTSERVE_TEST_VLLM_ARGS (tests/gpu/run.sh: a share
+    of the GPU's memory each, since several servers run at once)."""
+    own = os.environ.get("FTSERVE_TEST_VLLM_ARGS", "").split() if "vllm" in extra else []
     return [str(base), "--served-model-name", BASE, "--max-model-len", "256", "--max-loras", "4",
-            *[f"--adapter={name}={path}" for name, path in adapters.items()], *extra]
+            *[f"--adapter={name}={path}" for name, path in adapters.items()], *extra, *own]
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +176,8 @@ def test_a_merged_model_loads_in_vllm_with_the_adapters_tokens(servers, llama_di
     """`ftserve merge` output, served on its own by vLLM, answers as the adapter does on vLLM."""
     vllm, _ = servers
     merged = merge(llama_dir, five["delta-lora"], tmp_path / "merged")
-    alone = ServerProcess([merged, "--engine", "vllm", "--served-model-name", "merged", "--max-model-len", "256"],
+    args = [merged, "--served-model-name", "merged", *serve_args(llama_dir, {}, "--engine", "vllm")[3:]]
+    alone = ServerProcess(args,
                           tmp_path / "merged.log", env={**VLLM_ENV, "FTSERVE_VLLM_ADAPTER_CACHE": str(tmp_path / "c")})
     try:
         alone.wait_ready(START_TIMEOUT)
@@ -183,8 +187,8 @@ def test_a_merged_model_loads_in_vllm_with_the_adapters_tokens(servers, llama_di
 
 
 def test_chat_logprobs_bytes_rebuild_multi_token_characters_on_vllm(tmp_path):
-    proc = ServerProcess([str(save_multi_byte_model(tmp_path / "multi_byte")), "--engine", "vllm",
-                          "--served-model-name", BASE, "--max-model-len", "64"], tmp_path / "server.log",
+    proc = ServerProcess(serve_args(save_multi_byte_model(tmp_path / "multi_byte"), {}, "--engine", "vllm"),
+                         tmp_path / "server.log",
                          env={**VLLM_ENV, "FTSERVE_VLLM_ADAPTER_CACHE": str(tmp_path / "cache")})
     try:
         text, joined, tokens = streamed_chat_bytes(proc.wait_ready(START_TIMEOUT).client(), BASE)
