@@ -132,8 +132,7 @@ class VllmEngine:
         if current_platform.is_cpu():
             path = await loop.run_in_executor(None, zero_adapter, self.shapes)
             self._base_lora = LoRARequest(lora_name="ftserve-zero", lora_int_id=BASE_LORA_ID, lora_path=str(path))
-            await self.llm.add_lora(self._base_lora)
-            await self.llm.pin_lora(BASE_LORA_ID)
+            await self.llm.add_lora(self._base_lora)  # not pinned: a pinned slot is one fewer for a batch
 
     async def shutdown(self) -> None:
         """Refuse new requests, abort those still running, and stop vLLM's processes."""
