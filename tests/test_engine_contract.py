@@ -92,6 +92,10 @@ def test_the_served_name_is_the_option_or_the_folder(kind, llama_dir):
     (dict(max_num_seqs=0), "--max-num-seqs", "integer >= 1; got 0"),
     (dict(max_queue=1.5), "--max-queue", "integer >= 1; got 1.5"),
     (dict(dtype="int8"), "--dtype", "one of auto"),
+    (dict(nnodes=2, node_rank=2), "--node-rank", "in [0, --nnodes=2)"),
+    (dict(nnodes=2, headless=True), "--headless", "--node-rank >= 1"),
+    (dict(distributed_executor_backend="slurm"), "--distributed-executor-backend", "mp or ray"),
+    (dict(tensor_parallel_size=0), "--tensor-parallel-size", "integer >= 1"),
 ])
 def test_options_are_checked_once_in_the_flags_words(options, flag, words):
     with pytest.raises(EngineOptionsError) as info:

@@ -99,7 +99,7 @@ class EngineOptions:
                 isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1):
             raise EngineOptionsError(flag("gpu_memory_utilization"),
                                      f"must be in (0, 1]; got {self.gpu_memory_utilization!r}")
-        if self.headless and self.nnodes < 2:
+        if self.headless and (self.nnodes < 2 or self.node_rank < 1):
             raise EngineOptionsError(flag("headless"), "is for the worker nodes of a multi-node engine: give --nnodes "
                                                        ">= 2 and --node-rank >= 1")
 

@@ -5,9 +5,10 @@ FTSERVE_REQUIRE_VLLM=1 makes a missing vLLM a failure. Each server runs ``ftserv
 127.0.0.1, started once per module (a vLLM start takes about a minute on a 2-core machine); the torch engine
 serves the same model and adapters beside it as the reference.
 
-Greedy tokens are compared as text (the streaming detokenizer's text is the decode of the ids), for prompts
-given as token ids; the adapters are random and large enough that every one of them changes the answer, so
-a request served with the wrong adapter, or none, shows.
+Greedy answers are compared as their text and their tokens (each token's text, from ``logprobs``), for
+prompts given as token ids: between the engines exactly, and against the merged model by tokens (the text of
+a stream leaves out a character still incomplete at its end). The adapters are random and large enough that
+every one of them changes the answer, so a request served with the wrong adapter, or none, shows.
 """
 
 
@@ -80,15 +81,21 @@ def merge(base, adapter, out) -> str:
 NEW = 8
 
 
-def answer(server, model: str, prompt: list[int], new: int = NEW) -> str:
+def answer(server, model: str, prompt: list[int], new: int = NEW) -> tuple[str, list[str]]:
+    """The greedy answer's text and its tokens' texts."""
     response = server.client().completions.create(model=model, prompt=prompt, max_tokens=new, temperature=0,
-                                                  extra_body={"ignore_eos": True})
+                                                  logprobs=0, extra_body={"ignore_eos": True})
     assert response.usage.completion_tokens == new
-    return response.choices[0].text
+    return response.choices[0].text, response.choices[0].logprobs.tokens
 
 
-def decoded(tokenizer, ids_per_prompt) -> list[str]:
-    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in ids_per_prompt]
+def tokens(server, model: str, prompt: list[int]) -> list[str]:
+    return answer(server, model, prompt)[1]
+
+
+def decoded(tokenizer, ids_per_prompt) -> list[list[str]]:
+    """Each token's text, as the server reports it in ``logprobs.tokens``."""
+    return [[tokenizer.decode([t]) for t in ids] for ids in ids_per_prompt]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -96,16 +103,18 @@ def test_each_method_gives_the_torch_engines_and_the_merged_models_tokens(method
                                                                           tokenizer):
     vllm, torch = servers
     merged = decoded(tokenizer, references(llama_dir, five[method], PROMPTS, merged=True))
-    assert [answer(vllm, method, p) for p in PROMPTS] == [answer(torch, method, p) for p in PROMPTS] == merged
+    on_vllm = [answer(vllm, method, p) for p in PROMPTS]
+    assert on_vllm == [answer(torch, method, p) for p in PROMPTS]
+    assert [toks for _, toks in on_vllm] == merged
 
 
 def test_mixed_requests_over_all_adapters_at_once(servers, llama_dir, five, tokenizer):
     vllm, _ = servers
     expected = {name: decoded(tokenizer, references(llama_dir, five.get(name), PROMPTS)) for name in [BASE, *five]}
-    assert len({texts[0] for texts in expected.values()}) == len(expected)  # every adapter changes the answer
+    assert len({tuple(toks[0]) for toks in expected.values()}) == len(expected)  # each adapter changes it
     jobs = [(name, i) for name in expected for i in range(len(PROMPTS))] * 2
     with ThreadPoolExecutor(len(jobs)) as pool:
-        got = list(pool.map(lambda job: answer(vllm, job[0], PROMPTS[job[1]]), jobs))
+        got = list(pool.map(lambda job: tokens(vllm, job[0], PROMPTS[job[1]]), jobs))
     assert got == [expected[name][i] for name, i in jobs]
 
 
@@ -120,7 +129,7 @@ def test_runtime_load_and_unload_as_on_the_torch_engine(servers, llama_dir, adap
     seen = []
     for server in servers:
         loaded = adapter_api(server, "load", lora_name="late", lora_path=str(late))
-        text = answer(server, "late", PROMPTS[0])
+        text = tokens(server, "late", PROMPTS[0])
         again = adapter_api(server, "load", lora_name="late", lora_path=str(late))
         escape = adapter_api(server, "load", lora_name="escape", lora_path=str(outside))
         unloaded = adapter_api(server, "unload", lora_name="late")
