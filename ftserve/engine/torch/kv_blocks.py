@@ -76,6 +76,7 @@ class BlockPool:
         heapq.heapify(self.free_heap)
         self.free_count = num_blocks
         self.row_refs = [0] * self.rows  # referenced blocks in each row
+        self.row_named = [0] * self.rows  # named blocks in each row
         self.row_taken = [False] * self.rows
         self.queries = self.hits = self.preemptions = 0
 
@@ -91,13 +92,15 @@ class BlockPool:
     # Taking and returning -----------------------------------------------------------------------------
 
     def assign_home(self, seq: BlockTable) -> None:
-        """Give ``seq`` (holding no blocks) the lowest row no sequence holds or references, if any."""
-        for row in range(self.rows):
-            if not self.row_taken[row] and self.row_refs[row] == 0:
-                self.row_taken[row] = True
-                seq.home, seq.in_home = row, True
-                return
-        seq.home, seq.in_home = None, False
+        """Give ``seq`` (holding no blocks) a row no sequence holds or references, if any: the one with the
+        fewest cached blocks (which it would evict), the lowest of those."""
+        free = [row for row in range(self.rows) if not self.row_taken[row] and self.row_refs[row] == 0]
+        if not free:
+            seq.home, seq.in_home = None, False
+            return
+        row = min(free, key=lambda r: (self.row_named[r], r))
+        self.row_taken[row] = True
+        seq.home, seq.in_home = row, True
 
     def grow(self, seq: BlockTable, tokens: int) -> bool:
         """Extend ``seq``'s table to hold ``tokens`` positions; False, taking nothing, if the pool cannot."""
@@ -161,6 +164,7 @@ class BlockPool:
             if name not in self.named and self.name[block] is None:  # a copy of a named block stays unnamed
                 self.named[name] = block
                 self.name[block], self.adapter_key[block] = name, adapter_key
+                self._count_name(block, 1)
 
     def invalidate(self, adapter_key: int) -> int:
         """Forget the names of every block computed under ``adapter_key`` (unloaded); how many."""
@@ -168,6 +172,7 @@ class BlockPool:
         for name, block in gone:
             del self.named[name]
             self.name[block] = None
+            self._count_name(block, -1)
             if block in self.evictable:
                 del self.evictable[block]
                 self._free(block)
@@ -226,3 +231,9 @@ class BlockPool:
         del self.evictable[block]
         del self.named[self.name[block]]
         self.name[block] = None
+        self._count_name(block, -1)
+
+    def _count_name(self, block: int, change: int) -> None:
+        row = block // self.row_blocks
+        if row < self.rows:
+            self.row_named[row] += change

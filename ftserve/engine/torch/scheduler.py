@@ -123,10 +123,6 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         """Plan the next step (decodes, prompt chunks, admissions); admitted requests join ``running``."""
         plan = StepPlan()
-        if self.pool.prefix_caching:
-            for seq in self.running:
-                if seq.cached // 16 > len(seq.hashes):  # a block filled up last step: name it
-                    self.pool.commit(seq, seq.prompt + seq.output, seq.cached, seq.adapter_key)
         self.preempted.clear()
         decodes = []
         for seq in [s for s in self.running if s.cached >= s.prefill_len]:
@@ -254,7 +250,12 @@ class Scheduler:
             self.dequeued()
 
     def retire(self) -> list[Sequence]:
-        """Drop finished and cancelled requests, returning their blocks and slots; the ones dropped."""
+        """Name the blocks that filled up in the step (for the prefix cache), then drop finished and cancelled
+        requests, returning their blocks and slots; the ones dropped."""
+        if self.pool.prefix_caching:
+            for seq in self.running:
+                if seq.cached // 16 > len(seq.hashes):
+                    self.pool.commit(seq, seq.prompt + seq.output, seq.cached, seq.adapter_key)
         retired = [s for s in self.running if s.finished or s.cancelled]
         for seq in retired:
             self.pool.release(seq)
