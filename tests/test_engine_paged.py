@@ -6,7 +6,9 @@ import asyncio
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from ftserve.cli import main
 from ftserve.engine.base import AdapterInfo, GenerationRequest, SamplingParams
 from ftserve.engine.torch import TorchEngine
 from ftserve.engine.torch.adapter_cache import AdapterCache, AdapterRecord
@@ -14,11 +16,32 @@ from ftserve.engine.torch.kv_blocks import BlockPool
 from ftserve.engine.torch.lora_slots import LoraSlots
 from ftserve.engine.torch.scheduler import Scheduler, Sequence
 from ftserve.engine.torch.update import update
+from ftserve.engine.options import EngineOptions, EngineOptionsError
 from ftserve.testing import build_tokenizer, tiny_gpt2, tiny_llama
 from helpers import collect, greedy, references, write_random_adapter
 
 PREFIX = [1] + [(11 * j) % 990 + 5 for j in range(79)]  # 80 tokens: 5 full blocks
 SUFFIXES = [[(17 * i + 5 * j) % 990 + 5 for j in range(n)] for i, n in enumerate([7, 19, 3])]
+
+
+# The options -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("given, means", [("4GiB", 4 * 2 ** 30), ("512MB", 512 * 10 ** 6), ("1000000", 10 ** 6),
+                                          ("0.5", 0.5), ("1.0", 1.0), (2 ** 20, 2 ** 20), (0.25, 0.25)])
+def test_kv_cache_memory_is_bytes_or_a_fraction_of_the_memory_free(given, means):
+    assert EngineOptions(kv_cache_memory=given).kv_cache_memory == means
+
+
+@pytest.mark.parametrize("given", ["lots", "4 parsecs", "-1", 0, 1.5, True])
+def test_a_kv_cache_memory_that_is_neither_is_refused_by_its_flag(given):
+    with pytest.raises(EngineOptionsError) as info:
+        EngineOptions(kv_cache_memory=given)
+    assert info.value.flag == "--kv-cache-memory"
+
+
+def test_the_cli_refuses_a_kv_cache_memory_it_cannot_read(llama_dir):
+    result = CliRunner().invoke(main, ["serve", str(llama_dir), "--kv-cache-memory", "lots"])
+    assert result.exit_code == 2 and "--kv-cache-memory" in result.output and "'lots'" in result.output
 
 
 # The pool and the scheduler, no model ------------------------------------------------------------------
