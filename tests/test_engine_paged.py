@@ -3,6 +3,7 @@ model, then the engine on tiny Llama (grouped-query attention, sharp attention, 
 the tokens) and GPT-2 models, every output checked against the request run alone with transformers."""
 
 import asyncio
+import shutil
 
 import pytest
 import torch
@@ -312,3 +313,35 @@ def test_an_adapter_loaded_again_under_its_name_with_other_weights_never_reuses_
 
     outs, stats = asyncio.run(main())
     assert outs == expected and stats["prefix_cache_hits_total"] == 0
+
+
+def test_the_blocks_of_a_request_whose_scores_overflowed_are_wiped_before_others_reuse_them(bases, loras, tmp_path):
+    """An adapter with huge factors writes NaN or infinity into its request's K/V; in a cache of 34 blocks the
+    requests after it take the same blocks, and a NaN even in a masked-out position would spoil their rows."""
+    from safetensors.torch import load_file, save_file
+
+    from ftserve.engine.errors import GenerationError
+
+    huge = tmp_path / "huge"
+    shutil.copytree(loras["llama", "a"], huge)
+    weights = huge / "adapter_model.safetensors"
+    save_file({k: v * 1e30 if "lora_B" in k else v for k, v in load_file(weights).items()}, weights)
+    spoilt = [(PREFIX * 7)[:500]]  # the 32 blocks of the home row, positions 0 .. 499
+    # The first request takes the home row again; the others spill to the highest blocks: the 34-token one's
+    # third block is block 31, whose positions 496 .. 499 the spoilt request wrote, and it reads them (masked
+    # out, as its positions 34 .. 35) beside the 60-token one.
+    prompts = [PREFIX[:33], PREFIX[10:44], PREFIX[20:80]]
+    expected = references(bases["llama"], None, prompts, new=8)
+    block_bytes = 2 * 2 * 2 * 32 * 4 * 16
+
+    async def main():
+        async with TorchEngine.from_pretrained(bases["llama"], kv_cache_memory=34 * block_bytes) as engine:
+            await engine.load_adapter("huge", str(huge))
+            failures = await asyncio.gather(*[collect(engine, GenerationRequest(p, adapter="huge", params=greedy(8)))
+                                              for p in spoilt], return_exceptions=True)
+            outs = await asyncio.gather(*[collect(engine, GenerationRequest(p, params=greedy(8))) for p in prompts])
+            return failures, [ids for ids, _, _ in outs]
+
+    failures, outs = asyncio.run(main())
+    assert all(isinstance(f, GenerationError) for f in failures)
+    assert outs == expected

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from ..base import StreamChunk
-from ..errors import EngineClosedError
+from ..errors import EngineClosedError, GenerationError
 from .adapter_cache import AdapterCache, AdapterRecord
 from .kv_blocks import BlockPool
 from .lora_slots import LoraBatch, LoraSlots
@@ -86,6 +86,9 @@ class EngineCore:
                             if not seq.finished:
                                 self._fail(seq, exc)
                     retired = scheduler.retire()
+                    if scheduler.spoiled_blocks:
+                        self.runner.wipe(scheduler.spoiled_blocks)
+                        scheduler.spoiled_blocks = []
                     self.finished_requests += sum(not seq.finished for seq in retired)
                     self._flush()
         finally:
@@ -107,7 +110,10 @@ class EngineCore:
         self.steps += 1
         self.prefill_tokens += plan.prefill_tokens
         logits = self.execute(plan)
-        update(plan, sample_step(plan, logits, self.runner.dtype), self.runner.max_len, self._emit)
+        outcomes = sample_step(plan, logits, self.runner.dtype)
+        for seq, token, _ in outcomes:
+            seq.spoiled |= isinstance(token, GenerationError)
+        update(plan, outcomes, self.runner.max_len, self._emit)
 
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """Run ``plan``'s pieces, all adapters mixed, in one forward; the logits its pieces ask for."""

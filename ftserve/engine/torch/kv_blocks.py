@@ -124,15 +124,27 @@ class BlockPool:
             seq.blocks.append(block)
         return True
 
-    def release(self, seq: BlockTable) -> None:
-        """Return ``seq``'s blocks (tail first, so its tail is evicted first) and its home row."""
+    def release(self, seq: BlockTable, spoiled: bool = False) -> list[int]:
+        """Return ``seq``'s blocks (tail first, so its tail is evicted first) and its home row; the blocks no
+        one references any more. ``spoiled`` (its K/V may hold NaN or infinity): its blocks lose their names
+        first, so none is reused for its prefix, and the caller wipes the ones returned."""
+        if spoiled:
+            for block in seq.blocks:
+                if self.name[block] is not None and self.refs[block] == 1:
+                    del self.named[self.name[block]]
+                    self.name[block] = None
+                    self._count_name(block, -1)
+        freed = []
         for block in reversed(seq.blocks):
             self._unref(block)
+            if self.refs[block] == 0:
+                freed.append(block)
         seq.blocks.clear()
         seq.hashes.clear()
         if seq.home is not None:
             self.row_taken[seq.home] = False
         seq.home, seq.in_home = None, False
+        return freed
 
     # Prefix cache -------------------------------------------------------------------------------------
 

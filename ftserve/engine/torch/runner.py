@@ -103,6 +103,13 @@ class Runner:
         self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n_layers)]
 
+    def wipe(self, blocks: list[int]) -> None:
+        """Zero the K/V of ``blocks``."""
+        slots = (torch.tensor(blocks, device=self.device)[:, None] * BLOCK_SIZE
+                 + torch.arange(BLOCK_SIZE, device=self.device)).reshape(-1)
+        for cache in self.k + self.v:
+            cache.index_fill_(1, slots, 0)
+
     def nbytes(self) -> int:
         return 2 * sum(t.numel() * t.element_size() for t in self.k)
 

@@ -61,6 +61,7 @@ class Sequence:
     home: int | None = None
     in_home: bool = False
     queued: bool = True  # counted in the engine's queue (until first admitted)
+    spoiled: bool = False  # its scores were not finite: its K/V may be too
     slot: int | None = None
     cancelled: bool = False
     finished: bool = False
@@ -119,6 +120,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preempted: set[int] = set()  # ids of the requests preempted while planning this step
+        # Blocks of requests whose scores were not finite, back in the pool: the runner wipes them before any
+        # other request reads them, since a NaN even in a masked-out position spoils an attention row.
+        self.spoiled_blocks: list[int] = []
 
     def schedule(self) -> StepPlan:
         """Plan the next step (decodes, prompt chunks, admissions); admitted requests join ``running``."""
@@ -254,11 +258,13 @@ class Scheduler:
         requests, returning their blocks and slots; the ones dropped."""
         if self.pool.prefix_caching:
             for seq in self.running:
-                if seq.cached // 16 > len(seq.hashes):
+                if seq.cached // 16 > len(seq.hashes) and not seq.spoiled:
                     self.pool.commit(seq, seq.prompt + seq.output, seq.cached, seq.adapter_key)
         retired = [s for s in self.running if s.finished or s.cancelled]
         for seq in retired:
-            self.pool.release(seq)
+            freed = self.pool.release(seq, spoiled=seq.spoiled)
+            if seq.spoiled:
+                self.spoiled_blocks += freed
             if seq.slot is not None:
                 self.cache.slot_rows[seq.slot] -= 1
         if retired:
