@@ -27,8 +27,9 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# Key under which methods that PEFT has no type for, and our own hyperparameters, live in
-# adapter_config.json. PEFT and vLLM ignore unknown keys.
+# Key of our own settings (method, hyperparameters) in to_peft_dict's result. Saving moves them to a file of their
+# own beside adapter_config.json (PEFT warns about any key it does not know); folders written before that keep
+# them under this key in adapter_config.json, and from_peft_dict still reads them there.
 EXTRA_KEY = "ftserve"
 
 
@@ -173,7 +174,8 @@ class FineTuningConfig:
     # PEFT adapter_config.json -------------------------------------------------------------------
 
     def to_peft_dict(self, resolved_targets: list[str], fan_in_fan_out: bool, extra: dict | None = None) -> dict:
-        """The adapter_config.json PEFT writes for this adapter; our own settings under EXTRA_KEY."""
+        """The adapter_config.json PEFT writes for this adapter, plus our own settings under EXTRA_KEY (which
+        the adapter folder writer moves to a file of their own)."""
         targets = self.target_modules if isinstance(self.target_modules, str) and self.target_modules != "all-linear" \
             else sorted(resolved_targets)
         common = {
@@ -182,7 +184,6 @@ class FineTuningConfig:
             "revision": None,
             "inference_mode": True,
             "target_modules": targets,
-            "exclude_modules": None,
             "fan_in_fan_out": fan_in_fan_out,
             "modules_to_save": None,
             "layers_to_transform": None,
@@ -191,12 +192,15 @@ class FineTuningConfig:
         method = self.adapter_method
         ours = {"method": self.method, "version": _version(), **method.ftserve_fields(self)}
         body = method.peft_fields(self)
+        if body.get("peft_type") == "LORA":  # PEFT's other configs (VeRA's) lack it and warn about it
+            common["exclude_modules"] = None
         ours.update(extra or {})
         return dict(sorted({**common, **body, EXTRA_KEY: ours}.items()))
 
     @classmethod
     def from_peft_dict(cls, data: dict) -> "FineTuningConfig":
-        """Read an adapter_config.json written by PEFT or by us."""
+        """Read an adapter_config.json written by PEFT or by us (our settings under EXTRA_KEY, as older folders
+        keep them in the file and as the folder reader passes them from their own file)."""
         if not isinstance(data, dict) or "peft_type" not in data:
             raise ConfigError("adapter_config.json has no 'peft_type'; is this a PEFT adapter folder?")
         peft_type = str(data["peft_type"]).upper()

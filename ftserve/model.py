@@ -11,6 +11,7 @@ import dataclasses
 import os
 import re
 import weakref
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -99,9 +100,12 @@ class FineTuningModel(nn.Module):
         if not isinstance(config, FineTuningConfig):
             raise ConfigError(f"config must be a FineTuningConfig; got {type(config).__name__}")
         targets = find_targets(base_model, config, module_names)
-        if config.base_model_name_or_path is None:
+        name = config.base_model_name_or_path
+        if name is None:
             name = getattr(getattr(base_model, "config", None), "_name_or_path", None) or None
-            config = config.replace(base_model_name_or_path=name)
+        if name is not None and Path(name).is_dir():  # a local folder: absolute, so it loads from anywhere
+            name = str(Path(name).resolve())
+        config = config.replace(base_model_name_or_path=name)
         self.config = config
         self.method = get_method(config.method)
         self.steps_done = 0

@@ -61,7 +61,7 @@ def train_adapter(base_dir: Path, method: str, out_dir: Path, steps: int, progre
         progress(method, step + 1, steps, losses[-1])
     path = out_dir / "adapters" / method
     model.save_adapter(path)
-    return TrainResult(method, model.trainable_parameters()[0], losses[0], sum(losses[-5:]) / 5,
+    return TrainResult(method, model.trainable_parameters()[0], losses[0], sum(losses[-5:]) / len(losses[-5:]),
                        time.perf_counter() - start, path)
 
 

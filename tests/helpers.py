@@ -157,8 +157,9 @@ def saved_activation_bytes(module: nn.Module, fn) -> int:
 class ServerProcess:
     """``ftserve serve ...`` in a subprocess on a free loopback port, its output in a log file."""
 
-    def __init__(self, args: list[str], log: Path, env: dict | None = None) -> None:
+    def __init__(self, args: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> None:
         self.args, self.log, self.env = args, log, {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        self.cwd = cwd
         self._start()
 
     def _start(self) -> None:
@@ -169,7 +170,7 @@ class ServerProcess:
         cmd = [sys.executable, "-c", "from ftserve.cli import main; main()", "serve", *self.args,
                "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env)
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd)
 
     def wait_ready(self, timeout: float = 180) -> "ServerProcess":
         deadline, retries = time.monotonic() + timeout, 2

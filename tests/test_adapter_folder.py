@@ -64,7 +64,8 @@ def test_saved_lora_folder_has_peft_keys_config_and_metadata(good_folder):
     config = json.loads((good_folder / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"], config["lora_alpha"], config["target_modules"]) == \
         ("LORA", 4, 16.0, ["q_proj", "v_proj"])
-    assert config["fan_in_fan_out"] is False and config["ftserve"]["method"] == "lora"
+    assert config["fan_in_fan_out"] is False and "ftserve" not in config  # PEFT warns about keys it lacks
+    assert json.loads((good_folder / "ftserve_config.json").read_text())["method"] == "lora"
     with safe_open(str(good_folder / WEIGHTS), "pt") as f:
         assert f.metadata() == {"format": "pt"}
         keys = set(f.keys())
@@ -124,8 +125,8 @@ def _edit_config(**changes):
     def edit(folder):
         config = json.loads((folder / "adapter_config.json").read_text())
         config.update(changes)
-        config.pop("ftserve")
         (folder / "adapter_config.json").write_text(json.dumps(config))
+        (folder / "ftserve_config.json").unlink()  # so PEFT's fields are read
     return edit
 
 
@@ -208,11 +209,47 @@ def test_delta_lora_folder_without_its_training_state_is_refused(tmp_path):
 
 # Saving ----------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("method", ["lora+", "delta-lora"])
+def test_a_folder_written_before_the_settings_file_still_loads_exactly(method, tmp_path):
+    """Older folders keep our settings under the "ftserve" key of adapter_config.json."""
+    model = make_adapter(tmp_path / "adapter", method, loraplus_lr_ratio=4.0) if method == "lora+" else \
+        make_adapter(tmp_path / "adapter", method, delta_start_step=3)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    config["ftserve"] = json.loads((tmp_path / "adapter" / "ftserve_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    (tmp_path / "adapter" / "ftserve_config.json").unlink()
+    assert read_adapter(tmp_path / "adapter").config == model.config
+    torch.testing.assert_close(logits(load_adapter(small_llama(), tmp_path / "adapter")), logits(model),
+                               rtol=0, atol=0)
+
+
+def test_the_recorded_base_is_absolute_so_peft_loads_the_adapter_from_another_folder(tmp_path, monkeypatch):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(tmp_path)
+    small_llama().save_pretrained("base")
+    model = FineTuningModel(AutoModelForCausalLM.from_pretrained("base"),
+                            FineTuningConfig(lora_r=4, target_modules=TARGETS))
+    randomise_adapter(model, seed=0)
+    model.save_adapter("adapter")
+    recorded = json.loads(Path("adapter/adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(tmp_path / "base")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"))
+    torch.testing.assert_close(logits(peft_model), logits(model), rtol=1e-5, atol=1e-5)
+    hub_id = FineTuningModel(small_llama(), FineTuningConfig(target_modules=TARGETS,
+                                                             base_model_name_or_path="acme/tiny-llama"))
+    assert hub_id.config.base_model_name_or_path == "acme/tiny-llama"  # no such folder here: a hub id, as given
+
+
 def test_save_into_a_fresh_path_leaves_no_temporary_folders(tmp_path):
     model = make_adapter(tmp_path / "out" / "adapter")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["adapter"]
     assert sorted(p.name for p in (tmp_path / "out" / "adapter").iterdir()) == \
-        ["README.md", "adapter_config.json", WEIGHTS]
+        ["README.md", "adapter_config.json", WEIGHTS, "ftserve_config.json"]
     randomise_adapter(model, seed=9)  # re-saving a checkpoint into the same folder replaces its files
     model.save_adapter(tmp_path / "out" / "adapter")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["adapter"]
@@ -271,7 +308,7 @@ def test_a_writer_killed_between_its_two_renames_gets_the_old_output_put_back(tm
     dead = dead_pid()
     old = scratch(out, "old", dead)  # the previous output, moved aside
     scratch(out, "tmp", dead)  # the new one, never moved in
-    with pytest.raises(FileExistsError, match="already exists; pass --force"):
+    with pytest.raises(FileExistsError, match="already exists; pass force=True"):
         with atomic_output_dir(out):
             pass
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]

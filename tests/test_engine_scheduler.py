@@ -223,13 +223,13 @@ def test_a_long_request_beside_short_ones_takes_blocks_as_it_grows_and_returns_t
 
 
 def test_a_kv_cache_that_cannot_fit_in_memory_is_refused_at_start(llama_dir):
-    with pytest.raises(ServingError, match=r"the KV cache \(--kv-cache-memory\) takes .* GiB, and .* GiB of memory "
+    with pytest.raises(ServingError, match=r"the KV cache \(kv_cache_memory\) takes .* GiB, and .* GiB of memory "
                                            r"is free; lower it \(each token of one request takes 2 KiB\)"):
         TorchEngine.from_pretrained(llama_dir, kv_cache_memory=10 ** 15)
 
 
 def test_a_kv_cache_too_small_for_one_request_is_refused_at_start(llama_dir):
-    with pytest.raises(ServingError, match=r"holds 496 tokens, fewer than one request of --max-model-len 512 needs"):
+    with pytest.raises(ServingError, match=r"holds 496 tokens, fewer than one request of max_model_len 512 needs"):
         TorchEngine.from_pretrained(llama_dir, kv_cache_memory=31 * 16 * 2048)
 
 

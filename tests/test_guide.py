@@ -61,7 +61,8 @@ def test_guide_example_trains_saves_and_generates(method, tokenizer, tmp_path, c
 
     model.save_adapter(tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert saved["ftserve"]["method"] == method and saved["peft_type"] == ("VERA" if method == "vera" else "LORA")
+    ours = json.loads((tmp_path / "adapter" / "ftserve_config.json").read_text())
+    assert ours["method"] == method and saved["peft_type"] == ("VERA" if method == "vera" else "LORA")
 
     randomise_adapter(model, seed=0, std=0.5)  # an adapter strong enough to change what greedy decoding picks
     model.eval()

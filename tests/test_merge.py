@@ -238,8 +238,10 @@ def test_different_recorded_base_name_is_a_warning_not_a_refusal(tmp_path, llama
     shutil.copytree(matrix["llama-lora"]["adapter"], adapter)
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "meta-llama/Some-Other-Name"
-    config["ftserve"]["config"]["base_model_name_or_path"] = "meta-llama/Some-Other-Name"
     (adapter / "adapter_config.json").write_text(json.dumps(config))
+    ours = json.loads((adapter / "ftserve_config.json").read_text())
+    ours["config"]["base_model_name_or_path"] = "meta-llama/Some-Other-Name"
+    (adapter / "ftserve_config.json").write_text(json.dumps(ours))
     with pytest.warns(UserWarning, match="Some-Other-Name"):
         merge_checkpoint(llama_dir, [AdapterSpec(adapter)], tmp_path / "merged")
     assert (tmp_path / "merged" / "model.safetensors").exists()
@@ -264,7 +266,7 @@ def test_existing_output_is_refused_unless_forced_and_inputs_are_never_targets(t
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     adapter = [AdapterSpec(matrix["llama-lora"]["adapter"])]
-    with pytest.raises(CheckpointError, match="already exists; pass --force"):
+    with pytest.raises(CheckpointError, match="already exists; pass force=True"):
         merge_checkpoint(llama_dir, adapter, out)
     assert (out / "keep.txt").read_text() == "mine"
     merge_checkpoint(llama_dir, adapter, out, force=True)

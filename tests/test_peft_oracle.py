@@ -31,8 +31,16 @@ OURS_CASES = [(f"{case}-{kind}", kind, kwargs) for case, kwargs in OURS for kind
               if not (case == "lora-rslora-patterns" and kind == "gpt2")]
 
 
+def expected_warning(w: warnings.WarningMessage, kwargs: dict) -> bool:
+    """What PEFT warns on loading a folder, whoever wrote it: transformers' deprecation of a name PEFT reads
+    (it warns on PEFT's own folders too), and, for VeRA saved without its pair, that the pair is regenerated."""
+    if issubclass(w.category, FutureWarning) and "is_gradient_checkpointing" in str(w.message):
+        return True
+    return kwargs.get("save_projection") is False and "PRNG" in str(w.message)
+
+
 @pytest.mark.parametrize("case, kind, kwargs", OURS_CASES, ids=[c for c, _, _ in OURS_CASES])
-def test_peft_loads_our_adapter_and_gives_our_logits(case, kind, kwargs, tmp_path):
+def test_peft_loads_our_adapter_without_a_warning_and_gives_our_logits(case, kind, kwargs, tmp_path):
     build, targets = MODELS[kind]
     torch.manual_seed(0)
     model = FineTuningModel(build(), FineTuningConfig(lora_r=4, lora_alpha=8, target_modules=targets, **kwargs))
@@ -42,9 +50,10 @@ def test_peft_loads_our_adapter_and_gives_our_logits(case, kind, kwargs, tmp_pat
     ours = logits(model)
     model.save_adapter(tmp_path / "adapter")
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT warns about our extra "ftserve" config key and a missing pair
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         peft_model = PeftModel.from_pretrained(build(), str(tmp_path / "adapter"))
+    assert [str(w.message) for w in caught if not expected_warning(w, kwargs)] == []
     theirs = logits(peft_model)
     assert (ours - logits(build())).abs().max() > 1e-3  # the adapter matters
     torch.testing.assert_close(theirs, ours, **TOL)

@@ -353,6 +353,7 @@ METRICS = {  # family: type, label names of its samples (a histogram's buckets a
     "ftserve_time_to_first_token_seconds": ("histogram", {"route"}),
     "ftserve_requests_in_flight": ("gauge", set()),
     "ftserve_queue_depth": ("gauge", set()),
+    "ftserve_adapter_loads_on_first_use": ("counter", set()),
     "ftserve_loaded_adapters": ("gauge", set()),
 }
 

@@ -79,6 +79,11 @@ def test_cli_refuses_what_it_cannot_do(llama_dir):
     assert result.exit_code == 2 and "--engine vllm is not available" in result.output
     result = CliRunner().invoke(main, ["serve", str(llama_dir), "--enable-adapter-api"])
     assert result.exit_code == 2 and "--adapter-root" in result.output
+    result = CliRunner().invoke(main, ["serve", str(llama_dir), "--enable-adapter-resolution"])
+    assert result.exit_code == 2 and "--enable-adapter-resolution needs --adapter-root DIR" in result.output
+    result = CliRunner().invoke(main, ["serve", str(llama_dir), "--adapter-root", str(llama_dir)])
+    assert result.exit_code == 2 and "only matters with --enable-adapter-api or --enable-adapter-resolution" in \
+        result.output
     result = CliRunner().invoke(main, ["serve", str(llama_dir), "--adapter", "no-equals-sign"])
     assert result.exit_code == 2 and "NAME=PATH" in result.output
     result = CliRunner().invoke(main, ["serve", str(llama_dir), "--max-num-seqs", "16",

@@ -3,7 +3,6 @@ into one-line messages and a non-zero exit."""
 
 from __future__ import annotations
 
-import functools
 import json
 import signal
 import warnings
@@ -11,23 +10,9 @@ from pathlib import Path
 
 import click
 
+from .errors import clean_errors
+
 DIR = click.Path(file_okay=False, path_type=Path)
-
-
-def clean_errors(command):
-    """FtserveError and OS errors (a full disk, a permission) become `Error: ...` and exit status 1."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from ..errors import FtserveError
-
-        try:
-            return command(*args, **kwargs)
-        except (FtserveError, OSError) as exc:
-            raise click.ClickException(str(exc) if isinstance(exc, FtserveError) else
-                                       f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
-
-    return wrapper
 
 
 def _interrupt_on_sigterm() -> None:

@@ -29,6 +29,10 @@ MERGED_METHOD = "lora"
 def quickstart(ctx: click.Context, out_dir: Path, steps: int, serve: bool, port: int, exit_after_check: bool) -> None:
     """Offline tour: build a small model, train each of the five methods briefly, merge one, serve the rest."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .serve import check_port
+
+    if serve:
+        check_port("127.0.0.1", port)  # before any training: a busy port fails now, not after minutes
     from ..merge import AdapterSpec, merge_checkpoint
     from ..merge.verify import verify_merge
     from ..quickstart import run_training
@@ -60,7 +64,7 @@ def quickstart(ctx: click.Context, out_dir: Path, steps: int, serve: bool, port:
     if not report.passed:
         raise click.ClickException("the merged model does not match the adapter model")
 
-    served = {m.replace("+", "plus"): str(p) for m, p in adapters.items() if m != MERGED_METHOD}
+    served = {m: str(p) for m, p in adapters.items() if m != MERGED_METHOD}
     if not serve:
         click.echo(f"\nDone. Serve them with:\n  ftserve serve {base_dir} "
                    + " ".join(f"--adapter {n}={p}" for n, p in served.items()))
@@ -93,7 +97,12 @@ def _try_it(port: int, base: str, adapters: list[str], exit_after_check: bool) -
         os.kill(os.getpid(), signal.SIGTERM)
         return
     for name in [base, *adapters]:
-        out = _post(f"{url}/v1/completions", {"model": name, "prompt": "the cat", "max_tokens": 8, "temperature": 0})
+        try:
+            out = _post(f"{url}/v1/completions", {"model": name, "prompt": "the cat", "max_tokens": 8,
+                                                  "temperature": 0})
+        except OSError as exc:  # an HTTP error too: one line, not a thread's traceback
+            click.echo(f"    {name:<12} -> request failed: {exc}", err=True)
+            continue
         click.echo(f"    {name:<12} -> {out['choices'][0]['text']!r}")
     adapter = adapters[0]
     click.echo(f"""
@@ -105,7 +114,7 @@ Try it (the server runs until Ctrl-C):
 
   from openai import OpenAI
   client = OpenAI(base_url="{url}/v1", api_key="none")
-  print(client.chat.completions.create(model="{adapter}", max_tokens=16,
+  print(client.chat.completions.create(model="{adapter}", max_tokens=16, temperature=0,
         messages=[{{"role": "user", "content": "the cat"}}]).choices[0].message.content)
 """)
     if exit_after_check:

@@ -5,13 +5,30 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import socket
 from pathlib import Path
 
 import click
 
 from ..engine import KINDS, create_engine, engine_factory
 from ..engine.errors import EngineUnavailableError
-from ..engine.options import DTYPES, EngineOptions, EngineOptionsError
+from ..engine.options import DTYPES, EngineOptions, EngineOptionsError, check_max_model_len
+from .errors import in_cli_words
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse an address another server holds, before any slow work (as uvicorn binds: SO_REUSEADDR)."""
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+    except OSError as exc:
+        raise click.UsageError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); is another server "
+                               f"running there? Stop it or pass --port.") from None
+
 
 def parse_adapters(values: tuple[str, ...]) -> dict[str, str]:
     adapters: dict[str, str] = {}
@@ -25,6 +42,20 @@ def parse_adapters(values: tuple[str, ...]) -> dict[str, str]:
     return adapters
 
 
+def read_api_key_file(path: Path, given: bool) -> str:
+    """The key in ``path`` (a Docker or Kubernetes secret file), without the newline editors leave."""
+    if given:
+        raise click.UsageError("give the API key once: --api-key (or $FTSERVE_API_KEY) or --api-key-file (or "
+                               "$FTSERVE_API_KEY_FILE), not both.")
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"cannot read the API key from {path}: {exc}", param_hint="--api-key-file") from None
+    if not key:
+        raise click.BadParameter(f"{path} is empty", param_hint="--api-key-file")
+    return key
+
+
 @click.command()
 @click.argument("base")
 @click.option("--adapter", "--lora-modules", "adapters", multiple=True, metavar="NAME=PATH",
@@ -36,6 +67,10 @@ def parse_adapters(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--api-key", envvar="FTSERVE_API_KEY", default=None,
               help="Require `Authorization: Bearer KEY` on every /v1 route. Also read from $FTSERVE_API_KEY, "
                    "which keeps the key out of the process list.")
+@click.option("--api-key-file", envvar="FTSERVE_API_KEY_FILE", default=None,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Read the API key from this file (a mounted secret), surrounding whitespace stripped. Also "
+                   "read from $FTSERVE_API_KEY_FILE.")
 @click.option("--served-model-name", default=None, help="The base model's name in requests and /v1/models. "
                                                         "[default: BASE as given]")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
@@ -62,7 +97,10 @@ def parse_adapters(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--enable-adapter-api", is_flag=True,
               help="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --adapter-root).")
 @click.option("--adapter-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="The only folder the adapter API may load from.")
+              help="The only folder the adapter API, and adapter resolution, may load from.")
+@click.option("--enable-adapter-resolution", is_flag=True,
+              help="A request whose `model` names a folder under --adapter-root that is not loaded loads it "
+                   "first, checked as the adapter API checks it.")
 @click.option("--max-request-bytes", type=click.IntRange(min=1024), default=4 * 1024 * 1024, show_default=True,
               help="Larger request bodies are answered 413.")
 @click.option("--max-concurrent-requests", type=click.IntRange(min=1), default=256, show_default=True,
@@ -72,9 +110,11 @@ def parse_adapters(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: int, api_key: str | None,
-          served_model_name: str | None, dtype: str, device: str, max_loras: int, max_cpu_loras: int | None,
+          api_key_file: Path | None, served_model_name: str | None, dtype: str, device: str, max_loras: int,
+          max_cpu_loras: int | None,
           max_lora_rank: int, max_model_len: int | None, max_num_seqs: int, max_num_batched_tokens: int,
           kv_cache_memory: str | None, enable_prefix_caching: bool, enable_adapter_api: bool,
+          enable_adapter_resolution: bool,
           adapter_root: Path | None, max_request_bytes: int, max_concurrent_requests: int,
           shutdown_timeout: float | None, log_level: str) -> None:
     """Serve BASE and adapters behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...).
@@ -86,13 +126,18 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
         engine_factory(engine)
     except EngineUnavailableError as exc:
         raise click.UsageError(str(exc)) from None
+    if api_key_file is not None:
+        api_key = read_api_key_file(api_key_file, given=api_key is not None)
     if api_key is not None and not api_key.strip():
         raise click.BadParameter("the API key is empty", param_hint="--api-key")
-    if enable_adapter_api and adapter_root is None:
-        raise click.UsageError("--enable-adapter-api needs --adapter-root DIR: the folder adapters may be loaded "
-                               "from at runtime.")
-    if adapter_root is not None and not enable_adapter_api:
-        raise click.UsageError("--adapter-root only matters with --enable-adapter-api.")
+    for flag, on in (("--enable-adapter-api", enable_adapter_api),
+                     ("--enable-adapter-resolution", enable_adapter_resolution)):
+        if on and adapter_root is None:
+            raise click.UsageError(f"{flag} needs --adapter-root DIR: the folder adapters may be loaded from at "
+                                   f"runtime.")
+    if adapter_root is not None and not (enable_adapter_api or enable_adapter_resolution):
+        raise click.UsageError("--adapter-root only matters with --enable-adapter-api or "
+                               "--enable-adapter-resolution.")
     try:
         options = EngineOptions(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
@@ -100,9 +145,14 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
                                 served_model_name=served_model_name or base, kv_cache_memory=kv_cache_memory,
                                 enable_prefix_caching=enable_prefix_caching)
     except EngineOptionsError as exc:
-        raise click.BadParameter(exc.reason, param_hint=exc.flag) from None
+        raise click.BadParameter(in_cli_words(exc.reason), param_hint=exc.flag) from None
     if not Path(base).is_dir():
         raise click.BadParameter(f"{base}: no such model folder", param_hint="BASE")
+    try:
+        check_max_model_len(base, max_model_len)
+    except EngineOptionsError as exc:
+        raise click.BadParameter(in_cli_words(exc.reason), param_hint=exc.flag) from None
+    check_port(host, port)
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"Warning: listening on {host} without --api-key: anyone who can reach it can use it.",
                    err=True)
@@ -124,9 +174,10 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
         settings = ServerSettings(served_model_name=options.served_model_name, model_path=str(Path(base).resolve()),
                                   api_key=api_key,
                                   enable_adapter_api=enable_adapter_api,
+                                  enable_adapter_resolution=enable_adapter_resolution,
                                   adapter_root=adapter_root.resolve() if adapter_root else None,
                                   max_request_bytes=max_request_bytes,
                                   max_concurrent_requests=max_concurrent_requests)
         asyncio.run(run_server(served, settings, host, port, named, log_level, shutdown_timeout))
     except (FtserveError, ValueError, OSError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(in_cli_words(str(exc))) from None

@@ -17,11 +17,12 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class EngineOptionsError(ConfigError):
-    """An engine option out of range; ``flag`` is the option's ``ftserve serve`` flag, ``reason`` the rest."""
+    """An engine option out of range, in Python's words (``max_num_seqs must be ...``): ``name`` is the option,
+    ``flag`` its ``ftserve serve`` flag, ``reason`` the rest, naming other options by their Python names."""
 
-    def __init__(self, flag: str, reason: str) -> None:
-        super().__init__(f"{flag} {reason}")
-        self.flag, self.reason = flag, reason
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name} {reason}")
+        self.name, self.flag, self.reason = name, flag(name), reason
 
 
 def flag(name: str) -> str:
@@ -64,11 +65,11 @@ class EngineOptions:
         memory = self.kv_cache_memory
         if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float))
                                    or memory <= 0 or (isinstance(memory, float) and memory > 1)):
-            raise EngineOptionsError(flag("kv_cache_memory"), f"must be a number of bytes (>= 1) or a fraction of "
-                                                              f"the memory free in (0, 1]; got {memory!r}")
+            raise EngineOptionsError("kv_cache_memory", f"must be a number of bytes (>= 1) or a fraction of the "
+                                                        f"memory free in (0, 1]; got {memory!r}")
         if not isinstance(self.enable_prefix_caching, bool):
-            raise EngineOptionsError(flag("enable_prefix_caching"), f"must be true or false; got "
-                                                                    f"{self.enable_prefix_caching!r}")
+            raise EngineOptionsError("enable_prefix_caching",
+                                     f"must be true or false; got {self.enable_prefix_caching!r}")
         if self.max_cpu_loras is None and isinstance(self.max_loras, int):
             self.max_cpu_loras = max(self.max_loras, 32)
         for name in ("max_num_seqs", "max_loras", "max_lora_rank", "max_queue", "max_num_batched_tokens",
@@ -77,17 +78,17 @@ class EngineOptions:
             if value is None and name == "max_model_len":
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise EngineOptionsError(flag(name), f"must be an integer >= 1; got {value!r}")
+                raise EngineOptionsError(name, f"must be an integer >= 1; got {value!r}")
         if self.max_num_batched_tokens <= self.max_num_seqs:
-            raise EngineOptionsError(flag("max_num_batched_tokens"),
-                                     f"must be > {flag('max_num_seqs')} ({self.max_num_seqs}), so that prompts "
+            raise EngineOptionsError("max_num_batched_tokens",
+                                     f"must be > max_num_seqs ({self.max_num_seqs}), so that prompts "
                                      f"can be prefilled while every row decodes")
         if self.max_cpu_loras < self.max_loras:
-            raise EngineOptionsError(flag("max_cpu_loras"), f"must be >= {flag('max_loras')} ({self.max_loras})")
+            raise EngineOptionsError("max_cpu_loras", f"must be >= max_loras ({self.max_loras})")
         if self.dtype not in DTYPES:
-            raise EngineOptionsError(flag("dtype"), f"must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+            raise EngineOptionsError("dtype", f"must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if not isinstance(self.device, str) or not self.device:
-            raise EngineOptionsError(flag("device"), f"must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+            raise EngineOptionsError("device", f"must be auto, cpu, cuda or cuda:N; got {self.device!r}")
 
 
 def checkpoint_dtype(base: str | os.PathLike) -> str:
@@ -99,6 +100,28 @@ def checkpoint_dtype(base: str | os.PathLike) -> str:
         return "float32"
     dtype = recorded.get("dtype") or recorded.get("torch_dtype") or "float32"
     return dtype if dtype in DTYPES[1:] else "float32"
+
+
+def context_limit(config: dict) -> int | None:
+    """The most positions a checkpoint's config.json allows (a sliding window that applies bounds it, as full
+    attention equals sliding-window attention up to the window); None when it does not say."""
+    limit = config.get("max_position_embeddings") or config.get("n_positions")
+    window = config.get("sliding_window")
+    if limit and window and (config.get("model_type") == "mistral" or config.get("use_sliding_window")):
+        limit = min(limit, window)
+    return int(limit) if limit else None
+
+
+def check_max_model_len(base: str | os.PathLike, max_model_len: int | None) -> None:
+    """Refuse a ``max_model_len`` beyond what the checkpoint at ``base`` allows, from its config.json alone."""
+    try:
+        config = json.loads((Path(base) / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # the engine reports an unreadable checkpoint as it loads it
+    limit = context_limit(config) if isinstance(config, dict) else None
+    if max_model_len is not None and limit is not None and max_model_len > limit:
+        raise EngineOptionsError("max_model_len", f"is {max_model_len}, beyond the model's {limit} positions "
+                                                  f"(max_position_embeddings in {Path(base) / 'config.json'})")
 
 
 MEMORY_UNITS = {"": 1, "b": 1, "k": 10 ** 3, "kb": 10 ** 3, "kib": 2 ** 10, "m": 10 ** 6, "mb": 10 ** 6,
@@ -116,8 +139,8 @@ def parse_memory(text: str) -> int | float:
     except ValueError:
         amount = None
     if amount is None or unit not in MEMORY_UNITS:
-        raise EngineOptionsError(flag("kv_cache_memory"), f"must be bytes (as 4GiB, 512MB or 1000000) or a fraction "
-                                                          f"of the memory free (as 0.5); got {text!r}")
+        raise EngineOptionsError("kv_cache_memory", f"must be bytes (as 4GiB, 512MB or 1000000) or a fraction of "
+                                                    f"the memory free (as 0.5); got {text!r}")
     if not unit and "." in number and amount <= 1:
         return amount
     return int(amount * MEMORY_UNITS[unit])

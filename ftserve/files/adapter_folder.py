@@ -2,8 +2,10 @@
 
 A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` with PEFT's keys
 (``base_model.model.<module>.lora_A.weight``, ``...vera_lambda_b``, ``base_model.vera_A``), so PEFT,
-transformers and vLLM read it. Our exact settings live under the ``"ftserve"`` config key, which PEFT and
-vLLM ignore. A method PEFT has no type for (Delta-LoRA) names a side file: the weights file is then its exact
+transformers and vLLM read it. Our exact settings (method, every hyperparameter, steps done) live in a file of
+their own beside it, ``ftserve_config.json``, so PEFT loads the folder without a warning about a key it does not
+know; a folder written before that keeps them under the ``"ftserve"`` key of ``adapter_config.json``, and is
+still read. A method PEFT has no type for (Delta-LoRA) names a side file: the weights file is then its exact
 plain LoRA and the training state sits beside it (``delta_lora_state.safetensors``).
 """
 
@@ -27,6 +29,7 @@ from ..methods import LoraFactors, get_method
 from .atomic import atomic_output_dir, fsync
 
 ADAPTER_CONFIG = "adapter_config.json"
+SETTINGS = "ftserve_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
 PREFIX = "base_model.model."
@@ -42,10 +45,7 @@ class AdapterFolder:
     raw_config: dict
     modules: dict[str, dict[str, Tensor]]
     shared: dict[str, Tensor] = field(default_factory=dict)
-
-    @property
-    def extra(self) -> dict:
-        return self.raw_config.get(EXTRA_KEY) or {}
+    extra: dict = field(default_factory=dict)  # our settings: ftserve_config.json, or an older folder's key
 
     def in_features(self) -> dict[str, int]:
         return {k: int(v) for k, v in (self.extra.get("module_in_features") or {}).items()}
@@ -75,12 +75,14 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
     config_path = path / ADAPTER_CONFIG
     if not config_path.is_file():
         raise AdapterFileError(f"{path}: missing {ADAPTER_CONFIG}; not a PEFT adapter folder")
+    raw = _read_json(config_path)
+    extra = raw.get(EXTRA_KEY) if isinstance(raw, dict) else None
+    if (path / SETTINGS).is_file():
+        extra = _read_json(path / SETTINGS)
+        if not isinstance(extra, dict):
+            raise AdapterFileError(f"{path / SETTINGS}: expected a JSON object")
     try:
-        raw = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFileError(f"{config_path}: not valid JSON ({exc})") from None
-    try:
-        config = config_from_dict(raw)
+        config = config_from_dict({**raw, EXTRA_KEY: extra} if extra and isinstance(raw, dict) else raw)
     except ConfigError as exc:
         raise AdapterFileError(f"{config_path}: {exc}") from None
     method = get_method(config.method)
@@ -109,11 +111,18 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
                                f"{' ...' if len(unknown) > 3 else ''}")
     if not modules:
         raise AdapterFileError(f"{path}: {ADAPTER_WEIGHTS} holds no adapter tensors")
-    return AdapterFolder(path, config, raw, modules, shared)
+    return AdapterFolder(path, config, raw, modules, shared, extra or {})
+
+
+def _read_json(file: Path):
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{file}: not valid JSON ({exc})") from None
 
 
 def config_from_dict(raw: dict) -> FineTuningConfig:
-    """Our own exact config when we wrote the folder, PEFT's fields otherwise."""
+    """Our own exact config when we wrote the folder (under EXTRA_KEY), PEFT's fields otherwise."""
     ours = (raw.get(EXTRA_KEY) or {}).get("config") if isinstance(raw, dict) else None
     if ours:
         return FineTuningConfig.from_dict(ours)
@@ -190,9 +199,12 @@ def export_adapter(src: str | os.PathLike, dst: str | os.PathLike, in_features: 
 
 def write_adapter_folder(path: str | os.PathLike, peft_config: dict, files: dict[str, dict[str, Tensor]],
                          force: bool = True, replace_whole: bool = False) -> None:
-    """Write config, tensors and a model card. A new folder appears whole; in an existing one (re-saving a
+    """Write config, tensors and a model card. ``peft_config[EXTRA_KEY]``, our settings, goes to a file of its
+    own, so PEFT reads a config with only its keys. A new folder appears whole; in an existing one (re-saving a
     checkpoint) each file is replaced atomically and other files are left alone."""
     path = Path(path)
+    peft_config = dict(peft_config)
+    ours = peft_config.pop(EXTRA_KEY, None)
     target_exists = path.exists()
     if target_exists and not path.is_dir():
         raise AdapterFileError(f"{path} exists and is not a folder")
@@ -202,7 +214,9 @@ def write_adapter_folder(path: str | os.PathLike, peft_config: dict, files: dict
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / name),
                       metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
-        (tmp / "README.md").write_text(_model_card(peft_config))
+        if ours is not None:
+            (tmp / SETTINGS).write_text(json.dumps(ours, indent=2, sort_keys=True) + "\n")
+        (tmp / "README.md").write_text(_model_card(peft_config, ours or {}))
         for child in tmp.iterdir():
             child.chmod(0o644)
     if target_exists and not replace_whole:
@@ -213,8 +227,7 @@ def write_adapter_folder(path: str | os.PathLike, peft_config: dict, files: dict
         staging.rmdir()
 
 
-def _model_card(peft_config: dict) -> str:
-    ours = peft_config.get(EXTRA_KEY, {})
+def _model_card(peft_config: dict, ours: dict) -> str:
     method = ours.get("exported_from") or ours.get("method", "lora")
     return (f"---\nlibrary_name: peft\nbase_model: {peft_config.get('base_model_name_or_path')}\n---\n\n"
             f"# Adapter ({method})\n\nWritten by ftserve {ours.get('version', '')} in PEFT's format "

@@ -29,7 +29,7 @@ def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[
     path = Path(path)
     remove_abandoned(path)
     if path.exists() and not force:
-        raise FileExistsError(f"{path} already exists; pass --force to replace it")
+        raise FileExistsError(f"{path} already exists; pass force=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     token = f"{os.getpid()}-{HOST_TAG}-{uuid.uuid4().hex[:8]}"
     tmp = _scratch(path, "tmp", token)

@@ -153,7 +153,7 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Chec
 def _open_pickled(path: Path, files: list[Path], allow_pickle: bool) -> Checkpoint:
     if not allow_pickle:
         raise CheckpointError(f"{path}: weights are pickled {files[0].name} files; refusing to unpickle them. "
-                              f"Convert them to safetensors, or pass --allow-pickle (read with weights_only=True)")
+                              f"Convert them to safetensors, or pass allow_pickle=True (read with weights_only=True)")
     pickles, tensors = {}, {}
     for file in files:
         try:

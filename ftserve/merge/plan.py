@@ -145,7 +145,7 @@ def plan_merge(base: str | os.PathLike, adapters: list[AdapterSpec], dtype: str 
     if not adapters:
         raise AdapterFileError("give at least one adapter to merge")
     if dtype is not None and dtype not in DTYPES:
-        raise CheckpointError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        raise CheckpointError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
     limit = parse_size(max_shard_size)
     base_path = resolve_base(base)
     checkpoint = open_checkpoint(base_path, allow_pickle)

@@ -47,7 +47,7 @@ def merge_checkpoint(base: str | os.PathLike, adapters: list[AdapterSpec], out_d
     blocks (default: one per CPU core, at most 4)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
-        raise CheckpointError(f"{out_dir} already exists; pass --force to replace it")
+        raise CheckpointError(f"{out_dir} already exists; pass force=True to replace it")
     plan = plan_merge(base, adapters, dtype, max_shard_size, allow_pickle)
     inputs = [plan.checkpoint.path] + [folder.path for _, folder in plan.adapters]
     for path in inputs:

@@ -66,6 +66,10 @@ class ServerMetrics:
         self.latency = Histogram("ftserve_request_latency_seconds", "Completion and chat latency, from request "
                                  "to last token, by route.", ["route"], buckets=LATENCY_BUCKETS,
                                  registry=self.registry)
+        self.loads_on_first_use = Counter("ftserve_adapter_loads_on_first_use", "Adapter loads started because "
+                                          "a request named an adapter folder not loaded "
+                                          "(--enable-adapter-resolution), failed ones included.",
+                                          registry=self.registry)
         self.ttft = Histogram("ftserve_time_to_first_token_seconds", "Time from request to the first generated "
                               "token, by route.", ["route"], buckets=TTFT_BUCKETS, registry=self.registry)
         Gauge("ftserve_requests_in_flight", "Completion and chat requests being served now.",

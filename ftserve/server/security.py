@@ -108,22 +108,23 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
-def confine(root: Path, requested: str) -> Path:
-    """The real path of ``requested`` (relative to ``root``, or absolute inside it); APIError 403 otherwise."""
+def confine(root: Path, requested: str, param: str = "lora_path") -> Path:
+    """The real path of ``requested`` (relative to ``root``, or absolute inside it); APIError 403 otherwise.
+    ``param`` is the request field that named it, for the error object."""
     if "\x00" in requested:
-        raise APIError(400, "`lora_path` contains a NUL byte", param="lora_path", code="invalid_value")
+        raise APIError(400, f"`{param}` contains a NUL byte", param=param, code="invalid_value")
     pure = PurePosixPath(requested.replace("\\", "/"))
     if ".." in pure.parts:
-        raise _outside(requested, "`..` is not allowed")
+        raise _outside(requested, "`..` is not allowed", param)
     real_root = Path(os.path.realpath(root))
     candidate = Path(requested) if pure.is_absolute() else real_root / pure
     real = Path(os.path.realpath(candidate))
     if not is_inside(real, real_root):
         why = "it is outside the root" if pure.is_absolute() else "it resolves (through a symlink) outside the root"
-        raise _outside(requested, why)
+        raise _outside(requested, why, param)
     return real
 
 
-def _outside(requested: str, why: str) -> APIError:
-    return APIError(403, f"lora_path {requested!r} is refused: adapters load only from inside --adapter-root, "
-                         f"and {why}.", param="lora_path", code="path_outside_adapter_root")
+def _outside(requested: str, why: str, param: str) -> APIError:
+    return APIError(403, f"{param} {requested!r} is refused: adapters load only from inside --adapter-root, "
+                         f"and {why}.", param=param, code="path_outside_adapter_root")

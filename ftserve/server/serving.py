@@ -18,6 +18,7 @@ from .errors import APIError, model_not_found
 from .logprobs import chat_logprobs, completion_logprobs
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, new_id, now, usage
+from .resolution import AdapterResolver
 from .streams import (
     GONE,
     Choice,
@@ -43,6 +44,7 @@ class ServerSettings:
     api_key: str | None = None
     enable_adapter_api: bool = False
     adapter_root: Path | None = None
+    enable_adapter_resolution: bool = False  # a `model` naming a folder under adapter_root loads it on first use
     max_request_bytes: int = 4 * 1024 * 1024
     max_concurrent_requests: int = 256
 
@@ -53,6 +55,8 @@ class OpenAIServing:
     def __init__(self, engine: Engine, settings: ServerSettings, metrics: ServerMetrics) -> None:
         self.engine, self.settings, self.metrics = engine, settings, metrics
         self.draining = False
+        self.resolver = AdapterResolver(engine, settings.adapter_root, metrics) \
+            if settings.enable_adapter_resolution and settings.adapter_root is not None else None
 
     # Model names and admission ---------------------------------------------------------------------
 
@@ -63,6 +67,17 @@ class OpenAIServing:
         if any(info.name == model for info in self.engine.list_adapters()):
             return model
         raise model_not_found(model)
+
+    async def resolve_or_load(self, model: str) -> str | None:
+        """``resolve``, and with adapter resolution on, an adapter not loaded yet is loaded from the root first."""
+        try:
+            return self.resolve(model)
+        except APIError:
+            if self.resolver is None:
+                raise
+        self.admit()  # nothing is loaded for a request that would be refused
+        await self.resolver.load(model)
+        return self.resolve(model)
 
     def admit(self) -> None:
         if self.draining:
@@ -77,7 +92,7 @@ class OpenAIServing:
 
     async def completions(self, body: CompletionRequest, disconnected: Disconnected | None = None):
         body.check()
-        adapter = self.resolve(body.model)
+        adapter = await self.resolve_or_load(body.model)
         self.admit()
         tokenizer = self.engine.tokenizer_for(adapter)
         if tokenizer is None and (body.echo or body.logprobs is not None):
@@ -145,7 +160,7 @@ class OpenAIServing:
 
     async def chat(self, body: ChatCompletionRequest, disconnected: Disconnected | None = None):
         body.check()
-        adapter = self.resolve(body.model)
+        adapter = await self.resolve_or_load(body.model)
         self.admit()
         tokenizer = self.engine.tokenizer_for(adapter)
         prompt = self.render_chat(body, tokenizer)

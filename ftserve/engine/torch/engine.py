@@ -32,7 +32,7 @@ from torch import nn
 from ..base import AdapterInfo, GenerationRequest, StreamChunk
 from ..errors import EngineClosedError
 from ..frontend import Frontend, adapter_tokenizer
-from ..options import EngineOptions, checkpoint_dtype
+from ..options import EngineOptions, EngineOptionsError, checkpoint_dtype, context_limit
 from .adapter_cache import AdapterCache, AdapterRecord, read_factors
 from .architectures import runner_class
 from .core import EngineCore
@@ -59,12 +59,12 @@ class TorchEngine:
         options = with_keywords(options, keywords)
         runner = runner_class(model)
         config = model.config
-        limit = config.max_position_embeddings
-        window = getattr(config, "sliding_window", None)
-        if window and (config.model_type == "mistral" or getattr(config, "use_sliding_window", False)):
-            limit = min(limit, window)  # full attention equals sliding-window attention up to the window
+        limit = context_limit(config.to_dict()) or config.max_position_embeddings
+        if options.max_model_len is not None and options.max_model_len > limit:
+            raise EngineOptionsError("max_model_len", f"is {options.max_model_len}, beyond the model's {limit} "
+                                                      f"positions (max_position_embeddings)")
         self.options = options
-        self.max_model_len = min(limit, options.max_model_len or min(limit, 2048))
+        self.max_model_len = options.max_model_len or min(limit, 2048)
         self.model_name = options.served_model_name or "base"
         self.model = model.eval().requires_grad_(False)
         self.max_loras, self.max_cpu_loras = options.max_loras, options.max_cpu_loras

@@ -69,17 +69,17 @@ def cache_blocks(memory: int | float | None, block_bytes: int, row_blocks: int, 
             size = max(min(size, free // 2), row_blocks * block_bytes)
     elif isinstance(memory, float):
         if free is None:
-            raise ServingError(f"cannot tell the memory free on {device}: give --kv-cache-memory in bytes")
+            raise ServingError(f"cannot tell the memory free on {device}: give kv_cache_memory in bytes")
         size = int(free * memory)
     else:
         size = memory
     if free is not None and size > free:
-        raise ServingError(f"the KV cache (--kv-cache-memory) takes {size / 2 ** 30:.2f} GiB, and "
+        raise ServingError(f"the KV cache (kv_cache_memory) takes {size / 2 ** 30:.2f} GiB, and "
                            f"{free / 2 ** 30:.2f} GiB of memory is free; lower it ({token_kib})")
     if size // block_bytes < row_blocks:
-        raise ServingError(f"the KV cache (--kv-cache-memory, {size / 2 ** 20:.1f} MiB) holds "
+        raise ServingError(f"the KV cache (kv_cache_memory, {size / 2 ** 20:.1f} MiB) holds "
                            f"{size // block_bytes * BLOCK_SIZE} tokens, fewer than one request of "
-                           f"--max-model-len {row_blocks * BLOCK_SIZE} needs; raise it or lower --max-model-len "
+                           f"max_model_len {row_blocks * BLOCK_SIZE} needs; raise it or lower max_model_len "
                            f"({token_kib})")
     return size // block_bytes
 
