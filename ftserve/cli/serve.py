@@ -13,7 +13,12 @@ import click
 
 from ..engine import KINDS, create_engine, engine_factory
 from ..engine.errors import EngineUnavailableError
-from ..engine.options import DTYPES, EngineOptions, EngineOptionsError, check_max_model_len
+from ..engine.options import (
+    DTYPES,
+    EngineOptions,
+    EngineOptionsError,
+    check_max_model_len,
+)
 from .errors import in_cli_words
 
 
@@ -92,6 +97,11 @@ def read_api_key_file(path: Path, given: bool) -> str:
 @click.option("--max-num-batched-tokens", type=click.IntRange(min=2), default=4096, show_default=True,
               help="Tokens in one forward pass, decodes and prompt chunks together; longer prompts are prefilled "
                    "in chunks. Must exceed --max-num-seqs.")
+@click.option("--kv-cache-memory", default=None, metavar="SIZE",
+              help="KV cache size: bytes (4GiB, 512MB) or a fraction of the memory free (0.5). [default: what "
+                   "--max-num-seqs requests of --max-model-len tokens need, at most half the memory free]")
+@click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True, show_default=True,
+              help="Reuse the KV cache of prompt blocks already computed under the same adapter.")
 @click.option("--enable-adapter-api", is_flag=True,
               help="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --adapter-root).")
 @click.option("--adapter-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -128,7 +138,8 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
           api_key_file: Path | None, served_model_name: str | None, dtype: str, device: str, max_loras: int,
           max_cpu_loras: int | None,
           max_lora_rank: int, max_model_len: int | None, max_num_seqs: int, max_num_batched_tokens: int,
-          enable_adapter_api: bool, enable_adapter_resolution: bool,
+          kv_cache_memory: str | None, enable_prefix_caching: bool, enable_adapter_api: bool,
+          enable_adapter_resolution: bool,
           adapter_root: Path | None, max_request_bytes: int, max_concurrent_requests: int,
           shutdown_timeout: float | None, tensor_parallel_size: int, pipeline_parallel_size: int,
           distributed_executor_backend: str | None, nnodes: int, node_rank: int, master_addr: str | None,
@@ -159,7 +170,8 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
         options = EngineOptions(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
                                 max_model_len=max_model_len, dtype=dtype, device=device,
-                                served_model_name=served_model_name or base,
+                                served_model_name=served_model_name or base, kv_cache_memory=kv_cache_memory,
+                                enable_prefix_caching=enable_prefix_caching,
                                 tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
                                 distributed_executor_backend=distributed_executor_backend, nnodes=nnodes,
                                 node_rank=node_rank, master_addr=master_addr, master_port=master_port,

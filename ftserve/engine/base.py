@@ -89,7 +89,8 @@ class AdapterInfo:
 STATS_KEYS = (
     "queued_requests", "running_requests", "adapters_loaded", "adapters_cached", "lora_slots_active", "max_loras",
     "max_cpu_loras", "finished_requests_total", "generated_tokens_total", "steps_total", "prefill_tokens_total",
-    "kv_cache_bytes", "lora_slot_bytes",
+    "kv_cache_bytes", "lora_slot_bytes", "kv_blocks_used", "kv_blocks_free", "prefix_cache_queries_total",
+    "prefix_cache_hits_total", "preemptions_total",
 )  # what every engine's stats() holds: /metrics exposes each as ftserve_engine_<key> (a counter if *_total)
 
 

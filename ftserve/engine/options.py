@@ -40,9 +40,13 @@ class EngineOptions:
     from the adapters on vLLM); ``max_model_len``: prompt plus output tokens per request
     (default: the model's, at most 2048); ``max_queue``: requests waiting beyond the running ones;
     ``dtype`` and ``device``: ``auto`` takes the checkpoint's dtype and a GPU if there is one;
-    ``served_model_name``: the base model's name in requests (default: the base folder's name).
+    ``served_model_name``: the base model's name in requests (default: the base folder's name);
+    ``kv_cache_memory``: the KV cache's size, bytes (an int, or text such as ``"4GiB"``) or a fraction of the
+    memory free once the model is loaded (a float in (0, 1], or text such as ``"0.5"``); by default what
+    ``max_num_seqs`` requests of ``max_model_len`` tokens could need, at most half the memory free;
+    ``enable_prefix_caching``: reuse the K/V of prompt blocks already computed under the same adapter.
 
-    The fields after it are vLLM's scale flags (VLLM_ONLY), passed to vLLM as they are; an engine that has
+    The fields after those are vLLM's scale flags (VLLM_ONLY), passed to vLLM as they are; an engine that has
     no such thing refuses a value other than the default (``refuse_vllm_only``), rather than ignoring it.
     """
 
@@ -56,6 +60,8 @@ class EngineOptions:
     dtype: str = "auto"
     device: str = "auto"
     served_model_name: str | None = None
+    kv_cache_memory: int | float | str | None = None
+    enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     distributed_executor_backend: str | None = None  # mp or ray; None: vLLM's choice
@@ -69,6 +75,16 @@ class EngineOptions:
     quantization: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.kv_cache_memory, str):
+            self.kv_cache_memory = parse_memory(self.kv_cache_memory)
+        memory = self.kv_cache_memory
+        if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float))
+                                   or memory <= 0 or (isinstance(memory, float) and memory > 1)):
+            raise EngineOptionsError("kv_cache_memory", f"must be a number of bytes (>= 1) or a fraction of the "
+                                                        f"memory free in (0, 1]; got {memory!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise EngineOptionsError("enable_prefix_caching",
+                                     f"must be true or false; got {self.enable_prefix_caching!r}")
         if self.max_cpu_loras is None and isinstance(self.max_loras, int):
             self.max_cpu_loras = max(self.max_loras, 32)
         for name in ("max_num_seqs", "max_loras", "max_lora_rank", "max_queue", "max_num_batched_tokens",
@@ -154,3 +170,25 @@ def check_max_model_len(base: str | os.PathLike, max_model_len: int | None) -> N
     if max_model_len is not None and limit is not None and max_model_len > limit:
         raise EngineOptionsError("max_model_len", f"is {max_model_len}, beyond the model's {limit} positions "
                                                   f"(max_position_embeddings in {Path(base) / 'config.json'})")
+
+
+MEMORY_UNITS = {"": 1, "b": 1, "k": 10 ** 3, "kb": 10 ** 3, "kib": 2 ** 10, "m": 10 ** 6, "mb": 10 ** 6,
+                "mib": 2 ** 20, "g": 10 ** 9, "gb": 10 ** 9, "gib": 2 ** 30, "t": 10 ** 12, "tb": 10 ** 12,
+                "tib": 2 ** 40}
+
+
+def parse_memory(text: str) -> int | float:
+    """``"4GiB"``, ``"512MB"``, ``"1000000"`` -> bytes (an int); ``"0.5"`` -> a fraction of the memory free."""
+    value = text.strip().lower().replace(" ", "")
+    number = value.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = value[len(number):]
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = None
+    if amount is None or unit not in MEMORY_UNITS:
+        raise EngineOptionsError("kv_cache_memory", f"must be bytes (as 4GiB, 512MB or 1000000) or a fraction of "
+                                                    f"the memory free (as 0.5); got {text!r}")
+    if not unit and "." in number and amount <= 1:
+        return amount
+    return int(amount * MEMORY_UNITS[unit])

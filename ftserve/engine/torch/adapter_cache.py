@@ -19,6 +19,7 @@ outside it (ftserve/confinement.py, which says the check's limits). Adapters loa
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import OrderedDict
@@ -32,16 +33,20 @@ from ..adapter_files import read_checked
 from ..frontend import RegisteredAdapter
 from .lora_slots import LoraSlots
 
+_LOADS = itertools.count(1)  # kv_key 0 is the base model's
 SlotFactors = dict[str, tuple[Tensor, Tensor, float]]  # module -> (A (r, d_in), B (d_out, r), scale)
 
 
 @dataclass(eq=False)
 class AdapterRecord(RegisteredAdapter):
-    """A registered adapter (frontend.py) and where this engine holds it: factors in memory, a slot."""
+    """A registered adapter (frontend.py) and where this engine holds it: factors in memory, a slot; ``kv_key``
+    names this load in the prefix cache (kv_blocks.py): a name loaded again, maybe with other weights, gets
+    another key, so no block computed under the old weights is ever reused for it."""
 
     factors: SlotFactors | None = None
     slot: int | None = None
     last_used: float = field(default_factory=time.monotonic)
+    kv_key: int = field(default_factory=lambda: next(_LOADS))
 
 
 def read_factors(path: Path, shapes: dict[str, tuple[int, int]], max_rank: int,

