@@ -102,6 +102,12 @@ class VllmEngine:
         extra = {name: getattr(o, name) for name in ("distributed_executor_backend", "master_addr", "master_port",
                                                      "gpu_memory_utilization", "quantization")
                  if getattr(o, name) is not None}
+        if isinstance(o.kv_cache_memory, float):
+            raise EngineOptionsError("kv_cache_memory", f"is a fraction ({o.kv_cache_memory}), which only the torch "
+                                                        f"engine takes; give vLLM bytes (such as 4GiB), or "
+                                                        f"gpu_memory_utilization")
+        if o.kv_cache_memory is not None:
+            extra["kv_cache_memory_bytes"] = int(o.kv_cache_memory)  # vLLM's own; VLLM_CPU_KVCACHE_SPACE wins
         return AsyncEngineArgs(
             model=self.base, served_model_name=[self.model_name], skip_tokenizer_init=True,
             dtype=checkpoint_dtype(self.base) if o.dtype == "auto" else o.dtype, max_model_len=self.max_model_len,
@@ -109,7 +115,8 @@ class VllmEngine:
             max_loras=o.max_loras + spare, max_cpu_loras=o.max_cpu_loras + spare, max_lora_rank=self.max_lora_rank,
             max_logprobs=MAX_LOGPROBS, tensor_parallel_size=o.tensor_parallel_size,
             pipeline_parallel_size=o.pipeline_parallel_size, nnodes=o.nnodes, node_rank=o.node_rank,
-            enforce_eager=o.enforce_eager, seed=0, enable_log_requests=False, disable_log_stats=True, **extra)
+            enforce_eager=o.enforce_eager, enable_prefix_caching=o.enable_prefix_caching, seed=0,
+            enable_log_requests=False, disable_log_stats=True, **extra)
 
     # Life cycle --------------------------------------------------------------------------------------------
 
@@ -332,7 +339,17 @@ class VllmEngine:
             "prefill_tokens_total": float(c.prefill_tokens),
             "kv_cache_bytes": float(self._kv_cache_bytes()),
             "lora_slot_bytes": float(self._lora_slot_bytes()),
+            **self._kv_blocks(),
+            "prefix_cache_queries_total": float(c.prefix_cache_queries),
+            "prefix_cache_hits_total": float(c.prefix_cache_hits),
+            "preemptions_total": float(c.preemptions),
         }
+
+    def _kv_blocks(self) -> dict[str, float]:
+        """vLLM's KV blocks in use and free, from the usage fraction its scheduler reported last."""
+        total = (self.llm.vllm_config.cache_config.num_gpu_blocks or 0) if self.llm is not None else 0
+        used = round(total * self.counters.kv_cache_usage)
+        return {"kv_blocks_used": float(used), "kv_blocks_free": float(total - used)}
 
     def _kv_cache_bytes(self) -> int:
         """What vLLM allocated for keys and values: its blocks times the bytes one block holds."""

@@ -49,8 +49,9 @@ def prompt_logprobs(prompt: list[int], logprobs, k: int) -> list[TokenLogprobs |
 
 
 def stat_logger_factory(counters: "EngineCounters"):
-    """A vLLM per-engine stat logger (called on the front-end process at every engine step) that counts steps
-    and prompt tokens prefilled into ``counters``."""
+    """A vLLM per-engine stat logger (called on the front-end process at every engine step) that counts steps,
+    prompt tokens prefilled, prefix-cache queries and hits (tokens, as vLLM counts them) and preemptions into
+    ``counters``, and keeps the KV cache's last usage fraction."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class StepCounter(StatLoggerBase):
@@ -61,6 +62,13 @@ def stat_logger_factory(counters: "EngineCounters"):
             if iteration_stats is not None:
                 self.counters.steps += 1
                 self.counters.prefill_tokens += int(iteration_stats.num_prompt_tokens)
+                self.counters.preemptions += int(getattr(iteration_stats, "num_preempted_reqs", 0))
+            if scheduler_stats is not None:
+                self.counters.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
+                prefix = scheduler_stats.prefix_cache_stats
+                if prefix is not None:  # the increments of this update, as vLLM's own loggers sum them
+                    self.counters.prefix_cache_queries += int(prefix.queries)
+                    self.counters.prefix_cache_hits += int(prefix.hits)
 
         def log_engine_initialized(self) -> None:
             pass
@@ -78,3 +86,7 @@ class EngineCounters:
         self.generated = 0
         self.steps = 0
         self.prefill_tokens = 0
+        self.preemptions = 0
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+        self.kv_cache_usage = 0.0  # fraction of vLLM's KV blocks in use at the last step
