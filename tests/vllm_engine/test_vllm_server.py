@@ -13,6 +13,7 @@ every one of them changes the answer, so a request served with the wrong adapter
 
 
 import os
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -179,6 +180,37 @@ def test_tensor_parallel_2_gives_the_same_tokens_as_1(servers, llama_dir, five, 
     finally:
         two.stop()
     assert "ftserve_engine_finished_requests_total" in metrics
+
+
+def test_two_nodes_one_of_them_headless_give_the_same_tokens(servers, llama_dir, five, tmp_path):
+    """Tensor parallelism across two nodes, here two processes on one machine: rank 0 serves the API, rank 1 runs
+    `ftserve serve --headless` (vLLM's workers only) and joins rank 0's process group."""
+    vllm, _ = servers
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = ["--engine", "vllm", "--tensor-parallel-size", "2", "--distributed-executor-backend", "mp", "--nnodes",
+             "2", "--master-addr", "127.0.0.1", "--master-port", str(port)]
+    env = {**os.environ, **VLLM_ENV, "HF_HUB_OFFLINE": "1", "FTSERVE_VLLM_ADAPTER_CACHE": str(tmp_path / "cache")}
+    adapters = {"vera": five["vera"]}
+    with open(tmp_path / "rank1.log", "wb") as log:
+        worker = subprocess.Popen([sys.executable, "-c", "from ftserve.cli import main; main()", "serve",
+                                   *serve_args(llama_dir, adapters, *nodes, "--node-rank", "1", "--headless")],
+                                  stdout=log, stderr=subprocess.STDOUT, env={**env, "VLLM_CPU_OMP_THREADS_BIND": "1"})
+    leader = ServerProcess(serve_args(llama_dir, adapters, *nodes, "--node-rank", "0"), tmp_path / "rank0.log",
+                           env={**env, "VLLM_CPU_OMP_THREADS_BIND": "0"})
+    try:
+        leader.wait_ready(START_TIMEOUT)
+        for model in (BASE, "vera"):
+            assert [answer(leader, model, p) for p in PROMPTS] == [answer(vllm, model, p) for p in PROMPTS], model
+    finally:
+        leader.stop()
+        worker.terminate()
+        try:
+            worker.wait(60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
 
 
 def test_a_merged_model_loads_in_vllm_with_the_adapters_tokens(servers, llama_dir, five, tmp_path):
