@@ -12,8 +12,8 @@
 # 1. tests/vllm_engine/ on the GPU: each method's greedy tokens through `ftserve serve --engine vllm` equal the
 #    torch engine's (on the same GPU) and the merged model's, mixed adapters at once, runtime load and unload,
 #    bad input answered as on the torch engine, a merged model served by vLLM, chat logprobs' bytes. Every vLLM
-#    server gets --gpu-memory-utilization 0.2, since several run at once; with one GPU the
-#    --tensor-parallel-size 2 test is left out (it needs two).
+#    server gets --gpu-memory-utilization 0.2, since several run at once; with one GPU the two tests of
+#    tensor parallelism 2 (one node, two nodes) are left out (they need two GPUs).
 # 2. Throughput: the same 64 requests (128 new tokens each, greedy) on the base model alone, and spread over
 #    16 LoRA adapters (rank 16), on one engine; one JSON line with tokens/s and the ratio.
 set -euo pipefail
@@ -30,7 +30,7 @@ print("vllm", vllm.__version__, "torch", torch.__version__, "gpus", torch.cuda.d
 PYEOF
 GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 SELECT=""
-if [ "$GPUS" -lt 2 ]; then SELECT="not tensor_parallel"; fi
+if [ "$GPUS" -lt 2 ]; then SELECT="not tensor_parallel and not two_nodes"; fi
 FTSERVE_TEST_VLLM_ARGS="--gpu-memory-utilization 0.2" timeout 330 "$PY" -m pytest -q -x -p no:cacheprovider \
     tests/vllm_engine ${SELECT:+-k "$SELECT"}
 timeout 120 "$PY" - <<'PYEOF'

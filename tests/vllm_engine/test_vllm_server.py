@@ -13,6 +13,8 @@ every one of them changes the answer, so a request served with the wrong adapter
 
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -142,6 +144,56 @@ def test_runtime_load_and_unload_as_on_the_torch_engine(servers, llama_dir, adap
     assert vllm[:3] == (200, expected, 400) and vllm[4:6] == (403, 200)
 
 
+SAME = [  # request bodies whose whole answer (text, tokens, usage, log probabilities) must be the same
+    ("completions", {"model": "vera", "prompt": [1, 5, 6, 7], "max_tokens": 6, "logprobs": 3, "temperature": 0,
+                     "ignore_eos": True}),
+    ("completions", {"model": "lora", "prompt": "the cat sees", "max_tokens": 0, "echo": True, "logprobs": 2}),
+    ("completions", {"model": "lora", "prompt": "the cat", "max_tokens": 4, "echo": True, "logprobs": 1,
+                     "temperature": 0, "ignore_eos": True}),
+    ("completions", {"model": BASE, "prompt": [1, 40, 41], "max_tokens": 10, "temperature": 0, "ignore_eos": True,
+                     "presence_penalty": 1.5, "frequency_penalty": 0.5, "repetition_penalty": 1.3}),
+    ("completions", {"model": "delta-lora", "prompt": [1, 40, 41], "max_tokens": 6, "temperature": 0,
+                     "logit_bias": {"100": 100, "7": -100}}),
+    ("completions", {"model": BASE, "prompt": "the dog", "max_tokens": 8, "temperature": 0, "min_tokens": 8,
+                     "stop": ["e"]}),
+    ("chat/completions", {"model": "lora-fa", "messages": [{"role": "user", "content": "the dog runs"}],
+                          "max_tokens": 5, "temperature": 0, "logprobs": True, "top_logprobs": 3,
+                          "ignore_eos": True}),
+]
+
+
+def without_ids(body: dict) -> dict:
+    return {k: v for k, v in body.items() if k not in ("id", "created", "system_fingerprint")}
+
+
+@pytest.mark.parametrize("route, body", SAME, ids=[f"{r}-{i}" for i, (r, _) in enumerate(SAME)])
+def test_sampling_features_answer_as_on_the_torch_engine(servers, route, body):
+    """Log probabilities (to 1e-4: two implementations of the same float32 model), echo with max_tokens 0
+    (completion_tokens 0, as ours), penalties, logit_bias, min_tokens holding back a stop string."""
+    vllm, torch = (httpx.post(f"{s.url}/v1/{route}", json=body, timeout=60) for s in servers)
+    assert vllm.status_code == torch.status_code == 200
+    got, want = without_ids(vllm.json()), without_ids(torch.json())
+    numbers_close(got, want)
+    if body.get("echo") and body["max_tokens"] == 0:
+        assert got["usage"]["completion_tokens"] == 0
+
+
+def numbers_close(got, want, where="") -> None:
+    """Equal structure and strings; floats within 1e-4."""
+    if isinstance(want, float) or isinstance(got, float):
+        assert abs(got - want) <= 1e-4, (where, got, want)
+    elif isinstance(want, dict):
+        assert list(got) == list(want), where
+        for key in want:
+            numbers_close(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            numbers_close(g, w, f"{where}[{i}]")
+    else:
+        assert got == want, (where, got, want)
+
+
 BAD = [
     ("completions", {"model": "nope", "prompt": "the cat"}),
     ("completions", {"model": BASE, "prompt": "the cat", "max_tokens": -1}),
@@ -181,6 +233,37 @@ def test_tensor_parallel_2_gives_the_same_tokens_as_1(servers, llama_dir, five, 
     assert "ftserve_engine_finished_requests_total" in metrics
 
 
+def test_two_nodes_one_of_them_headless_give_the_same_tokens(servers, llama_dir, five, tmp_path):
+    """Tensor parallelism across two nodes, here two processes on one machine: rank 0 serves the API, rank 1 runs
+    `ftserve serve --headless` (vLLM's workers only) and joins rank 0's process group."""
+    vllm, _ = servers
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = ["--engine", "vllm", "--tensor-parallel-size", "2", "--distributed-executor-backend", "mp", "--nnodes",
+             "2", "--master-addr", "127.0.0.1", "--master-port", str(port)]
+    env = {**os.environ, **VLLM_ENV, "HF_HUB_OFFLINE": "1", "FTSERVE_VLLM_ADAPTER_CACHE": str(tmp_path / "cache")}
+    adapters = {"vera": five["vera"]}
+    with open(tmp_path / "rank1.log", "wb") as log:
+        worker = subprocess.Popen([sys.executable, "-c", "from ftserve.cli import main; main()", "serve",
+                                   *serve_args(llama_dir, adapters, *nodes, "--node-rank", "1", "--headless")],
+                                  stdout=log, stderr=subprocess.STDOUT, env={**env, "VLLM_CPU_OMP_THREADS_BIND": "1"})
+    leader = ServerProcess(serve_args(llama_dir, adapters, *nodes, "--node-rank", "0"), tmp_path / "rank0.log",
+                           env={**env, "VLLM_CPU_OMP_THREADS_BIND": "0"})
+    try:
+        leader.wait_ready(START_TIMEOUT)
+        for model in (BASE, "vera"):
+            assert [answer(leader, model, p) for p in PROMPTS] == [answer(vllm, model, p) for p in PROMPTS], model
+    finally:
+        leader.stop()
+        worker.terminate()
+        try:
+            worker.wait(60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+
 def test_a_merged_model_loads_in_vllm_with_the_adapters_tokens(servers, llama_dir, five, tmp_path):
     """`ftserve merge` output, served on its own by vLLM, answers as the adapter does on vLLM."""
     vllm, _ = servers
@@ -191,6 +274,13 @@ def test_a_merged_model_loads_in_vllm_with_the_adapters_tokens(servers, llama_di
     try:
         alone.wait_ready(START_TIMEOUT)
         assert [answer(alone, "merged", p) for p in PROMPTS] == [answer(vllm, "delta-lora", p) for p in PROMPTS]
+        # SIGTERM drains: the stream in flight finishes, then the server (and vLLM's processes) exit 0
+        stream = iter(alone.client().completions.create(model="merged", prompt=PROMPTS[0], max_tokens=100,
+                                                        temperature=0, stream=True, extra_body={"ignore_eos": True}))
+        first = next(stream)
+        alone.proc.send_signal(signal.SIGTERM)
+        finish = [c.choices[0].finish_reason for c in [first, *stream] if c.choices]
+        assert finish[-1] == "length" and alone.proc.wait(60) == 0
     finally:
         alone.stop()
 

@@ -253,7 +253,7 @@ class VllmEngine:
                             prompt_tokens=len(prompt), completion_tokens=emitted + keep)
         if params.logprobs is not None and completion.logprobs is not None:
             chunk.logprobs = sample_logprobs(ids[:keep], completion.logprobs, params.logprobs)
-        if params.prompt_logprobs is not None and out.prompt_logprobs is not None:
+        if params.prompt_logprobs is not None and out.prompt_logprobs:  # DELTA: the first output's, then []
             chunk.prompt_logprobs = prompt_logprobs(prompt, out.prompt_logprobs, params.prompt_logprobs)
         return chunk, emitted + keep
 
