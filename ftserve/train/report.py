@@ -68,7 +68,8 @@ def plot_losses(log_history: list[dict], path: Path) -> bool:
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("loss")
     axes.grid(alpha=0.3)
-    axes.legend()
+    if any(lines.values()):
+        axes.legend()
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

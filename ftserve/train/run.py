@@ -128,7 +128,7 @@ def train(settings: TrainSettings, echo: Callable[[str], None] = print, callback
     ``callbacks`` are further ``TrainerCallback``s for the trainer."""
     inputs = check_inputs(settings, echo)
     from datasets import Dataset
-    from transformers import DataCollatorForSeq2Seq, PrinterCallback
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, set_seed
 
     from ..model import FineTuningModel
     from .quantized import QLORA_RECIPE, load_base_model
@@ -146,6 +146,7 @@ def train(settings: TrainSettings, echo: Callable[[str], None] = print, callback
         eval_set = Dataset.from_list(eval_rows) if eval_rows else None
 
     base = load_base_model(settings.base, load_in_4bit=settings.load_in_4bit)
+    set_seed(settings.seed)  # the adapter's initial tensors too: one seed, one run
     model = FineTuningModel(base, settings.adapter_config())
     trainable, total = model.trainable_parameters()
     echo(f"{settings.method} on {settings.base}: {trainable:,d} trainable parameters of {total:,d}; "
