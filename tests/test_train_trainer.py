@@ -11,29 +11,19 @@ import pytest
 import torch
 from datasets import Dataset
 from safetensors import safe_open
-from transformers import TrainingArguments
 
 from ftserve import FineTuningConfig, FineTuningModel, load_adapter
 from ftserve.errors import ConfigError
 from ftserve.train import AdapterTrainer, adapter_sft_trainer
 
-from helpers import METHODS, TOY_IDS, logits, small_llama
+from helpers import METHODS, logits, small_llama, toy_dataset, toy_loss
+from helpers import trainer_arguments as arguments
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 K = 2  # Delta-LoRA's start step: W moves from step K+1 on
-LR = 1e-2
-STEPS = 6
-
-
-@torch.no_grad()
-def toy_loss(model) -> float:
-    """The loss on the whole toy batch, in eval mode: what training should lower."""
-    was_training = model.training
-    model.eval()
-    loss = model(input_ids=TOY_IDS, labels=TOY_IDS).loss.item()
-    model.train(was_training)
-    return loss
+LR = 1e-2  # as helpers.trainer_arguments
+STEPS = 6  # as helpers.trainer_arguments
 
 
 def adapter(method: str, base=None) -> FineTuningModel:
@@ -43,18 +33,6 @@ def adapter(method: str, base=None) -> FineTuningModel:
                               d_initial=0.1 if rank == 8 else 1.0,
                               target_modules=["q_proj", "v_proj", "down_proj"])
     return FineTuningModel(base if base is not None else small_llama(), config)
-
-
-def toy_dataset() -> Dataset:
-    rows = TOY_IDS.tolist() * 4
-    return Dataset.from_dict({"input_ids": rows, "labels": rows})
-
-
-def arguments(out, **changes) -> TrainingArguments:
-    settings = dict(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=2, learning_rate=LR,
-                    lr_scheduler_type="constant", report_to=[], save_strategy="no", logging_steps=1,
-                    use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0)
-    return TrainingArguments(**{**settings, **changes})
 
 
 def losses(trainer) -> list[float]:

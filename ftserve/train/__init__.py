@@ -12,6 +12,9 @@ _EXPORTS = {
     "AdapterTrainerMixin": "ftserve.train.trainer",
     "adapter_sft_trainer": "ftserve.train.trainer",
     "load_checkpoint_into": "ftserve.train.trainer",
+    "load_base_model": "ftserve.train.quantized",
+    "TrainSettings": "ftserve.train.settings",
+    "train": "ftserve.train.run",
 }
 
 __all__ = sorted(_EXPORTS)

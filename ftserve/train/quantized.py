@@ -52,3 +52,13 @@ def load_base_model(name: str, load_in_4bit: bool = False, dtype: torch.dtype | 
 
 def is_4bit(model: torch.nn.Module) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False))
+
+
+def quantized_base_record(model: torch.nn.Module) -> dict:
+    """What a merge needs to rebuild the weights a QLoRA adapter was trained against: the recipe, the block
+    size, and which modules were quantized (read before the adapter is injected)."""
+    import bitsandbytes as bnb
+
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    states = [m.weight.quant_state for m in layers.values() if getattr(m.weight, "quant_state", None) is not None]
+    return {**QLORA_RECIPE, "blocksize": states[0].blocksize if states else 64, "modules": sorted(layers)}

@@ -120,6 +120,7 @@ def training_arguments(settings: TrainSettings, checkpoints: Path, has_eval: boo
         save_strategy="steps", save_steps=settings.save_steps, save_total_limit=settings.save_total_limit,
         report_to=[], disable_tqdm=True, include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False, dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
         **evaluate)
 
 
@@ -131,7 +132,7 @@ def train(settings: TrainSettings, echo: Callable[[str], None] = print, callback
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, set_seed
 
     from ..model import FineTuningModel
-    from .quantized import QLORA_RECIPE, load_base_model
+    from .quantized import load_base_model, quantized_base_record
     from .report import Progress
 
     rows = inputs.train.rows
@@ -146,6 +147,7 @@ def train(settings: TrainSettings, echo: Callable[[str], None] = print, callback
         eval_set = Dataset.from_list(eval_rows) if eval_rows else None
 
     base = load_base_model(settings.base, load_in_4bit=settings.load_in_4bit)
+    quantized = quantized_base_record(base) if settings.load_in_4bit else None
     set_seed(settings.seed)  # the adapter's initial tensors too: one seed, one run
     model = FineTuningModel(base, settings.adapter_config())
     trainable, total = model.trainable_parameters()
@@ -178,8 +180,7 @@ def train(settings: TrainSettings, echo: Callable[[str], None] = print, callback
                     "truncated": inputs.train.truncated, "tokens": inputs.train.tokens, "packing": settings.packing,
                     "eval": settings.eval_data or (f"{settings.eval_fraction:.0%} of the training rows"
                                                    if settings.eval_fraction else None)}
-    output = write_output(settings, model, inputs.tokenizer, final, data_summary,
-                          QLORA_RECIPE if settings.load_in_4bit else None)
+    output = write_output(settings, model, inputs.tokenizer, final, data_summary, quantized)
     shutil.rmtree(inputs.checkpoints, ignore_errors=True)
     return output
 
