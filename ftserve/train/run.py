@@ -10,6 +10,7 @@ appears by one rename at the end. Ctrl-C (or SIGTERM) leaves the checkpoints and
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import time
@@ -124,9 +125,12 @@ def training_arguments(settings: TrainSettings, checkpoints: Path, has_eval: boo
         **evaluate)
 
 
-def train(settings: TrainSettings, echo: Callable[[str], None] = print, callbacks: tuple = ()) -> Path:
-    """Run ``settings`` to the end; returns the output folder. Raises Interrupted on Ctrl-C / SIGTERM.
-    ``callbacks`` are further ``TrainerCallback``s for the trainer."""
+def train(settings: TrainSettings, echo: Callable[[str], None] = print, callbacks: tuple = ()) -> Path | None:
+    """Run ``settings`` to the end; returns the output folder (None in the other processes of a run launched
+    by torchrun or accelerate, where the first process alone writes and speaks). Raises Interrupted on Ctrl-C /
+    SIGTERM. ``callbacks`` are further ``TrainerCallback``s for the trainer."""
+    if not is_main_process():
+        echo = _silent
     inputs = check_inputs(settings, echo)
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, set_seed
@@ -174,6 +178,8 @@ def train(settings: TrainSettings, echo: Callable[[str], None] = print, callback
         raise Interrupted(interrupted_message(settings, inputs.checkpoints, trainer.state.global_step)) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if not trainer.is_world_process_zero():
+        return None
     final = {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch or 0.0,
              "runtime": time.monotonic() - started, "log_history": trainer.state.log_history}
     data_summary = {"train": settings.data, "shape": inputs.train.shape, "rows": inputs.train.total,
@@ -183,6 +189,15 @@ def train(settings: TrainSettings, echo: Callable[[str], None] = print, callback
     output = write_output(settings, model, inputs.tokenizer, final, data_summary, quantized)
     shutil.rmtree(inputs.checkpoints, ignore_errors=True)
     return output
+
+
+def is_main_process() -> bool:
+    """The first process of a data-parallel run (torchrun and accelerate set RANK), or the only one."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _silent(line: str) -> None:
+    pass
 
 
 def _raise_interrupt(signum, frame):
