@@ -194,3 +194,13 @@ def test_deploy_to_loads_the_adapter_into_a_running_server(llama_dir, data, tmp_
         assert (root / "toy2" / "adapter_config.json").exists()  # trained and kept; only the load failed
     finally:
         server.stop()
+
+
+def test_eval_data_is_evaluated_every_eval_steps_and_at_the_end(llama_dir, data, tmp_path):
+    out = tmp_path / "adapter"
+    result = run_cli(str(llama_dir), str(data / "chat.jsonl"), "-o", str(out), *common(5), "--eval-data",
+                     str(data / "chat.jsonl"), "--eval-steps", "2")
+    assert result.exit_code == 0, result.output
+    steps = [e["step"] for e in json.loads((out / "training_log.json").read_text()) if "eval_loss" in e]
+    assert steps == [2, 4, 5]
+    assert "eval loss" in result.output

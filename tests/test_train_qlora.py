@@ -65,6 +65,8 @@ def test_train_in_4bit_then_merge_into_the_base_and_into_the_dequantized_weights
         result = runner.invoke(main, ["merge", str(llama_dir), str(adapter), "-o", str(tmp_path / into),
                                       "--into", into], catch_exceptions=False)
         assert result.exit_code == 0, result.output
+    card = (tmp_path / "dequantized" / "README.md").read_text()
+    assert f"{llama_dir} (its 4-bit weights, dequantized)" in card and ".dequantized-" not in card
 
     # Into the dequantized weights: every quantized weight is what the 4-bit model computed with, in bf16, and
     # the adapted ones that plus the adapter's delta.

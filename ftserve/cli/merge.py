@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import warnings
 from pathlib import Path
@@ -116,6 +117,10 @@ def _merge_into_dequantized(base, specs, out_dir: Path, dtype, max_shard_size, f
             _verify(str(scratch), specs, out_dir)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    card = out_dir / "README.md"  # name the real base, not the scratch copy
+    staged = out_dir / ".README.md.tmp"
+    staged.write_text(card.read_text().replace(str(scratch), f"{base} (its 4-bit weights, dequantized)"))
+    os.replace(staged, card)
     click.echo(f"Merged into the dequantized 4-bit weights of {base}: {out_dir} ({result.plan.dtype_name})")
 
 

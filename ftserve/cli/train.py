@@ -77,6 +77,9 @@ def train(config_file: Path | None, method_settings: tuple[str, ...], targets: s
     except Interrupted as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("Error: interrupted before training started; nothing was written", err=True)
+        sys.exit(130)
     if output is None:  # another process of a torchrun / accelerate run: the first one reports
         return
     click.echo(f"wrote {output}", err=True)

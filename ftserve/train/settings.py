@@ -74,7 +74,7 @@ class TrainSettings:
     def __post_init__(self) -> None:
         for name in ("base", "data", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ConfigError(f"{name} is required")
+                raise ConfigError(f"{name} is required: give it on the command line or as {name}: in --config")
         for name, minimum in (("rank", 1), ("batch_size", 1), ("grad_accum", 1), ("max_seq_len", 2),
                               ("logging_steps", 1), ("save_steps", 1), ("seed", 0)):
             check_int(name, getattr(self, name), minimum)
