@@ -178,7 +178,7 @@ def train(settings: TrainSettings, echo: Callable[[str], None] = print, callback
         raise Interrupted(interrupted_message(settings, inputs.checkpoints, trainer.state.global_step)) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if not trainer.is_world_process_zero():
+    if not (trainer.is_world_process_zero() and is_main_process()):  # a launcher's other processes
         return None
     final = {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch or 0.0,
              "runtime": time.monotonic() - started, "log_history": trainer.state.log_history}
