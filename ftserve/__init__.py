@@ -21,6 +21,7 @@ _EXPORTS = {
     "AdapterFileError": "ftserve.errors",
     "CheckpointError": "ftserve.errors",
     "ConfigError": "ftserve.errors",
+    "DataError": "ftserve.errors",
     "FtserveError": "ftserve.errors",
     "ServingError": "ftserve.errors",
     "LoraFactors": "ftserve.methods",
@@ -32,7 +33,7 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:
     from .config import METHODS, FineTuningConfig
-    from .errors import AdapterFileError, CheckpointError, ConfigError, FtserveError, ServingError
+    from .errors import AdapterFileError, CheckpointError, ConfigError, DataError, FtserveError, ServingError
     from .files.adapter_folder import AdapterFolder, export_adapter, read_adapter
     from .methods import LoraFactors
     from .model import FineTuningModel, load_adapter

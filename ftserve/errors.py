@@ -19,3 +19,7 @@ class CheckpointError(FtserveError):
 
 class ServingError(FtserveError):
     """A request to an engine or the server cannot be served."""
+
+
+class DataError(FtserveError, ValueError):
+    """Training data is missing, malformed, or of no shape ``ftserve train`` knows."""

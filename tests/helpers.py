@@ -300,3 +300,33 @@ def streamed_chat_bytes(client, model: str) -> tuple[str, bytes, list[str]]:
             tokens.append(entry.token)
             assert all(bytes(t.bytes).decode("utf-8", "replace") == t.token for t in entry.top_logprobs)
     return text, joined, tokens
+
+
+# Training through transformers' Trainer -------------------------------------------------------------
+
+@torch.no_grad()
+def toy_loss(model) -> float:
+    """The loss on the whole toy batch, in eval mode: what training should lower."""
+    was_training = model.training
+    model.eval()
+    loss = model(input_ids=TOY_IDS, labels=TOY_IDS).loss.item()
+    model.train(was_training)
+    return loss
+
+
+def toy_dataset():
+    """TOY_IDS four times, as a datasets.Dataset of input_ids and labels."""
+    from datasets import Dataset
+
+    rows = TOY_IDS.tolist() * 4
+    return Dataset.from_dict({"input_ids": rows, "labels": rows})
+
+
+def trainer_arguments(out, **changes):
+    """TrainingArguments for a few steps on the toy batch, on CPU, saving nothing unless told."""
+    from transformers import TrainingArguments
+
+    settings = dict(output_dir=str(out), max_steps=6, per_device_train_batch_size=2, learning_rate=1e-2,
+                    lr_scheduler_type="constant", report_to=[], save_strategy="no", logging_steps=1,
+                    use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    return TrainingArguments(**{**settings, **changes})

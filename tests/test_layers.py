@@ -22,6 +22,7 @@ LAYERS = (
     ("model",),
     ("testing",),
     ("merge",),
+    ("train",),  # ftserve train on transformers' Trainer; QLoRA loading
     ("engine",),
     ("server",),
     ("quickstart",),

@@ -31,3 +31,7 @@ main.add_command(inspect_adapter)
 from .serve import serve  # noqa: E402
 
 main.add_command(serve)
+
+from .train import train  # noqa: E402
+
+main.add_command(train)

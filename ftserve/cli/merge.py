@@ -4,6 +4,7 @@ into one-line messages and a non-zero exit."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import warnings
 from pathlib import Path
@@ -34,9 +35,12 @@ def _interrupt_on_sigterm() -> None:
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Read pickled .bin weights (with torch.load weights_only=True).")
 @click.option("--verify", "check", is_flag=True, help="Afterwards, compare the merged model with base + adapters.")
+@click.option("--into", type=click.Choice(["base", "dequantized"]), default="base", show_default=True,
+              help="For a QLoRA adapter: fold into BASE as it is, or into the dequantized 4-bit weights it was "
+                   "trained against (written in 16 bits either way).")
 @clean_errors
 def merge(base: str, adapters: tuple[str, ...], out_dir: Path, dtype: str | None, max_shard_size: str, force: bool,
-          allow_pickle: bool, check: bool) -> None:
+          allow_pickle: bool, check: bool, into: str) -> None:
     """Fold adapters into BASE (a folder or a Hugging Face model id) and write a standalone model.
 
     Each ADAPTER may carry a weight (DIR:0.7); several adapters add their weighted deltas. Works shard by
@@ -48,6 +52,8 @@ def merge(base: str, adapters: tuple[str, ...], out_dir: Path, dtype: str | None
 
     _interrupt_on_sigterm()
     specs = [AdapterSpec.parse(a) for a in adapters]
+    if into == "dequantized":
+        return _merge_into_dequantized(base, specs, out_dir, dtype, max_shard_size, force, check)
     bar: list = []
 
     def progress(n: int, total: int) -> None:
@@ -71,6 +77,36 @@ def merge(base: str, adapters: tuple[str, ...], out_dir: Path, dtype: str | None
                f"{out_dir} ({len(plan.shards)} shard(s), {plan.total_bytes / 2**30:.2f} GiB, {plan.dtype_name})")
     if check:
         _verify(base, specs, out_dir)
+
+
+def _merge_into_dequantized(base, specs, out_dir: Path, dtype, max_shard_size, force: bool, check: bool) -> None:
+    """Rebuild the dequantized 4-bit base beside the output, merge into it, remove it."""
+    import shutil
+    import uuid
+
+    from ..errors import CheckpointError, ConfigError
+    from ..merge import merge_checkpoint
+    from ..merge.dequantized import quantized_base_of, write_dequantized_base
+
+    if len(specs) != 1:
+        raise ConfigError("--into dequantized merges one QLoRA adapter at a time")
+    if out_dir.exists() and not force:
+        raise CheckpointError(f"{out_dir} already exists; pass --force to replace it")
+    recipe = quantized_base_of(specs[0].path)
+    scratch = out_dir.parent / f".{out_dir.name}.dequantized-{uuid.uuid4().hex[:8]}"
+    try:
+        write_dequantized_base(base, recipe, scratch)
+        result = merge_checkpoint(scratch, specs, out_dir, dtype=dtype or recipe.get("bnb_4bit_compute_dtype"),
+                                  max_shard_size=max_shard_size, force=force)
+        if check:
+            _verify(str(scratch), specs, out_dir)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    card = out_dir / "README.md"  # name the real base, not the scratch copy
+    staged = out_dir / ".README.md.tmp"
+    staged.write_text(card.read_text().replace(str(scratch), f"{base} (its 4-bit weights, dequantized)"))
+    os.replace(staged, card)
+    click.echo(f"Merged into the dequantized 4-bit weights of {base}: {out_dir} ({result.plan.dtype_name})")
 
 
 @click.command()

@@ -1,0 +1,205 @@
+"""`ftserve train` end to end on a tiny Llama: every method lowers the loss and writes a folder that reloads; the
+method's rule fired; Ctrl-C keeps the last complete checkpoint and --resume continues to the uninterrupted run's
+adapter; YAML settings with flags over them; every bad input gets its one-line error and writes nothing; and
+--deploy-to loads the adapter into a running `ftserve serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from ftserve import load_adapter, read_adapter
+from ftserve.cli import main
+from ftserve.methods import METHODS as REGISTRY
+from ftserve.testing import toy_sentences
+from ftserve.train.run import Interrupted, train
+from ftserve.train.settings import TrainSettings
+
+from helpers import METHODS, ONE_THREAD, ServerProcess, start_step
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STEPS = 8
+K = 2
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    (folder / "text.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in toy_sentences(48)))
+    chat = [{"messages": [{"role": "user", "content": s}, {"role": "assistant", "content": s.upper()[:20]}]}
+            for s in toy_sentences(24, seed=1)]
+    (folder / "chat.jsonl").write_text("".join(json.dumps(row) + "\n" for row in chat))
+    return folder
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(main, ["train", *args], catch_exceptions=False)
+
+
+def common(steps: int = STEPS) -> list[str]:
+    return ["--max-steps", str(steps), "--lr", "1e-2", "--batch-size", "4", "--logging-steps", "2",
+            "--lr-scheduler", "constant", "--seed", "0"]
+
+
+@torch.no_grad()
+def mean_loss(model, tokenizer, texts: list[str]) -> float:
+    model.eval()
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return model(**batch, labels=labels).loss.item()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_to_a_folder_that_reloads_with_a_lower_loss(method, llama_dir, data, tmp_path):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "adapter"
+    extra = [f"--setting={key}={value}" for key, value in start_step(method, K).items()]
+    quick = REGISTRY[method].quickstart_settings  # a rank and a learning rate that learn in a few steps
+    result = run_cli(str(llama_dir), str(data / "text.jsonl"), "-o", str(out), "--method", method, *common(),
+                     "--rank", str(int(quick["rank"])), "--lr", str(quick["lr"]), *extra)
+    assert result.exit_code == 0, result.output
+    assert f"ftserve merge {llama_dir} {out} -o {out}-merged" in result.output
+    assert "loss" in result.output and "tok/s" in result.output and "eta" in result.output
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "loss.png", "training_log.json",
+            "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert not (tmp_path / "adapter.checkpoints").exists()
+    folder = read_adapter(out)
+    assert folder.extra["steps_done"] == STEPS
+    for state in folder.modules.values():
+        assert set(REGISTRY[method].snapshot_keys) <= set(state)  # Delta-LoRA's snapshot after step K+1
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    texts = [json.loads(line)["text"] for line in (data / "text.jsonl").read_text().splitlines()[:16]]
+    before = mean_loss(AutoModelForCausalLM.from_pretrained(llama_dir), tokenizer, texts)
+    after = mean_loss(load_adapter(AutoModelForCausalLM.from_pretrained(llama_dir), out), tokenizer, texts)
+    assert after < before - 0.01, (before, after)
+    card = (out / "README.md").read_text()
+    assert "ftserve serve" in card and "Final training loss" in card
+
+
+class CtrlC(TrainerCallback):
+    """Presses Ctrl-C (a real SIGINT to this process) once step ``at`` is done and checkpointed."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_keeps_the_last_checkpoint_and_resume_gives_the_uninterrupted_adapter(llama_dir, data, tmp_path):
+    settings = dict(base=str(llama_dir), data=str(data / "chat.jsonl"), method="delta-lora",
+                    settings={"delta_start_step": K}, max_steps=6, save_steps=2, lr=1e-2, batch_size=4,
+                    lr_scheduler="constant", seed=0)
+    straight = train(TrainSettings(output=str(tmp_path / "straight"), **settings), echo=lambda line: None)
+    out = tmp_path / "adapter"
+    with pytest.raises(Interrupted, match=r"interrupted at step 4; the last complete checkpoint is .*checkpoint-4; "
+                                          r"resume with the same command and --resume"):
+        train(TrainSettings(output=str(out), **settings), echo=lambda line: None, callbacks=(CtrlC(4),))
+    assert not out.exists() and (tmp_path / "adapter.checkpoints" / "checkpoint-4" / "trainer_state.json").exists()
+
+    result = run_cli(str(llama_dir), str(data / "chat.jsonl"), "-o", str(out), "--method", "delta-lora")
+    assert result.exit_code == 1 and "pass --resume to continue it, or --force to start again" in result.output
+    train(TrainSettings(output=str(out), resume="latest", **settings), echo=lambda line: None)
+    assert json.loads((out / "ftserve_config.json").read_text())["training"]["global_step"] == 6
+    expected, got = read_adapter(straight).modules, read_adapter(out).modules
+    for name, state in expected.items():
+        for key, tensor in state.items():
+            torch.testing.assert_close(got[name][key], tensor, rtol=1e-5, atol=1e-7, msg=f"{name}.{key}")
+
+
+def test_a_yaml_config_holds_the_settings_and_flags_override_it(llama_dir, data, tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text(f"base: {llama_dir}\ndata: {data / 'chat.jsonl'}\nmethod: lora+\nrank: 4\n"
+                      f"settings: {{loraplus_lr_ratio: 4}}\nmax_steps: 50\nlr: 1.0e-2\nbatch_size: 4\n"
+                      f"eval_fraction: 0.25\npacking: true\nmax_seq_len: 64\n")
+    out = tmp_path / "adapter"
+    result = run_cli("--config", str(config), "-o", str(out), "--max-steps", "3", "--logging-steps", "1")
+    assert result.exit_code == 0, result.output
+    written, ours = (json.loads((out / name).read_text()) for name in ("adapter_config.json", "ftserve_config.json"))
+    assert written["r"] == 4 and ours["method"] == "lora+"
+    assert ours["loraplus_lr_ratio"] == 4
+    assert ours["training"]["global_step"] == 3
+    assert any("eval_loss" in entry for entry in json.loads((out / "training_log.json").read_text()))
+
+
+BAD = [
+    ("missing-data", lambda d: ["missing.jsonl"], "missing.jsonl: no such data file"),
+    ("malformed-line", lambda d: [str(d / "bad.jsonl")], "bad.jsonl line 2: not valid JSON"),
+    ("unknown-shape", lambda d: [str(d / "shape.jsonl")], "rows of no known shape"),
+    ("no-assistant", lambda d: [str(d / "noassistant.jsonl")], "noassistant.jsonl line 1: a chat row with no "
+                                                               "assistant turn"),
+    ("setting-of-another-method", lambda d: [str(d / "text.jsonl"), "--setting", "loraplus_lr_ratio=4"],
+     "LoRA has no setting 'loraplus_lr_ratio'; its settings: none"),
+    ("unknown-method", lambda d: [str(d / "text.jsonl"), "--method", "dora"], "unknown method 'dora'"),
+    ("bad-rank", lambda d: [str(d / "text.jsonl"), "--rank", "0"], "rank must be an integer >= 1; got 0"),
+    ("both-evals", lambda d: [str(d / "text.jsonl"), "--eval-fraction", "0.1", "--eval-data", str(d / "text.jsonl")],
+     "give --eval-data or --eval-fraction, not both"),
+    ("bad-yaml-key", lambda d: [str(d / "text.jsonl"), "--config", str(d / "typo.yaml")],
+     "typo.yaml: unknown setting 'lerning_rate'"),
+]
+
+
+@pytest.mark.parametrize("case, args, message", BAD, ids=[case for case, _, _ in BAD])
+def test_bad_input_gets_one_line_and_writes_nothing(case, args, message, llama_dir, data, tmp_path):
+    (data / "bad.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    (data / "shape.jsonl").write_text('{"question": "a"}\n')
+    (data / "noassistant.jsonl").write_text('{"messages": [{"role": "user", "content": "a"}]}\n')
+    (data / "typo.yaml").write_text("lerning_rate: 0.1\n")
+    out = tmp_path / "adapter"
+    result = run_cli(str(llama_dir), *args(data), "-o", str(out), "--max-steps", "1")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and message in result.output and result.output.count("\n") == 1, \
+        result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_output_folder_needs_force(llama_dir, data, tmp_path):
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = run_cli(str(llama_dir), str(data / "text.jsonl"), "-o", str(out), "--max-steps", "1")
+    assert result.exit_code == 1 and f"{out} already exists; pass --force to replace it" in result.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_deploy_to_loads_the_adapter_into_a_running_server(llama_dir, data, tmp_path):
+    root = tmp_path / "adapters"
+    root.mkdir()
+    server = ServerProcess([str(llama_dir), "--enable-adapter-api", "--adapter-root", str(root), "--api-key",
+                            "secret", "--dtype", "float32"], tmp_path / "server.log", env=ONE_THREAD)
+    try:
+        server.wait_ready()
+        result = run_cli(str(llama_dir), str(data / "text.jsonl"), "-o", str(root / "toy"), *common(2),
+                         "--deploy-to", server.url, "--api-key", "secret", "--adapter-name", "toy-v1")
+        assert result.exit_code == 0, result.output
+        assert "loaded as 'toy-v1'" in result.output
+        client = server.client(api_key="secret")
+        assert "toy-v1" in [m.id for m in client.models.list().data]
+        answer = client.completions.create(model="toy-v1", prompt="the cat", max_tokens=4, temperature=0)
+        assert answer.model == "toy-v1" and answer.choices[0].text
+
+        refused = run_cli(str(llama_dir), str(data / "text.jsonl"), "-o", str(root / "toy2"), *common(1),
+                          "--deploy-to", server.url, "--api-key", "wrong")
+        assert refused.exit_code == 1 and "the server refused the adapter (401" in refused.output
+        assert (root / "toy2" / "adapter_config.json").exists()  # trained and kept; only the load failed
+    finally:
+        server.stop()
+
+
+def test_eval_data_is_evaluated_every_eval_steps_and_at_the_end(llama_dir, data, tmp_path):
+    out = tmp_path / "adapter"
+    result = run_cli(str(llama_dir), str(data / "chat.jsonl"), "-o", str(out), *common(5), "--eval-data",
+                     str(data / "chat.jsonl"), "--eval-steps", "2")
+    assert result.exit_code == 0, result.output
+    steps = [e["step"] for e in json.loads((out / "training_log.json").read_text()) if "eval_loss" in e]
+    assert steps == [2, 4, 5]
+    assert "eval loss" in result.output

@@ -1,0 +1,49 @@
+"""Data parallelism is the Trainer's: `ftserve train` under torchrun with two CPU processes (gloo), two rows each,
+trains the same adapter as one process with four rows a step, and only the first process writes and reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+
+from ftserve import read_adapter
+from ftserve.testing import toy_sentences
+
+from helpers import ONE_THREAD
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(command: list[str], cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **ONE_THREAD}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_two_processes_train_the_adapter_of_one_with_the_same_global_batch(llama_dir, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": s}) + "\n" for s in toy_sentences(32)))
+    common = [str(llama_dir), str(data), "--max-steps", "4", "--lr", "1e-2", "--seed", "0", "--method", "lora+",
+              "--logging-steps", "1"]
+    cli = [sys.executable, "-m", "ftserve.cli", "train"]
+    run([*cli, *common, "-o", "one", "--batch-size", "4"], tmp_path)
+    two = run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), "-m", "ftserve.cli", "train", *common, "-o", "two",
+               "--batch-size", "2"], tmp_path)
+    assert two.stdout.count("ftserve merge") == 1  # the first process alone reports
+    one, two = read_adapter(tmp_path / "one"), read_adapter(tmp_path / "two")
+    assert one.extra["steps_done"] == two.extra["steps_done"] == 4
+    for name, state in one.modules.items():
+        for key, tensor in state.items():
+            torch.testing.assert_close(two.modules[name][key], tensor, rtol=1e-4, atol=1e-5, msg=f"{name}.{key}")
+    assert not (tmp_path / "two.checkpoints").exists()
