@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from .errors import clean_errors
+
 MERGED_METHOD = "lora"
 
 
@@ -26,6 +28,7 @@ MERGED_METHOD = "lora"
 @click.option("--exit-after-check", is_flag=True,
               help="Stop the server once the sample requests have been answered (for scripts and CI).")
 @click.pass_context
+@clean_errors
 def quickstart(ctx: click.Context, out_dir: Path, steps: int, serve: bool, port: int, exit_after_check: bool) -> None:
     """Offline tour: build a small model, train each of the five methods briefly, merge one, serve the rest."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
