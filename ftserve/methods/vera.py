@@ -126,7 +126,7 @@ class Vera(AdapterMethod):
     saved_keys = ("vera_lambda_b", "vera_lambda_d")
     shared_keys = ("vera_A", "vera_B")
     has_scale = False
-    quickstart_settings = {"rank": 64, "lr": 3e-2}
+    quickstart_settings = {"rank": 64, "lr": 3e-2, "real_lr": 9e-2}
 
     def validate_fields(self, config):
         check_int("projection_prng_key", config.projection_prng_key, minimum=0)

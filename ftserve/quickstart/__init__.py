@@ -106,8 +106,8 @@ def train_adapter(base: Base | Path, method: str, out_dir: Path, steps: int,
     config = FineTuningConfig(method=method, lora_r=settings["rank"], lora_alpha=16,
                               target_modules=REAL_TARGETS if real else "all-linear", delta_start_step=steps // 2)
     model = FineTuningModel(AutoModelForCausalLM.from_pretrained(path), config)
-    # the real model's weights are larger and already fit: a gentler step than the random one's
-    optimizer = model.create_optimizer(lr=settings["lr"] * (0.3 if real else 1.0))
+    # the real model already fits language: a gentler step than the random one's, unless the method says
+    optimizer = model.create_optimizer(lr=settings.get("real_lr", settings["lr"] * 0.3) if real else settings["lr"])
     batches = lesson_batches(AutoTokenizer.from_pretrained(path)) if real else toy_batches(build_tokenizer())
     model.train()
     start, losses = time.perf_counter(), []
