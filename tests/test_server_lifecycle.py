@@ -97,7 +97,12 @@ def test_cli_refuses_what_it_cannot_do(llama_dir):
 
 
 def test_cli_names_an_adapter_that_cannot_be_loaded(llama_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(main, ["serve", str(llama_dir), "--adapter", f"e={tmp_path / 'empty'}"])
+    assert result.exit_code == 2 and "is not an adapter folder" in result.output  # before loading the model
+    assert "Loading" not in result.output
     (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text("{")
     result = CliRunner().invoke(main, ["serve", str(llama_dir), "--adapter", f"b={tmp_path / 'broken'}"])
     assert result.exit_code == 1 and "Error:" in result.output and "broken" in result.output
     assert "Traceback" not in result.output

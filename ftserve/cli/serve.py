@@ -19,6 +19,7 @@ from ..engine.options import (
     EngineOptionsError,
     check_max_model_len,
 )
+from ..files.hub import looks_like_path
 from .errors import in_cli_words
 
 
@@ -44,6 +45,10 @@ def parse_adapters(values: tuple[str, ...]) -> dict[str, str]:
             raise click.BadParameter(f"{value!r} is not NAME=PATH", param_hint="--adapter")
         if name in adapters:
             raise click.BadParameter(f"adapter name {name!r} is given twice", param_hint="--adapter")
+        local = Path(path).expanduser()
+        if (local.exists() or looks_like_path(path)) and not (local / "adapter_config.json").is_file():
+            raise click.BadParameter(f"{name}={path}: {path} is not an adapter folder (no adapter_config.json)",
+                                     param_hint="--adapter")
         adapters[name] = path
     return adapters
 

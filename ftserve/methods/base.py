@@ -220,7 +220,7 @@ class AdapterMethod:
     shared_keys: tuple[str, ...] = ()  # shared tensors on disk, as "base_model.<key>"
     side_file: str | None = None  # a file holding the exact training state, the weights file being plain LoRA
     has_scale: bool = True  # False: no alpha / r (VeRA)
-    quickstart_settings: dict[str, float] = {"rank": 8, "lr": 1e-2}
+    quickstart_settings: dict[str, float] = {"rank": 8, "lr": 1e-2, "real_lr": 3e-3}  # real_lr: on SmolLM2
 
     # Config ------------------------------------------------------------------------------------
 

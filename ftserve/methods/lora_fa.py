@@ -63,6 +63,7 @@ class LoraFALayer(LoraLayer):
 class LoraFA(Lora):
     name = "lora-fa"
     title = "LoRA-FA"
+    quickstart_settings = {"rank": 8, "lr": 1e-2, "real_lr": 1e-2}  # B alone learns: a larger step on SmolLM2
     layer_class = LoraFALayer
 
 

@@ -126,7 +126,7 @@ class Vera(AdapterMethod):
     saved_keys = ("vera_lambda_b", "vera_lambda_d")
     shared_keys = ("vera_A", "vera_B")
     has_scale = False
-    quickstart_settings = {"rank": 64, "lr": 3e-2}
+    quickstart_settings = {"rank": 64, "lr": 3e-2, "real_lr": 9e-2}
 
     # The seed of the shared frozen pair, the initial value of d, whether the pair is saved.
     option_defaults = {"projection_prng_key": 0, "d_initial": 0.1, "save_projection": True}
