@@ -22,7 +22,9 @@ and the server's own 5xx count from /metrics, which also sees requests whose cli
 in 60 s), and every 5xx or hang with its body and ``alone``, its outcome when sent again by itself after the mixed
 phase (hung after 20 s), which tells a request that fails on its own from one failed by another in its batch;
 ``mixed_over_clean_p50`` (median latency of the normal requests, mixed against clean) and the wall times; at the
-end, the requests the server still serves, whether it is alive, /health answers 200 and SIGTERM exits 0.
+end, the requests the server still serves, whether it is alive, /health answers 200 and SIGTERM exits 0. Last,
+``health_while_tokenizing``: /health's latency while two ~3.9 MB prompts are being tokenized, against idle
+(prompts are tokenized in worker threads, off the event loop).
 
     python benchmarks/hostile_load.py                     # the figure (a minute or two on 2 cores)
     python benchmarks/hostile_load.py --log server.log    # the same, keeping the server's log
@@ -282,6 +284,36 @@ async def measure(url: str) -> dict:
             "mixed_wall_s": mixed_wall}
 
 
+async def health_while_tokenizing(url: str, prompts: int = 2, probes: int = 20) -> dict:
+    """/health's latency idle, then while ``prompts`` completions of a ~3.9 MB prompt (under the 4 MiB body
+    limit; refused with 400 once tokenized, far past the context) are being tokenized: the event loop must not
+    wait for a tokenizer."""
+    sentences = " ".join(toy_sentences(2000, seed=3)) + " "
+    text = (sentences * (3_900_000 // len(sentences) + 1))[:3_900_000]
+
+    async def probe(client: httpx.AsyncClient) -> float:
+        start = time.perf_counter()
+        assert (await client.get(url + "/health")).status_code == 200
+        return time.perf_counter() - start
+
+    async with httpx.AsyncClient(timeout=HANG_S) as client:
+        idle = [await probe(client) for _ in range(probes)]
+        huge = [asyncio.create_task(client.post(url + "/v1/completions",
+                                                json={"model": BASE, "prompt": text, "max_tokens": 1}))
+                for _ in range(prompts)]
+        busy = []
+        await asyncio.sleep(0.3)  # the bodies are read and tokenizing
+        while not all(task.done() for task in huge):
+            busy.append(await probe(client))
+            await asyncio.sleep(0.05)
+        statuses = sorted({(await task).status_code for task in huge})
+    return {"huge_prompt_chars": len(text), "huge_prompt_statuses": statuses, "health_probes_during": len(busy),
+            "health_p50_idle_s": round(statistics.median(idle), 4),
+            "health_max_during_huge_prompts_s": round(max(busy, default=0.0), 4),
+            "health_p50_during_over_idle": round(statistics.median(busy) / statistics.median(idle), 3)
+            if busy else None}
+
+
 def shut_down(proc: subprocess.Popen, url: str) -> dict:
     alive = proc.poll() is None
     try:
@@ -307,6 +339,7 @@ def main() -> None:
         proc, url = start_server(base, root, names, root / "server.log")
         try:
             run = asyncio.run(measure(url))
+            tokenizing = asyncio.run(health_while_tokenizing(url))
             counts = server_counts(url)
         finally:
             end = shut_down(proc, url)
@@ -319,6 +352,7 @@ def main() -> None:
     fivexx = sum(n for s, n in statuses.items() if s.startswith("5"))
     exact = NORMAL - len(run["differ"])
     ok = (exact == NORMAL and fivexx == 0 and counts["server_counted_5xx"] == 0 and hung == 0 and end["server_alive"]
+          and tokenizing["huge_prompt_statuses"] == [400]
           and end["health_status"] == 200 and end["sigterm_exit"] == 0)
     print(json.dumps({
         "benchmark": "hostile_load", "model": "ftserve.testing llama (hidden 128, 2 layers, vocab 1000)",
@@ -336,7 +370,7 @@ def main() -> None:
         "mixed_over_clean_p50": round(statistics.median(run["mixed_s"]) / statistics.median(run["clean_s"]), 3),
         "mixed_over_clean_wall": round(run["mixed_wall_s"] / run["clean_wall_s"], 3),
         "mixed_wall_over_solo_sum": round(run["mixed_wall_s"] / run["solo_sum_s"], 3),
-        **end, "ok": ok, **({} if ok else {"server_log_tail": log_tail}),
+        **tokenizing, **end, "ok": ok, **({} if ok else {"server_log_tail": log_tail}),
     }))
     sys.exit(0 if ok else 1)
 

@@ -81,6 +81,7 @@ def assert_refused(server, response: httpx.Response, name: str, file: str) -> No
     assert response.status_code == 403, response.text
     error = response.json()["error"]
     assert error["code"] == "path_outside_adapter_root" and error["type"] == "permission_error"
+    assert error["param"] == "lora_path"  # the field that named the folder, whichever layer refused it
     assert file in error["message"] and "outside the adapter root" in error["message"]
     assert name not in {m.id for m in server.client().models.list().data}
     assert complete(server, BASE)  # the server still serves

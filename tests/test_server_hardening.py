@@ -219,7 +219,7 @@ FAULTY_SERVER = textwrap.dedent("""
         '''The real engine with one fault injected: the prompt "boom" raises an error no handler expects.'''
 
         def generate(self, request):
-            if request.prompt == "boom":
+            if request.prompt in ("boom", self.prompt_ids("boom")):  # the server hands the engine ids
                 raise RuntimeError("injected fault")
             return super().generate(request)
 

@@ -131,6 +131,7 @@ def test_names_that_escape_the_root_are_refused_as_the_load_api_refuses_paths(se
 def test_a_file_of_the_folder_linked_outside_the_root_is_refused(server):
     error = error_of(server, "leaky")
     assert error.status_code == 403 and "outside the adapter root" in error.body["message"]
+    assert error.body["param"] == "model"
     assert "leaky" not in served_names(server)
 
 
@@ -147,6 +148,6 @@ def test_a_corrupt_adapter_is_refused_as_the_load_api_refuses_it_and_the_next_re
     before = loads_on_first_use(server)
     for _ in range(2):
         error = error_of(server, "corrupt")
-        assert error.status_code == 400 and "corrupt" in error.body["message"]
+        assert error.status_code == 400 and "corrupt" in error.body["message"] and error.body["param"] == "model"
     assert loads_on_first_use(server) == before + 2  # a failed load is not remembered: each request tries
     assert complete(server, "ref-b") == complete(server, "b")  # the others are undisturbed

@@ -123,6 +123,27 @@ class AdapterRegistry:
         return record
 
 
+class FrontendMethods:
+    """The Engine protocol's methods that every engine answers from its ``frontend`` and ``adapters``."""
+
+    frontend: Frontend
+    adapters: AdapterRegistry
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return self.adapters.infos()
+
+    def tokenizer_for(self, adapter: str | None) -> Any:
+        return self.frontend.tokenizer_for(adapter)
+
+    def prompt_ids(self, prompt: str | list[int], adapter: str | None = None) -> list[int]:
+        return self.frontend.prompt_ids(prompt, adapter)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The base model's tokenizer (None if it has none)."""
+        return self.frontend.tokenizer
+
+
 class Frontend:
     """Checks and tokenizes requests for an engine of ``vocab_size`` tokens and ``max_model_len`` positions."""
 

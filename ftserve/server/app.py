@@ -7,6 +7,7 @@ GET /metrics, and GET /openapi.json (the request models' schema; behind the API 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import TypeVar
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.base import Engine
-from ..errors import FtserveError
+from ..errors import AdapterFileError, FtserveError
 from ..version import __version__
 from . import openapi
 from .errors import APIError, error_body, from_exception, validation_error
@@ -216,11 +217,13 @@ def build_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
-        return serving.tokenize(await parse(request, TokenizeRequest))
+        body = await parse(request, TokenizeRequest)
+        return await asyncio.to_thread(serving.tokenize, body)  # seconds for a 4 MiB prompt: off the event loop
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        return serving.detokenize(await parse(request, DetokenizeRequest))
+        body = await parse(request, DetokenizeRequest)
+        return await asyncio.to_thread(serving.detokenize, body)
 
     def adapter_api_enabled(route: str) -> None:
         if not settings.enable_adapter_api:
@@ -240,7 +243,10 @@ def build_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                            param="lora_name", code="invalid_value")
         path = confine(settings.adapter_root, body.lora_path)
         # The engine checks every file of the folder against the root, now and whenever it reads it again.
-        await engine.load_adapter(body.lora_name, str(path), root=settings.adapter_root)
+        try:
+            await engine.load_adapter(body.lora_name, str(path), root=settings.adapter_root)
+        except AdapterFileError as exc:  # AdapterLoadError is one
+            raise from_exception(exc, param="lora_path") from exc  # what was wrong with the folder it names
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)

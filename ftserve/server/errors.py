@@ -62,15 +62,16 @@ def model_not_found(name: str) -> APIError:
                          f"loaded adapter.", param="model", code="model_not_found")
 
 
-def from_exception(exc: BaseException) -> APIError:
-    """The error object for anything a handler or the engine raised."""
+def from_exception(exc: BaseException, param: str | None = None) -> APIError:
+    """The error object for anything a handler or the engine raised; ``param``: the request field an engine
+    error is about, where the caller knows it (the engine does not know the request's fields)."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, (ServingError, AdapterFileError)):
         # Engine errors carry the status to answer with (ftserve/engine/errors.py); a bad adapter folder is 400.
         status = int(getattr(exc, "http_status", 400))
         code = re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__.removesuffix("Error")).lower()
-        return APIError(status, str(exc), param="model" if status == 404 else None, code=code,
+        return APIError(status, str(exc), param=param or ("model" if status == 404 else None), code=code,
                         retry_after=5 if status in (429, 503) else None)
     logger.exception("unexpected error while serving a request", exc_info=exc)
     return APIError(500, "The server hit an internal error while handling this request; its log has the "

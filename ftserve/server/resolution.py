@@ -18,7 +18,8 @@ from pathlib import Path
 
 from ..engine.base import Engine
 from ..engine.errors import AdapterExistsError
-from .errors import APIError
+from ..errors import AdapterFileError
+from .errors import APIError, from_exception
 from .metrics import ServerMetrics
 from .security import confine
 
@@ -51,6 +52,8 @@ class AdapterResolver:
             await self.engine.load_adapter(name, str(path), root=self.root)
         except AdapterExistsError:
             return  # the load API won the race with the same name: serve what it loaded
+        except AdapterFileError as exc:  # AdapterLoadError is one
+            raise from_exception(exc, param="model") from exc  # the folder `model` names is not servable
 
 
 def _not_found(name: str, why: str) -> APIError:

@@ -8,6 +8,7 @@ engine's front end for a prompt's ids and pass those on, so the echoed tokens ar
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,9 +101,11 @@ class OpenAIServing:
             raise APIError(400, f"`{name}` needs a tokenizer to turn tokens into text, and `{body.model}` is served "
                                 f"without one.", param=name, code="unsupported_parameter")
         prompts = body.prompts()
-        # With echo, the engine's front end turns each prompt into ids once (checked against the vocabulary),
-        # and those ids are what it runs and what is echoed.
-        engine_prompts = [self.engine.prompt_ids(prompt, adapter) for prompt in prompts] if body.echo else prompts
+        # The engine's front end turns each prompt into ids once (checked against the vocabulary): those ids are
+        # what it runs and what is echoed. In a worker thread: a 4 MiB prompt takes seconds to tokenize, and on
+        # the event loop every other stream, /health and /metrics would wait for it (tokenizers releases the
+        # GIL while it encodes).
+        engine_prompts = await asyncio.to_thread(lambda: [self.engine.prompt_ids(p, adapter) for p in prompts])
         echo_only = body.token_limit == 0  # the engine generates one token, which is dropped, as in vLLM
         response_id, created = new_id("cmpl"), now()
         requests = [GenerationRequest(prompt, adapter, body.sampling_params(max(body.token_limit, 1), i),
@@ -163,7 +166,7 @@ class OpenAIServing:
         adapter = await self.resolve_or_load(body.model)
         self.admit()
         tokenizer = self.engine.tokenizer_for(adapter)
-        prompt = self.render_chat(body, tokenizer)
+        prompt = await asyncio.to_thread(self.render_chat, body, tokenizer)  # off the event loop, as completions
         limit = body.token_limit
         if limit is None:
             limit = self.engine.max_model_len - len(prompt)

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..base import AdapterInfo, GenerationRequest, StreamChunk
 from ..errors import EngineClosedError
-from ..frontend import Frontend, adapter_tokenizer
+from ..frontend import Frontend, FrontendMethods, adapter_tokenizer
 from ..options import (
     DEFAULT_MAX_LORA_RANK,
     EngineOptions,
@@ -53,7 +53,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-class TorchEngine:
+class TorchEngine(FrontendMethods):
     """Serves a transformers Llama-family causal LM (or GPT-2) and any number of adapters on it.
 
     Built with EngineOptions (options.py says what each one means): ``TorchEngine(model, tokenizer, options)``,
@@ -252,20 +252,6 @@ class TorchEngine:
         record = await self.adapters.unload(name)
         self.cache.drop(record)
         self.core.release_slot(record)
-
-    def list_adapters(self) -> list[AdapterInfo]:
-        return self.adapters.infos()
-
-    def tokenizer_for(self, adapter: str | None):
-        return self.frontend.tokenizer_for(adapter)
-
-    def prompt_ids(self, prompt: str | list[int], adapter: str | None = None) -> list[int]:
-        return self.frontend.prompt_ids(prompt, adapter)
-
-    @property
-    def tokenizer(self) -> Any:
-        """The base model's tokenizer (None if it has none)."""
-        return self.frontend.tokenizer
 
     def healthy(self) -> bool:
         return not self.core.closed and (self._loop is None or self.core.thread.is_alive())

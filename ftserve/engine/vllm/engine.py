@@ -30,7 +30,7 @@ from typing import Any, AsyncIterator
 
 from ..base import MAX_LOGPROBS, AdapterInfo, GenerationRequest, StreamChunk
 from ..errors import AdapterLoadError, EngineClosedError, GenerationError, RequestError
-from ..frontend import Frontend, Prepared, RegisteredAdapter, adapter_tokenizer
+from ..frontend import Frontend, FrontendMethods, Prepared, RegisteredAdapter, adapter_tokenizer
 from ..options import EngineOptions, EngineOptionsError, checkpoint_dtype
 from ..text import TextStream
 from .adapters import VLLM_DEFAULT_RANK, base_shapes, check_rank, prepare, zero_adapter
@@ -47,7 +47,7 @@ class VllmAdapterRecord(RegisteredAdapter):
 BASE_LORA_ID = 2 ** 31 - 1  # the zero adapter's id; adapters count up from 1
 
 
-class VllmEngine:
+class VllmEngine(FrontendMethods):
     """Serves a base model folder and any number of adapters on vLLM. Built cheaply; ``start`` starts vLLM."""
 
     def __init__(self, base: str | os.PathLike, options: EngineOptions) -> None:
@@ -305,19 +305,6 @@ class VllmEngine:
         record = await self.adapters.unload(name)
         if self.llm is not None:
             await self.llm.remove_lora(record.lora_request.lora_int_id)
-
-    def list_adapters(self) -> list[AdapterInfo]:
-        return self.adapters.infos()
-
-    def tokenizer_for(self, adapter: str | None):
-        return self.frontend.tokenizer_for(adapter)
-
-    def prompt_ids(self, prompt: str | list[int], adapter: str | None = None) -> list[int]:
-        return self.frontend.prompt_ids(prompt, adapter)
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.frontend.tokenizer
 
     def healthy(self) -> bool:
         return not self.closed and (self.llm is None or not self.llm.errored)
