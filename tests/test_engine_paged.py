@@ -3,6 +3,7 @@ model, then the engine on tiny Llama (grouped-query attention, sharp attention, 
 the tokens) and GPT-2 models, every output checked against the request run alone with transformers."""
 
 import asyncio
+import os
 import shutil
 
 import pytest
@@ -44,6 +45,15 @@ def test_the_cli_refuses_a_kv_cache_memory_it_cannot_read(llama_dir):
     result = CliRunner().invoke(main, ["serve", str(llama_dir), "--kv-cache-memory", "lots"])
     assert result.exit_code == 2 and "--kv-cache-memory" in result.output and "'lots'" in result.output
 
+
+
+def test_the_test_suites_prefix_caching_switch_reaches_the_engines_pool(llama_dir):
+    """conftest.py's FTSERVE_TEST_PREFIX_CACHING=0 must really turn the engine's prefix caching off (and only
+    the default: what a test asks for still holds), or the suite's second run tests nothing new."""
+    wanted = os.environ.get("FTSERVE_TEST_PREFIX_CACHING", "1") == "1"
+    engine = TorchEngine.from_pretrained(llama_dir)
+    assert engine.pool.prefix_caching is wanted and engine.options.enable_prefix_caching is wanted
+    assert TorchEngine.from_pretrained(llama_dir, enable_prefix_caching=True).pool.prefix_caching is True
 
 # The pool and the scheduler, no model ------------------------------------------------------------------
 
@@ -273,7 +283,7 @@ def test_the_second_of_two_requests_sharing_five_blocks_prefills_only_the_rest(b
     logprobs = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, prompt_logprobs=3)
 
     async def main(warm: bool):
-        async with TorchEngine.from_pretrained(bases[kind]) as engine:
+        async with TorchEngine.from_pretrained(bases[kind], enable_prefix_caching=True) as engine:
             if warm:
                 await collect(engine, GenerationRequest(first, params=greedy(5)))
             before = engine.stats()
