@@ -11,8 +11,8 @@ We keep W_0 frozen and compute exactly that in the forward, with the W term deta
 
     h = W_0 x + s B A x + lambda * s * (sg(B) sg(A) x - B_K' A_K' x)
 
-which is the paper's function and the paper's gradients, costs one extra frozen rank-2r product, needs no
-full-size copy of W and accumulates no rounding in a bf16 W. The deployed delta
+which is the paper's function and the paper's gradients, runs as two rank-2r products (``_AddDeltaLora``),
+needs no full-size copy of W and accumulates no rounding in a bf16 W. The deployed delta
 ``s ((1 + lambda) B A - lambda B_K' A_K')`` is exactly the rank-2r LoRA
 ``A' = [A; A_K']``, ``B' = [(1 + lambda) B, -lambda B_K']`` with the same s.
 """
