@@ -11,8 +11,8 @@ We keep W_0 frozen and compute exactly that in the forward, with the W term deta
 
     h = W_0 x + s B A x + lambda * s * (sg(B) sg(A) x - B_K' A_K' x)
 
-which is the paper's function and the paper's gradients, costs one extra frozen rank-2r product, needs no
-full-size copy of W and accumulates no rounding in a bf16 W. The deployed delta
+which is the paper's function and the paper's gradients, runs as two rank-2r products (``_AddDeltaLora``),
+needs no full-size copy of W and accumulates no rounding in a bf16 W. The deployed delta
 ``s ((1 + lambda) B A - lambda B_K' A_K')`` is exactly the rank-2r LoRA
 ``A' = [A; A_K']``, ``B' = [(1 + lambda) B, -lambda B_K']`` with the same s.
 """
@@ -30,6 +30,40 @@ from .base import LoraFactors, add_low_rank, check_int, check_number
 from .lora import Lora, LoraLayer
 
 START_A, START_B = "lora_A_start.weight", "lora_B_start.weight"
+
+
+class _AddDeltaLora(torch.autograd.Function):
+    """``out + s B A x + lambda s (sg(B) sg(A) x - B_K' A_K' x)`` as two rank-2r products, the add fused.
+
+    The forward is ``out + s [(1 + lambda) B, -lambda B_K'] [A; A_K'] x``. Backward gives the paper's
+    gradients: A and B get those of ``s B A x`` alone, x that of the whole sum, through the same two
+    factor pairs. Autograd on the unfused form would run four rank-r products each way.
+    """
+
+    @staticmethod
+    def forward(ctx, out, x, A, B, A_start, B_start, scale: float, ratio: float):
+        x2 = x.reshape(-1, x.shape[-1])
+        u = x2 @ torch.cat([A, A_start]).t()  # (N, 2r): A x, then A_K' x
+        up = torch.cat([B * (1.0 + ratio), B_start * -ratio], dim=1)
+        ctx.save_for_backward(x2, u, A, B, A_start, B_start)
+        ctx.scale, ctx.ratio, ctx.x_shape = scale, ratio, x.shape
+        return torch.addmm(out.reshape(-1, out.shape[-1]), u, up.t(), alpha=scale).view(out.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, u, A, B, A_start, B_start = ctx.saved_tensors
+        s, ratio, r = ctx.scale, ctx.ratio, A.shape[0]
+        g = grad.reshape(-1, grad.shape[-1])
+        gB = g @ torch.cat([B, B_start], dim=1)  # (N, 2r): g B, then g B_K'
+        grad_x = grad_A = grad_B = None
+        if ctx.needs_input_grad[1]:
+            down = torch.cat([A * ((1.0 + ratio) * s), A_start * (-ratio * s)])
+            grad_x = (gB @ down).view(ctx.x_shape)
+        if ctx.needs_input_grad[2]:
+            grad_A = (gB[:, :r].t() @ x2).mul_(s)
+        if ctx.needs_input_grad[3]:
+            grad_B = (g.t() @ u[:, :r]).mul_(s)
+        return grad, grad_x, grad_A, grad_B, None, None, None, None
 
 
 class DeltaLoraLayer(LoraLayer):
@@ -62,11 +96,14 @@ class DeltaLoraLayer(LoraLayer):
 
     def add_delta(self, out: Tensor, x: Tensor) -> Tensor:
         x = x.to(self.lora_A.weight.dtype)
-        out = add_low_rank(out, self.lora_A(x), self.lora_B.weight, self.scale)
         if not self.started:
-            return out
-        A, B = self._frozen_factors()
-        return add_low_rank(out, F.linear(x, A), B, self.ratio * self.scale)
+            return add_low_rank(out, self.lora_A(x), self.lora_B.weight, self.scale)
+        if out.dtype != x.dtype or torch.is_autocast_enabled(out.device.type):
+            out = add_low_rank(out, self.lora_A(x), self.lora_B.weight, self.scale)
+            A, B = self._frozen_factors()
+            return add_low_rank(out, F.linear(x, A), B, self.ratio * self.scale)
+        return _AddDeltaLora.apply(out, x, self.lora_A.weight, self.lora_B.weight, self.lora_A_start,
+                                   self.lora_B_start, self.scale, self.ratio)
 
     def _frozen_factors(self) -> tuple[Tensor, Tensor]:
         """sg(B) sg(A) x - B_K' A_K' x as one frozen rank-2r product: x gets its gradient, A and B do not."""

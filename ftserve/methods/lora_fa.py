@@ -18,23 +18,26 @@ from torch import Tensor
 from .lora import Lora, LoraLayer
 
 
-def _dropout_mask(like: Tensor, p: float, seed: int) -> Tensor:
+def _keep_mask(like: Tensor, p: float, seed: int, dtype: torch.dtype) -> Tensor:
+    """The 0/1 keep mask of dropout(p) in the shape of ``like``, drawn from ``seed``: the same mask each call
+    with the same dtype (forward and backward both draw it in the input's dtype)."""
     generator = torch.Generator(device=like.device).manual_seed(seed)
-    mask = torch.empty(like.shape, device=like.device, dtype=torch.float32)
-    return mask.bernoulli_(1.0 - p, generator=generator).div_(1.0 - p).to(like.dtype)
+    return torch.empty(like.shape, device=like.device, dtype=dtype).bernoulli_(1.0 - p, generator=generator)
 
 
 class _FrozenAProjection(torch.autograd.Function):
     """``u = dropout(x) A^T`` with A frozen: keeps only A and a dropout seed, and regenerates the mask in backward.
 
-    ``B`` and the scale are applied outside, by autograd, which keeps ``u`` (r-dim) for ``dL/dB``.
+    ``B`` and the scale are applied outside, by autograd, which keeps ``u`` (r-dim) for ``dL/dB``. Dropout's
+    ``1 / (1 - p)`` is applied on the r-dim side of the product (``u`` in forward, the incoming gradient in
+    backward), so the full-size passes are the mask draw and one multiply each way.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, A: Tensor, p: float, seed: int) -> Tensor:
         ctx.save_for_backward(A)
         ctx.p, ctx.seed, ctx.x_dtype = p, seed, x.dtype
-        return F.linear(x * _dropout_mask(x, p, seed), A)
+        return F.linear(x * _keep_mask(x, p, seed, x.dtype), A).mul_(1.0 / (1.0 - p))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -42,8 +45,8 @@ class _FrozenAProjection(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         # Under autocast the forward ran in low precision; backward runs without it, so align dtypes.
-        grad_x = grad.to(A.dtype) @ A
-        grad_x = grad_x * _dropout_mask(grad_x, ctx.p, ctx.seed)
+        grad_x = (grad.to(A.dtype) * (1.0 / (1.0 - ctx.p))) @ A
+        grad_x.mul_(_keep_mask(grad_x, ctx.p, ctx.seed, ctx.x_dtype))
         return grad_x.to(ctx.x_dtype), None, None, None
 
 
