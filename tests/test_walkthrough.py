@@ -6,6 +6,7 @@ server in its own)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -15,7 +16,7 @@ from click.testing import CliRunner
 from helpers import ServerProcess
 
 from ftserve.cli import main
-from ftserve.testing import save_tiny_model
+from ftserve.testing import save_tiny_model, toy_sentences
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -26,9 +27,36 @@ def blocks() -> dict[str, str]:
     return dict(found)
 
 
+def test_the_three_command_pipeline_serves_trains_deploys_and_answers(tmp_path, monkeypatch):
+    serve, train, call = blocks()["pipeline"].splitlines()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FTSERVE_API_KEY", "k" * 32)
+    save_tiny_model("models/base", "llama")
+    Path("data.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in toy_sentences(16)))
+    folder, _, serve = serve.partition(" && ")
+    subprocess.run(["bash", "-c", folder], check=True)
+    argv = shlex.split(serve)
+    assert argv[:2] == ["ftserve", "serve"] and Path("adapters").is_dir()
+    server = ServerProcess(argv[2:], tmp_path / "server.log", cwd=tmp_path).wait_ready()
+    try:
+        argv = [a.replace("http://127.0.0.1:8000", server.url) for a in shlex.split(train)]
+        assert argv[:2] == ["ftserve", "train"] and server.url in argv
+        result = CliRunner().invoke(main, argv[1:])
+        assert result.exit_code == 0, result.output
+        assert "loaded as 'my-task'" in result.output
+        assert Path("adapters/my-task/adapter_model.safetensors").is_file()
+        request = call.replace("http://127.0.0.1:8000", server.url)
+        assert request != call and request.startswith("curl ")
+        answer = subprocess.run(["bash", "-c", request], capture_output=True, text=True, check=True, timeout=120)
+        body = json.loads(answer.stdout)
+        assert body["model"] == "my-task" and body["choices"][0]["text"], body
+    finally:
+        server.stop()
+
+
 def test_the_walkthrough_trains_converts_serves_and_answers(tmp_path, monkeypatch, capsys):
     steps = blocks()
-    assert list(steps) == ["fetch", "train", "convert", "serve", "call"]
+    assert list(steps) == ["pipeline", "fetch", "train", "convert", "serve", "call"]
     monkeypatch.chdir(tmp_path)
     assert shlex.split(steps["fetch"])[-2:] == ["--local-dir", "models/base"]
     save_tiny_model("models/base", "llama")

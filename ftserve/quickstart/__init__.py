@@ -9,16 +9,16 @@ task. Base and adapters are saved under one folder.
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from ..config import METHODS, FineTuningConfig
+from ..config import METHODS
 from ..methods import get_method
-from ..model import FineTuningModel
 from ..testing import build_tokenizer, tiny_llama, toy_sentences
 from . import smollm2
 
@@ -70,60 +70,65 @@ def choose_base(out_dir: Path, model: str = "auto") -> Base:
                 tuple(q for q, _ in LESSON))
 
 
-def toy_batches(tokenizer, batch_size: int = 8, seq_len: int = 32, seed: int = 0) -> list[dict]:
-    ids = tokenizer(". ".join(toy_sentences(200, seed)))["input_ids"]
-    chunks = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len, seq_len)]
-    batches = []
-    for i in range(0, len(chunks) - batch_size + 1, batch_size):
-        x = torch.tensor(chunks[i:i + batch_size])
-        batches.append({"input_ids": x, "labels": x})
-    return batches
+def toy_rows(seed: int = 0) -> list[dict]:
+    """The tiny model's toy language-modelling task: runs of eight sentences as ``text`` rows, each cut to 32
+    tokens, so the cut drops the end-of-text token ``ftserve train`` appends: a model taught it after every
+    few words answers "the cat" with nothing."""
+    sentences = toy_sentences(200, seed)
+    return [{"text": ". ".join(sentences[i:i + 8])} for i in range(0, len(sentences), 8)]
 
 
-def lesson_batches(tokenizer) -> list[dict]:
-    """LESSON as one padded batch of chat turns, the loss on the answers (and their end-of-turn) only."""
-    rows = []
-    for question, answer in LESSON:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                               add_generation_prompt=True)
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        full = tokenizer(prompt + answer + tokenizer.eos_token)["input_ids"]
-        rows.append((full, [-100] * len(prompt_ids) + full[len(prompt_ids):]))
-    width = max(len(ids) for ids, _ in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return [{"input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows]),
-             "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows]),
-             "labels": torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in rows])}]
+def lesson_rows() -> list[dict]:
+    """LESSON as chat rows: ``ftserve train`` puts the loss on the answers (and their end-of-turn) only."""
+    return [{"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]}
+            for question, reply in LESSON]
 
 
 def train_adapter(base: Base | Path, method: str, out_dir: Path, steps: int,
                   progress: Callable[[str, int, int, float], None]) -> TrainResult:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A few steps of ``method`` through what ``ftserve train`` runs (``ftserve.train.run.train``), on the
+    quickstart's data written as a file of rows, the adapter written to ``out_dir/adapters/METHOD``."""
+    from transformers import TrainerCallback
+
+    from ..train.run import train
+    from ..train.settings import TrainSettings
 
     real = isinstance(base, Base) and base.real
     path = base.path if isinstance(base, Base) else base
     chosen = get_method(method)
-    settings = chosen.quickstart_settings
-    start = {"delta_start_step": steps // 2} if "delta_start_step" in chosen.option_defaults else {}
-    config = FineTuningConfig(method=method, lora_r=settings["rank"], lora_alpha=16,
-                              target_modules=REAL_TARGETS if real else "all-linear", **start)
-    model = FineTuningModel(AutoModelForCausalLM.from_pretrained(path), config)
-    # the real model already fits language: a gentler step than the random one's, unless the method says
-    optimizer = model.create_optimizer(lr=settings.get("real_lr", settings["lr"] * 0.3) if real else settings["lr"])
-    batches = lesson_batches(AutoTokenizer.from_pretrained(path)) if real else toy_batches(build_tokenizer())
-    model.train()
-    start, losses = time.perf_counter(), []
-    for step in range(steps):
-        loss = model(**batches[step % len(batches)]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-        progress(method, step + 1, steps, losses[-1])
+    quick = chosen.quickstart_settings
+    data = out_dir / "data" / ("lesson.jsonl" if real else "toy.jsonl")
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text("".join(json.dumps(row) + "\n" for row in (lesson_rows() if real else toy_rows())))
     adapter = out_dir / "adapters" / method
-    model.save_adapter(adapter)
-    return TrainResult(method, model.trainable_parameters()[0], losses[0], sum(losses[-5:]) / len(losses[-5:]),
+    settings = TrainSettings(
+        base=str(path), data=str(data), output=str(adapter), method=method, rank=int(quick["rank"]), alpha=16,
+        targets=REAL_TARGETS if real else "all-linear",
+        settings={"delta_start_step": steps // 2} if "delta_start_step" in chosen.option_defaults else {},
+        # the real model already fits language: a gentler step than the random one's, unless the method says
+        lr=quick.get("real_lr", quick["lr"] * 0.3) if real else quick["lr"], lr_scheduler="constant",
+        max_steps=steps, batch_size=len(LESSON) if real else 8, max_seq_len=1024 if real else 32,
+        logging_steps=1, save_steps=steps + 1, save_total_limit=None, seed=0, force=True)
+    losses: list[float] = []
+    counted: list[int] = []
+
+    class Report(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            counted.append(sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+                progress(method, len(losses), steps, losses[-1])
+
+    start = time.perf_counter()
+    train(settings, echo=_quiet, callbacks=(Report(),))
+    return TrainResult(method, counted[0], losses[0], sum(losses[-5:]) / len(losses[-5:]),
                        time.perf_counter() - start, adapter)
+
+
+def _quiet(line: str) -> None:
+    """The quickstart draws its own progress bars; ftserve train's lines would break them."""
 
 
 def build_base(out_dir: Path) -> Path:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The --engine vllm checks on a GPU machine, through CUDA vLLM; under 8 minutes on one GPU. Not run in CI.
+# The GPU checks: --engine vllm through CUDA vLLM, and `ftserve train` on CUDA; under 11 minutes on one GPU. Not run in CI.
 #
 #     PY=/path/to/venv/bin/python tests/gpu/run.sh
 #
@@ -16,6 +16,11 @@
 #    tensor parallelism 2 (one node, two nodes) are left out (they need two GPUs).
 # 2. Throughput: the same 64 requests (128 new tokens each, greedy) on the base model alone, and spread over
 #    16 LoRA adapters (rank 16), on one engine; one JSON line with tokens/s and the ratio.
+# 3. Training (tests/gpu/train_check.py, about 2 minutes): a few steps of each method through `ftserve train` on
+#    CUDA in bf16 against the same steps on CPU in fp32 (losses, the loss's fall, the adapter's change, within
+#    the tolerances the script states), and QLoRA (--load-in-4bit) on CUDA trains. It needs bitsandbytes and
+#    datasets too. `python tests/gpu/train_check.py --device cpu` runs the same comparison without a GPU.
+# Each part's result is kept, and one summary line says which passed; the exit status is 1 if any failed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python}
@@ -31,8 +36,11 @@ PYEOF
 GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 SELECT=""
 if [ "$GPUS" -lt 2 ]; then SELECT="not tensor_parallel and not two_nodes"; fi
+declare -A RESULT=()
+set +e
 FTSERVE_TEST_VLLM_ARGS="--gpu-memory-utilization 0.2" timeout 330 "$PY" -m pytest -q -x -p no:cacheprovider \
     tests/vllm_engine ${SELECT:+-k "$SELECT"}
+RESULT[vllm_tests]=$?
 timeout 120 "$PY" - <<'PYEOF'
 import asyncio, json, tempfile, time
 from pathlib import Path
@@ -88,3 +96,14 @@ if __name__ == "__main__":  # vLLM starts processes of its own
     with tempfile.TemporaryDirectory() as tmp:
         print(json.dumps(asyncio.run(main(Path(tmp)))))
 PYEOF
+RESULT[throughput]=$?
+timeout 240 "$PY" tests/gpu/train_check.py --device cuda
+RESULT[training]=$?
+set -e
+FAILED=0
+SUMMARY="gpu checks:"
+for part in vllm_tests throughput training; do
+    if [ "${RESULT[$part]}" -eq 0 ]; then SUMMARY+=" $part=OK"; else SUMMARY+=" $part=FAIL(rc ${RESULT[$part]})"; FAILED=1; fi
+done
+echo "$SUMMARY"
+exit "$FAILED"
