@@ -53,7 +53,8 @@ class BatchedLoraLinear(nn.Module):
         r = max(self.ranks[s] for s in batch.slots)
         if r == 0:
             return out
-        return out.add_(lora_delta(x.reshape(-1, self.in_features), batch, self.A, self.Bt, r).view(out.shape))
+        lora_delta(x.reshape(-1, self.in_features), batch, self.A, self.Bt, r, out.view(-1, self.out_features))
+        return out
 
     @torch.no_grad()
     def write(self, slot: int, A: Tensor | None, B: Tensor | None, scale: float = 1.0) -> None:
