@@ -4,14 +4,26 @@ For the rows of one forward pass, each row ``i`` reading slot ``a(i)`` (or none:
 
     delta_i = B_{a(i)} (A_{a(i)} x_i)          (the scale s folded into B when a slot is written)
 
-A batch's rows are grouped by slot and laid out as ``(chunks, m, d_in)`` (a group larger than ``m`` rows is
-cut into several chunks of m, so the padded layout never exceeds ``2 N + G`` rows for N rows in G groups),
-then the whole term is two ``torch.bmm`` between two row gathers, as Punica's SGMV (arXiv:2310.18547)::
+The step's rows come as segments (a decode row, a prompt chunk); adjacent segments of one slot merge into
+runs. Profiled on the 100M benchmark model (fp32, 2 threads), the term's cost was not its flops (3-4%) but
+the passes over memory around them: the row gathers of the padded layout, a separate delta tensor and its
+``add_``. So there are two paths, picked per batch (``LoraBatch.by_runs``):
 
-    x ──gather──► (C, m, d_in) ──bmm A^T──► (C, m, r) ──bmm Bt──► (C, m, d_out) ──gather──► delta
+* runs (few runs, or long ones such as prompt chunks): per run, two GEMMs on views of the activation, the
+  second one ``addmm_`` straight into the base output: no gathers, no padding, no temporary the size of it;
+* the padded layout (many short runs: decode rows of interleaved adapters): rows grouped by slot as
+  ``(chunks, m, d_in)`` (a group larger than ``m`` rows cut into chunks of m, so the layout never exceeds
+  ``2 N + G`` rows for N rows in G groups), then two ``torch.bmm`` between two row gathers, as Punica's SGMV
+  (arXiv:2310.18547)::
 
-``lora_delta`` is the one entry point, so a fused GPU kernel can stand beside this one behind the same
-signature (as vLLM's ``punica_wrapper``); lora_slots.py owns the stacked tensors and calls it.
+    x ──gather──► (C, m, d_in) ──bmm A^T──► (C, m, r) ──bmm Bt──► (C, m, d_out) ──gather──► + out
+
+When one run covers every row and there are at least ``merged_rows`` of them (a prompt of one adapter),
+lora_slots.py runs the base layer on a temporary ``W + Bt^T A`` instead: one GEMM, no pass over the output.
+
+``lora_delta`` is the one entry point, so a fused GPU kernel (vLLM's ``punica_wrapper``, a triton SGMV/BGMV)
+can stand beside these paths behind the same signature, picked by ``x.device``; everything here is plain
+torch and runs on CUDA as it is. lora_slots.py owns the stacked tensors and calls it.
 """
 
 from __future__ import annotations
@@ -51,6 +63,8 @@ class LoraBatch:
             else:
                 runs.append((slot, start, start + count))
         self.runs = runs
+        # One run over every row: the slot, whose merged weight may be cheaper than the term (merged_rows).
+        self.whole = runs[0][0] if len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == rows else None
         self.slots = frozenset(slot for slot, _, _ in runs)
         self.empty = not runs
         adapted = sum(end - start for _, start, end in runs)
@@ -93,6 +107,12 @@ class LoraBatch:
                  by_runs: bool | None = None) -> "LoraBatch":
         """One row per entry (decode): the slot of each row, None for the base model."""
         return cls([(s, i, 1) for i, s in enumerate(row_slots) if s is not None], len(row_slots), device, by_runs)
+
+
+def merged_rows(d_in: int, d_out: int) -> int:
+    """Rows from which ``W + Bt^T A`` (``2 r d_in d_out`` flops, one weight-sized temporary) costs less than the
+    term on every row (``2 n r (d_in + d_out)`` flops and a pass over the output, which dominates on CPU)."""
+    return d_in * d_out // (d_in + d_out)
 
 
 def lora_delta(x: Tensor, batch: LoraBatch, A: Tensor, Bt: Tensor, rank: int, out: Tensor | None = None) -> Tensor:
