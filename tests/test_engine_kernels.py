@@ -17,7 +17,7 @@ def test_padded_groups_in_bfloat16_do_not_mix_dtypes(dtype):
     A[1, 1, 2] = 1  # slot 1: delta = 3 * x[2] on output 3
     Bt[1, 1, 3] = 3
     x = torch.arange(15, dtype=dtype).view(5, 3)
-    batch = LoraBatch.for_rows([0, 0, None, 0, 1])
+    batch = LoraBatch.for_rows([0, 0, None, 0, 1], by_runs=False)
     assert batch.padded
     delta = lora_delta(x, batch, A, Bt, rank=2)
     expected = torch.zeros(5, 4, dtype=dtype)
@@ -26,3 +26,84 @@ def test_padded_groups_in_bfloat16_do_not_mix_dtypes(dtype):
     expected[4, 3] = 3 * x[4, 2]
     assert delta.dtype == dtype
     torch.testing.assert_close(delta, expected, rtol=0, atol=0)
+
+
+def per_row_reference(x, row_slots, A, Bt, ranks):
+    """Each row's own ``B_a (A_a x)`` on that adapter's rank, zero for the base model."""
+    out = torch.zeros(x.shape[0], Bt.shape[-1], dtype=torch.float64)
+    for i, slot in enumerate(row_slots):
+        if slot is not None:
+            r = ranks[slot]
+            out[i] = (x[i].double() @ A[slot, :r].double().T) @ Bt[slot, :r].double()
+    return out
+
+
+def random_slots(ranks, d_in=7, d_out=5, seed=0):
+    """Stacked factors with each slot's own rank, zero past it (as lora_slots.py writes them)."""
+    generator = torch.Generator().manual_seed(seed)
+    A = torch.zeros(len(ranks), max(ranks), d_in)
+    Bt = torch.zeros(len(ranks), max(ranks), d_out)
+    for slot, r in enumerate(ranks):
+        A[slot, :r] = torch.randn(r, d_in, generator=generator)
+        Bt[slot, :r] = torch.randn(r, d_out, generator=generator)
+    return A, Bt
+
+
+LAYOUTS = [
+    [0, 0, 0, 1, 1, 2],  # contiguous runs
+    [2, None, 0, 2, 1, None, 0, 0],  # mixed slots, base rows interleaved
+    [None, 1, 1, 1, 1, None],  # one slot between base rows
+    [1] * 9,  # one run over every row
+    [3],  # one row
+    [None, None],  # base rows only
+    [],  # no rows at all
+]
+
+
+@pytest.mark.parametrize("by_runs", [True, False, None])
+@pytest.mark.parametrize("row_slots", LAYOUTS)
+def test_both_paths_match_each_rows_own_term_and_add_in_place(row_slots, by_runs):
+    ranks = [2, 4, 1, 3]  # ranks differ per slot; the batch reads the largest, zero rows past each own
+    A, Bt = random_slots(ranks)
+    x = torch.randn(len(row_slots), 7, generator=torch.Generator().manual_seed(1))
+    batch = LoraBatch.for_rows(row_slots, by_runs=by_runs)
+    rank = max([ranks[s] for s in batch.slots], default=1)
+    expected = per_row_reference(x, row_slots, A, Bt, ranks)
+    torch.testing.assert_close(lora_delta(x, batch, A, Bt, rank).double(), expected, rtol=1e-5, atol=1e-5)
+    out = torch.randn(len(row_slots), 5, generator=torch.Generator().manual_seed(2))
+    before = out.clone()
+    returned = lora_delta(x, batch, A, Bt, rank, out)
+    assert returned.data_ptr() == out.data_ptr()  # added into the base output, no new tensor
+    torch.testing.assert_close(out.double(), before.double() + expected, rtol=1e-5, atol=1e-5)
+
+
+def test_segments_merge_into_runs_and_the_rule_picks_the_path():
+    batch = LoraBatch([(0, 0, 3), (0, 3, 2), (1, 5, 0), (1, 6, 4)], rows=10)
+    assert batch.runs == [(0, 0, 5), (1, 6, 10)] and batch.by_runs and batch.whole is None
+    decode = LoraBatch.for_rows([i % 8 for i in range(32)])  # 32 one-row runs: the padded layout
+    assert not decode.by_runs and decode.chunks == 8
+    prefill = LoraBatch([(i % 8, 128 * i, 128) for i in range(32)], rows=32 * 128)  # long runs, one by one
+    assert prefill.by_runs
+    assert LoraBatch([(2, 0, 4), (2, 4, 4)], rows=8).whole == 2
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_one_slot_over_many_rows_runs_on_a_merged_weight(conv1d):
+    """Enough rows of one slot: the layer runs the base on ``W + Bt^T A``, equal to base plus the term."""
+    from transformers.pytorch_utils import Conv1D
+
+    from ftserve.engine.torch.lora_slots import BatchedLoraLinear, LoraContext
+
+    torch.manual_seed(0)
+    base = Conv1D(5, 7) if conv1d else torch.nn.Linear(7, 5)
+    context = LoraContext()
+    layer = BatchedLoraLinear(base, context, max_loras=2, max_rank=3)
+    A, B = torch.randn(3, 7), torch.randn(5, 3)
+    layer.write(1, A, B, 0.5)
+    rows = layer.merge_rows + 1
+    x = torch.randn(2, rows, 7)
+    context.batch = LoraBatch([(1, 0, 2 * rows)], rows=2 * rows)
+    assert context.batch.whole == 1
+    expected = base(x).double() + 0.5 * (x.double() @ A.double().T) @ B.double().T
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)

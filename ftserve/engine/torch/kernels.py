@@ -4,14 +4,26 @@ For the rows of one forward pass, each row ``i`` reading slot ``a(i)`` (or none:
 
     delta_i = B_{a(i)} (A_{a(i)} x_i)          (the scale s folded into B when a slot is written)
 
-A batch's rows are grouped by slot and laid out as ``(chunks, m, d_in)`` (a group larger than ``m`` rows is
-cut into several chunks of m, so the padded layout never exceeds ``2 N + G`` rows for N rows in G groups),
-then the whole term is two ``torch.bmm`` between two row gathers, as Punica's SGMV (arXiv:2310.18547)::
+The step's rows come as segments (a decode row, a prompt chunk); adjacent segments of one slot merge into
+runs. Profiled on the 100M benchmark model (fp32, 2 threads), the term's cost was not its flops (3-4%) but
+the passes over memory around them: the row gathers of the padded layout, a separate delta tensor and its
+``add_``. So there are two paths, picked per batch (``LoraBatch.by_runs``):
 
-    x ──gather──► (C, m, d_in) ──bmm A^T──► (C, m, r) ──bmm Bt──► (C, m, d_out) ──gather──► delta
+* runs (few runs, or long ones such as prompt chunks): per run, two GEMMs on views of the activation, the
+  second one ``addmm_`` straight into the base output: no gathers, no padding, no temporary the size of it;
+* the padded layout (many short runs: decode rows of interleaved adapters): rows grouped by slot as
+  ``(chunks, m, d_in)`` (a group larger than ``m`` rows cut into chunks of m, so the layout never exceeds
+  ``2 N + G`` rows for N rows in G groups), then two ``torch.bmm`` between two row gathers, as Punica's SGMV
+  (arXiv:2310.18547)::
 
-``lora_delta`` is the one entry point, so a fused GPU kernel can stand beside this one behind the same
-signature (as vLLM's ``punica_wrapper``); lora_slots.py owns the stacked tensors and calls it.
+    x ──gather──► (C, m, d_in) ──bmm A^T──► (C, m, r) ──bmm Bt──► (C, m, d_out) ──gather──► + out
+
+When one run covers every row and there are at least ``merged_rows`` of them (a prompt of one adapter),
+lora_slots.py runs the base layer on a temporary ``W + Bt^T A`` instead: one GEMM, no pass over the output.
+
+``lora_delta`` is the one entry point, so a fused GPU kernel (vLLM's ``punica_wrapper``, a triton SGMV/BGMV)
+can stand beside these paths behind the same signature, picked by ``x.device``; everything here is plain
+torch and runs on CUDA as it is. lora_slots.py owns the stacked tensors and calls it.
 """
 
 from __future__ import annotations
@@ -21,24 +33,49 @@ import math
 import torch
 from torch import Tensor
 
+# The per-run path's rule (measured on the 100M benchmark model, 2 threads): a run costs two small GEMMs of
+# fixed overhead each, the padded layout two gathers of every adapted row; few runs, or long ones (prompt
+# chunks), are cheaper one by one.
+MAX_RUNS = 4
+LONG_RUN = 16
+
 
 class LoraBatch:
-    """Which rows of a flattened ``(rows, d)`` activation use which slot, laid out for ``torch.bmm``.
+    """Which rows of a flattened ``(rows, d)`` activation use which slot, and how ``lora_delta`` computes them.
 
-    ``segments``: ``(slot, first_row, n_rows)`` triples; rows of the base model are left out. ``gather`` picks
-    the padded layout's rows from the activation; ``scatter`` picks each activation row's result back from
-    the layout's output, whose extra last row is zero (rows of the base model). Both are gathers:
-    ``index_add_`` would do the same but is orders of magnitude slower on CPU.
+    ``segments``: ``(slot, first_row, n_rows)`` triples; rows of the base model are left out. Adjacent
+    segments of one slot merge into ``runs`` ``(slot, first_row, end_row)``. ``by_runs``: the term is
+    computed run by run on views of the activation, added in place (``MAX_RUNS`` / ``LONG_RUN``). Otherwise
+    the rows are laid out for ``torch.bmm``: ``gather`` picks the padded layout's rows from the activation;
+    ``scatter`` picks each activation row's result back from the layout's output, whose extra last row is zero
+    (rows of the base model). Both are gathers: ``index_add_`` would do the same but is orders of magnitude
+    slower on CPU.
     """
 
-    def __init__(self, segments: list[tuple[int, int, int]], rows: int, device: torch.device | str = "cpu") -> None:
-        groups: dict[int, list[int]] = {}
+    def __init__(self, segments: list[tuple[int, int, int]], rows: int, device: torch.device | str = "cpu",
+                 by_runs: bool | None = None) -> None:
+        runs: list[tuple[int, int, int]] = []
         for slot, start, count in segments:
-            groups.setdefault(slot, []).extend(range(start, start + count))
-        self.slots = frozenset(groups)
-        self.empty = not groups
-        if self.empty:
+            if count <= 0:
+                continue
+            if runs and runs[-1][0] == slot and runs[-1][2] == start:
+                runs[-1] = (slot, runs[-1][1], start + count)
+            else:
+                runs.append((slot, start, start + count))
+        self.runs = runs
+        # One run over every row: the slot, whose merged weight may be cheaper than the term (merged_rows).
+        self.whole = runs[0][0] if len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == rows else None
+        self.slots = frozenset(slot for slot, _, _ in runs)
+        self.empty = not runs
+        adapted = sum(end - start for _, start, end in runs)
+        if by_runs is None:
+            by_runs = len(runs) <= MAX_RUNS or adapted >= LONG_RUN * len(runs)
+        self.by_runs = by_runs
+        if self.empty or self.by_runs:
             return
+        groups: dict[int, list[int]] = {}
+        for slot, start, end in runs:
+            groups.setdefault(slot, []).extend(range(start, end))
         adapted = sum(len(g) for g in groups.values())
         self.m = m = max(1, math.ceil(adapted / len(groups)))
         chunk_slots: list[int] = []
@@ -66,17 +103,33 @@ class LoraBatch:
         self.valid = torch.tensor(valid, device=device).view(self.chunks, m, 1) if self.padded else None
 
     @classmethod
-    def for_rows(cls, row_slots: list[int | None], device: torch.device | str = "cpu") -> "LoraBatch":
+    def for_rows(cls, row_slots: list[int | None], device: torch.device | str = "cpu",
+                 by_runs: bool | None = None) -> "LoraBatch":
         """One row per entry (decode): the slot of each row, None for the base model."""
-        return cls([(s, i, 1) for i, s in enumerate(row_slots) if s is not None], len(row_slots), device)
+        return cls([(s, i, 1) for i, s in enumerate(row_slots) if s is not None], len(row_slots), device, by_runs)
 
 
-def lora_delta(x: Tensor, batch: LoraBatch, A: Tensor, Bt: Tensor, rank: int) -> Tensor:
-    """The LoRA term ``(rows, d_out)`` of flattened activations ``x (rows, d_in)``, zero on base-model rows.
+def merged_rows(d_in: int, d_out: int) -> int:
+    """Rows from which ``W + Bt^T A`` (``2 r d_in d_out`` flops, one weight-sized temporary) costs less than the
+    term on every row (``2 n r (d_in + d_out)`` flops and a pass over the output, which dominates on CPU)."""
+    return d_in * d_out // (d_in + d_out)
+
+
+def lora_delta(x: Tensor, batch: LoraBatch, A: Tensor, Bt: Tensor, rank: int, out: Tensor | None = None) -> Tensor:
+    """``out (rows, d_out)`` plus the LoRA term of flattened activations ``x (rows, d_in)``, added in place and
+    returned (zero on base-model rows); without ``out``, the term alone.
 
     ``A (slots, max_rank, d_in)`` and ``Bt (slots, max_rank, d_out)`` are the stacked factors, ``(s B)^T`` in
     ``Bt``; only their first ``rank`` rows are read (rows past an adapter's own rank are zero).
     """
+    if out is None:
+        out = x.new_zeros(x.shape[0], Bt.shape[-1])
+    if batch.empty:
+        return out
+    if batch.by_runs:
+        for slot, start, end in batch.runs:
+            out[start:end].addmm_(torch.mm(x[start:end], A[slot, :rank].T), Bt[slot, :rank])
+        return out
     if batch.slot_range is not None:
         A = A[batch.slot_range[0]:batch.slot_range[1], :rank]
         Bt = Bt[batch.slot_range[0]:batch.slot_range[1], :rank]
@@ -85,7 +138,8 @@ def lora_delta(x: Tensor, batch: LoraBatch, A: Tensor, Bt: Tensor, rank: int) ->
         Bt = Bt[:, :rank].index_select(0, batch.slot_index)
     d_in, d_out = A.shape[-1], Bt.shape[-1]
     if batch.identity:
-        return torch.bmm(torch.bmm(x.view(batch.chunks, batch.m, d_in), A.transpose(1, 2)), Bt).view(-1, d_out)
+        h = torch.bmm(x.view(batch.chunks, batch.m, d_in), A.transpose(1, 2))
+        return out.view(batch.chunks, batch.m, d_out).baddbmm_(h, Bt).view(-1, d_out)
     xs = x.index_select(0, batch.gather).view(batch.chunks, batch.m, d_in)
     h = torch.bmm(xs, A.transpose(1, 2))
     if batch.valid is not None:
@@ -93,4 +147,4 @@ def lora_delta(x: Tensor, batch: LoraBatch, A: Tensor, Bt: Tensor, rank: int) ->
     y = x.new_empty(batch.chunks * batch.m + 1, d_out)
     y[-1].zero_()
     torch.bmm(h, Bt, out=y[:-1].view(batch.chunks, batch.m, d_out))
-    return y.index_select(0, batch.scatter)
+    return out.add_(y.index_select(0, batch.scatter))

@@ -11,18 +11,21 @@ Every target module keeps two stacked tensors, allocated once on first use::
     Bt (max_loras, max_rank, d_out)         (s B)^T
 
 The term itself, over a batch whose rows each read one slot (or none, the base model), is ``lora_delta``
-(kernels.py: two gathers and two small matmuls), reading only the first ``r`` rows of each slot, ``r`` the
-largest rank among the batch's adapters on that module, not ``max_rank``. Weights are never folded, so any
-mix of adapters runs in the same forward.
+(kernels.py: per contiguous run of a slot, or through a padded layout for many short runs), added in place
+into the base output, reading only the first ``r`` rows of each slot, ``r`` the largest rank among the
+batch's adapters on that module, not ``max_rank``. The stored weights are never folded, so any mix of
+adapters runs in the same forward; a batch whose every row reads one slot, with enough rows (``merged_rows``),
+runs the base layer on a temporary merged weight instead, which is cheaper than the term on CPU.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ...methods.base import TARGETABLE, linear_shape
-from .kernels import LoraBatch, lora_delta
+from .kernels import LoraBatch, lora_delta, merged_rows
 
 
 class LoraContext:
@@ -44,16 +47,28 @@ class BatchedLoraLinear(nn.Module):
         self.ranks = [0] * max_loras  # rows of A/Bt that are nonzero, per slot
         self.A: Tensor | None = None
         self.Bt: Tensor | None = None
+        self.merge_rows = merged_rows(self.in_features, self.out_features)
+
+    def _merged(self, x: Tensor, slot: int, r: int) -> Tensor:
+        """Every row on one slot, enough of them: the base layer on a temporary merged weight, one GEMM."""
+        base = self.base_layer
+        if isinstance(base, nn.Linear):
+            return F.linear(x, torch.addmm(base.weight, self.Bt[slot, :r].T, self.A[slot, :r]), base.bias)
+        weight = torch.addmm(base.weight, self.A[slot, :r].T, self.Bt[slot, :r])  # Conv1D: (d_in, d_out)
+        return torch.addmm(base.bias, x.reshape(-1, self.in_features), weight).view(*x.shape[:-1], -1)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base_layer(x)
         batch = self.context.batch
         if batch is None or batch.empty or self.A is None:
-            return out
+            return self.base_layer(x)
         r = max(self.ranks[s] for s in batch.slots)
         if r == 0:
-            return out
-        return out.add_(lora_delta(x.reshape(-1, self.in_features), batch, self.A, self.Bt, r).view(out.shape))
+            return self.base_layer(x)
+        if batch.whole is not None and x.numel() >= self.merge_rows * self.in_features:
+            return self._merged(x, batch.whole, r)
+        out = self.base_layer(x)
+        lora_delta(x.reshape(-1, self.in_features), batch, self.A, self.Bt, r, out.view(-1, self.out_features))
+        return out
 
     @torch.no_grad()
     def write(self, slot: int, A: Tensor | None, B: Tensor | None, scale: float = 1.0) -> None:
