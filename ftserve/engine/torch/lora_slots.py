@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ...methods.base import TARGETABLE, linear_shape
+from ...methods.base import TARGETABLE, linear_shape, targetable_types
 from .kernels import LoraBatch, lora_delta, merged_rows
 
 
@@ -47,7 +47,10 @@ class BatchedLoraLinear(nn.Module):
         self.ranks = [0] * max_loras  # rows of A/Bt that are nonzero, per slot
         self.A: Tensor | None = None
         self.Bt: Tensor | None = None
-        self.merge_rows = merged_rows(self.in_features, self.out_features)
+        # Only the plain types: a subclass (bitsandbytes' Linear4bit is an nn.Linear) may not hold its weight as
+        # a dense matrix to add to.
+        self.merge_rows = merged_rows(self.in_features, self.out_features) \
+            if type(base_layer) in targetable_types() else None
 
     def _merged(self, x: Tensor, slot: int, r: int) -> Tensor:
         """Every row on one slot, enough of them: the base layer on a temporary merged weight, one GEMM."""
@@ -64,7 +67,7 @@ class BatchedLoraLinear(nn.Module):
         r = max(self.ranks[s] for s in batch.slots)
         if r == 0:
             return self.base_layer(x)
-        if batch.whole is not None and x.numel() >= self.merge_rows * self.in_features:
+        if batch.whole is not None and self.merge_rows is not None and x.numel() >= self.merge_rows * self.in_features:
             return self._merged(x, batch.whole, r)
         out = self.base_layer(x)
         lora_delta(x.reshape(-1, self.in_features), batch, self.A, self.Bt, r, out.view(-1, self.out_features))
