@@ -76,7 +76,6 @@ class LoraBatch:
         groups: dict[int, list[int]] = {}
         for slot, start, end in runs:
             groups.setdefault(slot, []).extend(range(start, end))
-        adapted = sum(len(g) for g in groups.values())
         self.m = m = max(1, math.ceil(adapted / len(groups)))
         chunk_slots: list[int] = []
         gather: list[int] = []
