@@ -167,7 +167,12 @@ class ServerProcess:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-c", "from ftserve.cli import main; main()", "serve", *self.args,
+        args = list(self.args)
+        # FTSERVE_TEST_PREFIX_CACHING=0 (conftest.py) reaches an engine in this process only; a server the test
+        # did not give either flag gets it off as well.
+        if os.environ.get("FTSERVE_TEST_PREFIX_CACHING") == "0" and not any("prefix-caching" in a for a in args):
+            args.append("--no-enable-prefix-caching")
+        cmd = [sys.executable, "-c", "from ftserve.cli import main; main()", "serve", *args,
                "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd)
