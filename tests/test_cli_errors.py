@@ -86,6 +86,14 @@ def test_the_library_speaks_python_and_the_command_its_flags(tmp_path, llama_dir
     assert result.exit_code == 2 and "must be > --max-num-seqs (16)" in result.output
 
 
+def test_option_names_in_a_path_stay_as_they_are(tmp_path, llama_dir, adapter):
+    """A folder named like an option (allow_pickle) is part of a path, not a Python name to translate."""
+    out = tmp_path / "allow_pickle" / "out"
+    out.mkdir(parents=True)
+    result = run("merge", llama_dir, adapter, "-o", out)
+    assert result.exit_code == 1 and f"{out} already exists; pass --force" in result.output.replace("\n", "")
+
+
 def test_no_library_progress_bars_unless_verbose(tmp_path, llama_dir, adapter):
     """transformers draws its "Loading weights" bar on stderr; `ftserve verify` loads the models three times."""
     assert run("merge", llama_dir, adapter, "-o", tmp_path / "m").exit_code == 0

@@ -15,18 +15,23 @@ import click
 
 def in_cli_words(message: str, command: click.Command | None = None) -> str:
     """``message`` with the command's option names as its flags: ``name=True`` -> ``--name``, ``name=X`` ->
-    ``--name X``, and a bare ``snake_case`` name -> ``--snake-case``."""
+    ``--name X``, and a bare ``snake_case`` name -> ``--snake-case``; never inside a path or a quoted value
+    (a folder named ``output_dir`` stays as it is)."""
     command = command or click.get_current_context().command
-    for param in command.params:
-        if not isinstance(param, click.Option) or not param.name:
-            continue
-        opt = max(param.opts, key=len)
-        name = re.escape(param.name)
-        message = re.sub(rf"\b{name}=True\b", opt, message)
-        message = re.sub(rf"\b{name}=", f"{opt} ", message)
-        if "_" in param.name:
-            message = re.sub(rf"(?<![-\w]){name}\b", opt, message)
-    return message
+    options = [p for p in command.params if isinstance(p, click.Option) and p.name]
+    parts = _VERBATIM.split(message)  # even indexes: prose; odd: paths and quoted values, kept verbatim
+    for i in range(0, len(parts), 2):
+        for param in options:
+            opt, name = max(param.opts, key=len), re.escape(param.name)
+            parts[i] = re.sub(rf"\b{name}=True\b", opt, parts[i])
+            parts[i] = re.sub(rf"\b{name}=", f"{opt} ", parts[i])
+            if "_" in param.name:
+                parts[i] = re.sub(rf"(?<![-\w]){name}\b", opt, parts[i])
+    return "".join(parts)
+
+
+# A quoted value, or a word holding a path separator.
+_VERBATIM = re.compile(r"""('[^'\n]*'|"[^"\n]*"|[^\s'"]*[/\\][^\s'"]*)""")
 
 
 def clean_errors(command):
