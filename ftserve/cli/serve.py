@@ -136,7 +136,8 @@ def read_api_key_file(path: Path, given: bool) -> str:
               help="vllm: fraction of each GPU's memory vLLM may use. [default: vLLM's, 0.9]")
 @click.option("--enforce-eager", is_flag=True, help="vllm: no CUDA graphs (less memory, slower decoding).")
 @click.option("--quantization", "-q", default=None, help="vllm: how the weights are quantized (vLLM's names: awq, "
-                                                          "gptq, fp8, bitsandbytes, ...).")
+                                                          "gptq, fp8, compressed-tensors, ...; vLLM 0.32 has no "
+                                                          "bitsandbytes).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: int, api_key: str | None,

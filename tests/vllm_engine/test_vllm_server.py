@@ -294,3 +294,14 @@ def test_chat_logprobs_bytes_rebuild_multi_token_characters_on_vllm(tmp_path):
     finally:
         proc.stop()
     assert text == MULTI_BYTE_ANSWER and joined == text.encode() + b"</s>" and "\ufffd" in tokens
+
+
+def test_a_quantization_this_vllm_lacks_is_refused_by_name_before_loading(llama_dir):
+    """vLLM 0.32 has no bitsandbytes; its own error would come from the engine process, after the load began."""
+    from ftserve.engine.options import EngineOptions, EngineOptionsError
+    from ftserve.engine.vllm.engine import VllmEngine
+
+    with pytest.raises(EngineOptionsError) as info:
+        VllmEngine.from_options(llama_dir, EngineOptions(quantization="bitsandbytes")).engine_args()
+    assert info.value.name == "quantization" and "16-bit base" in info.value.reason and "fp8" in info.value.reason
+    assert VllmEngine.from_options(llama_dir, EngineOptions(quantization="fp8")).engine_args().quantization == "fp8"

