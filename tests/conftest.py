@@ -1,5 +1,6 @@
 """Shared fixtures: tiny models and a tokenizer built locally; never the network."""
 
+import json
 import os
 import shutil
 
@@ -11,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from ftserve.engine.options import EngineOptions  # noqa: E402
-from ftserve.testing import build_tokenizer, save_tiny_model, tiny_gpt2, tiny_llama  # noqa: E402
+from ftserve.testing import build_tokenizer, save_tiny_model, tiny_gpt2, tiny_llama, toy_sentences  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: one thread is as fast and immune to a busy machine
 
@@ -85,3 +86,33 @@ def hub_cache(tmp_path, llama_dir, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     return snapshot
+
+
+@pytest.fixture
+def datasets_cache(tmp_path, monkeypatch):
+    """An offline datasets cache holding one hub dataset, someone/toy-rows (48 ``text`` rows), in the layout
+    ``load_dataset`` leaves after downloading it (``someone___toy-rows/default/0.0.0/<commit>``), written by
+    datasets' own json builder; returns its rows. Offline, ``load_dataset("someone/toy-rows")`` reads it back
+    through datasets' Cache builder."""
+    import datasets.config
+    from datasets.data_files import DataFilesDict
+    from datasets.load import configure_builder_class
+    from datasets.packaged_modules.json.json import Json, JsonConfig
+
+    rows = [{"text": s} for s in toy_sentences(48)]
+    source = tmp_path / "downloaded" / "train.jsonl"
+    source.parent.mkdir()
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cache = tmp_path / "datasets"
+    files = DataFilesDict.from_patterns({"train": [str(source)]})
+    builder_class = configure_builder_class(Json, [JsonConfig(name="default", data_files=files)], "default", "toy-rows")
+    builder = builder_class(cache_dir=str(cache), dataset_name="toy-rows", config_name="default", hash="0" * 40)
+    # A hub download's builder has the repo id, which puts the namespace in the folder name; given to the
+    # constructor it would insist that the data files be hf:// paths of that repo, so it is set after.
+    builder.repo_id = "someone/toy-rows"
+    builder._cache_dir = builder._build_cache_dir()
+    builder.download_and_prepare()
+    source.unlink()  # nothing left to read but the cache
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    return rows

@@ -203,3 +203,11 @@ def test_eval_data_is_evaluated_every_eval_steps_and_at_the_end(llama_dir, data,
     steps = [e["step"] for e in json.loads((out / "training_log.json").read_text()) if "eval_loss" in e]
     assert steps == [2, 4, 5]
     assert "eval loss" in result.output
+
+
+def test_a_dataset_id_in_the_local_cache_trains_offline(llama_dir, datasets_cache, tmp_path):
+    out = tmp_path / "adapter"
+    result = run_cli(str(llama_dir), "someone/toy-rows", "-o", str(out), *common(2))
+    assert result.exit_code == 0, result.output
+    assert "someone/toy-rows" in (out / "README.md").read_text()
+    assert read_adapter(out).extra["steps_done"] == 2

@@ -99,3 +99,10 @@ def test_a_missing_file_and_an_unknown_format_are_named(tmp_path):
     (tmp_path / "d.txt").write_text("hello\n")
     with pytest.raises(DataError, match=r"unknown data format '.txt'"):
         load_rows(tmp_path / "d.txt")
+
+
+def test_a_dataset_id_is_read_from_the_local_cache_offline(datasets_cache):
+    dataset, where = load_rows("someone/toy-rows")
+    assert list(dataset) == datasets_cache and where[0] == "someone/toy-rows row 1"
+    with pytest.raises(DataError, match="someone/other-rows: no such data file, and not a dataset in the local cache"):
+        load_rows("someone/other-rows")
