@@ -99,3 +99,63 @@ def test_a_missing_file_and_an_unknown_format_are_named(tmp_path):
     (tmp_path / "d.txt").write_text("hello\n")
     with pytest.raises(DataError, match=r"unknown data format '.txt'"):
         load_rows(tmp_path / "d.txt")
+
+
+# A dataset id, read offline from the local datasets cache -------------------------------------------------
+
+# datasets' own json builder, run as load_dataset runs it after downloading ``someone/toy-rows``: it writes
+# ``{cache}/someone___toy-rows/default/0.0.0/{hash}/toy-rows-train.arrow`` and its dataset_info.json, the layout
+# that offline load_dataset's Cache builder looks up (config folder named after the config, then version, hash).
+CACHE_A_DOWNLOAD = """
+import sys
+from datasets.packaged_modules.json.json import Json
+
+builder = Json(cache_dir=sys.argv[1], dataset_name="someone___toy-rows", config_name="default", config_id="default",
+               hash="0123abcd", data_files={"train": sys.argv[2]})
+builder.dataset_name = "toy-rows"  # the arrow file is named after the dataset, without its namespace
+builder.download_and_prepare()
+"""
+
+READ_ROWS = """
+import json, sys
+from ftserve.errors import DataError
+from ftserve.train.data import load_rows
+
+try:
+    dataset, where = load_rows(sys.argv[1])
+except DataError as exc:
+    print(json.dumps({"error": str(exc)}))
+else:
+    print(json.dumps({"rows": dataset.to_list(), "where": where}))
+"""
+
+
+def _python(code: str, *args: str, env: dict) -> dict | None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import ftserve
+
+    here = str(Path(ftserve.__file__).parents[1])  # the child imports the ftserve under test
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, check=False,
+                            env={**os.environ, "PYTHONPATH": here, **env})
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    return json.loads(lines[-1]) if lines else None
+
+
+def test_a_dataset_id_is_read_offline_from_the_local_datasets_cache(tmp_path):
+    rows = [{"prompt": "2+2=", "completion": " 4"}, {"prompt": "3+3=", "completion": " 6"}]
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets"),
+           "HF_HUB_OFFLINE": "1"}
+    _python(CACHE_A_DOWNLOAD, env["HF_DATASETS_CACHE"], write_jsonl(tmp_path / "download.jsonl", rows), env=env)
+    (tmp_path / "download.jsonl").unlink()  # only the cache is left, as after a download
+
+    read = _python(READ_ROWS, "someone/toy-rows", env=env)
+    assert read == {"rows": rows, "where": ["someone/toy-rows row 1", "someone/toy-rows row 2"]}
+
+    missing = _python(READ_ROWS, "someone/not-cached", env=env)
+    assert missing["error"].startswith("someone/not-cached: no such data file, and not a dataset in the local cache")
+    assert "\n" not in missing["error"]
