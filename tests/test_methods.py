@@ -13,6 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ftserve import FineTuningConfig, FineTuningModel, load_adapter
+from ftserve.methods.frozen_projection import drop_mask
 
 from helpers import (METHODS, MODELS, TOY_IDS, closed_form_trainable, logits, randomise_adapter,
                      saved_activation_bytes, small_llama, start_step, target_shapes, train)
@@ -514,3 +515,42 @@ def test_delta_lora_stays_exact_on_a_bf16_base():
             xb = x.to(torch.bfloat16)
             expected = (layer.base_layer(xb).double() + xb.double() @ deployed.T).to(torch.bfloat16)
             torch.testing.assert_close(layer(xb), expected, rtol=1.6e-2, atol=1e-2)
+
+
+# Dropout under a frozen A (LoRA-FA, VeRA) -----------------------------------------------------------------
+
+def test_frozen_projection_mask_keeps_one_minus_p_and_repeats_from_its_seed():
+    shape = torch.Size([64, 1000])
+    mask = drop_mask(shape, 0.25, seed=7, device=torch.device("cpu"))
+    assert mask.shape == shape and mask.dtype == torch.bool
+    # 64000 Bernoulli(0.25) draws: the standard deviation of the dropped fraction is about 0.0017.
+    assert abs(mask.float().mean().item() - 0.25) < 0.01
+    assert torch.equal(mask, drop_mask(shape, 0.25, seed=7, device=torch.device("cpu")))
+    assert not torch.equal(mask, drop_mask(shape, 0.25, seed=8, device=torch.device("cpu")))
+    assert not drop_mask(shape, 1e-12, seed=7, device=torch.device("cpu")).any()
+
+
+def test_vera_with_dropout_saves_no_full_size_input_and_backward_uses_the_forward_mask():
+    torch.manual_seed(0)
+    d = 256
+    model = FineTuningModel(nn.Sequential(nn.Linear(d, d)), FineTuningConfig(method="vera", lora_r=4, lora_dropout=0.5,
+                                                                             target_modules=["0"])).train()
+    layer = model.adapter_layers["0"]
+    with torch.no_grad():
+        layer.vera_lambda_b.fill_(1.0)
+    x = (torch.rand(8, d) + 0.5).requires_grad_(True)
+    assert saved_activation_bytes(model, lambda: model(x).sum()) <= 8 * 4 * 4 * 2 + 8 * d * 4  # r-dim u, v; B v
+    torch.manual_seed(3)
+    y = layer(x)
+    y.sum().backward()
+    torch.manual_seed(3)
+    x_ref = x.detach().clone().requires_grad_(True)
+    with torch.no_grad():
+        seed = int(torch.randint(0, 2**62, ()).item())  # the seed the layer drew
+    kept = ~drop_mask(x.shape, 0.5, seed, x.device)
+    A, B = layer.shared.slices(d, d, x.device, x.dtype)
+    W, bias = layer.base_layer.weight, layer.base_layer.bias
+    ref = F.linear(x_ref, W, bias) + F.linear(layer.vera_lambda_d.detach() * F.linear(x_ref * kept * 2.0, A), B)
+    ref.sum().backward()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,8 @@ The pair is Kaiming-uniform from a CPU generator seeded with ``projection_prng_k
 the largest targeted layer and sliced per layer, as PEFT does, so the same seed gives PEFT's matrices. Because
 the slices depend on which layers are targeted, the pair is saved with the adapter. ``b`` starts at zero,
 ``d`` at ``d_initial``. There is no alpha/r scale. Dense delta ``diag(b) B_l diag(d) A_l``; exact plain-LoRA
-export at rank r: ``A' = diag(d) A_l``, ``B' = diag(b) B_l``, s = 1.
+export at rank r: ``A' = diag(d) A_l``, ``B' = diag(b) B_l``, s = 1. A_l is frozen, so ``A_l dropout(x)`` is
+``frozen_projection``: backward keeps neither x nor a dropout mask.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .base import AdapterLayer, AdapterMethod, LoraFactors, check_int, check_number
+from .frozen_projection import frozen_projection
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tensor:
@@ -82,17 +84,21 @@ class VeraLayer(AdapterLayer):
         kw = {"device": self.weight_device, "dtype": torch.float32}
         self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features, **kw))
         self.vera_lambda_d = nn.Parameter(torch.full((r,), float(d_initial), **kw))
-        self.vera_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_p = dropout
         object.__setattr__(self, "shared", shared)  # not a submodule: the pair is saved once, not per layer
+
+    def project_down(self, x: Tensor, A: Tensor) -> Tensor:
+        """The r-dim ``d * (A_l dropout(x))``; A is frozen, so neither x nor the dropout mask is kept."""
+        return self.vera_lambda_d * frozen_projection(x, A, self.dropout_p if self.training else 0.0)
 
     def delta(self, x: Tensor) -> Tensor:
         A, B = self.shared.slices(self.out_features, self.in_features, x.device, x.dtype)
-        return self.vera_lambda_b * F.linear(self.vera_lambda_d * F.linear(self.vera_dropout(x), A), B)
+        return self.vera_lambda_b * F.linear(self.project_down(x, A), B)
 
     def add_delta(self, out: Tensor, x: Tensor) -> Tensor:
         x = x.to(self.vera_lambda_d.dtype)
         A, B = self.shared.slices(self.out_features, self.in_features, x.device, x.dtype)
-        v = self.vera_lambda_d * F.linear(self.vera_dropout(x), A)
+        v = self.project_down(x, A)
         if out.dtype != v.dtype or torch.is_autocast_enabled(out.device.type):
             return out + (self.vera_lambda_b * F.linear(v, B)).to(out.dtype)
         return _AddScaledUp.apply(out, v, B, self.vera_lambda_b)
