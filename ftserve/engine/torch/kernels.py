@@ -5,7 +5,9 @@ For the rows of one forward pass, each row ``i`` reading slot ``a(i)`` (or none:
     delta_i = B_{a(i)} (A_{a(i)} x_i)          (the scale s folded into B when a slot is written)
 
 The step's rows come as segments (a decode row, a prompt chunk); adjacent segments of one slot merge into
-runs. Profiled on the 100M benchmark model (fp32, 2 threads), the term's cost was not its flops (3-4%) but
+runs. The scheduler orders a step's decodes and its prompt chunks by slot, so each slot's rows are usually
+one run per kind (scheduler.py), and decodes of equal counts per slot make the padded layout below the
+identity (no gathers). Profiled on the 100M benchmark model (fp32, 2 threads), the term's cost was not its flops (3-4%) but
 the passes over memory around them: the row gathers of the padded layout, a separate delta tensor and its
 ``add_``. So there are two paths, picked per batch (``LoraBatch.by_runs``):
 
