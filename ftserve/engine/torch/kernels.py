@@ -109,7 +109,7 @@ class LoraBatch:
 
     @classmethod
     def for_rows(cls, row_slots: list[int | None], device: torch.device | str = "cpu",
-                 by_runs: bool | None = None) -> "LoraBatch":
+                 by_runs: bool | None = None) -> LoraBatch:
         """One row per entry (decode): the slot of each row, None for the base model."""
         return cls([(s, i, 1) for i, s in enumerate(row_slots) if s is not None], len(row_slots), device, by_runs)
 
