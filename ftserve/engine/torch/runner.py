@@ -37,7 +37,6 @@ from torch import Tensor, nn
 from ...errors import ServingError
 from .kv_blocks import BLOCK_SIZE, blocks_for
 from .paged_attention import attention_groups
-from .swapped_linear import install as install_swapped_linear
 
 Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 
@@ -92,7 +91,6 @@ class Runner:
     def __init__(self, model: nn.Module, max_len: int, kv_cache_memory: int | float | None, max_num_seqs: int,
                  n_layers: int, n_heads: int, n_kv: int, head_dim: int) -> None:
         self.model = model
-        install_swapped_linear(model)  # faster base GEMMs, bit for bit the same (swapped_linear.py)
         self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, head_dim
         self.max_len = max_len
         weight = model.get_output_embeddings().weight
