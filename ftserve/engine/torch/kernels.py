@@ -5,9 +5,7 @@ For the rows of one forward pass, each row ``i`` reading slot ``a(i)`` (or none:
     delta_i = B_{a(i)} (A_{a(i)} x_i)          (the scale s folded into B when a slot is written)
 
 The step's rows come as segments (a decode row, a prompt chunk); adjacent segments of one slot merge into
-runs. The scheduler orders a step's decodes and its prompt chunks by slot, so each slot's rows are usually
-one run per kind (scheduler.py), and decodes of equal counts per slot make the padded layout below the
-identity (no gathers). Profiled on the 100M benchmark model (fp32, 2 threads), the term's cost was not its flops (3-4%) but
+runs. Profiled on the 100M benchmark model (fp32, 2 threads), the term's cost was not its flops (3-4%) but
 the passes over memory around them: the row gathers of the padded layout, a separate delta tensor and its
 ``add_``. So there are two paths, picked per batch (``LoraBatch.by_runs``):
 
@@ -40,10 +38,6 @@ from torch import Tensor
 # chunks), are cheaper one by one.
 MAX_RUNS = 4
 LONG_RUN = 16
-# Measured and dropped (same model shapes, 2 threads): for decode, one GEMM over every resident slot's factors
-# (``x @ A[lo:hi].reshape(-1, d_in).T``, a 0/1 mask, one ``addmm_``) cost 150-330 us a projection against 87-160
-# us for the padded layout, since at 8 slots x rank 16 its extra flops outweigh the gathers; for prefill runs,
-# per-slot merged weights (``W + Bt_s^T A_s``, one GEMM per run) cost 51-156 ms against 48-124 ms for the runs.
 
 
 class LoraBatch:
@@ -109,7 +103,7 @@ class LoraBatch:
 
     @classmethod
     def for_rows(cls, row_slots: list[int | None], device: torch.device | str = "cpu",
-                 by_runs: bool | None = None) -> LoraBatch:
+                 by_runs: bool | None = None) -> "LoraBatch":
         """One row per entry (decode): the slot of each row, None for the base model."""
         return cls([(s, i, 1) for i, s in enumerate(row_slots) if s is not None], len(row_slots), device, by_runs)
 

@@ -31,8 +31,8 @@ frees the blocks and slots of the requests that finished or were cancelled.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -87,7 +87,7 @@ class Sequence:
 
 @dataclass
 class StepPlan:
-    """One step: ``pieces`` for the runner, decodes first, then prompt chunks, each by slot (``owners[i]`` owns
+    """One step: ``pieces`` for the runner, decodes first, then prompt chunks (``owners[i]`` owns
     ``pieces[i]``); the requests ``admitted`` this step (their first chunks are among the pieces); the LoRA
     ``segments`` ``(slot, first token, tokens)`` of the flattened step; and ``sampled``, the pieces that yield
     a next token (a decode, or a prompt's last chunk)."""
@@ -132,8 +132,7 @@ class Scheduler:
         for seq in [s for s in self.running if s.cached >= s.prefill_len]:
             if id(seq) not in self.preempted and self._reserve(seq, seq.cached + 1):
                 decodes.append(seq)
-        # Home-row decodes first, by row, so the runner reads them through one view of the cache (_by_slot
-        # then orders each kind by adapter slot).
+        # Home-row decodes first, by row, so the runner reads them through one view of the cache.
         decodes.sort(key=lambda s: (0, s.home) if s.in_home else (1, 0))
         for seq in decodes:
             plan.pieces.append(Piece(seq.cached, [seq.output[-1]], seq.blocks, seq.home if seq.in_home else None))
@@ -148,7 +147,6 @@ class Scheduler:
             kept = [(p, s) for p, s in zip(plan.pieces, plan.owners) if id(s) not in self.preempted]
             plan.pieces, plan.owners = [p for p, _ in kept], [s for _, s in kept]
             plan.decodes = sum(s.cached >= s.prefill_len for s in plan.owners)
-        _by_slot(plan)
         offset = 0
         for i, (piece, seq) in enumerate(zip(plan.pieces, plan.owners)):
             if seq.slot is not None:
@@ -272,17 +270,3 @@ class Scheduler:
         if retired:
             self.running = [s for s in self.running if not (s.finished or s.cancelled)]
         return retired
-
-
-def _by_slot(plan: StepPlan) -> None:
-    """Order the decodes, then the prompt chunks, by adapter slot (stable; home-row decodes still first), so
-    each slot's rows are one contiguous LoRA run (kernels.py: no row gathers, fewer and longer GEMMs). Every
-    row of a step is computed on its own, so the order changes no token; attention groups follow it."""
-    def key(i: int) -> tuple:
-        piece, seq = plan.pieces[i], plan.owners[i]
-        decode = i < plan.decodes
-        return (not decode, decode and piece.home is None, -1 if seq.slot is None else seq.slot)
-
-    order = sorted(range(len(plan.pieces)), key=key)
-    plan.pieces = [plan.pieces[i] for i in order]
-    plan.owners = [plan.owners[i] for i in order]
