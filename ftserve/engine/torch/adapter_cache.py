@@ -32,6 +32,7 @@ from torch import Tensor
 from ..adapter_files import read_checked
 from ..frontend import RegisteredAdapter
 from .lora_slots import LoraSlots
+from .openmp import release_pool
 
 _LOADS = itertools.count(1)  # kv_key 0 is the base model's
 SlotFactors = dict[str, tuple[Tensor, Tensor, float]]  # module -> (A (r, d_in), B (d_out, r), scale)
@@ -51,10 +52,14 @@ class AdapterRecord(RegisteredAdapter):
 
 def read_factors(path: Path, shapes: dict[str, tuple[int, int]], max_rank: int,
                  root: Path | None = None) -> tuple[Any, SlotFactors]:
-    """``read_checked`` (../adapter_files.py), the factors as this engine's slots take them."""
-    folder, exported = read_checked(path, shapes, max_rank, root)
-    return folder, {name: (f.A.detach().float().contiguous(), f.B.detach().float().contiguous(), float(f.scale))
-                    for name, f in exported.items()}
+    """``read_checked`` (../adapter_files.py), the factors as this engine's slots take them. Run off the engine
+    thread, it gives back the OpenMP pool its torch work made on this thread (openmp.py)."""
+    try:
+        folder, exported = read_checked(path, shapes, max_rank, root)
+        return folder, {name: (f.A.detach().float().contiguous(), f.B.detach().float().contiguous(),
+                               float(f.scale)) for name, f in exported.items()}
+    finally:
+        release_pool()
 
 
 class AdapterCache:

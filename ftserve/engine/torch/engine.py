@@ -46,6 +46,7 @@ from .core import EngineCore
 from .detokenize import OutputStream
 from .kv_blocks import BlockPool
 from .lora_slots import LoraSlots
+from .openmp import release_pool
 from .sampling import make_generator
 from .scheduler import Sequence
 
@@ -144,6 +145,7 @@ class TorchEngine(FrontendMethods):
         if self._loop is None:
             self._loop = loop
             self.adapters.bind()
+            release_pool()  # this thread's OpenMP workers (it likely loaded the model) would slow the engine's
             self.core.thread.start()
         elif self._loop is not loop:
             raise EngineClosedError("this engine runs on another event loop; use it from the loop that started it")
