@@ -100,6 +100,27 @@ def test_blocks_follow_the_tokens_and_a_home_row_is_read_in_place():
     assert scheduler.pool.used() == 1 and scheduler.pool.row_taken == [False, True, False, False]
 
 
+def test_a_cached_prefix_brings_its_home_row_when_no_one_holds_it():
+    """A request whose cached prefix is the first blocks of a row nobody holds takes that row as its home (its
+    decodes read the cache in place); while the request that computed them still runs, it reads through its
+    block table."""
+    scheduler, _ = make_scheduler(blocks=16)
+    prompt = list(range(1, 34))  # 33 tokens: two full blocks, named once computed
+    first = request(scheduler, prompt, max_tokens=1)
+    step(scheduler)
+    assert first.finished and first.home is None and scheduler.pool.row_taken == [False] * 4
+    again = request(scheduler, prompt, max_tokens=3)
+    plan, _ = step(scheduler)
+    assert again.blocks[:2] == [0, 1] and again.home == 0 and again.in_home
+    assert plan.pieces[0].start == 32 and plan.pieces[0].home == 0
+    plan, _ = step(scheduler)  # its decode: in its home row
+    assert plan.pieces[0].home == 0 and again.blocks == [0, 1, 2]
+    beside = request(scheduler, prompt, max_tokens=3)  # the same prefix while its row is held
+    plan, _ = step(scheduler)
+    assert beside.blocks[:2] == [0, 1] and beside.home is None and not beside.in_home
+    assert [p.home for p in plan.pieces] == [0, None]
+
+
 def test_the_newest_request_is_preempted_by_recomputation_and_continues_without_losing_or_repeating_tokens():
     """Two requests in a 3-block pool (one of 4-block rows is too few: the pool's one row needs 4 blocks, so
     row_blocks 2 here): when the oldest needs a block, the newest goes back to the queue, prefills its prompt and

@@ -92,8 +92,20 @@ class BlockPool:
     # Taking and returning -----------------------------------------------------------------------------
 
     def assign_home(self, seq: BlockTable) -> None:
-        """Give ``seq`` (holding no blocks) a row no sequence holds or references, if any: the one with the
-        fewest cached blocks (which it would evict), the lowest of those."""
+        """Give ``seq`` a home row, if it can have one. Holding no blocks: a row no sequence holds or
+        references, the one with the fewest cached blocks (which it would evict), the lowest of those. Holding
+        a cached prefix (``lookup``): the row those blocks lead, if they are its first blocks in order and no
+        sequence holds it (usually the row of the request that computed them, since ended), so that its
+        decodes too read the cache in place; else none."""
+        if seq.blocks:
+            row = seq.blocks[0] // self.row_blocks
+            first = row * self.row_blocks
+            if row < self.rows and not self.row_taken[row] and seq.blocks == list(range(first, first + len(seq.blocks))):
+                self.row_taken[row] = True
+                seq.home, seq.in_home = row, True
+            else:
+                seq.home, seq.in_home = None, False
+            return
         free = [row for row in range(self.rows) if not self.row_taken[row] and self.row_refs[row] == 0]
         if not free:
             seq.home, seq.in_home = None, False

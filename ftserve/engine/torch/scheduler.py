@@ -243,8 +243,7 @@ class Scheduler:
             pool.release(seq)
             seq.cached = 0
             return False
-        if not seq.blocks:
-            pool.assign_home(seq)
+        pool.assign_home(seq)
         return True
 
     def _dequeue(self, seq: Sequence) -> None:
