@@ -145,10 +145,12 @@ class TorchEngine(FrontendMethods):
         if self._loop is None:
             self._loop = loop
             self.adapters.bind()
-            release_pool()  # this thread's OpenMP workers (it likely loaded the model) would slow the engine's
             self.core.thread.start()
         elif self._loop is not loop:
             raise EngineClosedError("this engine runs on another event loop; use it from the loop that started it")
+        # OpenMP workers that torch work on this thread made (loading the model, a user's code between
+        # requests) would slow the engine thread's (openmp.py); a no-op when there are none.
+        release_pool()
 
     # Requests ---------------------------------------------------------------------------------------------
 

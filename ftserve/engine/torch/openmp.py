@@ -12,9 +12,10 @@ thread against 63 ms on another thread (no adapter), 58 against 71 (one adapter)
 mixed): the LoRA term's many small GEMMs suffered most.
 
 So those threads give their pools back with OpenMP 5's ``omp_pause_resource_all``, which frees the calling
-thread's pool only (a later parallel region on that thread makes a new one): the engine's start does it on
-its caller's thread, and an adapter read does it on its executor thread when it is done. Torch work a user
-runs beside a live engine on another thread makes a pool again; that costs speed, never correctness.
+thread's pool only (a later parallel region on that thread makes a new one), and costs well under a
+microsecond when there is none: every call into the engine on its event loop's thread (start, each request,
+each load) does it there, and an adapter read does it on its executor thread when it is done. Torch work a
+user runs beside a live engine on a thread of their own keeps a pool; that costs speed, never correctness.
 
 vLLM's CPU worker is a process of its own, so it does not meet this. With another OpenMP runtime (Intel's, or
 macOS builds), or none, ``release_pool`` does nothing.
