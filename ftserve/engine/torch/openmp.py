@@ -40,7 +40,7 @@ def _libgomp() -> ctypes.CDLL | None:
             paths = {line.split()[-1] for line in maps if "libgomp" in line and "/" in line}
     except OSError:
         return None
-    for path in sorted(paths):
+    for path in sorted(paths, key=lambda p: ("/torch/" not in p, p)):  # torch's own first, if there are two
         try:
             lib = ctypes.CDLL(path)
         except OSError:
