@@ -14,6 +14,7 @@ from ftserve.cli import main
 from ftserve.engine.base import AdapterInfo, GenerationRequest, SamplingParams
 from ftserve.engine.torch import TorchEngine
 from ftserve.engine.torch.adapter_cache import AdapterCache, AdapterRecord
+from ftserve.engine.torch.kernels import LoraBatch
 from ftserve.engine.torch.kv_blocks import BlockPool
 from ftserve.engine.torch.lora_slots import LoraSlots
 from ftserve.engine.torch.scheduler import Scheduler, Sequence
@@ -98,6 +99,21 @@ def test_blocks_follow_the_tokens_and_a_home_row_is_read_in_place():
     seq.cancelled = True
     scheduler.retire()
     assert scheduler.pool.used() == 1 and scheduler.pool.row_taken == [False, True, False, False]
+
+
+def test_decodes_are_grouped_by_adapter_slot_so_each_slots_rows_are_one_run():
+    """Requests of two adapters and the base admitted interleaved: their decodes come base first, then each
+    slot's rows together, so the step's LoRA segments merge into one run per slot (kernels.py gathers no rows)."""
+    scheduler, cache = make_scheduler(blocks=32, row_blocks=4)
+    a, b = adapter(cache, "a"), adapter(cache, "b")
+    seqs = [request(scheduler, range(1, 5), record=record, max_tokens=3) for record in (a, b, None, a, b, None)]
+    step(scheduler)  # the prompts, in admission order
+    plan, _ = step(scheduler)
+    assert plan.decodes == 6 and all(p.home is not None for p in plan.pieces)
+    assert [seq.adapter for seq in plan.owners] == [None, None, a, a, b, b]
+    assert [(slot, n) for slot, _, n in plan.segments] == [(a.slot, 1)] * 2 + [(b.slot, 1)] * 2
+    assert len(LoraBatch(plan.segments, plan.tokens).runs) == 2
+    assert {seq.home for seq in seqs} == set(range(6))
 
 
 def test_a_cached_prefix_brings_its_home_row_when_no_one_holds_it():

@@ -132,8 +132,9 @@ class Scheduler:
         for seq in [s for s in self.running if s.cached >= s.prefill_len]:
             if id(seq) not in self.preempted and self._reserve(seq, seq.cached + 1):
                 decodes.append(seq)
-        # Home-row decodes first, by row, so the runner reads them through one view of the cache.
-        decodes.sort(key=lambda s: (0, s.home) if s.in_home else (1, 0))
+        # Home-row decodes first, so the runner reads them through one view of the cache; within each kind by
+        # adapter slot, so each slot's rows are one run and the LoRA term needs no row gathers (kernels.py).
+        decodes.sort(key=lambda s: (not s.in_home, -1 if s.slot is None else s.slot, s.home or 0))
         for seq in decodes:
             plan.pieces.append(Piece(seq.cached, [seq.output[-1]], seq.blocks, seq.home if seq.in_home else None))
             plan.owners.append(seq)
