@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent("""
     def os_threads():
         return len(os.listdir("/proc/self/task"))
 
-    def settled(expected):  # a joined thread may linger in /proc for a moment
+    def settled(expected):  # a joined or freed thread may linger in /proc for a moment
         deadline = time.monotonic() + 5
         while os_threads() != expected and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent("""
         parallel_work()  # this thread's first parallel region: libgomp gives it a pool
         got["with_pool"] = os_threads()
         release_pool()
-        got["released"] = os_threads()
+        got["released"] = settled(got["with_pool"] - 1)  # its freed worker exits a moment later
         parallel_work()  # torch still runs here, on a new pool
         got["again"] = os_threads()
 
@@ -58,7 +58,7 @@ SCRIPT = textwrap.dedent("""
     other.join()
     got["after_other_release"] = settled(got["main_pool"])
     release_pool()
-    got["main_released"] = os_threads()
+    got["main_released"] = settled(got["main_pool"] - 1)
     print(json.dumps(got))
 """)
 
