@@ -27,12 +27,16 @@ from ..config import EXTRA_KEY, FineTuningConfig
 from ..errors import AdapterFileError, ConfigError
 from ..methods import LoraFactors, get_method
 from .atomic import atomic_output_dir, fsync
+from .strict_json import read_json_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 SETTINGS = "ftserve_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
 PREFIX = "base_model.model."
+# adapter_config.json and ftserve_config.json hold a few settings, and a rank or size per module at most: a few
+# KB, a few hundred KB for the largest models. A file past this is not an adapter config, and is not read.
+MAX_CONFIG_BYTES = 4 * 2**20
 SHARED_PREFIX = "base_model."
 
 
@@ -115,10 +119,7 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
 
 
 def _read_json(file: Path):
-    try:
-        return json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFileError(f"{file}: not valid JSON ({exc})") from None
+    return read_json_file(file, max_bytes=MAX_CONFIG_BYTES, error=AdapterFileError)
 
 
 def config_from_dict(raw: dict) -> FineTuningConfig:
