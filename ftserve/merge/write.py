@@ -201,6 +201,10 @@ def _fold_block(t: OutputTensor, reader: TensorReader, buffers: queue.SimpleQueu
             f = t.fold
             delta = _scratch.get("delta", (shape[1], shape[0]) if f.transposed else shape)
             out.copy_(f.block(weight, delta, start, stop))
+            if not torch.isfinite(out).all():  # the plan bounds the delta; this is exact, per block
+                raise CheckpointError(f"{t.name}: folding the adapters gives inf or NaN in {t.dtype} in rows "
+                                      f"{start}-{stop - 1}; nothing was written. Lower the adapters' weights or "
+                                      f"scale, or merge to a wider dtype")
     return buffer, size
 
 
