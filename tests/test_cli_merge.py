@@ -120,7 +120,8 @@ def test_merge_refuses_a_nan_or_inf_weight(tmp_path, llama_dir, adapters, weight
 def test_merge_refuses_a_weight_that_overflows_float32(tmp_path, llama_dir, adapters):
     result = run("merge", llama_dir, f"{adapters / 'lora'}:1e39", "-o", tmp_path / "merged")
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "weight 1e+39 times the scale 2 overflows float32" in result.output, result.output
+    assert "beyond the largest finite float32 value" in result.output, result.output
+    assert "Lower weight 1e+39 x the adapter's scale 2\n" in result.output, result.output
     assert list(tmp_path.iterdir()) == []
 
 

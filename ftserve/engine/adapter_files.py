@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ..errors import AdapterFileError
 from ..files.adapter_folder import AdapterFolder, read_adapter
 from ..files.confinement import confine_folder
@@ -14,13 +16,16 @@ from ..methods import LoraFactors
 from .errors import AdapterLoadError, PathOutsideAdapterRootError
 
 
-def read_checked(path: Path, shapes: dict[str, tuple[int, int]], max_rank: int,
-                 root: Path | None = None) -> tuple[AdapterFolder, dict[str, LoraFactors]]:
+def read_checked(path: Path, shapes: dict[str, tuple[int, int]], max_rank: int, root: Path | None = None,
+                 dtype: torch.dtype = torch.float32) -> tuple[AdapterFolder, dict[str, LoraFactors]]:
     """Read and check an adapter folder against the base model; its exact plain-LoRA factors per module.
 
     Every method exports exact plain-LoRA factors (VeRA slices its shared pair with each module's input size,
-    taken from the base model), so one code path serves all five. With ``root``, the folder is first checked
-    to hold nothing that resolves outside it (PathOutsideAdapterRootError, 403).
+    taken from the base model), so one code path serves all five. Every size is checked against the base's
+    shapes and ``max_rank`` before the factors are built, and the factors must be finite in the serving
+    ``dtype`` (LoraFactors.overflow), so nothing that fails at its first request, or costs more memory than
+    its rank allows, is loaded. With ``root``, the folder is first checked to hold nothing that resolves
+    outside it (PathOutsideAdapterRootError, 403).
     """
     if root is not None:
         try:
@@ -36,8 +41,16 @@ def read_checked(path: Path, shapes: dict[str, tuple[int, int]], max_rank: int,
     if missing:
         raise AdapterLoadError(f"{path}: adapter for another base model: it targets {missing[:3]}"
                                f"{' ...' if len(missing) > 3 else ''}, which this base model lacks or cannot adapt")
+    method = folder.config.adapter_method
+    for name, state in folder.modules.items():
+        d_out, d_in, _ = method.state_shape(state)
+        if d_out != shapes[name][0] or d_in not in (None, shapes[name][1]):
+            raise AdapterLoadError(f"{path}: adapter for another base model: {name} is {shapes[name][0]} x "
+                                   f"{shapes[name][1]} here, the adapter's tensors are for {d_out} x {d_in or '?'}")
     try:
-        exported = folder.lora_factors(in_features={name: d_in for name, (_, d_in) in shapes.items()})
+        in_features = {name: d_in for name, (_, d_in) in shapes.items()}
+        folder.check_ranks(in_features, max_rank)
+        exported = folder.lora_factors(in_features=in_features)
     except AdapterFileError as exc:
         raise AdapterLoadError(str(exc)) from None
     except (RuntimeError, ValueError, IndexError, KeyError) as exc:
@@ -54,4 +67,8 @@ def read_checked(path: Path, shapes: dict[str, tuple[int, int]], max_rank: int,
         problem = f.non_finite()
         if problem:
             raise AdapterLoadError(f"{path}: {name}: {problem}; the adapter is corrupt or its training diverged")
+        problem = f.overflow(dtype)
+        if problem:
+            raise AdapterLoadError(f"{path}: {name}: {problem}, so every request on it would fail; lower its "
+                                   f"lora_alpha (or the weights), or serve in a wider dtype")
     return folder, exported

@@ -27,12 +27,16 @@ from ..config import EXTRA_KEY, FineTuningConfig
 from ..errors import AdapterFileError, ConfigError
 from ..methods import LoraFactors, get_method
 from .atomic import atomic_output_dir, fsync
+from .strict_json import read_json_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 SETTINGS = "ftserve_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
 PREFIX = "base_model.model."
+# adapter_config.json and ftserve_config.json hold a few settings, and a rank or size per module at most: a few
+# KB, a few hundred KB for the largest models. A file past this is not an adapter config, and is not read.
+MAX_CONFIG_BYTES = 4 * 2**20
 SHARED_PREFIX = "base_model."
 
 
@@ -51,11 +55,17 @@ class AdapterFolder:
         return {k: int(v) for k, v in (self.extra.get("module_in_features") or {}).items()}
 
     def lora_factors(self, in_features: dict[str, int] | None = None) -> dict[str, LoraFactors]:
-        """Exact plain-LoRA factors of every module. VeRA needs each layer's input size (recorded by us)."""
+        """Exact plain-LoRA factors of every module. VeRA needs each layer's input size (recorded by us).
+
+        Sizes are checked before anything is built from them (``check_ranks``, and the method's own
+        ``export_shared``), so a small file cannot make us allocate what its config declares."""
         method = get_method(self.config.method)
         sizes = {**self.in_features(), **(in_features or {})}
+        self.check_ranks(sizes)
         try:
             shared = method.export_shared(self.config, self.modules, self.shared, sizes)
+        except AdapterFileError as exc:
+            raise AdapterFileError(f"{self.path}: {exc}") from None
         except ValueError as exc:
             raise AdapterFileError(f"{self.path}: {exc}; pass the base model") from None
         factors = {}
@@ -65,6 +75,25 @@ class AdapterFolder:
             except ValueError as exc:
                 raise AdapterFileError(f"{self.path}: {exc}; pass the base model to supply layer sizes") from None
         return factors
+
+
+    def check_ranks(self, in_features: dict[str, int], max_rank: int | None = None) -> None:
+        """Refuse a module whose rank exceeds ``max_rank`` (an engine's ``max_lora_rank``) or ``d_out + d_in``.
+
+        A rank beyond ``min(d_out, d_in)`` adds nothing to the delta; the looser ``d_out + d_in`` leaves room
+        for VeRA's customary large ranks while keeping a module's factors within a few times the size of the
+        weight it adapts, however large a rank the files declare."""
+        method = get_method(self.config.method)
+        for name, state in self.modules.items():
+            d_out, d_in, rank = method.state_shape(state)
+            d_in = d_in or in_features.get(name)
+            if max_rank is not None and rank > max_rank:
+                raise AdapterFileError(f"{self.path}: rank {rank} on {name} exceeds the engine's max_lora_rank "
+                                       f"{max_rank}; start the engine with max_lora_rank >= {rank}")
+            if d_in is not None and rank > d_out + d_in:
+                raise AdapterFileError(f"{self.path}: rank {rank} on {name}, a {d_out} x {d_in} layer, is more "
+                                       f"than its {d_out + d_in} rows and columns together; the adapter is "
+                                       f"corrupt or not for this model")
 
 
 def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> AdapterFolder:
@@ -115,10 +144,7 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
 
 
 def _read_json(file: Path):
-    try:
-        return json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFileError(f"{file}: not valid JSON ({exc})") from None
+    return read_json_file(file, max_bytes=MAX_CONFIG_BYTES, error=AdapterFileError)
 
 
 def config_from_dict(raw: dict) -> FineTuningConfig:

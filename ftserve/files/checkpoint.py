@@ -12,6 +12,7 @@ header first, then bytes in order, never holding a whole tensor or shard.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from torch import Tensor
 
 from ..errors import CheckpointError
 from .hub import resolve_folder
+from .shard_index import agreeing_tensors, read_weight_map, shard_path
+from .strict_json import StrictJSONError, loads_strict, read_json_file
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -35,6 +38,9 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+HEADER_DEPTH = 3  # {name: {"shape": [...]}}, and "__metadata__": {key: string}
+MAX_CONFIG_BYTES = 16 * 2**20  # config.json: a few KB; label maps make some larger
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 
 
@@ -83,10 +89,7 @@ class Checkpoint:
         file = self.path / "config.json"
         if not file.is_file():
             return {}
-        try:
-            return json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{file}: not valid JSON ({exc})") from None
+        return read_json_file(file, max_bytes=MAX_CONFIG_BYTES, error=CheckpointError)
 
     def pickled_tensor(self, entry: TensorEntry) -> Tensor:
         return self._pickles[entry.file][entry.name]
@@ -106,64 +109,80 @@ def read_safetensors_header(file: Path) -> tuple[dict, int]:
             if len(raw) != 8:
                 raise CheckpointError(f"{file}: too short to be a safetensors file")
             (length,) = struct.unpack("<Q", raw)
-            if length > 100 * 2**20 or length > os.fstat(f.fileno()).st_size:
+            if length > MAX_HEADER_BYTES or length > os.fstat(f.fileno()).st_size:
                 raise CheckpointError(f"{file}: header length {length} is implausible; corrupt safetensors file")
-            header = json.loads(f.read(length))
+            header = loads_strict(f.read(length), what=f"{file}: its safetensors header", max_depth=HEADER_DEPTH)
     except OSError as exc:
         raise CheckpointError(f"{file}: cannot read ({exc.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{file}: corrupt safetensors header ({exc})") from None
+    except StrictJSONError as exc:
+        raise CheckpointError(f"{exc.message}; corrupt safetensors file") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: its safetensors header is not a JSON object; corrupt safetensors file")
     header.pop("__metadata__", None)
     return header, 8 + length
 
 
 def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Checkpoint:
     """List a model folder's tensors: safetensors (sharded or not), or pickled ``.bin`` only when allowed,
-    read with ``torch.load(weights_only=True, mmap=True)``."""
+    read with ``torch.load(weights_only=True, mmap=True)``. A checkpoint whose shards and index disagree, or
+    whose files lie outside the folder, is refused (see shard_index.py)."""
     path = Path(path)
     for index_name, single, pickled in ((INDEX, SINGLE, False), (PICKLE_INDEX, PICKLE_SINGLE, True)):
         if (path / index_name).is_file():
-            try:
-                weight_map = json.loads((path / index_name).read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{path / index_name}: not a valid shard index ({exc})") from None
-            files = [path / f for f in dict.fromkeys(weight_map.values())]
+            weight_map = read_weight_map(path / index_name)
+            files = [shard_path(path, name, index_name) for name in dict.fromkeys(weight_map.values())]
         elif (path / single).is_file():
-            files = [path / single]
+            weight_map, files = None, [shard_path(path, single, single)]
         else:
             continue
-        missing = [f for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{path}: the shard index names {missing[0].name}, which is missing")
         if pickled:
-            return _open_pickled(path, files, allow_pickle)
-        tensors: dict[str, TensorEntry] = {}
-        for file in files:
-            header, start = read_safetensors_header(file)
-            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                if info["dtype"] not in SAFETENSORS_DTYPES:
-                    raise CheckpointError(f"{file}: tensor {name} has dtype {info['dtype']}, which we cannot read")
-                begin, end = info["data_offsets"]
-                tensors[name] = TensorEntry(name, file, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]),
-                                            start + begin, end - begin)
-        return Checkpoint(path, tensors)
+            listing, pickles = _open_pickled(path, files, allow_pickle)
+        else:
+            listing, pickles = {file: _stored_tensors(file) for file in files}, {}
+        tensors = agreeing_tensors(path / index_name, weight_map, listing)
+        return Checkpoint(path, tensors, pickled, pickles)
     raise CheckpointError(f"{path}: no {SINGLE}, {INDEX}, {PICKLE_SINGLE} or {PICKLE_INDEX}; not a model folder")
 
 
-def _open_pickled(path: Path, files: list[Path], allow_pickle: bool) -> Checkpoint:
+def _stored_tensors(file: Path) -> list[TensorEntry]:
+    """A safetensors file's tensors in data order, each checked to lie inside the file with the size its dtype
+    and shape give; a header that says otherwise would have us read another tensor's bytes."""
+    header, start = read_safetensors_header(file)
+    data_bytes = file.stat().st_size - start
+    entries = []
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            numel = math.prod(shape)
+            fits = all(type(v) is int and v >= 0 for v in (*shape, begin, end))
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(f"{file}: tensor {name} has no valid dtype, shape and data_offsets in the header; "
+                                  f"corrupt safetensors file") from None
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name} has dtype {dtype}, which we cannot read")
+        if not fits or end - begin != numel * SAFETENSORS_DTYPES[dtype].itemsize or end > data_bytes:
+            raise CheckpointError(f"{file}: tensor {name} ({dtype}, shape {list(shape)}) has data_offsets "
+                                  f"[{begin}, {end}), which are not its size or lie past the {data_bytes} bytes "
+                                  f"of data; corrupt or truncated safetensors file")
+        entries.append(TensorEntry(name, file, SAFETENSORS_DTYPES[dtype], shape, start + begin, end - begin))
+    return sorted(entries, key=lambda e: e.offset)
+
+
+def _open_pickled(path: Path, files: list[Path],
+                  allow_pickle: bool) -> tuple[dict[Path, list[TensorEntry]], dict[Path, dict[str, Tensor]]]:
     if not allow_pickle:
         raise CheckpointError(f"{path}: weights are pickled {files[0].name} files; refusing to unpickle them. "
                               f"Convert them to safetensors, or pass allow_pickle=True (read with weights_only=True)")
-    pickles, tensors = {}, {}
+    pickles, listing = {}, {}
     for file in files:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # torch raises many types for bad or unsafe pickles
             raise CheckpointError(f"{file}: cannot be read safely ({exc})") from None
         pickles[file] = state
-        for name, t in state.items():
-            tensors[name] = TensorEntry(name, file, t.dtype, tuple(t.shape), None, t.numel() * t.element_size())
-    return Checkpoint(path, tensors, pickled=True, _pickles=pickles)
+        listing[file] = [TensorEntry(name, file, t.dtype, tuple(t.shape), None, t.numel() * t.element_size())
+                         for name, t in state.items()]
+    return listing, pickles
 
 
 class TensorReader:

@@ -36,6 +36,7 @@ OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")
 INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
                     "tok_embeddings.weight")
 BLOCK_BYTES = 2 * 2**20   # fp32 bytes per folded block: fits in L2/L3, amortises per-op overhead
+WIDER = " or give dtype='float32'"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -160,8 +161,8 @@ def plan_merge(base: str | os.PathLike, adapters: list[AdapterSpec], dtype: str 
             notes.append(f"{spec.path}: adapter records base {recorded!r}, merging into {str(base)!r}; "
                          f"the shapes agree, so going ahead")
         folders.append((spec, folder))
-    folds, extra = _plan_folds(checkpoint, folders, tied)
     out_dtype = DTYPES[dtype] if dtype else None
+    folds, extra = _plan_folds(checkpoint, folders, tied, out_dtype)
     tensors = []
     for key, entry in list(checkpoint.tensors.items()) + list(extra.items()):
         target = out_dtype if out_dtype is not None and entry.dtype in FLOATS else entry.dtype
@@ -175,8 +176,8 @@ def plan_merge(base: str | os.PathLike, adapters: list[AdapterSpec], dtype: str 
     return MergePlan(str(base), checkpoint, folders, tensors, _shard(tensors, limit), config, dtype_name, notes)
 
 
-def _plan_folds(checkpoint: Checkpoint, folders: list[tuple[AdapterSpec, AdapterFolder]],
-                tied: bool) -> tuple[dict[str, Fold], dict[str, TensorEntry]]:
+def _plan_folds(checkpoint: Checkpoint, folders: list[tuple[AdapterSpec, AdapterFolder]], tied: bool,
+                out_dtype: torch.dtype | None) -> tuple[dict[str, Fold], dict[str, TensorEntry]]:
     """Per output key, the fold of every adapter targeting it; and output keys not stored in the base (a tied
     output embedding), with the stored tensor they start from."""
     per_key: dict[str, list[tuple[float, Tensor, Tensor, float]]] = {}
@@ -201,8 +202,8 @@ def _plan_folds(checkpoint: Checkpoint, folders: list[tuple[AdapterSpec, Adapter
             sizes[module], keys[module] = (shape[0] if is_t else shape[1]), (key, entry, is_t)
         factors = folder.lora_factors(sizes)
         for module, f in factors.items():
-            _check_finite(folder, module, f, spec.weight)
             key, entry, is_t = keys[module]
+            _check_finite(folder, module, f, spec.weight, out_dtype or entry.dtype)
             need = (f.B.shape[0], f.A.shape[1])
             have = tuple(entry.shape[::-1]) if is_t else tuple(entry.shape)
             if need != have:
@@ -228,17 +229,23 @@ def _plan_folds(checkpoint: Checkpoint, folders: list[tuple[AdapterSpec, Adapter
     return folds, extra
 
 
-def _check_finite(folder: AdapterFolder, module: str, factors: LoraFactors, weight: float) -> None:
+def _check_finite(folder: AdapterFolder, module: str, factors: LoraFactors, weight: float,
+                  dtype: torch.dtype) -> None:
     """A NaN or inf in an adapter (a diverged training run, a damaged file) spreads to every row of the weight
-    it is folded into, and the merged model still loads; refuse it before anything is written. B is checked
-    as the fold scales it too, in fp32, where a huge weight overflows."""
+    it is folded into, and the merged model still loads; refuse it before anything is written. So is a delta
+    that overflows, as the fold scales it (in fp32) or in the dtype it is written in (LoraFactors.overflow)."""
     problem = factors.non_finite()
     if problem:
         raise AdapterFileError(f"{folder.path}: module {module}: {problem}; the adapter is corrupt or its training "
                                f"diverged, so retrain it or use an earlier checkpoint")
-    if not torch.isfinite(factors.B.float() * (factors.scale * weight)).all():
-        raise ConfigError(f"{folder.path}: module {module}: weight {weight:g} times the scale {factors.scale:g} "
-                          f"overflows float32 in its LoRA factor B; give a smaller weight")
+    if dtype not in FLOATS:
+        return  # refused by the caller: not a weight we fold into
+    for width in dict.fromkeys((torch.float32, dtype)):
+        problem = LoraFactors(factors.A, factors.B, factors.scale * weight).overflow(width)
+        if problem:
+            why = f"weight {weight:g} x the adapter's scale {factors.scale:g}" if weight != 1 else "its scale"
+            raise ConfigError(f"{folder.path}: module {module}: {problem}; the merged weights would hold inf. "
+                              f"Lower {why}{WIDER if width != torch.float32 else ''}")
 
 
 def _find_weight(checkpoint: Checkpoint, module: str, tied: bool,

@@ -73,6 +73,7 @@ def verify_merge(base: str | os.PathLike, adapters: list[AdapterSpec], merged: s
 
     base_path = resolve_base(base)
     merged_path = resolve_base(merged)
+    open_checkpoint(base_path)  # refuse a base whose shards and index disagree (shard_index.py) before loading it
     stored = _stored_dtypes(merged_path)
     dtype = max(stored.values(), key=list(stored.values()).count) if stored else torch.float32
     load = functools.partial(AutoModelForCausalLM.from_pretrained, dtype=torch.float32)

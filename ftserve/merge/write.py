@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
-from ..files.atomic import atomic_output_dir
+from ..files.atomic import OutputChangedError, atomic_output_dir
 from ..files.checkpoint import INDEX, TensorReader, copy_range, safetensors_header
 from .plan import BLOCK_BYTES, COPIED_SUFFIXES, NOT_COPIED, AdapterSpec, MergePlan, OutputTensor, plan_merge
 
@@ -71,6 +71,8 @@ def merge_checkpoint(base: str | os.PathLike, adapters: list[AdapterSpec], out_d
             for child in tmp.iterdir():
                 child.chmod(0o644)
             files = sorted(p.name for p in tmp.iterdir())
+    except OutputChangedError:  # another writer won the output: its own message says so
+        raise
     except OSError as exc:  # a full disk, a file-size limit, a failing drive
         raise CheckpointError(f"{out_dir}: merge failed, output left as it was ({exc.strerror or exc}"
                               f"{f': {exc.filename}' if exc.filename else ''})") from None
@@ -199,6 +201,10 @@ def _fold_block(t: OutputTensor, reader: TensorReader, buffers: queue.SimpleQueu
             f = t.fold
             delta = _scratch.get("delta", (shape[1], shape[0]) if f.transposed else shape)
             out.copy_(f.block(weight, delta, start, stop))
+            if not torch.isfinite(out).all():  # the plan bounds the delta; this is exact, per block
+                raise CheckpointError(f"{t.name}: folding the adapters gives inf or NaN in {t.dtype} in rows "
+                                      f"{start}-{stop - 1}; nothing was written. Lower the adapters' weights or "
+                                      f"scale, or merge to a wider dtype")
     return buffer, size
 
 

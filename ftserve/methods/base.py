@@ -93,6 +93,28 @@ class LoraFactors:
                 return f"its LoRA factor {name} holds {bad} NaN or inf value(s) of {value.numel()}"
         return None
 
+    def overflow(self, dtype: torch.dtype) -> str | None:
+        """What of the served form overflows ``dtype``, ``"scale 4 x lora_B reaches 7.1e+04, beyond the largest
+        finite float16 value 6.55e+04"``, or None.
+
+        The served form is A and ``scale * B`` in the serving dtype, and an engine may fold ``scale * B @ A``
+        into a temporary weight of that dtype (a batch on one adapter), so each must be finite there. The
+        dense delta is bounded without forming it: ``|(B A)_ij| <= ||B_i|| ||A_:,j||`` (Cauchy-Schwarz), in
+        float64 so that the check itself cannot overflow. An adapter past it loads fine and then turns every
+        request's activations into inf and NaN; a trained adapter is many orders of magnitude below it."""
+        if not self.A.numel() or not self.B.numel():
+            return None
+        limit, s = torch.finfo(dtype).max, abs(float(self.scale))
+        A, B = self.A.double(), self.B.double()
+        for what, value in (("lora_A reaches", A.abs().max()), (f"scale {self.scale:g} x lora_B reaches",
+                                                                  B.abs().max() * s),
+                            (f"the delta scale {self.scale:g} x lora_B @ lora_A may reach",
+                             B.norm(dim=1).max() * A.norm(dim=0).max() * s)):
+            if float(value) > limit:
+                return (f"{what} {float(value):.3g}, beyond the largest finite "
+                        f"{str(dtype).removeprefix('torch.')} value {limit:.3g}")
+        return None
+
 
 def add_low_rank(out: Tensor, u: Tensor, B: Tensor, scale: float) -> Tensor:
     """``out + scale * u B^T`` as one ``addmm``: no pass over the activations for the scale or the add.

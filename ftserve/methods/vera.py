@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import AdapterFileError, ConfigError
 from .base import AdapterLayer, AdapterMethod, LoraFactors, check_int, check_number
 from .frozen_projection import frozen_projection
 
@@ -181,12 +181,26 @@ class Vera(AdapterMethod):
         return {"module_in_features": {name: layer.in_features for name, layer in layers.items()}}
 
     def export_shared(self, config, modules, shared, in_features):
+        self.check_rank(config, modules, shared)
         if shared:
             return shared
         if set(in_features) < set(modules):
             raise ValueError("VeRA adapter saved without its projections and without layer sizes")
         pair = self.create_shared(config, [(s["vera_lambda_b"].shape[0], in_features[n]) for n, s in modules.items()])
         return {"vera_A": pair.vera_A, "vera_B": pair.vera_B}
+
+    @staticmethod
+    def check_rank(config, modules, shared) -> None:
+        """One rank r everywhere: the config's, each ``vera_lambda_d``'s length, the saved pair's. The config's
+        r sizes the pair rebuilt for an adapter saved without it (``r x max_in`` and ``max_out x r``), so a
+        config that declares more than its tensors hold is refused before that allocation."""
+        r = config.lora_r
+        lengths = sorted({state["vera_lambda_d"].shape[0] for state in modules.values()})
+        pair = {key: tuple(shared[key].shape) for key in ("vera_A", "vera_B") if key in shared}
+        if lengths != [r] or pair.get("vera_A", (r,))[0] != r or pair.get("vera_B", (0, r))[-1] != r:
+            raise AdapterFileError(f"the config declares VeRA rank r={r}, but its vera_lambda_d vectors have "
+                                   f"length {', '.join(map(str, lengths))}{f' and its pair is {pair}' if pair else ''}; "
+                                   f"the adapter is corrupt")
 
     def state_shape(self, state):
         return state["vera_lambda_b"].shape[0], None, state["vera_lambda_d"].shape[0]

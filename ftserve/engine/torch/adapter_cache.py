@@ -50,12 +50,12 @@ class AdapterRecord(RegisteredAdapter):
     kv_key: int = field(default_factory=lambda: next(_LOADS))
 
 
-def read_factors(path: Path, shapes: dict[str, tuple[int, int]], max_rank: int,
-                 root: Path | None = None) -> tuple[Any, SlotFactors]:
-    """``read_checked`` (../adapter_files.py), the factors as this engine's slots take them. Run off the engine
-    thread, it gives back the OpenMP pool its torch work made on this thread (openmp.py)."""
+def read_factors(path: Path, slots: LoraSlots, max_rank: int, root: Path | None = None) -> tuple[Any, SlotFactors]:
+    """``read_checked`` (../adapter_files.py) for ``slots``' modules and dtype, the factors as the slots take
+    them. Run off the engine thread, it gives back the OpenMP pool its torch work made on this thread
+    (openmp.py)."""
     try:
-        folder, exported = read_checked(path, shapes, max_rank, root)
+        folder, exported = read_checked(path, slots.shapes(), max_rank, root, slots.dtype)
         return folder, {name: (f.A.detach().float().contiguous(), f.B.detach().float().contiguous(),
                                float(f.scale)) for name, f in exported.items()}
     finally:

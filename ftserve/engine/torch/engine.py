@@ -220,7 +220,7 @@ class TorchEngine(FrontendMethods):
         if name not in self._reads:
             loop = asyncio.get_running_loop()
             root = self.adapters.records[name].root  # the caller holds a pin, so the record is there
-            future = loop.run_in_executor(None, read_factors, path, self.shapes, self.max_lora_rank, root)
+            future = loop.run_in_executor(None, read_factors, path, self.slots, self.max_lora_rank, root)
             self._reads[name] = future
             future.add_done_callback(lambda _: self._reads.pop(name, None))
         _, factors = await asyncio.shield(self._reads[name])
@@ -238,7 +238,7 @@ class TorchEngine(FrontendMethods):
         self._bind_loop()
         resolved, root = await self.adapters.locate(name, path, root)
         loop = asyncio.get_running_loop()
-        folder, factors = await loop.run_in_executor(None, read_factors, resolved, self.shapes, self.max_lora_rank,
+        folder, factors = await loop.run_in_executor(None, read_factors, resolved, self.slots, self.max_lora_rank,
                                                      root)
         # The check read_factors made also covered the tokenizer files, read just after it.
         tokenizer = await loop.run_in_executor(None, adapter_tokenizer, resolved)

@@ -120,6 +120,13 @@ class LoraSlots:
             setattr(model.get_submodule(parent) if parent else model, child, layer)
             self.layers[name] = layer
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The serving dtype adapters must fit (adapter_files.read_checked): the base layers' float dtype, float32
+        where none is a float."""
+        weights = (layer.base_layer.weight.dtype for layer in self.layers.values())
+        return next((d for d in weights if d.is_floating_point), torch.float32)
+
     def shapes(self) -> dict[str, tuple[int, int]]:
         """(d_out, d_in) of every adaptable module, by name."""
         return {name: (layer.out_features, layer.in_features) for name, layer in self.layers.items()}

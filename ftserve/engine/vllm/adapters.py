@@ -94,8 +94,9 @@ def content_key(path: Path, shapes: dict[str, tuple[int, int]]) -> str:
 
 
 def prepare(path: Path, shapes: dict[str, tuple[int, int]], max_rank: int, root: Path | None = None,
-            cache: Path | None = None) -> VllmAdapter:
-    """Check the adapter at ``path`` and write its plain-LoRA export for vLLM, once per content.
+            cache: Path | None = None, dtype: str = "float32") -> VllmAdapter:
+    """Check the adapter at ``path`` (for vLLM's serving ``dtype``, a name such as ``"bfloat16"``) and write its
+    plain-LoRA export for vLLM, once per content.
 
     The hash is taken before the folder is read, and the export is written from the factors that were checked,
     never from a second read: the cached folder holds checked content under whatever key it has.
@@ -104,7 +105,9 @@ def prepare(path: Path, shapes: dict[str, tuple[int, int]], max_rank: int, root:
         key = content_key(path, shapes) if path.is_dir() else None
     except OSError as exc:
         raise AdapterLoadError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    folder, factors = read_checked(path, shapes, max_rank, root)
+    import torch
+
+    folder, factors = read_checked(path, shapes, max_rank, root, getattr(torch, dtype))
     rank = max(f.rank for f in factors.values())
     export = (cache or cache_root()) / key
     if not (export / ADAPTER_WEIGHTS).is_file():

@@ -20,6 +20,7 @@ come from EngineOptions and are passed to ``AsyncEngineArgs`` as they are.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import time
@@ -287,7 +288,9 @@ class VllmEngine(FrontendMethods):
         self._check_open()
         resolved, root = await self.adapters.locate(name, path, root)
         loop = asyncio.get_running_loop()
-        ready = await loop.run_in_executor(None, prepare, resolved, self.shapes, self.max_lora_rank, root)
+        dtype = checkpoint_dtype(self.base) if self.options.dtype == "auto" else self.options.dtype
+        ready = await loop.run_in_executor(None, functools.partial(prepare, resolved, self.shapes, self.max_lora_rank,
+                                                                   root, dtype=dtype))
         tokenizer = await loop.run_in_executor(None, adapter_tokenizer, resolved)
         lora_id = self._lora_ids.setdefault(name, len(self._lora_ids) + 1)
         lora = LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=str(ready.export))
