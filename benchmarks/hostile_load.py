@@ -15,12 +15,18 @@ depend on its batch), 16 to 32 new tokens; they go through the official ``openai
   the whole time, at least one pass over every case: fan-out (``n`` > 1, prompt lists) with one prompt invalid,
   denormal temperature, vanishing repetition penalty, 5000-digit and 2**70 integers, 100000-deep nesting, lone
   surrogates, echo of token ids outside the vocabulary, bad ``logit_bias`` keys, unknown models, malformed JSON,
-  oversized bodies, clients that hang up 50 ms into a request or in the middle of a stream.
+  oversized bodies, clients that hang up 50 ms into a request or in the middle of a stream, chat and /tokenize
+  for two adapters whose own chat templates loop for ever or build 10 GB (``TEMPLATES``); and, all along,
+  ``SLOW`` connections that send nothing, stop inside their headers, declare a body and send part of it, or
+  declare one over the limit and send none of it (each must be closed by the server, with 408 or 413 where a
+  request had begun), and a /health probe every 50 ms (its p99 must stay under a second).
 
 Reported: normal answers equal to solo in each concurrent phase; hostile requests sent, their statuses (client side,
 and the server's own 5xx count from /metrics, which also sees requests whose client hung up), hung ones (no answer
-in 60 s), and every 5xx or hang with its body and ``alone``, its outcome when sent again by itself after the mixed
-phase (hung after 20 s), which tells a request that fails on its own from one failed by another in its batch;
+in 60 s), the slow connections' outcomes (how the server ended each, "hung" if it did not in 60 s), /health's
+latency during the mixed phase, the server's peak and current RSS before and after it, and every 5xx or hang
+with its body and ``alone``, its outcome when sent again by itself after the mixed phase (hung after 20 s), which
+tells a request that fails on its own from one failed by another in its batch;
 ``mixed_over_clean_p50`` (median latency of the normal requests, mixed against clean) and the wall times; at the
 end, the requests the server still serves, whether it is alive, /health answers 200 and SIGTERM exits 0. Last,
 ``health_while_tokenizing``: /health's latency while two ~3.9 MB prompts are being tokenized, against idle
@@ -51,6 +57,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import httpx  # noqa: E402
 import openai  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 from ftserve.testing import save_random_adapter, save_tiny_model, toy_sentences  # noqa: E402
 from serve_http import start_server  # noqa: E402  (this script's folder is on sys.path)
@@ -58,6 +65,15 @@ from serve_http import start_server  # noqa: E402  (this script's folder is on s
 BASE, ADAPTERS = "base", {"lora": "lora", "vera": "vera", "delta": "delta-lora"}
 MODELS = (BASE, *ADAPTERS)
 NORMAL, HOSTILE_WORKERS, HANG_S, ALONE_HANG_S, NORMAL_TIMEOUT_S = 32, 8, 60.0, 20.0, 300.0
+TEMPLATES = {"loop": "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+             "gigabytes": "{{ 'x' * 10**10 }}"}  # adapters with their own (hostile) chat template
+SLOW = {"idle": b"", "mid_headers": b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Ty",
+        "part_of_body": b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 100000\r\n\r\n{\"model\": ",
+        "body_over_limit": b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 1000000000\r\n\r\n"}
+SLOW_EACH = 75  # connections of each kind: 300 in all
+HEALTH_EVERY_S = 0.05
 
 
 def write_models(root: Path) -> tuple[Path, list[str]]:
@@ -65,7 +81,12 @@ def write_models(root: Path) -> tuple[Path, list[str]]:
     base = save_tiny_model(root / "base", "llama")
     for seed, (name, method) in enumerate(ADAPTERS.items()):
         save_random_adapter(base, method, root / name, seed)
-    return base, list(ADAPTERS)
+    for name, template in TEMPLATES.items():
+        save_random_adapter(base, "lora", root / name, seed=9)
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        tokenizer.chat_template = template
+        tokenizer.save_pretrained(root / name)
+    return base, [*ADAPTERS, *TEMPLATES]
 
 
 # Normal requests ----------------------------------------------------------------------------------------
@@ -183,6 +204,9 @@ def hostile_cases() -> list[tuple[str, str, bytes | dict, str]]:
                                 "ignore_eos": True, "stream": True}, "drop_stream"),
         ("chat_drop_mid_stream", chat, {"model": BASE, "messages": user, "n": 3, "max_tokens": 32,
                                         "ignore_eos": True, "stream": True}, "drop_stream"),
+        *[(f"chat_template_{name}", chat, {"model": name, "messages": user, "max_tokens": 4}, "send")
+          for name in TEMPLATES],
+        *[(f"tokenize_template_{name}", "/tokenize", {"model": name, "messages": user}, "send") for name in TEMPLATES],
     ]
 
 
@@ -241,6 +265,57 @@ async def hostile_stream(url: str, normal_done: asyncio.Event) -> tuple[collecti
     return statuses, {k: dict(v) for k, v in by_case.items()}, failures
 
 
+async def slow_connection(url: str, sent: bytes) -> str:
+    """How the server ended a connection that sent ``sent`` and then nothing: the status it answered ("closed"
+    without one), or "hung" if it was still open after ``HANG_S``."""
+    host, port = url.removeprefix("http://").split(":")
+    try:
+        reader, writer = await asyncio.open_connection(host, int(port))
+    except OSError as exc:
+        return type(exc).__name__
+    try:
+        writer.write(sent)
+        answer = await asyncio.wait_for(reader.read(), HANG_S)
+        return answer[9:12].decode() if answer.startswith(b"HTTP/1.1 ") else "closed"
+    except asyncio.TimeoutError:
+        return "hung"
+    except OSError as exc:
+        return type(exc).__name__
+    finally:
+        writer.close()
+
+
+async def slow_connections(url: str) -> dict:
+    kinds = [kind for kind in SLOW for _ in range(SLOW_EACH)]
+    outcomes = await asyncio.gather(*[slow_connection(url, SLOW[kind]) for kind in kinds])
+    by_kind = collections.defaultdict(collections.Counter)
+    for kind, outcome in zip(kinds, outcomes):
+        by_kind[kind][outcome] += 1
+    return {kind: dict(counter) for kind, counter in by_kind.items()}
+
+
+async def health_probe(url: str, stop: asyncio.Event) -> list[float]:
+    """/health's latency every ``HEALTH_EVERY_S`` until ``stop``; a non-200 answer counts as ``HANG_S``."""
+    latencies = []
+    async with httpx.AsyncClient(timeout=HANG_S) as client:
+        while not stop.is_set():
+            start = time.perf_counter()
+            try:
+                ok = (await client.get(url + "/health")).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            latencies.append(time.perf_counter() - start if ok else HANG_S)
+            await asyncio.sleep(HEALTH_EVERY_S)
+    return latencies
+
+
+def memory(pid: int) -> dict:
+    """The server's peak and current resident memory, MiB (Linux)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {key: round(int(fields[name].split()[0]) / 1024, 1) for key, name in (("peak_rss_mib", "VmHWM"),
+                                                                               ("rss_mib", "VmRSS"))}
+
+
 # The run ------------------------------------------------------------------------------------------------
 
 def server_counts(url: str) -> dict:
@@ -253,7 +328,7 @@ def server_counts(url: str) -> dict:
                                             if line.startswith("ftserve_requests_in_flight "))}
 
 
-async def measure(url: str) -> dict:
+async def measure(url: str, pid: int) -> dict:
     requests = normal_requests()
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
                                   timeout=NORMAL_TIMEOUT_S,
@@ -266,12 +341,18 @@ async def measure(url: str) -> dict:
             solo_s.append(seconds)
         clean, clean_s, clean_wall = await concurrently(client, requests)
 
+        memory_before = memory(pid)
         normal_done = asyncio.Event()
         hostile = asyncio.create_task(hostile_stream(url, normal_done))
+        slow = asyncio.create_task(slow_connections(url))
+        health = asyncio.create_task(health_probe(url, normal_done))
         await asyncio.sleep(0.2)  # the hostile workers are already at it when the normal ones arrive
         mixed, mixed_s, mixed_wall = await concurrently(client, requests)
         normal_done.set()
         statuses, by_case, failures = await hostile
+        health_s = await health
+        slow_outcomes = await slow
+        memory_after = memory(pid)
     for failure in failures:  # alone, so that a request failed by another one in its batch shows as such
         failure["alone"] = await hostile_one(url, *failure.pop("request"), hang_s=ALONE_HANG_S)
     differ = [{"request": i, **{k: requests[i][k] for k in ("chat", "stream", "model", "temperature")},
@@ -279,7 +360,11 @@ async def measure(url: str) -> dict:
               for i in range(NORMAL) if not solo[i] == clean[i] == mixed[i]]
     return {"differ": differ, "clean_exact_as_solo": sum(map(str.__eq__, solo, clean)),
             "mixed_exact_as_solo": sum(map(str.__eq__, solo, mixed)), "statuses": statuses, "by_case": by_case,
-            "failures": failures,
+            "failures": failures, "slow_connections": slow_outcomes,
+            "health_during_mixed": {"probes": len(health_s), "p50_s": round(statistics.median(health_s), 4),
+                                    "p99_s": round(sorted(health_s)[int(0.99 * (len(health_s) - 1))], 4),
+                                    "max_s": round(max(health_s), 4)},
+            "memory_before_mixed": memory_before, "memory_after_mixed": memory_after,
             "solo_sum_s": sum(solo_s), "clean_s": clean_s, "clean_wall_s": clean_wall, "mixed_s": mixed_s,
             "mixed_wall_s": mixed_wall}
 
@@ -338,7 +423,7 @@ def main() -> None:
         base, names = write_models(root)
         proc, url = start_server(base, root, names, root / "server.log")
         try:
-            run = asyncio.run(measure(url))
+            run = asyncio.run(measure(url, proc.pid))
             tokenizing = asyncio.run(health_while_tokenizing(url))
             counts = server_counts(url)
         finally:
@@ -351,7 +436,9 @@ def main() -> None:
     hung = statuses.get("hung", 0)
     fivexx = sum(n for s, n in statuses.items() if s.startswith("5"))
     exact = NORMAL - len(run["differ"])
+    slow_hung = sum(counter.get("hung", 0) for counter in run["slow_connections"].values())
     ok = (exact == NORMAL and fivexx == 0 and counts["server_counted_5xx"] == 0 and hung == 0 and end["server_alive"]
+          and slow_hung == 0 and run["health_during_mixed"]["p99_s"] < 1.0
           and tokenizing["huge_prompt_statuses"] == [400]
           and end["health_status"] == 200 and end["sigterm_exit"] == 0)
     print(json.dumps({
@@ -363,6 +450,9 @@ def main() -> None:
         "hostile_sent": sum(statuses.values()), "hostile_statuses": dict(sorted(statuses.items())),
         "hostile_5xx": fivexx, **counts, "hostile_hung": hung, "hang_after_s": HANG_S,
         "hostile_failures": run["failures"], "hostile_by_case": run["by_case"],
+        "slow_connections": run["slow_connections"], "slow_connections_hung": slow_hung,
+        "health_during_mixed": run["health_during_mixed"], "memory_before_mixed": run["memory_before_mixed"],
+        "memory_after_mixed": run["memory_after_mixed"],
         "solo_sum_s": round(run["solo_sum_s"], 3), "clean_wall_s": round(run["clean_wall_s"], 3),
         "mixed_wall_s": round(run["mixed_wall_s"], 3),
         "clean_p50_s": round(statistics.median(run["clean_s"]), 4),

@@ -204,13 +204,14 @@ class RawClient:
             writer.close()
 
 
-def start_server(base: Path, root: Path, names: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(base: Path, root: Path, names: list[str], log: Path,
+                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = [sys.executable, "-c", "from ftserve.cli import main; main()", "serve", str(base),
             "--served-model-name", "base", "--port", str(port), "--max-loras", str(ADAPTERS),
-            "--max-num-seqs", "32", "--log-level", "warning"]
+            "--max-num-seqs", "32", "--log-level", "warning", *extra]
     for name in names:
         args += ["--adapter", f"{name}={root / name}"]
     proc = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT)

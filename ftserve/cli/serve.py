@@ -118,6 +118,16 @@ def read_api_key_file(path: Path, given: bool) -> str:
               help="Larger request bodies are answered 413.")
 @click.option("--max-concurrent-requests", type=click.IntRange(min=1), default=256, show_default=True,
               help="Completion and chat requests served at once; more are answered 429 with Retry-After.")
+@click.option("--chat-template-timeout", type=click.FloatRange(min=0, min_open=True), default=5.0,
+              show_default=True,
+              help="Seconds a chat template may render (longer: 400), and a render may wait for a free worker "
+                   "(longer: 503).")
+@click.option("--header-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Seconds a client has to send a request line and headers; then the connection is closed.")
+@click.option("--body-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              help="Seconds a request body may pause between two parts; then 408 and the connection is closed.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Open HTTP connections; a new one beyond them is answered 503 and closed.")
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=None,
               help="On SIGTERM, seconds to let in-flight requests finish. [default: as long as they take]")
 @click.option("--tensor-parallel-size", "-tp", type=click.IntRange(min=1), default=1, show_default=True,
@@ -147,6 +157,7 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
           kv_cache_memory: str | None, enable_prefix_caching: bool, enable_adapter_api: bool,
           enable_adapter_resolution: bool,
           adapter_root: Path | None, max_request_bytes: int, max_concurrent_requests: int,
+          chat_template_timeout: float, header_timeout: float, body_timeout: float, max_connections: int,
           shutdown_timeout: float | None, tensor_parallel_size: int, pipeline_parallel_size: int,
           distributed_executor_backend: str | None, nnodes: int, node_rank: int, master_addr: str | None,
           master_port: int | None, headless: bool, gpu_memory_utilization: float | None, enforce_eager: bool,
@@ -227,7 +238,9 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
                                   enable_adapter_resolution=enable_adapter_resolution,
                                   adapter_root=adapter_root.resolve() if adapter_root else None,
                                   max_request_bytes=max_request_bytes,
-                                  max_concurrent_requests=max_concurrent_requests)
+                                  max_concurrent_requests=max_concurrent_requests,
+                                  chat_template_timeout=chat_template_timeout, header_timeout=header_timeout,
+                                  body_timeout=body_timeout, max_connections=max_connections)
         asyncio.run(run_server(served, settings, host, port, named, log_level, shutdown_timeout))
     except (FtserveError, ValueError, OSError) as exc:
         raise click.ClickException(in_cli_words(str(exc))) from None

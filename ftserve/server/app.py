@@ -186,13 +186,17 @@ def build_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     async def _ours(request: Request, exc: FtserveError):
         return error_response(exc)
 
-    @app.get("/health", responses={503: {"description": "Shutting down, or the engine has died",
+    @app.get("/health", responses={503: {"description": "Shutting down, the engine has died, or every prompt "
+                                                        "rendering worker is stuck",
                                          "content": {"application/json": {}}}})
     async def health():
         if serving.draining:
             return JSONResponse({"status": "shutting down"}, status_code=503)
         if not engine.healthy():
             return JSONResponse({"status": "engine stopped"}, status_code=503)
+        stuck = serving.renders.saturated()
+        if stuck:
+            return JSONResponse({"status": "saturated", "reason": stuck}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics", response_class=PlainTextResponse)
@@ -218,7 +222,8 @@ def build_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     @app.post("/tokenize")
     async def tokenize(request: Request):
         body = await parse(request, TokenizeRequest)
-        return await asyncio.to_thread(serving.tokenize, body)  # seconds for a 4 MiB prompt: off the event loop
+        # Seconds for a 4 MiB prompt, and messages render the model's chat template: on the render workers.
+        return await serving.renders.run(serving.tokenize, body, lane=body.model or "")
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
@@ -263,7 +268,7 @@ def build_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
     # Outermost last: metrics see every answer, auth runs before the body is read.
     app.add_middleware(UnexpectedErrorMiddleware)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes, timeout=settings.body_timeout)
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)

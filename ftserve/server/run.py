@@ -2,22 +2,33 @@
 
 On SIGTERM or SIGINT the server stops accepting connections, answers new requests on open connections with
 503, lets in-flight requests (streams included) finish, stops the engine and returns, so the process exits 0.
+With a shutdown timeout, requests still running after it are cancelled; and if the process has still not
+ended ``EXIT_GRACE`` seconds later (a thread that cannot be interrupted), it ends itself, with status 0.
+
+Connections are bounded (connections.py): header timeout, open-connection cap; request bodies are timed by
+``BodyLimitMiddleware``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
 import signal
+import sys
 import threading
 
 import uvicorn
 
 from ..engine.base import Engine
 from .app import build_app
+from .connections import BoundedH11Protocol
 from .serving import ServerSettings
 
 logger = logging.getLogger("ftserve.server")
+
+EXIT_GRACE = 5.0  # seconds past the shutdown timeout for the engine to stop, before the process ends itself
 
 
 class _GracefulServer(uvicorn.Server):
@@ -45,6 +56,19 @@ class _GracefulServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def _exit_after(seconds: float) -> None:
+    """A daemon timer that ends the process after ``seconds``: the last resort of a bounded shutdown."""
+
+    def end() -> None:
+        logger.error("the server did not stop within %.1f s of the signal; ending the process", seconds)
+        sys.stderr.flush()
+        os._exit(0)
+
+    timer = threading.Timer(seconds, end)
+    timer.daemon = True
+    timer.start()
+
+
 async def serve(engine: Engine, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000,
                 adapters: dict[str, str] | None = None, log_level: str = "info",
                 shutdown_timeout: float | None = None) -> None:
@@ -55,11 +79,18 @@ async def serve(engine: Engine, settings: ServerSettings, host: str = "127.0.0.1
             await engine.load_adapter(name, path)
             logger.info("loaded adapter %s from %s", name, path)
         app = build_app(engine, settings)
-        config = uvicorn.Config(app, host=host, port=port, lifespan="off", log_level=log_level,
-                                timeout_graceful_shutdown=shutdown_timeout, access_log=log_level == "debug")
+        protocol = functools.partial(BoundedH11Protocol, header_timeout=settings.header_timeout,
+                                     max_connections=settings.max_connections)
+        config = uvicorn.Config(app, host=host, port=port, lifespan="off", log_level=log_level, http=protocol,
+                                ws="none", timeout_graceful_shutdown=shutdown_timeout,
+                                access_log=log_level == "debug")
+        stopping = threading.Event()
 
         def drain() -> None:
             app.state.serving.draining = True
+            if shutdown_timeout is not None and not stopping.is_set():
+                _exit_after(shutdown_timeout + EXIT_GRACE)
+            stopping.set()
 
         await _GracefulServer(config, drain).serve()
     finally:

@@ -4,7 +4,8 @@
   KEY``; the key is compared in constant time (``hmac.compare_digest``) so response timing leaks nothing
   about it. ``/health`` and ``/metrics`` stay open, as in vLLM, for probes and scrapers.
 - ``BodyLimitMiddleware``: a body over the limit gets 413 before any handler or JSON parser sees it, whether
-  the client declares a Content-Length or streams chunks.
+  the client declares a Content-Length (answered before the body is read) or streams chunks; a body that
+  stalls gets 408.
 - ``confine``: the runtime load API reads adapter folders only under ``--adapter-root``; ``..``, absolute
   paths elsewhere and symlinks that lead out are refused. That covers the folder named; the files in it
   (a weights file that is a symlink to a file outside, say) are checked by the engine, which is given the
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 from pathlib import Path, PurePosixPath
@@ -21,12 +23,15 @@ from ..files.confinement import is_inside
 from .errors import APIError, error_bytes
 
 
-async def send_error(send, status: int, message: str, code: str, headers: dict[str, str] | None = None) -> None:
+async def send_error(send, status: int, message: str, code: str, headers: dict[str, str] | None = None,
+                     more_body: bool = False) -> None:
+    """An error object as the whole answer; with ``more_body``, the caller ends the response (its length is
+    declared, so the client has the whole answer already)."""
     body = error_bytes(status, message, code=code)
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": body, "more_body": more_body})
 
 
 # Besides /v1: vLLM leaves these open, but they name served models (and the schema, the adapter API's shape).
@@ -56,26 +61,46 @@ class ApiKeyMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Reads the whole body (at most ``limit`` bytes) before the app runs, then replays it. An oversized body
-    is read on and discarded, up to ``DRAIN_BYTES`` more, so that the client, still sending, gets the 413
-    instead of a reset connection."""
+    """Reads the whole body (at most ``limit`` bytes) before the app runs, then replays it.
+
+    A declared Content-Length over the limit is answered 413 at once, before any of the body is read (a client
+    that sends ``Expect: 100-continue`` never sends it); a body that grows past the limit is answered 413 when
+    it does; a body that pauses for more than ``timeout`` seconds between two parts is answered 408. Each of
+    these closes the connection, but only after reading on what the client still sends (at most
+    ``DRAIN_BYTES``, each part within ``timeout``): a client that writes its whole body before reading the
+    answer, as most do, then gets the error instead of a reset connection.
+    """
 
     DRAIN_BYTES = 64 * 1024 * 1024
 
-    def __init__(self, app, limit: int) -> None:
+    def __init__(self, app, limit: int, timeout: float) -> None:
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
-    async def _too_large(self, receive, send, more: bool) -> None:
+    async def _next(self, receive) -> dict | None:
+        """The next body message, or None if none came within the timeout."""
+        try:
+            return await asyncio.wait_for(receive(), self.timeout)
+        except TimeoutError:
+            return None
+
+    async def _refuse(self, receive, send, status: int, message: str, code: str, more: bool) -> None:
+        await send_error(send, status, message, code, {"Connection": "close"}, more_body=more)
+        if not more:
+            return
         drained = 0
         while more and drained < self.DRAIN_BYTES:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            drained += len(message.get("body", b""))
-            more = message.get("more_body", False)
-        await send_error(send, 413, f"The request body is larger than this server's limit of {self.limit} bytes "
-                                    f"(--max-request-bytes).", "request_too_large", {"Connection": "close"})
+            part = await self._next(receive)
+            if part is None or part["type"] == "http.disconnect":
+                break
+            drained += len(part.get("body", b""))
+            more = part.get("more_body", False)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _too_large(self, receive, send, more: bool) -> None:
+        await self._refuse(receive, send, 413, f"The request body is larger than this server's limit of {self.limit} "
+                                               f"bytes (--max-request-bytes).", "request_too_large", more)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -85,7 +110,11 @@ class BodyLimitMiddleware:
             return await self._too_large(receive, send, True)
         chunks, size = [], 0
         while True:
-            message = await receive()
+            message = await self._next(receive)
+            if message is None:
+                return await self._refuse(receive, send, 408, f"The request body stopped arriving for "
+                                                              f"{self.timeout:g} s (--body-timeout).",
+                                          "request_timeout", False)
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")

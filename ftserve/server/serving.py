@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import Gauge
 
 from ..engine.base import Engine, GenerationRequest
 from .errors import APIError, model_not_found
@@ -34,6 +35,8 @@ from .streams import (
     sse_stream,
     unless_disconnected,
 )
+from .templates import TemplateLimitError, render
+from .workers import RenderWorkers
 
 
 @dataclass
@@ -48,6 +51,17 @@ class ServerSettings:
     enable_adapter_resolution: bool = False  # a `model` naming a folder under adapter_root loads it on first use
     max_request_bytes: int = 4 * 1024 * 1024
     max_concurrent_requests: int = 256
+    chat_template_timeout: float = 5.0  # seconds a chat template may render, and a render may wait for a worker
+    render_workers: int = 4  # threads rendering chat templates and tokenizing at once (workers.py)
+    header_timeout: float = 10.0  # seconds a client has to send a request's line and headers (connections.py)
+    body_timeout: float = 30.0  # seconds a request body may pause between two of its parts
+    max_connections: int = 1000  # open HTTP connections; more are answered 503 and closed
+
+    @property
+    def max_template_chars(self) -> int:
+        """The longest prompt (and value) a chat template may build: the messages fit in a request body, and a
+        template may repeat them once, around its own text."""
+        return 2 * self.max_request_bytes + 1024 * 1024
 
 
 class OpenAIServing:
@@ -56,6 +70,9 @@ class OpenAIServing:
     def __init__(self, engine: Engine, settings: ServerSettings, metrics: ServerMetrics) -> None:
         self.engine, self.settings, self.metrics = engine, settings, metrics
         self.draining = False
+        self.renders = RenderWorkers(settings.render_workers, settings.chat_template_timeout)
+        Gauge("ftserve_prompt_renders_running", "Chat templates being rendered, and prompts tokenized, on the "
+              "render workers now.", registry=metrics.registry).set_function(lambda: len(self.renders.started))
         self.resolver = AdapterResolver(engine, settings.adapter_root, metrics) \
             if settings.enable_adapter_resolution and settings.adapter_root is not None else None
 
@@ -166,7 +183,7 @@ class OpenAIServing:
         adapter = await self.resolve_or_load(body.model)
         self.admit()
         tokenizer = self.engine.tokenizer_for(adapter)
-        prompt = await asyncio.to_thread(self.render_chat, body, tokenizer)  # off the event loop, as completions
+        prompt = await self.renders.run(self.render_chat, body, tokenizer, lane=body.model)  # off the loop, bounded
         limit = body.token_limit
         if limit is None:
             limit = self.engine.max_model_len - len(prompt)
@@ -248,8 +265,12 @@ class OpenAIServing:
                                 f"use /v1/completions, or add a chat template to the tokenizer files.",
                            param="model", code="no_chat_template")
         try:
-            text = tokenizer.apply_chat_template(body.conversation(), tokenize=False,
-                                                 add_generation_prompt=body.add_generation_prompt)
+            text = render(tokenizer, body.conversation(), body.add_generation_prompt,
+                          self.settings.chat_template_timeout, self.settings.max_template_chars)
+        except (TemplateLimitError, RecursionError, MemoryError) as exc:
+            raise APIError(400, f"The chat template of `{body.model}` was stopped: {exc}. The template belongs to the "
+                                f"model or adapter, not to this request: fix it in its tokenizer_config.json.",
+                           param="model", code="chat_template_limit") from None
         except Exception as exc:  # jinja raises for conversations a template does not accept
             raise APIError(400, f"The chat template of `{body.model}` cannot render these messages: {exc}",
                            param="messages", code="invalid_messages") from None
