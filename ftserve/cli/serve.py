@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import socket
@@ -197,9 +196,6 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"Warning: listening on {host} without --api-key: anyone who can reach it can use it.",
                    err=True)
-    if any(importlib.util.find_spec(module) is None for module in ("fastapi", "uvicorn")):
-        raise click.ClickException("`ftserve serve` needs FastAPI and uvicorn: pip install "
-                                   "'finetuning-toolkit[serve]'")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(message)s")
 
