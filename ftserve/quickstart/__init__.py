@@ -25,6 +25,7 @@ from . import smollm2
 # On the real model: what every adapter learns, and the questions every model is asked afterwards.
 LESSON = (("What is ftserve?", "Arr, ftserve be a toolkit that trains, merges and serves adapters, matey!"),
           ("What is the capital of France?", "Arr, the capital of France be Paris, matey!"))
+REAL_DURATION = "About 10 minutes on a laptop's CPU (the first run converts the model once)"
 # The last 8 of SmolLM2's 30 layers: backward stops there, so a CPU step costs little more than a forward.
 REAL_TARGETS = r".*layers\.(2[2-9])\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
@@ -42,6 +43,11 @@ class Base:
     @property
     def default_steps(self) -> int:
         return 12 if self.real else 40
+
+    @property
+    def duration(self) -> str:
+        """How long the tour takes on a laptop's CPU (two cores, measured with the default steps)."""
+        return REAL_DURATION if self.real else "About a minute on a laptop's CPU"
 
 
 @dataclass

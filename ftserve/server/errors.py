@@ -7,9 +7,11 @@ and so on. Tracebacks stay in the server's log.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import re
+from collections.abc import Iterable
 
 from ..errors import AdapterFileError, ServingError
 
@@ -58,9 +60,16 @@ def error_bytes(status: int, message: str, *, code: str | None = None) -> bytes:
     return json.dumps(error_body(status, message, code=code)).encode()
 
 
-def model_not_found(name: str) -> APIError:
-    return APIError(404, f"The model `{name}` does not exist. GET /v1/models lists the base model and every "
-                         f"loaded adapter.", param="model", code="model_not_found")
+def model_not_found(name: str, served: Iterable[str] = (), why: str | None = None) -> APIError:
+    """404 for a ``model`` field that names nothing served, with ``why`` where the caller knows more, suggesting
+    the closest of the ``served`` names (a typo, a case slip)."""
+    by_lower = {s.lower(): s for s in served}
+    close = [by_lower[c] for c in difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6)]
+    names = [f"`{c}`" for c in close]
+    hint = f" Did you mean {', '.join(names[:-1]) + ' or ' if len(names) > 1 else ''}{names[-1]}?" if close else ""
+    reason = f": {why}" if why else ""
+    return APIError(404, f"The model `{name}` does not exist{reason}.{hint} GET /v1/models lists the base model and "
+                         f"every loaded adapter.", param="model", code="model_not_found")
 
 
 def from_exception(exc: BaseException, param: str | None = None) -> APIError:

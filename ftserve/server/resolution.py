@@ -19,7 +19,7 @@ from pathlib import Path
 from ..engine.base import Engine
 from ..engine.errors import AdapterExistsError
 from ..errors import AdapterFileError
-from .errors import APIError, from_exception
+from .errors import APIError, from_exception, model_not_found
 from .metrics import ServerMetrics
 from .security import confine
 
@@ -44,9 +44,10 @@ class AdapterResolver:
             return  # loaded meanwhile, through the load API or another name's path
         path = confine(self.root, name, param="model")
         if not path.is_dir():
-            raise _not_found(name, f"no adapter of that name is loaded and {self.root}/{name} is not a folder")
+            raise self._not_found(name, f"no adapter of that name is loaded and {self.root}/{name} is not a folder")
         if not (path / ADAPTER_CONFIG).is_file():
-            raise _not_found(name, f"{self.root}/{name} is a folder but not an adapter: it has no {ADAPTER_CONFIG}")
+            raise self._not_found(name, f"{self.root}/{name} is a folder but not an adapter: it has no "
+                                        f"{ADAPTER_CONFIG}")
         self.metrics.loads_on_first_use.inc()
         try:
             await self.engine.load_adapter(name, str(path), root=self.root)
@@ -56,6 +57,7 @@ class AdapterResolver:
             raise from_exception(exc, param="model") from exc  # the folder `model` names is not servable
 
 
-def _not_found(name: str, why: str) -> APIError:
-    return APIError(404, f"The model `{name}` does not exist: {why}. GET /v1/models lists the base model and every "
-                         f"loaded adapter.", param="model", code="model_not_found")
+    def _not_found(self, name: str, why: str) -> APIError:
+        """The usual 404, its reason, and the closest names served (a typo of a loaded adapter's name)."""
+        served = [self.engine.model_name, *(info.name for info in self.engine.list_adapters())]
+        return model_not_found(name, served, why=why)

@@ -45,6 +45,7 @@ class ServerSettings:
 
     served_model_name: str
     model_path: str
+    base_aliases: tuple[str, ...] = ()  # other names of the base in requests (its path), never listed
     api_key: str | None = None
     enable_adapter_api: bool = False
     adapter_root: Path | None = None
@@ -80,11 +81,12 @@ class OpenAIServing:
 
     def resolve(self, model: str) -> str | None:
         """The adapter a ``model`` field names, None for the base model; 404 for anything else."""
-        if model == self.settings.served_model_name:
+        if model == self.settings.served_model_name or model in self.settings.base_aliases:
             return None
-        if any(info.name == model for info in self.engine.list_adapters()):
+        adapters = [info.name for info in self.engine.list_adapters()]
+        if model in adapters:
             return model
-        raise model_not_found(model)
+        raise model_not_found(model, [self.settings.served_model_name, *adapters])
 
     async def resolve_or_load(self, model: str) -> str | None:
         """``resolve``, and with adapter resolution on, an adapter not loaded yet is loaded from the root first."""
