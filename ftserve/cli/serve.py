@@ -132,7 +132,7 @@ def read_api_key_file(path: Path, given: bool) -> str:
 @click.option("--chat-template-timeout", type=click.FloatRange(min=0, min_open=True), default=5.0,
               show_default=True,
               help="Seconds a chat template may render (longer: 400), and a render may wait for a free worker "
-                   "(longer: 503).")
+                   "(longer: 429).")
 @click.option("--header-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
               help="Seconds a client has to send a request line and headers; then the connection is closed.")
 @click.option("--body-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
