@@ -15,6 +15,7 @@ import contextlib
 import functools
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -29,6 +30,22 @@ from .serving import ServerSettings
 logger = logging.getLogger("ftserve.server")
 
 EXIT_GRACE = 5.0  # seconds past the shutdown timeout for the engine to stop, before the process ends itself
+SPARE_FILES = 256  # file descriptors beyond the connections: model and adapter files, pipes, the engine's own
+
+
+def reserve_file_descriptors(max_connections: int) -> None:
+    """Raise the soft open-file limit toward the hard one so ``max_connections`` sockets fit beside the files the
+    server reads (the soft limit is often 1024); where the hard limit is lower, say so once: beyond it, accept
+    fails with "Too many open files" before the connection cap can answer 503."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + SPARE_FILES
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+        if raised < wanted:
+            logger.warning("--max-connections %d needs about %d open files, but this process may open only %d "
+                           "(ulimit -n): lower --max-connections or raise the limit", max_connections, wanted,
+                           raised)
 
 
 class _GracefulServer(uvicorn.Server):
@@ -73,6 +90,7 @@ async def serve(engine: Engine, settings: ServerSettings, host: str = "127.0.0.1
                 adapters: dict[str, str] | None = None, log_level: str = "info",
                 shutdown_timeout: float | None = None) -> None:
     """Start ``engine``, load ``adapters`` (name -> folder), serve until a signal, then stop the engine."""
+    reserve_file_descriptors(settings.max_connections)
     await engine.start()
     try:
         for name, path in (adapters or {}).items():
