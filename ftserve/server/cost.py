@@ -5,7 +5,7 @@ A small body can ask for a lot: 1,000 prompts with ``n`` = 64 is 64,000 engine r
 held against a limit the server already has, and a request over it is refused with an error that names the
 field and the limit, before the work it asks for starts:
 
-* choices (prompts x ``n``) against the engine's queue, ``max_queue`` (``--max-queue``): a request of more
+* choices (prompts x ``n``) against the engine's queue, ``EngineOptions.max_queue``: a request of more
   choices than the queue holds can never be queued whole (400); one of more than the room left in it now gets
   the full queue's 503, to retry. Counted from the body, before a prompt is tokenized or an adapter loaded.
 * each prompt plus ``max_tokens`` against the context, ``max_model_len``, once per prompt as soon as its ids
@@ -26,8 +26,8 @@ def check_choices(engine: Engine, prompts: int, n: int) -> None:
     what = f"{prompts} prompts x n={n}" if prompts > 1 else f"n={n}"
     if choices > engine.max_queue:
         raise APIError(400, f"This request asks for {choices} choices ({what}), more than the engine's queue holds "
-                            f"(max_queue={engine.max_queue}, --max-queue); send fewer prompts per request or a "
-                            f"smaller n.", param="n" if n > 1 else "prompt", code="too_many_choices")
+                            f"(max_queue={engine.max_queue}); send fewer prompts per request or a smaller n.",
+                       param="n" if n > 1 else "prompt", code="too_many_choices")
     room = engine.max_queue - int(engine.stats()["queued_requests"])
     if choices > room:
         raise APIError(503, f"The engine's queue has room for {max(room, 0)} more requests and this one asks for "
