@@ -23,7 +23,7 @@ from .errors import APIError
 def check_choices(engine: Engine, prompts: int, n: int) -> None:
     """``prompts`` x ``n`` engine requests fit the engine's queue: 400 beyond its size, 503 beyond its room."""
     choices = prompts * n
-    what = f"{prompts} prompts x n={n}" if prompts > 1 else f"n={n}"
+    what = " x ".join(([f"{prompts} prompts"] if prompts > 1 else []) + ([f"n={n}"] if n > 1 else []))
     if choices > engine.max_queue:
         raise APIError(400, f"This request asks for {choices} choices ({what}), more than the engine's queue holds "
                             f"(max_queue={engine.max_queue}); send fewer prompts per request or a smaller n.",
