@@ -9,7 +9,9 @@ the load/unload routes must never touch, since the driver checks those models' o
 A random ``model`` string is a 404 before any sampling code runs, and a random ``max_tokens`` or ``n`` keeps
 a 2-core machine busy for minutes; so before each call, most of the time, ``model`` names a served model,
 ``max_tokens`` <= 8, ``n`` <= 4, prompts hold a few items and token ids fall in the vocabulary; the rest of
-the time the generated values go out as they are, so large ones are tried too. A field is only ever
+the time the generated values go out as they are, so large ones are tried too; and now and then (HOSTILE) a
+valid body is blown up into one that asks for far more work than the server allows (1,000 prompts x n = 64,
+echo with 20 log probabilities and n = 128), which must be refused at once with a 4xx. A field is only ever
 replaced by another valid value, which keeps a negative case negative (schemathesis re-validates the body
 after a hook anyway). The choices are a function of the generated body, so a case replays (and shrinks) to
 the same request.
@@ -35,6 +37,7 @@ RECORD = os.environ.get("FUZZ_RECORD")
 RUNTIME_NAMES = [f"fuzz-{i}" for i in range(4)]  # what load creates and unload removes, most of the time
 LORA_NAME = r"[A-Za-z0-9][A-Za-z0-9._:/-]*"  # LoadLoraAdapterRequest's pattern
 AIM = 0.85  # how often each field is aimed at deep code; otherwise it goes out as generated
+HOSTILE = 0.03  # how often a valid generation body is blown up to ask for more than the limits allow
 
 _lock = threading.Lock()
 _started = threading.local()
@@ -89,6 +92,22 @@ def _aim_generation(body: dict, rng: random.Random, positive: bool) -> None:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt) and rng.random() < AIM:
         body["prompt"] = [int(t) % VOCAB for t in prompt]
+    if rng.random() < HOSTILE:
+        _amplify(body, rng)
+
+
+def _amplify(body: dict, rng: random.Random) -> None:
+    """Ask for far more than the limits allow, keeping the body valid: many choices, or a response of millions
+    of log probabilities (server/cost.py refuses both before building anything)."""
+    if "prompt" in body:
+        if rng.random() < 0.5:
+            body.update(prompt=[f"prompt {i}" for i in range(1000)], n=64)
+        else:
+            body.update(prompt=[rng.randrange(VOCAB) for _ in range(450)], echo=True, logprobs=20, n=128,
+                        max_tokens=0)
+    else:
+        body.update(n=128, logprobs=True, top_logprobs=20, max_tokens=400)
+        body.pop("max_completion_tokens", None)
 
 
 def _aim_tokens(body: dict, rng: random.Random, positive: bool) -> None:

@@ -113,6 +113,7 @@ class Engine(Protocol):
 
     model_name: str  # the base model's served name
     max_model_len: int
+    max_queue: int  # requests that may wait beyond the running ones (EngineOptions.max_queue)
 
     async def start(self) -> None: ...
 

@@ -163,9 +163,9 @@ class Frontend:
         requests waiting now), with its prompt as ids. Sampling parameters are checked first."""
         params = request.params
         check_params(params)
-        for name, ids in (("logit_bias", list(params.logit_bias)), ("stop_token_ids", params.stop_token_ids)):
-            outside = [t for t in ids if not 0 <= t < self.vocab_size]
-            if outside:
+        for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            if not self.in_vocabulary(ids):
+                outside = [t for t in ids if not 0 <= t < self.vocab_size]
                 raise RequestError(f"{name} names token ids {outside[:5]} outside this model's vocabulary "
                                    f"(0 .. {self.vocab_size - 1})")
         record = self.adapters.lookup(request.adapter)
@@ -189,16 +189,21 @@ class Frontend:
             if tokenizer is None:
                 raise RequestError("this engine has no tokenizer; send the prompt as token ids")
             ids = list(tokenizer(prompt)["input_ids"])
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        elif isinstance(prompt, (list, tuple)) and set(map(type, prompt)) <= {int}:  # not bool, whose type is bool
             ids = list(prompt)
         else:
             raise RequestError(f"prompt must be a string or a list of token ids; got {type(prompt).__name__}")
         if not ids:
             raise RequestError("the prompt is empty")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
+        if not self.in_vocabulary(ids):
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
             raise RequestError(f"token ids {bad[:5]} are outside this model's vocabulary (0 .. {self.vocab_size - 1})")
         return ids
+
+    def in_vocabulary(self, ids) -> bool:
+        """Whether every id of ``ids`` names a token of the vocabulary; at C speed, since a fan-out's every
+        engine request is checked on the event loop."""
+        return not ids or (min(ids) >= 0 and max(ids) < self.vocab_size)
 
     def check_queue(self, queued: int) -> None:
         if queued >= self.max_queue:

@@ -8,7 +8,6 @@ GET /metrics, and GET /openapi.json (the request models' schema; behind the API 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import TypeVar
 
@@ -20,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.base import Engine
 from ..errors import AdapterFileError, FtserveError
+from ..files.strict_json import StrictJSONError, loads_strict
 from ..version import __version__
 from . import openapi
 from .errors import APIError, error_body, from_exception, validation_error
@@ -101,56 +101,32 @@ class HttpMetricsMiddleware:
         await self.app(scope, receive, counted)
 
 
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
+INLINE_BODY_BYTES = 64 * 1024  # bodies up to this size are parsed on the event loop, larger ones in a thread
 
 
-def _unencodable(data) -> str | None:
-    """The dotted path of the first string holding a lone surrogate (``"\\ud800"`` is valid JSON, but no
-    tokenizer can encode it), or None. Iterative, so that depth costs no recursion."""
-    stack = [((), data)]
-    while stack:
-        path, value = stack.pop()
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return ".".join(map(str, path)) or "body"
-        elif isinstance(value, (dict, list)):
-            items = value.items() if isinstance(value, dict) else enumerate(value)
-            for key, item in items:
-                stack.append(((*path, key), item))
-                if isinstance(key, str):
-                    stack.append(((*path, "<key>"), key))
-    return None
-
-
-async def parse(request: Request, model: type[BodyT]) -> BodyT:
-    """The JSON body as ``model``, whatever Content-Type the client sent; 400 naming the field otherwise.
-
-    Strict JSON: ``NaN`` and ``Infinity`` are refused, as are integers beyond Python's conversion limit
-    (4300 digits) and nesting deeper than the parser's recursion limit, which ``json`` reports as ValueError
-    and RecursionError rather than as a decoding error.
-    """
-    raw = await request.body()
+def decode_body(raw: bytes, model: type[BodyT]) -> BodyT:
+    """``raw`` as ``model``, or the 400 that names what is wrong with it. The JSON is read by the same strict,
+    bounded reader as adapter and checkpoint files (``loads_strict``: depth bounded before parsing, no ``NaN``
+    or ``Infinity``, no integers beyond 4300 digits, no lone surrogates), then validated."""
     try:
-        data = json.loads(raw, parse_constant=_refuse_constant)
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        raise APIError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
-    except RecursionError:
-        raise APIError(400, "The request body is nested too deeply to parse.", code="invalid_json") from None
-    if b"\\u" in raw:  # only a \u escape can smuggle a lone surrogate into a decoded string
-        where = _unencodable(data)
-        if where is not None:
-            raise APIError(400, f"`{where}` holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its "
-                                f"pair), which is not text and cannot be tokenized.", param=where,
-                           code="invalid_value")
+        data = loads_strict(raw, what="The request body")
+    except StrictJSONError as exc:
+        raise APIError(400, f"{exc.message}.", param=exc.path,
+                       code="invalid_value" if exc.path else "invalid_json") from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc.errors()) from None
-    except RecursionError:
-        raise APIError(400, "The request body is nested too deeply to validate.", code="invalid_json") from None
+
+
+async def parse(request: Request, model: type[BodyT]) -> BodyT:
+    """The JSON body as ``model``, whatever Content-Type the client sent; 400 naming the field otherwise.
+    A large body is decoded and validated in a worker thread: a 4 MiB list of token ids takes seconds, during
+    which the event loop would answer nobody, /health included."""
+    raw = await request.body()
+    if len(raw) <= INLINE_BODY_BYTES:
+        return decode_body(raw, model)
+    return await asyncio.to_thread(decode_body, raw, model)
 
 
 def disconnect_of(request: Request):

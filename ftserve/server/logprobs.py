@@ -38,13 +38,27 @@ def _finite(logprob: float) -> float:
     return max(logprob, FLOOR)
 
 
+def _decoder(tokenizer):
+    """``decode([id])`` remembered per id: the alternatives at each position are mostly the same few tokens,
+    and a response can hold a million of them."""
+    texts: dict[int, str] = {}
+
+    def text(token_id: int) -> str:
+        if token_id not in texts:
+            texts[token_id] = tokenizer.decode([token_id])
+        return texts[token_id]
+
+    return text
+
+
 def completion_logprobs(tokenizer, token_ids: list[int], entries: list[TokenLogprobs | None],
                         offset: int = 0) -> dict:
     """The completions object for ``token_ids``; ``offset`` is the first token's ``text_offset`` (a stream
     continues where its previous chunk ended)."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    decode = _decoder(tokenizer)
     for token_id, entry in zip(token_ids, entries, strict=True):
-        text = tokenizer.decode([token_id])
+        text = decode(token_id)
         out["tokens"].append(text)
         out["text_offset"].append(offset)
         offset += len(text)
@@ -53,15 +67,17 @@ def completion_logprobs(tokenizer, token_ids: list[int], entries: list[TokenLogp
             out["top_logprobs"].append(None)
             continue
         out["token_logprobs"].append(_finite(entry.logprob))
-        out["top_logprobs"].append({tokenizer.decode([t]): _finite(lp)
+        out["top_logprobs"].append({decode(t): _finite(lp)
                                     for t, lp in [(token_id, entry.logprob), *entry.top]})
     return out
 
 
 def chat_logprobs(tokenizer, token_ids: list[int], entries: list[TokenLogprobs]) -> dict:
     """The chat object for generated ``token_ids``."""
+    decode = _decoder(tokenizer)
+
     def one(token_id: int, logprob: float) -> dict:
-        return {"token": tokenizer.decode([token_id]), "logprob": _finite(logprob),
+        return {"token": decode(token_id), "logprob": _finite(logprob),
                 "bytes": list(token_bytes(tokenizer, token_id))}
 
     return {"content": [{**one(token_id, entry.logprob), "top_logprobs": [one(t, lp) for t, lp in entry.top]}

@@ -7,6 +7,12 @@ maps token ids (JSON string keys) to biases in [-100, 100], ``logprobs`` (comple
 returns the prompt before the completion (and, with ``logprobs``, the prompt tokens' log probabilities
 first); with ``max_tokens: 0`` only the prompt, which is how clients such as lm-evaluation-harness score text.
 
+Lists and maps that a small body can make long, and that are copied into every engine request of a fan-out,
+are bounded here, so that their cost is known once the body is parsed: ``stop`` holds up to MAX_STOP_STRINGS
+strings (OpenAI's "up to 4 sequences", vLLM's ``VLLM_MAX_STOP_STRINGS``), ``stop_token_ids`` and ``logit_bias``
+up to MAX_TOKEN_LIST ids. What a request asks the engine for as a whole (prompts x ``n``, log probabilities)
+is counted in cost.py.
+
 Fields OpenAI defines and this server cannot honour (``suffix``, tools, ``best_of`` other than ``n``, ...) are
 refused with a 400 that names them rather than silently ignored; fields it does not know are ignored, as
 OpenAI's clients send new ones over time.
@@ -16,9 +22,10 @@ from __future__ import annotations
 
 import time
 import uuid
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, StrictBool, Tag, field_validator
 
 from ..engine.base import MAX_LOGPROBS, MIN_REPETITION_PENALTY, SEED_RANGE, SamplingParams
 from .errors import APIError
@@ -29,6 +36,9 @@ from .errors import APIError
 Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
 Bool = StrictBool
+
+MAX_STOP_STRINGS = 4
+MAX_TOKEN_LIST = 1024  # stop_token_ids, logit_bias entries: each engine request of a fan-out holds a copy
 
 
 class _Body(BaseModel):
@@ -53,13 +63,13 @@ class _Sampling(_Body):
     stream: Bool = False
     stream_options: StreamOptions | None = None
     top_k: Int = Field(default=-1, ge=-1)
-    stop_token_ids: list[Int] = Field(default_factory=list)
+    stop_token_ids: list[Int] = Field(default_factory=list, max_length=MAX_TOKEN_LIST)
     ignore_eos: Bool = False
     min_tokens: Int = Field(default=0, ge=0)
     presence_penalty: Float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: Float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: Float = Field(default=1.0, ge=MIN_REPETITION_PENALTY, le=10.0)
-    logit_bias: dict[str, Float] | None = None
+    logit_bias: Annotated[dict[str, Float], Field(max_length=MAX_TOKEN_LIST)] | None = None
     user: str | None = None
 
     @field_validator("stop")
@@ -68,6 +78,9 @@ class _Sampling(_Body):
         stops = [value] if isinstance(value, str) else list(value or [])
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, as in OpenAI's API and vLLM; "
+                             f"got {len(stops)}")
         return stops
 
     @field_validator("logit_bias")
@@ -104,16 +117,35 @@ class _Sampling(_Body):
                               stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos,
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                               repetition_penalty=self.repetition_penalty,
-                              logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+                              logit_bias=self.token_biases,
                               logprobs=logprobs, prompt_logprobs=prompt_logprobs, min_tokens=self.min_tokens)
+
+    @cached_property
+    def token_biases(self) -> dict[int, float]:
+        """``logit_bias`` keyed by token id, made once and shared by every choice's parameters."""
+        return {int(k): v for k, v in (self.logit_bias or {}).items()}
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+def _prompt_shape(value: Any) -> str:
+    """Which of the prompt's shapes ``value`` has, by its first item, so that only that shape is validated: a
+    union tried shape by shape builds an error for every item of each wrong shape, seconds for a 4 MiB list."""
+    if not isinstance(value, list) or not value:
+        return "text" if not isinstance(value, list) else "texts"
+    first = value[0]
+    return "texts" if isinstance(first, str) else "token_lists" if isinstance(first, list) else "tokens"
+
+
+Prompt = Annotated[Annotated[str, Tag("text")] | Annotated[list[str], Tag("texts")]
+                   | Annotated[list[Int], Tag("tokens")] | Annotated[list[list[Int]], Tag("token_lists")],
+                   Discriminator(_prompt_shape)]
+
+
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[Int] | list[list[Int]]
+    prompt: Prompt
     max_tokens: Annotated[Int, Field(ge=0)] | None = None  # 0: only with echo
     echo: Bool = False
     logprobs: Annotated[Int, Field(ge=0, le=MAX_LOGPROBS)] | None = None

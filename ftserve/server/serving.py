@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import Gauge
 
 from ..engine.base import Engine, GenerationRequest
+from .cost import check_choices, check_context, check_logprobs
 from .errors import APIError, model_not_found
 from .logprobs import chat_logprobs, completion_logprobs
 from .metrics import ServerMetrics
@@ -57,6 +58,7 @@ class ServerSettings:
     header_timeout: float = 10.0  # seconds a client has to send a request's line and headers (connections.py)
     body_timeout: float = 30.0  # seconds a request body may pause between two of its parts
     max_connections: int = 1000  # open HTTP connections; more are answered 503 and closed
+    max_response_logprobs: int = 2 ** 20  # log probabilities one response may hold, alternatives included (cost.py)
 
     @property
     def max_template_chars(self) -> int:
@@ -112,6 +114,8 @@ class OpenAIServing:
 
     async def completions(self, body: CompletionRequest, disconnected: Disconnected | None = None):
         body.check()
+        prompts = body.prompts()
+        check_choices(self.engine, len(prompts), body.n)
         adapter = await self.resolve_or_load(body.model)
         self.admit()
         tokenizer = self.engine.tokenizer_for(adapter)
@@ -119,20 +123,31 @@ class OpenAIServing:
             name = "echo" if body.echo else "logprobs"
             raise APIError(400, f"`{name}` needs a tokenizer to turn tokens into text, and `{body.model}` is served "
                                 f"without one.", param=name, code="unsupported_parameter")
-        prompts = body.prompts()
-        # The engine's front end turns each prompt into ids once (checked against the vocabulary): those ids are
-        # what it runs and what is echoed. In a worker thread: a 4 MiB prompt takes seconds to tokenize, and on
-        # the event loop every other stream, /health and /metrics would wait for it (tokenizers releases the
-        # GIL while it encodes).
-        engine_prompts = await asyncio.to_thread(lambda: [self.engine.prompt_ids(p, adapter) for p in prompts])
         echo_only = body.token_limit == 0  # the engine generates one token, which is dropped, as in vLLM
+
+        def prepare() -> tuple[list[list[int]], list[tuple[list[int], str]]]:
+            """Each prompt's ids, made once by the engine's front end (checked against the vocabulary): what it
+            runs and what is echoed; checked against the context and the log probabilities a response holds."""
+            engine_prompts = [self.engine.prompt_ids(p, adapter) for p in prompts]
+            check_context([len(ids) for ids in engine_prompts], max(body.token_limit, 1), self.engine.max_model_len,
+                          "prompt")
+            if body.logprobs is not None:
+                generated = 0 if echo_only else body.token_limit
+                positions = body.n * sum((len(ids) if body.echo else 0) + generated for ids in engine_prompts)
+                check_logprobs(positions, body.logprobs, self.settings.max_response_logprobs, "logprobs",
+                               "`n`, `logprobs` or `max_tokens`, or send the prompts in several requests")
+            echoes = [(ids, prompt if isinstance(prompt, str) else tokenizer.decode(ids))
+                      for prompt, ids in zip(prompts, engine_prompts)] if body.echo else []
+            return engine_prompts, echoes
+
+        # In a worker thread: a 4 MiB prompt takes seconds to tokenize, and on the event loop every other stream,
+        # /health and /metrics would wait for it (tokenizers releases the GIL while it encodes).
+        engine_prompts, echoes = await asyncio.to_thread(prepare)
         response_id, created = new_id("cmpl"), now()
         requests = [GenerationRequest(prompt, adapter, body.sampling_params(max(body.token_limit, 1), i),
                                       f"{response_id}-{p}-{i}")
                     for p, prompt in enumerate(engine_prompts) for i in range(body.n)]
         streams = open_streams(self.engine, requests)
-        echoes = [(ids, prompt if isinstance(prompt, str) else tokenizer.decode(ids))
-                  for prompt, ids in zip(prompts, engine_prompts)] if body.echo else []
         tracker = Tracker(self.metrics, "/v1/completions", body.model)
 
         def content(index: int, state: Choice, text: str, token_ids: list[int], entries, prompt_entries):
@@ -173,15 +188,17 @@ class OpenAIServing:
         choices = await self._run(streams, tracker, len(prompts), disconnected)
         if choices is None:
             return client_gone()
-        return JSONResponse(envelope(
+        # Off the event loop: with log probabilities, every token of every choice is decoded and encoded here.
+        return await asyncio.to_thread(lambda: JSONResponse(envelope(
             [choice(i, *content(i, c, "".join(c.text), c.token_ids, c.logprobs, c.prompt_logprobs), c.finish_reason)
              for i, c in enumerate(choices)],
-            usage=counted(*count_tokens(choices, len(prompts)))))
+            usage=counted(*count_tokens(choices, len(prompts))))))
 
     # Chat ----------------------------------------------------------------------------------------
 
     async def chat(self, body: ChatCompletionRequest, disconnected: Disconnected | None = None):
         body.check()
+        check_choices(self.engine, 1, body.n)
         adapter = await self.resolve_or_load(body.model)
         self.admit()
         tokenizer = self.engine.tokenizer_for(adapter)
@@ -193,6 +210,11 @@ class OpenAIServing:
                 raise APIError(400, f"The messages take {len(prompt)} tokens, the whole context of this model "
                                     f"({self.engine.max_model_len}); shorten them.", param="messages",
                                code="context_length_exceeded")
+        check_context([len(prompt)], limit, self.engine.max_model_len, "messages")
+        if body.logprobs:
+            check_logprobs(body.n * limit, body.top_logprobs or 0, self.settings.max_response_logprobs,
+                           "top_logprobs", "`n`, `top_logprobs` or `max_tokens` (without it, each answer may "
+                                           "fill the rest of the context)")
         rid = new_id("chatcmpl")
         requests = [GenerationRequest(prompt, adapter, body.sampling_params(limit, i), f"{rid}-{i}")
                     for i in range(body.n)]
@@ -224,11 +246,11 @@ class OpenAIServing:
         choices = await self._run(streams, tracker, 1, disconnected)
         if choices is None:
             return client_gone()
-        return JSONResponse(envelope(
+        return await asyncio.to_thread(lambda: JSONResponse(envelope(  # off the event loop, as completions
             [{"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
               "logprobs": logprobs(c.token_ids, c.logprobs), "finish_reason": c.finish_reason}
              for i, c in enumerate(choices)],
-            obj="chat.completion", usage=usage(*count_tokens(choices, 1))))
+            obj="chat.completion", usage=usage(*count_tokens(choices, 1)))))
 
     # Tokens ---------------------------------------------------------------------------------------
 

@@ -57,6 +57,7 @@ class VllmEngine(FrontendMethods):
         limit = int(config.get("max_position_embeddings") or 2048)
         self.options = options
         self.max_model_len = min(limit, options.max_model_len or min(limit, 2048))
+        self.max_queue = options.max_queue
         self.model_name = options.served_model_name or Path(base).name
         self.max_lora_rank = check_rank(options.max_lora_rank) if options.max_lora_rank else VLLM_DEFAULT_RANK
         self.shapes = base_shapes(base)
@@ -69,7 +70,7 @@ class VllmEngine(FrontendMethods):
         if eos is None:
             eos = getattr(tokenizer, "eos_token_id", None)
         self.frontend = Frontend(tokenizer, model_name=self.model_name, vocab_size=int(config["vocab_size"]),
-                                 max_model_len=self.max_model_len, max_queue=options.max_queue,
+                                 max_model_len=self.max_model_len, max_queue=self.max_queue,
                                  eos_ids=frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos]))
         self.adapters = self.frontend.adapters
         self.counters = EngineCounters()
