@@ -355,6 +355,7 @@ METRICS = {  # family: type, label names of its samples (a histogram's buckets a
     "ftserve_queue_depth": ("gauge", set()),
     "ftserve_adapter_loads_on_first_use": ("counter", set()),
     "ftserve_loaded_adapters": ("gauge", set()),
+    "ftserve_prompt_renders_running": ("gauge", set()),
 }
 
 
