@@ -26,7 +26,7 @@ def cost_cases(base: str) -> list[tuple[str, str, bytes | dict, str]]:
         ("chat_top_logprobs_20_n128", chat, {"model": base, "messages": user, "n": 128, "logprobs": True,
                                              "top_logprobs": 20, "max_tokens": 400}, "send"),
         ("token_ids_4mib", c, json.dumps({"model": base, "prompt": [7] * 1_300_000, "max_tokens": 1,
-                                          "user": "\u00e9"}).encode(), "send"),
+                                          "user": "\U0001f600"}).encode(), "send"),
         ("nested_65_deep", c, nested.replace(b'"x"', b"[" * 64 + b"]" * 64), "send"),
         ("stop_5_strings", c, {"model": base, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "send"),
         ("stop_token_ids_1025", c, {"model": base, "prompt": "hi", "stop_token_ids": list(range(1025))}, "send"),
