@@ -162,6 +162,23 @@ def test_bad_input_gets_one_line_and_writes_nothing(case, args, message, llama_d
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_file_with_three_bad_rows_reports_all_three_before_training(llama_dir, tmp_path):
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]})
+    bad_role = good.replace('"user"', '"bot"')
+    empty = good.replace('"ok"', '""')
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(f"{good}\n".encode() + b'{"text": "caf\xe9"}\n' + f"{bad_role}\n{good}\n{empty}\n".encode())
+    offset = len(good) + 1 + len('{"text": "caf')
+    result = run_cli(str(llama_dir), str(path), "-o", str(tmp_path / "adapter"), "--max-steps", "1")
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [
+        f"Error: {path}: 3 bad rows, nothing was trained; fix them and run again:",
+        f"  {path} line 2: not valid UTF-8 (byte 0xe9 at byte offset {offset} of the file); save the file as UTF-8",
+        f"  {path} line 3: message 1 has the role 'bot'; the roles are system, user, assistant, tool",
+        f"  {path} line 5: message 2 (assistant) has empty content"]
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]
+
+
 def test_an_existing_output_folder_needs_force(llama_dir, data, tmp_path):
     out = tmp_path / "adapter"
     out.mkdir()

@@ -85,8 +85,7 @@ def check_inputs(settings: TrainSettings, echo: Callable[[str], None]) -> Inputs
 
 
 def _prepared(source: str, tokenizer, max_seq_len: int) -> training_data.Prepared:
-    dataset, where = training_data.load_rows(source)
-    return training_data.prepare(dataset, where, tokenizer, max_seq_len)
+    return training_data.prepare(training_data.load_rows(source), tokenizer, max_seq_len)
 
 
 def load_tokenizer(settings: TrainSettings):
