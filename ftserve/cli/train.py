@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import importlib
 import sys
 from pathlib import Path
 
@@ -110,9 +111,10 @@ def _train(settings) -> None:
 def quiet_library_logs() -> None:
     """Errors only from the libraries under the command (``-v`` shows their warnings too): their warnings are
     about their own choices ("mtime may not be reliable on this filesystem ..."), not the user's. Each library
-    sets its loggers' level when first imported, so this asks each one."""
-    import datasets.utils.logging
-    import transformers.utils.logging
-
-    transformers.utils.logging.set_verbosity_error()
-    datasets.utils.logging.set_verbosity_error()
+    sets its loggers' level when first imported, so this asks each one; one not installed is named where the
+    command needs it."""
+    for name in ("transformers.utils.logging", "datasets.utils.logging"):
+        try:
+            importlib.import_module(name).set_verbosity_error()
+        except ImportError:
+            pass
