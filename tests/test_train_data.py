@@ -134,12 +134,14 @@ def test_a_role_the_template_refuses_or_leaves_out_is_refused(tmp_path, tokenize
     assert prepare(load_rows(path), tokenizer, 64).shape == "messages"  # the fixture's template renders tools
 
 
-def test_bytes_that_are_not_utf8_are_named_with_their_line_and_offset(tmp_path, tokenizer):
-    path = tmp_path / "d.jsonl"
-    first = b'{"text": "ok"}\n'
-    path.write_bytes(first + b'{"text": "caf\xe9"}\n')
-    with pytest.raises(DataError, match=rf"d.jsonl line 2: not valid UTF-8 \(byte 0xe9 at byte offset "
-                                        rf"{len(first) + 13} of the file\)"):
+@pytest.mark.parametrize("name, first, second", [("d.jsonl", b'{"text": "ok"}\n', b'{"text": "caf\xe9"}\n'),
+                                                  ("d.csv", b"text\n", b"caf\xe9\n")])
+def test_bytes_that_are_not_utf8_are_named_with_their_line_and_offset(name, first, second, tmp_path, tokenizer):
+    path = tmp_path / name
+    path.write_bytes(first + second)
+    offset = len(first) + second.index(0xE9)
+    with pytest.raises(DataError, match=rf"{name} line 2: not valid UTF-8 \(byte 0xe9 at byte offset {offset} of "
+                                        rf"the file\)"):
         prepare(load_rows(path), tokenizer, 64)
 
 

@@ -25,7 +25,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import DataError
 
@@ -81,6 +81,11 @@ def load_rows(source: str | os.PathLike) -> Rows:
                 return rows
             dataset = _load(kind, str(path))
             return Rows(dataset, list(dataset.column_names), str(path), "line", rows.numbers)
+        if kind != "parquet":  # a text file: name the lines that are not UTF-8, which datasets does not
+            bad: list[tuple[int, str]] = []
+            for _ in _utf8_lines(path, bad):
+                pass
+            refuse_bad_rows(bad, str(path))
         dataset = _load(kind, str(path))
         offset = 2 if kind == "csv" else 1  # csv: after the header line
         return Rows(dataset, list(dataset.column_names), str(path), "line" if kind == "csv" else "row",
@@ -91,35 +96,40 @@ def load_rows(source: str | os.PathLike) -> Rows:
 
 def _read_json_lines(path: Path) -> Rows:
     """Parse every line first, so each bad one is named by its number (``datasets`` names none): bytes that are
-    not UTF-8 (with their offset in the file), JSON that does not parse, a value that is not an object."""
+    not UTF-8, JSON that does not parse, a value that is not an object."""
     rows, numbers, bad, columns = [], [], [], {}
-    offset = 0
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            where = f"{path} line {number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                bad.append((number, f"{where}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte offset "
-                                    f"{offset + exc.start} of the file); save the file as UTF-8"))
-                line = ""
-            offset += len(raw)
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                bad.append((number, f"{where}: not valid JSON ({exc.msg}, column {exc.colno})"))
-                continue
-            if not isinstance(row, dict):
-                bad.append((number, f"{where}: a row must be a JSON object; got {type(row).__name__}"))
-                continue
-            rows.append(row)
-            numbers.append(number)
-            columns.update(dict.fromkeys(row))
+    for number, line in _utf8_lines(path, bad):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            bad.append((number, f"{where}: not valid JSON ({exc.msg}, column {exc.colno})"))
+            continue
+        if not isinstance(row, dict):
+            bad.append((number, f"{where}: a row must be a JSON object; got {type(row).__name__}"))
+            continue
+        rows.append(row)
+        numbers.append(number)
+        columns.update(dict.fromkeys(row))
     if not rows and not bad:
         raise DataError(f"{path}: the file holds no rows")
     return Rows(rows, list(columns), str(path), "line", numbers, bad)
+
+
+def _utf8_lines(path: Path, bad: list[tuple[int, str]]) -> Iterator[tuple[int, str]]:
+    """The lines of a text file with their numbers; a line that is not UTF-8 is added to ``bad`` instead, with
+    the offset of its first bad byte in the file."""
+    offset = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                bad.append((number, f"{path} line {number}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte "
+                                    f"offset {offset + exc.start} of the file); save the file as UTF-8"))
+            offset += len(raw)
 
 
 def _load(kind: str, path: str):
