@@ -1,13 +1,18 @@
 """`ftserve train` end to end on a tiny Llama: every method lowers the loss and writes a folder that reloads; the
-method's rule fired; Ctrl-C keeps the last complete checkpoint and --resume continues to the uninterrupted run's
-adapter; YAML settings with flags over them; every bad input gets its one-line error and writes nothing; and
+method's rule fired; Ctrl-C keeps the last completed step as a checkpoint and --resume continues to the
+uninterrupted run's adapter, a second Ctrl-C stops at once, a rerun after an interrupt that kept nothing starts
+afresh; a run without --load-in-4bit shows no library's noise; YAML settings with flags over them; every bad input gets its one-line error and writes nothing; and
 --deploy-to loads the adapter into a running `ftserve serve`."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,35 +90,128 @@ def test_every_method_trains_to_a_folder_that_reloads_with_a_lower_loss(method, 
 
 
 class CtrlC(TrainerCallback):
-    """Presses Ctrl-C (a real SIGINT to this process) once step ``at`` is done and checkpointed."""
+    """Presses Ctrl-C (a real SIGINT to this process, ``times`` times) once step ``at`` is logged; at 0, as
+    training begins."""
 
-    def __init__(self, at: int) -> None:
-        self.at = at
+    def __init__(self, at: int, times: int = 1) -> None:
+        self.at, self.times = at, times
 
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.at:
+    def press(self) -> None:
+        for _ in range(self.times):
             os.kill(os.getpid(), signal.SIGINT)
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.at == 0:
+            self.press()
 
-def test_ctrl_c_keeps_the_last_checkpoint_and_resume_gives_the_uninterrupted_adapter(llama_dir, data, tmp_path):
-    settings = dict(base=str(llama_dir), data=str(data / "chat.jsonl"), method="delta-lora",
-                    settings={"delta_start_step": K}, max_steps=6, save_steps=2, lr=1e-2, batch_size=4,
-                    lr_scheduler="constant", seed=0)
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.global_step == self.at and "loss" in logs:
+            self.press()
+
+
+def assert_same_adapter(expected, got) -> None:
+    expected, got = read_adapter(expected).modules, read_adapter(got).modules
+    for name, state in expected.items():
+        for key, tensor in state.items():
+            torch.testing.assert_close(got[name][key], tensor, rtol=1e-5, atol=1e-7, msg=f"{name}.{key}")
+
+
+CHAT_RUN = dict(method="delta-lora", settings={"delta_start_step": K}, max_steps=6, lr=1e-2, batch_size=4,
+                lr_scheduler="constant", seed=0, logging_steps=1)
+
+
+def test_ctrl_c_keeps_the_last_completed_step_and_resume_gives_the_uninterrupted_adapter(llama_dir, data, tmp_path):
+    settings = dict(base=str(llama_dir), data=str(data / "chat.jsonl"), **CHAT_RUN)
     straight = train(TrainSettings(output=str(tmp_path / "straight"), **settings), echo=lambda line: None)
     out = tmp_path / "adapter"
-    with pytest.raises(Interrupted, match=r"interrupted at step 4; the last complete checkpoint is .*checkpoint-4; "
+    lines = []
+    with pytest.raises(Interrupted, match=r"interrupted at step 3; the last complete checkpoint is .*checkpoint-3; "
                                           r"resume with the same command and --resume"):
-        train(TrainSettings(output=str(out), **settings), echo=lambda line: None, callbacks=(CtrlC(4),))
-    assert not out.exists() and (tmp_path / "adapter.checkpoints" / "checkpoint-4" / "trainer_state.json").exists()
+        train(TrainSettings(output=str(out), **settings), echo=lines.append, callbacks=(CtrlC(3),))
+    assert "Ctrl-C: stopping, keeping the last completed step as a checkpoint" in lines[-1]
+    checkpoints = tmp_path / "adapter.checkpoints"
+    assert not out.exists() and [p.name for p in checkpoints.iterdir()] == ["checkpoint-3"]
+    assert json.loads((checkpoints / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
+    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth"} <= {p.name for p in (checkpoints / "checkpoint-3").iterdir()}
 
     result = run_cli(str(llama_dir), str(data / "chat.jsonl"), "-o", str(out), "--method", "delta-lora")
     assert result.exit_code == 1 and "pass --resume to continue it, or --force to start again" in result.output
     train(TrainSettings(output=str(out), resume="latest", **settings), echo=lambda line: None)
     assert json.loads((out / "ftserve_config.json").read_text())["training"]["global_step"] == 6
-    expected, got = read_adapter(straight).modules, read_adapter(out).modules
-    for name, state in expected.items():
-        for key, tensor in state.items():
-            torch.testing.assert_close(got[name][key], tensor, rtol=1e-5, atol=1e-7, msg=f"{name}.{key}")
+    assert_same_adapter(straight, out)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_nothing_more(llama_dir, data, tmp_path):
+    settings = dict(base=str(llama_dir), data=str(data / "chat.jsonl"), **CHAT_RUN)
+    with pytest.raises(Interrupted, match=r"^stopped at once at step 3 by a second Ctrl-C; nothing was kept$"):
+        train(TrainSettings(output=str(tmp_path / "adapter"), **settings), echo=lambda line: None,
+              callbacks=(CtrlC(3, times=2),))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rerun_after_an_interrupt_that_kept_nothing_is_not_refused(llama_dir, data, tmp_path):
+    settings = dict(base=str(llama_dir), data=str(data / "chat.jsonl"), **CHAT_RUN)
+    out = tmp_path / "adapter"
+    with pytest.raises(Interrupted, match=r"^interrupted at step 0; nothing was kept \(no step had completed\)$"):
+        train(TrainSettings(output=str(out), **settings), echo=lambda line: None, callbacks=(CtrlC(0),))
+    assert list(tmp_path.iterdir()) == []
+    stale = tmp_path / "adapter.checkpoints" / "checkpoint-2"  # a save cut short: no trainer_state.json
+    stale.mkdir(parents=True)
+    (stale / "adapter_model.safetensors").write_bytes(b"")
+    result = run_cli(str(llama_dir), str(data / "chat.jsonl"), "-o", str(out), *common(2))
+    assert result.exit_code == 0, result.output
+    assert read_adapter(out).extra["steps_done"] == 2 and not (tmp_path / "adapter.checkpoints").exists()
+
+
+def train_process(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ftserve.cli", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **ONE_THREAD})
+
+
+def test_ctrl_c_on_the_command_line_keeps_the_last_step_and_resume_continues_it(llama_dir, data, tmp_path):
+    """The user's Ctrl-C: SIGINT to a real `ftserve train` once it printed step 3. The step in flight is
+    abandoned; the last completed one (3, unless the machine let the run finish one more before the signal came)
+    is the checkpoint that --resume continues to the uninterrupted run's adapter."""
+    args = [str(llama_dir), str(data / "text.jsonl"), *common(12), "--logging-steps", "1"]
+    straight = tmp_path / "straight"
+    assert run_cli(*args[:2], "-o", str(straight), *args[2:]).exit_code == 0
+    out = tmp_path / "adapter"
+    process = train_process(*args, "-o", str(out))
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("step 3/"):
+            process.send_signal(signal.SIGINT)
+            break
+    rest, _ = process.communicate(timeout=120)  # a hang guard, not a speed test
+    assert process.returncode == 130, "".join(lines) + rest
+    stopped = re.search(r"^Error: interrupted at step (\d+); the last complete checkpoint is (\S+checkpoint-(\d+)); "
+                        r"resume with the same command and --resume$", rest, re.M)
+    assert stopped and stopped[1] == stopped[3] and int(stopped[1]) >= 3, rest
+    assert json.loads((Path(stopped[2]) / "trainer_state.json").read_text())["global_step"] == int(stopped[1])
+    assert "Traceback" not in rest and not out.exists()
+
+    resumed = run_cli(*args[:2], "-o", str(out), *args[2:], "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert f"step {int(stopped[1]) + 1}/12" in resumed.output and "step 1/12" not in resumed.output
+    assert_same_adapter(straight, out)
+
+
+def test_a_run_without_4bit_prints_nothing_of_bitsandbytes_or_other_libraries(llama_dir, data, tmp_path):
+    """bitsandbytes is imported only for QLoRA (peft imports it whenever it is installed, and its import warns
+    on CPUs with AVX512-BF16); no library warning reaches the output (--save-steps 1 makes the trainer rotate
+    checkpoints, which warns about mtime on fast saves)."""
+    probe = ("import json, runpy, sys; sys.argv = ['ftserve', *sys.argv[1:]]\n"
+             "try: runpy.run_module('ftserve.cli', run_name='__main__')\n"
+             "finally: print(json.dumps(sorted(m for m, v in sys.modules.items() if v and m.startswith('bitsandb'))))")
+    result = subprocess.run([sys.executable, "-c", probe, "train", str(llama_dir), str(data / "chat.jsonl"), "-o",
+                             str(tmp_path / "adapter"), *common(3), "--save-steps", "1", "--eval-fraction", "0.2"],
+                            capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = (result.stderr + result.stdout).splitlines()
+    assert not [line for line in lines if re.search("bitsandbytes|kernels", line, re.I)], lines
+    ours = ("lora on ", "step ", "wrote ", "ftserve merge ", "ftserve serve ")
+    assert [line for line in lines if not line.startswith(ours)] == ["[]"], lines
 
 
 def test_a_yaml_config_holds_the_settings_and_flags_override_it(llama_dir, data, tmp_path):
@@ -160,6 +258,23 @@ def test_bad_input_gets_one_line_and_writes_nothing(case, args, message, llama_d
     assert result.output.startswith("Error: ") and message in result.output and result.output.count("\n") == 1, \
         result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_with_three_bad_rows_reports_all_three_before_training(llama_dir, tmp_path):
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]})
+    bad_role = good.replace('"user"', '"bot"')
+    empty = good.replace('"ok"', '""')
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(f"{good}\n".encode() + b'{"text": "caf\xe9"}\n' + f"{bad_role}\n{good}\n{empty}\n".encode())
+    offset = len(good) + 1 + len('{"text": "caf')
+    result = run_cli(str(llama_dir), str(path), "-o", str(tmp_path / "adapter"), "--max-steps", "1")
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [
+        f"Error: {path}: 3 bad rows, nothing was trained; fix them and run again:",
+        f"  {path} line 2: not valid UTF-8 (byte 0xe9 at byte offset {offset} of the file); save the file as UTF-8",
+        f"  {path} line 3: message 1 has the role 'bot'; the roles are system, user, assistant, tool",
+        f"  {path} line 5: message 2 (assistant) has empty content"]
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]
 
 
 def test_an_existing_output_folder_needs_force(llama_dir, data, tmp_path):

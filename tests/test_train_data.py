@@ -1,5 +1,5 @@
 """ftserve/train/data.py: the row shapes, the loss mask of chat rows checked on a hand-built conversation, and
-every malformed input named with its line before any training."""
+every malformed input named with its line before any training, all of them in one error."""
 
 from __future__ import annotations
 
@@ -43,8 +43,7 @@ def test_truncation_is_counted_and_rows_left_with_nothing_to_learn_are_dropped(t
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "the cat " * 20, "completion": " runs"},
                                               {"prompt": "a", "completion": " dog"},
                                               {"prompt": "a", "completion": " b c " * 20}])
-    dataset, where = load_rows(path)
-    prepared = prepare(dataset, where, tokenizer, max_seq_len=16)
+    prepared = prepare(load_rows(path), tokenizer, max_seq_len=16)
     assert (prepared.truncated, prepared.dropped, len(prepared.rows)) == (2, 1, 2)
     assert prepared.notes == ["truncated 2 of 3 rows to --max-seq-len 16",
                               "dropped 1 rows whose learned tokens all lay past --max-seq-len"]
@@ -64,9 +63,13 @@ def test_csv_and_parquet_files_are_read_with_their_rows(tmp_path, tokenizer):
     frame.to_csv(tmp_path / "d.csv", index=False)
     frame.to_parquet(tmp_path / "d.parquet")
     for name in ("d.csv", "d.parquet"):
-        dataset, where = load_rows(tmp_path / name)
-        assert prepare(dataset, where, tokenizer, 64).shape == "prompt/completion"
-    assert load_rows(tmp_path / "d.csv")[1] == ["d.csv line 2", "d.csv line 3"]
+        assert prepare(load_rows(tmp_path / name), tokenizer, 64).shape == "prompt/completion"
+    rows = load_rows(tmp_path / "d.csv")
+    assert [rows.where(i) for i in range(2)] == [f"{tmp_path / 'd.csv'} line 2", f"{tmp_path / 'd.csv'} line 3"]
+
+
+def chat(*turns: tuple[str, str]) -> str:
+    return json.dumps({"messages": [{"role": role, "content": content} for role, content in turns]})
 
 
 BAD = [
@@ -81,6 +84,12 @@ BAD = [
     ("mixed-shapes", ['{"prompt": "a", "completion": "b"}', '{"text": "a dog"}'],
      r"d.jsonl line 2: 'prompt' must be a non-empty string; got None"),
     ("empty-file", [''], r"d.jsonl: the file holds no rows"),
+    ("unknown-role", [chat(("user", "hi"), ("assistant", "ok")), chat(("bot", "hi"), ("assistant", "ok"))],
+     r"d.jsonl line 2: message 1 has the role 'bot'; the roles are system, user, assistant, tool"),
+    ("empty-content", [chat(("user", "hi"), ("assistant", "  "))],
+     r"d.jsonl line 1: message 2 \(assistant\) has empty content"),
+    ("empty-user-content", [chat(("system", ""), ("user", "hi"), ("assistant", "ok"))],
+     r"d.jsonl line 1: message 1 \(system\) has empty content"),
 ]
 
 
@@ -89,8 +98,7 @@ def test_bad_data_is_named_with_its_line(case, lines, message, tmp_path, tokeniz
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=message):
-        dataset, where = load_rows(path)
-        prepare(dataset, where, tokenizer, 64)
+        prepare(load_rows(path), tokenizer, 64)
 
 
 def test_a_missing_file_and_an_unknown_format_are_named(tmp_path):
@@ -102,7 +110,50 @@ def test_a_missing_file_and_an_unknown_format_are_named(tmp_path):
 
 
 def test_a_dataset_id_is_read_from_the_local_cache_offline(datasets_cache):
-    dataset, where = load_rows("someone/toy-rows")
-    assert list(dataset) == datasets_cache and where[0] == "someone/toy-rows row 1"
+    rows = load_rows("someone/toy-rows")
+    assert list(rows.rows) == datasets_cache and rows.where(0) == "someone/toy-rows row 1"
     with pytest.raises(DataError, match="someone/other-rows: no such data file, and not a dataset in the local cache"):
         load_rows("someone/other-rows")
+
+
+def test_a_role_the_template_refuses_or_leaves_out_is_refused(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [json.loads(chat(("tool", "42"), ("user", "hi"), ("assistant", "ok")))])
+    quiet = tokenizer.chat_template.replace("{% for message in messages %}",
+                                            "{% for message in messages if message['role'] != 'tool' %}")
+    strict = "{% if messages[0]['role'] == 'tool' %}{{ raise_exception('no tools here') }}{% endif %}" + \
+        tokenizer.chat_template
+    kept = tokenizer.chat_template  # the session's tokenizer: put its template back for the other tests
+    for template, message in ((quiet, r"d.jsonl line 1: the chat template leaves out message 1 \(role 'tool'\)"),
+                              (strict, r"d.jsonl line 1: the chat template refuses this conversation: no tools here")):
+        tokenizer.chat_template = template
+        try:
+            with pytest.raises(DataError, match=message):
+                prepare(load_rows(path), tokenizer, 64)
+        finally:
+            tokenizer.chat_template = kept
+    assert prepare(load_rows(path), tokenizer, 64).shape == "messages"  # the fixture's template renders tools
+
+
+@pytest.mark.parametrize("name, first, second", [("d.jsonl", b'{"text": "ok"}\n', b'{"text": "caf\xe9"}\n'),
+                                                  ("d.csv", b"text\n", b"caf\xe9\n")])
+def test_bytes_that_are_not_utf8_are_named_with_their_line_and_offset(name, first, second, tmp_path, tokenizer):
+    path = tmp_path / name
+    path.write_bytes(first + second)
+    offset = len(first) + second.index(0xE9)
+    with pytest.raises(DataError, match=rf"{name} line 2: not valid UTF-8 \(byte 0xe9 at byte offset {offset} of "
+                                        rf"the file\)"):
+        prepare(load_rows(path), tokenizer, 64)
+
+
+def test_every_bad_row_is_reported_in_one_error_up_to_a_bound(tmp_path, tokenizer):
+    from ftserve.train.data import REPORTED
+
+    lines = ['{"text": "ok"}'] + ['{"text": ""}'] * (REPORTED + 5) + ['{"text": broken'] + ['{"text": "fine"}']
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as caught:
+        prepare(load_rows(path), tokenizer, 64)
+    report = str(caught.value).splitlines()
+    assert report[0] == f"{path}: {REPORTED + 6} bad rows, nothing was trained; fix them and run again:"
+    assert report[1:] == [f"  {path} line {n}: 'text' must be a non-empty string; got ''"
+                          for n in range(2, REPORTED + 2)] + ["  and 6 more"]

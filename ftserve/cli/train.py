@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import gc
+import importlib
 import sys
 from pathlib import Path
 
@@ -63,8 +67,7 @@ def train(config_file: Path | None, method_settings: tuple[str, ...], targets: s
     Writes the adapter in PEFT's layout with a model card, loss curves and the commands to merge and serve it.
     BASE, DATA and --output may come from --config instead.
     """
-    from ..train.run import Interrupted, deploy
-    from ..train.run import train as run
+    from ..train.quantized import without_bitsandbytes
     from ..train.settings import TrainSettings, parse_setting
 
     if targets is not None:
@@ -72,6 +75,21 @@ def train(config_file: Path | None, method_settings: tuple[str, ...], targets: s
             else [t.strip() for t in targets.split(",") if t.strip()]
     flags.update(targets=targets, settings=dict(parse_setting(s) for s in method_settings))
     settings = TrainSettings.from_sources(config_file, flags)
+    # At exit, the interpreter's last collection walks every object torch and transformers made: seconds on a
+    # busy machine, after the last line was printed, for memory the OS takes back anyway.
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
+    with contextlib.nullcontext() if settings.load_in_4bit else without_bitsandbytes():
+        if not click.get_current_context().find_root().params.get("verbose"):
+            quiet_library_logs()
+        _train(settings)
+
+
+def _train(settings) -> None:
+    from ..train.report import next_commands
+    from ..train.run import Interrupted, deploy
+    from ..train.run import train as run
+
     try:
         output = run(settings, echo=lambda line: click.echo(line, err=True))
     except Interrupted as exc:
@@ -83,10 +101,20 @@ def train(config_file: Path | None, method_settings: tuple[str, ...], targets: s
     if output is None:  # another process of a torchrun / accelerate run: the first one reports
         return
     click.echo(f"wrote {output}", err=True)
-    from ..train.report import next_commands
-
     for command in next_commands(settings, output):
         click.echo(command)
     if settings.deploy_to:
         name = deploy(settings, output)
         click.echo(f"loaded as {name!r} into {settings.deploy_to}", err=True)
+
+
+def quiet_library_logs() -> None:
+    """Errors only from the libraries under the command (``-v`` shows their warnings too): their warnings are
+    about their own choices ("mtime may not be reliable on this filesystem ..."), not the user's. Each library
+    sets its loggers' level when first imported, so this asks each one; one not installed is named where the
+    command needs it."""
+    for name in ("transformers.utils.logging", "datasets.utils.logging"):
+        try:
+            importlib.import_module(name).set_verbosity_error()
+        except ImportError:
+            pass

@@ -8,7 +8,9 @@ fp32. bitsandbytes >= 0.46 runs this on CPU as well as on GPUs.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import sys
+from typing import Any, Iterator
 
 import torch
 
@@ -18,6 +20,25 @@ from ..errors import CheckpointError, ConfigError
 # weights the adapter was trained against.
 QLORA_RECIPE = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
                 "bnb_4bit_compute_dtype": "bfloat16"}
+
+
+@contextlib.contextmanager
+def without_bitsandbytes() -> Iterator[None]:
+    """Keep bitsandbytes out of whatever runs inside, for work that does not load a base in 4 bits.
+
+    peft imports it whenever it is installed (``peft.helpers``, which transformers' ``trainer_utils`` imports), and
+    on a CPU with AVX512-BF16 that import fetches a kernel through the ``kernels`` package and warns twice
+    ("Skipping publisher trust check ...", "Failed to load CPU gemm_4bit_forward ... pip install kernels"), for
+    a library the command never used. A ``None`` entry in ``sys.modules`` makes ``import bitsandbytes`` fail as if
+    it were not installed, and ``importlib.util.find_spec`` answer None, which is how peft, transformers and
+    accelerate ask: each goes on as without it. Enter it before transformers' Trainer is imported; an
+    already imported bitsandbytes stays."""
+    hidden = sys.modules.setdefault("bitsandbytes", None) is None
+    try:
+        yield
+    finally:
+        if hidden and "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+            del sys.modules["bitsandbytes"]
 
 
 def quantization_config():

@@ -3,8 +3,8 @@
 Order matters for the user: every input is checked (settings, output folder, data row by row, the method's
 settings) before the base model is loaded, so a mistake costs seconds, not a training run. Checkpoints go to
 ``OUTPUT.checkpoints/`` beside the output; the output folder (adapter, tokenizer, model card, loss curves, log)
-appears by one rename at the end. Ctrl-C (or SIGTERM) leaves the checkpoints and says how to resume;
-``--resume`` continues from the last complete one.
+appears by one rename at the end. Ctrl-C (or SIGTERM) stops within moments and keeps the last completed step
+as a checkpoint (``interrupt``); ``--resume`` continues from the last complete one.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +67,7 @@ def check_inputs(settings: TrainSettings, echo: Callable[[str], None]) -> Inputs
             raise CheckpointError(f"--resume {settings.resume}: not a complete checkpoint folder (no {COMPLETE})")
         else:
             resume = settings.resume
-    elif checkpoints.exists() and not settings.force:
+    elif last_complete_checkpoint(checkpoints) is not None and not settings.force:
         raise ConfigError(f"{checkpoints} holds the checkpoints of an earlier run: pass --resume to continue it, "
                           f"or --force to start again")
     settings.adapter_config()  # a setting the method does not have, a bad rank, ...
@@ -85,8 +84,7 @@ def check_inputs(settings: TrainSettings, echo: Callable[[str], None]) -> Inputs
 
 
 def _prepared(source: str, tokenizer, max_seq_len: int) -> training_data.Prepared:
-    dataset, where = training_data.load_rows(source)
-    return training_data.prepare(dataset, where, tokenizer, max_seq_len)
+    return training_data.prepare(training_data.load_rows(source), tokenizer, max_seq_len)
 
 
 def load_tokenizer(settings: TrainSettings):
@@ -128,7 +126,8 @@ def training_arguments(settings: TrainSettings, checkpoints: Path, has_eval: boo
 def train(settings: TrainSettings, echo: Callable[[str], None] = print, callbacks: tuple = ()) -> Path | None:
     """Run ``settings`` to the end; returns the output folder (None in the other processes of a run launched
     by torchrun or accelerate, where the first process alone writes and speaks). Raises Interrupted on Ctrl-C /
-    SIGTERM. ``callbacks`` are further ``TrainerCallback``s for the trainer."""
+    SIGTERM, once the last completed step is kept as a checkpoint. ``callbacks`` are further ``TrainerCallback``s
+    for the trainer."""
     if not is_main_process():
         echo = _silent
     inputs = check_inputs(settings, echo)
@@ -158,26 +157,32 @@ def train(settings: TrainSettings, echo: Callable[[str], None] = print, callback
     echo(f"{settings.method} on {settings.base}: {trainable:,d} trainable parameters of {total:,d}; "
          f"{len(train_set)} training rows ({inputs.train.shape}, {inputs.train.tokens:,d} tokens)"
          + (f", {len(eval_set)} eval rows" if eval_set is not None else ""))
+    from .interrupt import StopAtTheLastStep, StopRequested
     from .trainer import AdapterTrainer
 
+    stop = StopAtTheLastStep(echo)
     trainer = AdapterTrainer(
         model=model, args=training_arguments(settings, inputs.checkpoints, eval_set is not None),
         train_dataset=train_set, eval_dataset=eval_set, processing_class=inputs.tokenizer,
         data_collator=DataCollatorForSeq2Seq(inputs.tokenizer, padding=True, label_pad_token_id=-100),
-        callbacks=[Progress(echo), *callbacks])
+        callbacks=[Progress(echo), stop, *callbacks])
     trainer.remove_callback(PrinterCallback)  # Progress prints instead
+    if inputs.resume is None:  # starting again (--force, or an earlier run that kept nothing): no stale step
+        shutil.rmtree(inputs.checkpoints, ignore_errors=True)
     started = time.monotonic()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        trainer.train(resume_from_checkpoint=inputs.resume)
-        history = trainer.state.log_history
-        if eval_set is not None and not any("eval_loss" in e and e["step"] == trainer.state.global_step
-                                            for e in history):
-            trainer.evaluate()
-    except KeyboardInterrupt:
-        raise Interrupted(interrupted_message(settings, inputs.checkpoints, trainer.state.global_step)) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        with stop.handling_signals():
+            try:
+                trainer.train(resume_from_checkpoint=inputs.resume)
+                history = trainer.state.log_history
+                if eval_set is not None and not any("eval_loss" in e and e["step"] == trainer.state.global_step
+                                                    for e in history):
+                    trainer.evaluate()
+            except StopRequested:
+                stop.keep_last_step(trainer)  # a second Ctrl-C still cuts this short
+                raise interrupted(inputs.checkpoints, trainer.state.global_step) from None
+    except KeyboardInterrupt:  # the second Ctrl-C
+        raise interrupted(inputs.checkpoints, trainer.state.global_step, at_once=True) from None
     if not (trainer.is_world_process_zero() and is_main_process()):  # a launcher's other processes
         return None
     final = {"global_step": trainer.state.global_step, "epoch": trainer.state.epoch or 0.0,
@@ -200,17 +205,16 @@ def _silent(line: str) -> None:
     pass
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def interrupted_message(settings: TrainSettings, checkpoints: Path, step: int) -> str:
+def interrupted(checkpoints: Path, step: int, at_once: bool = False) -> Interrupted:
+    """The error that says what an interrupted run kept. A checkpoints folder left with nothing complete in it is
+    removed, so that the same command starts afresh instead of taking it for an earlier run."""
+    stopped = f"stopped at once at step {step} by a second Ctrl-C" if at_once else f"interrupted at step {step}"
     last = last_complete_checkpoint(checkpoints)
     if last is None:
-        return (f"interrupted at step {step}, before the first checkpoint (every --save-steps "
-                f"{settings.save_steps}); nothing was kept")
-    return (f"interrupted at step {step}; the last complete checkpoint is {last}; resume with the same command "
-            f"and --resume")
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        return Interrupted(f"{stopped}; nothing was kept" + ("" if at_once else " (no step had completed)"))
+    return Interrupted(f"{stopped}; the last complete checkpoint is {last}; resume with the same command and "
+                       f"--resume")
 
 
 def write_output(settings: TrainSettings, model, tokenizer, final: dict, data_summary: dict,
