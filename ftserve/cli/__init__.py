@@ -8,7 +8,8 @@ from ..version import __version__
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ftserve")
-@click.option("-v", "--verbose", is_flag=True, help="Also show the progress bars of transformers and the Hub.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Also show the libraries' progress bars and warnings (transformers, datasets, the Hub).")
 def main(verbose: bool) -> None:
     """Train adapters with five methods, fold them into standalone models, serve many at once."""
     if not verbose:
