@@ -78,6 +78,9 @@ class AdapterTrainerMixin:
         if not self.args.should_save:
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        # A checkpoint folder is the trainer's, shared: the other processes of a data-parallel run write their
+        # RNG states into it meanwhile, so the adapter's files are replaced one by one in it, never the folder.
+        os.makedirs(output_dir, exist_ok=True)
         self.adapter_model.save_adapter(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
