@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import Gauge
@@ -65,6 +66,19 @@ class ServerSettings:
         """The longest prompt (and value) a chat template may build: the messages fit in a request body, and a
         template may repeat them once, around its own text."""
         return 2 * self.max_request_bytes + 1024 * 1024
+
+
+INLINE_RESPONSE_TOKENS = 4096  # a response of fewer generated tokens, without log probabilities, is built inline
+
+
+async def respond(build: Callable[[], JSONResponse], choices: list, heavy: bool) -> JSONResponse:
+    """The finished response, built in a worker thread where it is large: with log probabilities (or an echoed
+    prompt) every token of every choice is decoded and encoded, seconds on the event loop for a big fan-out. A
+    small one is built inline: the hop to a thread waits for the GIL behind the engine's thread, milliseconds
+    per request, more than the building itself."""
+    if heavy or sum(len(c.token_ids) for c in choices) > INLINE_RESPONSE_TOKENS:
+        return await asyncio.to_thread(build)
+    return build()
 
 
 class OpenAIServing:
@@ -188,11 +202,10 @@ class OpenAIServing:
         choices = await self._run(streams, tracker, len(prompts), disconnected)
         if choices is None:
             return client_gone()
-        # Off the event loop: with log probabilities, every token of every choice is decoded and encoded here.
-        return await asyncio.to_thread(lambda: JSONResponse(envelope(
+        return await respond(lambda: JSONResponse(envelope(
             [choice(i, *content(i, c, "".join(c.text), c.token_ids, c.logprobs, c.prompt_logprobs), c.finish_reason)
              for i, c in enumerate(choices)],
-            usage=counted(*count_tokens(choices, len(prompts))))))
+            usage=counted(*count_tokens(choices, len(prompts))))), choices, body.logprobs is not None or body.echo)
 
     # Chat ----------------------------------------------------------------------------------------
 
@@ -246,11 +259,11 @@ class OpenAIServing:
         choices = await self._run(streams, tracker, 1, disconnected)
         if choices is None:
             return client_gone()
-        return await asyncio.to_thread(lambda: JSONResponse(envelope(  # off the event loop, as completions
+        return await respond(lambda: JSONResponse(envelope(
             [{"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
               "logprobs": logprobs(c.token_ids, c.logprobs), "finish_reason": c.finish_reason}
              for i, c in enumerate(choices)],
-            obj="chat.completion", usage=usage(*count_tokens(choices, 1)))))
+            obj="chat.completion", usage=usage(*count_tokens(choices, 1)))), choices, bool(body.logprobs))
 
     # Tokens ---------------------------------------------------------------------------------------
 

@@ -4,7 +4,8 @@ The default executor also loads adapters and joins the engine's thread at shutdo
 controls must never fill it. A chat template's render is bounded in time (templates.py), so a render worker is
 normally free again within the chat-template timeout; but a thread cannot be killed, so:
 
-- each job runs on its own daemon thread: one caught in a long C call never keeps the process from exiting;
+- jobs run on daemon threads (kept and reused: starting a thread per job cost more than most renders), so
+  one caught in a long C call never keeps the process from exiting;
 - at most ``workers`` jobs run at once, and at most ``workers - 1`` of one lane (a model: its chat template),
   so a template that always runs out its time never holds every worker: other models keep being rendered;
 - a job that finds no free worker within ``timeout`` seconds is answered 429 with Retry-After (the server's
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import queue
 import threading
 import time
 from typing import Any, Callable
@@ -37,6 +39,12 @@ class RenderWorkers:
         self.lanes: dict[str, _Lane] = {}
         self.started: dict[int, float] = {}  # running job -> when it started (monotonic)
         self.ids = itertools.count()
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.threads = 0  # started so far; never more than ``workers``, so one is free for every held slot
+
+    def _serve_jobs(self) -> None:
+        while True:
+            self.jobs.get()()
 
     async def _acquire(self, slots: asyncio.Semaphore, what: str) -> None:
         try:
@@ -91,7 +99,10 @@ class RenderWorkers:
             except RuntimeError:  # the loop has closed: the server is gone
                 pass
 
-        threading.Thread(target=work, name=f"ftserve-render-{job}", daemon=True).start()
+        if self.threads < self.workers:
+            self.threads += 1
+            threading.Thread(target=self._serve_jobs, name=f"ftserve-render-{self.threads}", daemon=True).start()
+        self.jobs.put(work)
         return await future
 
     def saturated(self) -> str | None:
