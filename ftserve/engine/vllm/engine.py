@@ -7,11 +7,12 @@
 ...         print(chunk.text, end="")
 
 The front end (../frontend.py) checks and tokenizes each request and names the adapters, and the engine base
-(../engine_base.py) keeps streams, the life cycle and adapter loads, exactly as for the torch engine; vLLM runs the token ids it is handed, one ``LoRARequest`` per request (each adapter name keeps
-one integer id for the engine's life), and streams ``RequestOutputKind.DELTA`` outputs, which become our
-chunks (outputs.py). Adapters reach vLLM only as checked plain-LoRA exports (adapters.py). Closing a stream
-aborts its vLLM request; ``shutdown`` aborts every request still running and stops vLLM's processes. On
-SIGTERM the server drains in-flight requests first, as with the torch engine (server/run.py).
+(../engine_base.py) keeps streams, the life cycle and adapter loads, exactly as for the torch engine; vLLM runs the
+token ids it is handed, one ``LoRARequest`` per request (each adapter name keeps one integer id for the engine's
+life), and streams ``RequestOutputKind.DELTA`` outputs, which become our chunks (outputs.py). Adapters reach vLLM
+only as checked plain-LoRA exports (adapters.py). Closing a stream aborts its vLLM request; ``shutdown`` aborts
+every request still running and stops vLLM's processes. On SIGTERM the server drains in-flight requests first, as
+with the torch engine (server/run.py).
 
 vLLM's scale flags (tensor and pipeline parallelism, several nodes, GPU memory, eager mode, quantization)
 come from EngineOptions and are passed to ``AsyncEngineArgs`` as they are.
