@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, make_dataclass
 from typing import AsyncIterator, Protocol
 
 
@@ -86,32 +86,15 @@ class AdapterInfo:
     loaded_at: float
 
 
-@dataclass
-class EngineStats:
-    """What every engine's ``stats()`` holds, one field per key: an engine builds one, so it cannot leave a key
-    out or misspell one. /metrics exposes each as ftserve_engine_<key> (a counter if it ends in ``_total``)."""
+STATS_KEYS = (
+    "queued_requests", "running_requests", "adapters_loaded", "adapters_cached", "lora_slots_active", "max_loras",
+    "max_cpu_loras", "finished_requests_total", "generated_tokens_total", "steps_total", "prefill_tokens_total",
+    "kv_cache_bytes", "lora_slot_bytes", "kv_blocks_used", "kv_blocks_free", "prefix_cache_queries_total",
+    "prefix_cache_hits_total", "preemptions_total",
+)  # what every engine's stats() holds: /metrics exposes each as ftserve_engine_<key> (a counter if *_total)
 
-    queued_requests: float
-    running_requests: float
-    adapters_loaded: float
-    adapters_cached: float
-    lora_slots_active: float
-    max_loras: float
-    max_cpu_loras: float
-    finished_requests_total: float
-    generated_tokens_total: float
-    steps_total: float
-    prefill_tokens_total: float
-    kv_cache_bytes: float
-    lora_slot_bytes: float
-    kv_blocks_used: float
-    kv_blocks_free: float
-    prefix_cache_queries_total: float
-    prefix_cache_hits_total: float
-    preemptions_total: float
-
-
-STATS_KEYS = tuple(f.name for f in fields(EngineStats))
+# An engine's stats are built as one of these, so a key left out or misspelled is a TypeError, not a gap.
+EngineStats = make_dataclass("EngineStats", [(key, float) for key in STATS_KEYS])
 
 
 class Engine(Protocol):

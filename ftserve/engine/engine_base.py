@@ -15,10 +15,11 @@ for every engine, and lives here:
   unloading one (refuse new requests, wait for those in flight);
 * ``stats()``, an ``EngineStats`` with every key of STATS_KEYS.
 
-An engine subclass supplies only what is its core's: ``_check_open`` (may it take a call now),
-``_start_core``, ``_request`` (its per-request object), ``_submit`` (hand it to the core; the call that waits
-for each next chunk), ``_end`` (after the stream, however it ended), ``_read_adapter``, ``_register``,
-``_unregister`` and ``_core_stats``, with ``shutdown`` and ``healthy``.
+An engine subclass supplies only what is its core's: ``_check_open`` (before every call on the event loop),
+``_start_core`` (on ``start``), ``_request`` (its object for a checked request, made by ``generate``),
+``_submit`` (hand it to the core), ``_end`` (after its stream, however it ended, submitted or not),
+``_read_adapter`` (read and check a folder, on an executor thread), ``_register`` / ``_added`` /
+``_unregister`` (an adapter with its core), ``_core_stats``, ``shutdown`` and ``healthy``.
 """
 
 from __future__ import annotations
@@ -227,16 +228,14 @@ class EngineBase(ABC):
                             max_loras=self.max_loras, max_cpu_loras=self.max_cpu_loras, **self._core_stats())
         return {key: float(value) for key, value in vars(stats).items()}
 
-    # What each engine supplies ----------------------------------------------------------------------------
+    # What each engine supplies (the module docstring says when each is called) ---------------------------
 
     @abstractmethod
     def _check_open(self) -> None:
-        """Before every request and adapter call on the event loop: EngineClosedError unless the engine can
-        take it now."""
+        """EngineClosedError unless the engine can take a request or adapter call now."""
 
     @abstractmethod
-    async def _start_core(self) -> None:
-        """Start the core, on the event loop just bound."""
+    async def _start_core(self) -> None: ...
 
     @abstractmethod
     async def shutdown(self) -> None:
@@ -247,30 +246,26 @@ class EngineBase(ABC):
         """False once the engine can serve nothing more: shut down, or its core has died."""
 
     @abstractmethod
-    def _request(self, ready: Prepared, request: GenerationRequest) -> Any:
-        """The core's object for a checked request, built when ``generate`` is called."""
+    def _request(self, ready: Prepared, request: GenerationRequest) -> Any: ...
 
     @abstractmethod
     async def _submit(self, job: Any) -> Callable[[], Awaitable[StreamChunk | BaseException]]:
-        """Hand ``job`` to the core (EngineClosedError if it can take nothing more); the call whose every
-        await is the job's next chunk, or the exception that ends it."""
+        """Hand ``job`` to the core (EngineClosedError if it takes nothing more); the call whose every await
+        is the job's next chunk, or the exception that ends it."""
 
     @abstractmethod
-    async def _end(self, job: Any) -> None:
-        """After ``job``'s stream ended (finished, failed, closed early, or never submitted)."""
+    async def _end(self, job: Any) -> None: ...
 
     @abstractmethod
-    def _read_adapter(self, path: Path, root: Path | None) -> ReadAdapter:
-        """Read and check the adapter folder ``path`` (under ``root``), on an executor thread."""
+    def _read_adapter(self, path: Path, root: Path | None) -> ReadAdapter: ...
 
     @abstractmethod
     async def _register(self, info: AdapterInfo, tokenizer: Any, root: Path | None, data: Any) -> RegisteredAdapter:
         """The adapter's record, registered with the core if the core needs it before the first request."""
 
     @abstractmethod
-    async def _unregister(self, record: RegisteredAdapter) -> None:
-        """Free an unloaded adapter (no request uses it any more) in the core."""
+    async def _unregister(self, record: RegisteredAdapter) -> None: ...
 
     @abstractmethod
     def _core_stats(self) -> dict[str, float]:
-        """The keys of EngineStats the front end does not know: running requests, caches, counters."""
+        """The EngineStats keys that ``stats`` does not fill from the front end."""
