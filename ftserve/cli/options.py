@@ -77,7 +77,12 @@ def build(cls: type, values: dict[str, Any]) -> Any:
     try:
         return cls(**given)
     except EngineOptionsError as exc:
-        raise click.BadParameter(in_cli_words(exc.reason), param_hint=exc.flag) from None
+        raise bad_flag(exc) from None
+
+
+def bad_flag(exc: EngineOptionsError) -> click.BadParameter:
+    """``exc`` as click reports a bad flag: ``Invalid value for --max-num-seqs: must be ...``."""
+    return click.BadParameter(in_cli_words(exc.reason), param_hint=exc.flag)
 
 
 def from_settings(**classes: type) -> Callable[[Callable], Callable]:

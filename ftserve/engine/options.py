@@ -35,7 +35,7 @@ DEFAULT_MAX_LORA_RANK = 64  # the torch engine's, when --max-lora-rank is not gi
 MIN_CPU_LORAS = 32  # adapters kept in memory at least, when --max-cpu-loras is not given
 DEFAULT_MAX_MODEL_LEN = 2048  # the most tokens per request when --max-model-len is not given and the model allows more
 EXECUTOR_BACKENDS = ("mp", "ray")
-PORTS = (1, 65535)
+MAX_PORT = 65535
 
 
 @dataclass
@@ -85,7 +85,7 @@ class EngineOptions:
     node_rank: int = setting(0, "This node's rank; 0 serves the API, the others run with --headless.", minimum=0,
                              vllm=True)
     master_addr: str | None = setting(None, "The address of node 0, for the other nodes.", vllm=True)
-    master_port: int | None = setting(None, "Node 0's port for them.", minimum=PORTS[0], maximum=PORTS[1],
+    master_port: int | None = setting(None, "Node 0's port for them.", minimum=1, maximum=MAX_PORT,
                                       vllm=True)
     headless: bool = setting(False, "A worker node (--node-rank >= 1): runs workers, no API.", vllm=True)
     gpu_memory_utilization: float | None = setting(

@@ -12,6 +12,10 @@ from pathlib import Path
 from ..engine.declare import setting
 
 MIB = 1024 * 1024
+DEFAULT_HOST = "127.0.0.1"  # loopback: reachable from this machine only, unless told otherwise
+DEFAULT_PORT = 8000
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_LOG_LEVEL = "info"
 
 
 @dataclass
