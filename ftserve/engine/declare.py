@@ -10,7 +10,7 @@ The metadata a declaration carries, read by ``declared`` and by the flag generat
 - ``minimum``, ``maximum``, ``open_minimum``: the range of a number (``open_minimum``: the minimum itself is out);
 - ``choices``: the values a text setting accepts;
 - ``default_text``: what a ``None`` default means, printed as ``[default: ...]``;
-- ``short``: further names of the flag (``-tp``, ``--lora-modules``);
+- ``short``: further names of the flag (``-tp``);
 - ``metavar``: the placeholder of its value in the help (``SIZE``);
 - ``vllm``: a vLLM option passed through as it is; an engine without such a thing refuses a value other than
   the default.
