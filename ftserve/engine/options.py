@@ -126,8 +126,8 @@ class EngineOptions:
         if self.node_rank >= self.nnodes:
             raise EngineOptionsError("node_rank", f"must be in [0, nnodes={self.nnodes}); got {self.node_rank!r}")
         if self.distributed_executor_backend not in (None, *EXECUTOR_BACKENDS):
-            raise EngineOptionsError("distributed_executor_backend",
-                                     f"must be {' or '.join(EXECUTOR_BACKENDS)}; got {self.distributed_executor_backend!r}")
+            raise EngineOptionsError("distributed_executor_backend", f"must be {' or '.join(EXECUTOR_BACKENDS)}; "
+                                                                     f"got {self.distributed_executor_backend!r}")
         if self.gpu_memory_utilization is not None and not (
                 isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1):
             raise EngineOptionsError("gpu_memory_utilization",
