@@ -1,6 +1,7 @@
 """Reading an adapter folder for an engine: confined to its root, checked against the base model's modules,
-turned into its served form (methods/base.py's LoraFactors: plain LoRA, or row-scaled with a magnitude). Every engine reads adapters through ``read_checked``, so an adapter
-is refused with the same message whichever engine serves it, and nothing unchecked reaches an engine.
+turned into its served form (methods/factors.py's LoraFactors: plain LoRA, or row-scaled with a magnitude).
+Every engine reads adapters through ``read_checked``, so an adapter is refused with the same message whichever
+engine serves it, and nothing unchecked reaches an engine.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ def read_checked(path: Path, shapes: dict[str, tuple[int, int]], max_rank: int, 
     finite in the serving ``dtype`` (LoraFactors.non_finite, LoraFactors.overflow, which bounds a row-scaled
     folded weight by its magnitude), so nothing that fails at its first request, or costs more memory than its
     rank allows, is loaded. A row-scaled form's scale ``r`` depends on the base weights, which are not read
-    here: an engine that serves it computes and checks ``r`` (torch/adapter_cache.py). With ``root``, the folder is first checked to hold nothing that resolves
-    outside it (PathOutsideAdapterRootError, 403).
+    here: an engine that serves it computes and checks ``r`` (torch/adapter_cache.py). With ``root``, the folder
+    is first checked to hold nothing that resolves outside it (PathOutsideAdapterRootError, 403).
     """
     if root is not None:
         try:

@@ -4,7 +4,7 @@ For the rows of one forward pass, each row ``i`` reading slot ``a(i)`` (or none:
 
     delta_i = B_{a(i)} (A_{a(i)} x_i)          (the scale s folded into B when a slot is written)
 
-and, for a slot holding a row-scaled adapter (methods/base.py's LoraFactors: DoRA's form), its rows' whole
+and, for a slot holding a row-scaled adapter (methods/factors.py's LoraFactors: DoRA's form), its rows' whole
 output is rescaled per output feature, the bias excepted::
 
     y_i = r_{a(i)} * (W x_i + delta_i) + bias = r_{a(i)} * out_i + (1 - r_{a(i)}) * bias
