@@ -14,7 +14,7 @@ import httpx
 import openai
 import psutil
 import pytest
-from helpers import ServerProcess
+from support.processes import ServerProcess
 
 BASE = "base"
 MAX_QUEUE = 1024  # EngineOptions' default

@@ -23,8 +23,10 @@ from transformers import AutoModelForCausalLM
 from ftserve import ConfigError, FineTuningConfig, FineTuningModel, export_adapter, load_adapter, read_adapter
 from ftserve.methods import AdapterLayer, AdapterMethod, LoraFactors, register, unregister
 from ftserve.methods.base import check_number
+from ftserve.testing import randomise_adapter
 
-from helpers import MODELS, TOY_IDS, logits, randomise_adapter, train
+from support.models import MODELS, TOY_IDS, logits
+from support.training import train
 
 FP32 = dict(rtol=1e-5, atol=1e-5)
 

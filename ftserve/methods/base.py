@@ -273,8 +273,8 @@ class AdapterMethod:
         return {**kwargs, **self.settings_from(ours)}
 
     def settings_from(self, ours: dict) -> dict[str, Any]:
-        """This method's settings as saved under the "ftserve" key (older versions nested some of them
-        under "method_options")."""
+        """This method's settings as saved under the "ftserve" key. Back-compatibility: an older ftserve nested
+        some of them under "method_options"."""
         saved = {**(ours.get("method_options") or {}), **ours}
         return {key: saved[key] for key in self.option_defaults if key in saved}
 
@@ -284,6 +284,17 @@ class AdapterMethod:
                 "scale": f"alpha/{'sqrt(r)' if config.use_rslora else 'r'} = {config.scale_for(''):g}"}
 
     # Layers and training -----------------------------------------------------------------------
+
+    def trainable_parameters(self, config: FineTuningConfig, shapes: dict[str, tuple[int, int]]) -> int:
+        """Trainable parameters the adapter adds to modules of these ``(d_out, d_in)``, by module name, in
+        closed form: LoRA's ``sum r (d_in + d_out)``, each module at its own rank."""
+        return sum(config.rank_for(name) * (d_in + d_out) for name, (d_out, d_in) in shapes.items())
+
+    def frozen_parameters(self, config: FineTuningConfig, shapes: dict[str, tuple[int, int]]) -> int:
+        """Parameters the adapter adds that never train (LoRA-FA's A), in closed form; a shared tensor held
+        as a buffer (VeRA's pair) is not a parameter."""
+        return 0
+
 
     def create_layer(self, base_layer: nn.Module, module_name: str, config: FineTuningConfig,
                      shared: nn.Module | None) -> AdapterLayer:
