@@ -19,6 +19,9 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 
 
+PEFT_DEFAULT_RANK, PEFT_DEFAULT_ALPHA = 8, 8  # LoraConfig's r and lora_alpha, for a folder that omits them
+
+
 class FineTuningConfig(Protocol):
     """What a method reads of ftserve.config.FineTuningConfig, which sits above the registry and asks it."""
 
@@ -266,7 +269,7 @@ class AdapterMethod:
     def from_peft(self, data: dict, ours: dict) -> dict[str, Any]:
         """FineTuningConfig keyword arguments from an adapter_config.json (``ours``: its "ftserve" key)."""
         kwargs = dict(
-            lora_r=data.get("r", 8), lora_alpha=data.get("lora_alpha", 8),
+            lora_r=data.get("r", PEFT_DEFAULT_RANK), lora_alpha=data.get("lora_alpha", PEFT_DEFAULT_ALPHA),
             lora_dropout=data.get("lora_dropout", 0.0) or 0.0, use_rslora=bool(data.get("use_rslora", False)),
             rank_pattern=data.get("rank_pattern") or {}, alpha_pattern=data.get("alpha_pattern") or {},
         )
