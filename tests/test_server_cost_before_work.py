@@ -14,7 +14,7 @@ import httpx
 import openai
 import psutil
 import pytest
-from helpers import ServerProcess
+from support.processes import ServerProcess
 
 from ftserve.engine.options import EngineOptions
 from ftserve.server.settings import ServerSettings

@@ -31,9 +31,10 @@ from ftserve import ConfigError, FineTuningConfig, FineTuningModel, export_adapt
 from ftserve.errors import AdapterFileError
 from ftserve.methods import AdapterLayer, AdapterMethod, LoraFactors, register, unregister
 from ftserve.methods.base import check_number
-from ftserve.testing import build_tokenizer, tiny_gpt2
+from ftserve.testing import build_tokenizer, randomise_adapter, tiny_gpt2
 
-from helpers import MODELS, TOY_IDS, logits, randomise_adapter, train
+from support.models import MODELS, TOY_IDS, logits
+from support.training import train
 
 FP32 = dict(rtol=1e-5, atol=1e-5)
 

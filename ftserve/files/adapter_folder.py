@@ -4,8 +4,7 @@ A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` with PE
 (``base_model.model.<module>.lora_A.weight``, ``...vera_lambda_b``, ``base_model.vera_A``), so PEFT,
 transformers and vLLM read it. Our exact settings (method, every hyperparameter, steps done) live in a file of
 their own beside it, ``ftserve_config.json``, so PEFT loads the folder without a warning about a key it does not
-know; a folder written before that keeps them under the ``"ftserve"`` key of ``adapter_config.json``, and is
-still read. A method PEFT has no type for (Delta-LoRA) names a side file: the weights file is then its exact
+know. A method PEFT has no type for (Delta-LoRA) names a side file: the weights file is then its exact
 plain LoRA and the training state sits beside it (``delta_lora_state.safetensors``).
 """
 
@@ -26,7 +25,7 @@ from torch import Tensor
 from ..config import EXTRA_KEY, FineTuningConfig
 from ..errors import AdapterFileError, ConfigError
 from ..methods import LoraFactors, get_method
-from .atomic import atomic_output_dir, fsync
+from .atomic import OUTPUT_FILE_MODE, atomic_output_dir, fsync
 from .strict_json import read_json_file
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -49,7 +48,7 @@ class AdapterFolder:
     raw_config: dict
     modules: dict[str, dict[str, Tensor]]
     shared: dict[str, Tensor] = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)  # our settings: ftserve_config.json, or an older folder's key
+    extra: dict = field(default_factory=dict)  # our settings (ftserve_config.json)
 
     def in_features(self) -> dict[str, int]:
         return {k: int(v) for k, v in (self.extra.get("module_in_features") or {}).items()}
@@ -106,6 +105,7 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
     if not config_path.is_file():
         raise AdapterFileError(f"{path}: missing {ADAPTER_CONFIG}; not a PEFT adapter folder")
     raw = _read_json(config_path)
+    # Back-compatibility: a folder written before ftserve_config.json keeps our settings under EXTRA_KEY.
     extra = raw.get(EXTRA_KEY) if isinstance(raw, dict) else None
     if (path / SETTINGS).is_file():
         extra = _read_json(path / SETTINGS)
@@ -255,7 +255,7 @@ def write_adapter_folder(path: str | os.PathLike, peft_config: dict, files: dict
             (tmp / SETTINGS).write_text(json.dumps(ours, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(_model_card(peft_config, ours or {}))
         for child in tmp.iterdir():
-            child.chmod(0o644)
+            child.chmod(OUTPUT_FILE_MODE)
     if target_exists and not replace_whole:
         staging = path.parent / f".{path.name}.staging"
         for child in staging.iterdir():

@@ -26,6 +26,9 @@ from ..errors import ConfigError
 from .factors import LoraFactors
 
 
+PEFT_DEFAULT_RANK, PEFT_DEFAULT_ALPHA = 8, 8  # LoraConfig's r and lora_alpha, for a folder that omits them
+
+
 class FineTuningConfig(Protocol):
     """What a method reads of ftserve.config.FineTuningConfig, which sits above the registry and asks it."""
 
@@ -237,15 +240,15 @@ class AdapterMethod:
     def from_peft(self, data: dict, ours: dict) -> dict[str, Any]:
         """FineTuningConfig keyword arguments from an adapter_config.json (``ours``: its "ftserve" key)."""
         kwargs = dict(
-            lora_r=data.get("r", 8), lora_alpha=data.get("lora_alpha", 8),
+            lora_r=data.get("r", PEFT_DEFAULT_RANK), lora_alpha=data.get("lora_alpha", PEFT_DEFAULT_ALPHA),
             lora_dropout=data.get("lora_dropout", 0.0) or 0.0, use_rslora=bool(data.get("use_rslora", False)),
             rank_pattern=data.get("rank_pattern") or {}, alpha_pattern=data.get("alpha_pattern") or {},
         )
         return {**kwargs, **self.settings_from(ours)}
 
     def settings_from(self, ours: dict) -> dict[str, Any]:
-        """This method's settings as saved under the "ftserve" key (older versions nested some of them
-        under "method_options")."""
+        """This method's settings as saved under the "ftserve" key. Back-compatibility: an older ftserve nested
+        some of them under "method_options"."""
         saved = {**(ours.get("method_options") or {}), **ours}
         return {key: saved[key] for key in self.option_defaults if key in saved}
 
@@ -255,6 +258,17 @@ class AdapterMethod:
                 "scale": f"alpha/{'sqrt(r)' if config.use_rslora else 'r'} = {config.scale_for(''):g}"}
 
     # Layers and training -----------------------------------------------------------------------
+
+    def trainable_parameters(self, config: FineTuningConfig, shapes: dict[str, tuple[int, int]]) -> int:
+        """Trainable parameters the adapter adds to modules of these ``(d_out, d_in)``, by module name, in
+        closed form: LoRA's ``sum r (d_in + d_out)``, each module at its own rank."""
+        return sum(config.rank_for(name) * (d_in + d_out) for name, (d_out, d_in) in shapes.items())
+
+    def frozen_parameters(self, config: FineTuningConfig, shapes: dict[str, tuple[int, int]]) -> int:
+        """Parameters the adapter adds that never train (LoRA-FA's A), in closed form; a shared tensor held
+        as a buffer (VeRA's pair) is not a parameter."""
+        return 0
+
 
     def create_layer(self, base_layer: nn.Module, module_name: str, config: FineTuningConfig,
                      shared: nn.Module | None) -> AdapterLayer:
