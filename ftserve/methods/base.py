@@ -68,27 +68,52 @@ def __getattr__(name: str):
 
 @dataclass
 class LoraFactors:
-    """An exact plain-LoRA form of an adapter on one module: ``delta W = scale * B @ A``."""
+    """The served form of an adapter on one module, on a base weight ``W (d_out x d_in)``.
+
+    Plain (``magnitude`` None): an exact low-rank delta, ``W' = W + scale * B @ A``.
+    Row-scaled (DoRA's form, arXiv:2402.09353): ``W' = diag(r) (W + scale * B @ A)`` with
+    ``r = magnitude / ||W + scale * B @ A||_row``, the norm of each output row taken over d_in."""
 
     A: Tensor  # (r, d_in)
     B: Tensor  # (d_out, r)
     scale: float
+    magnitude: Tensor | None = None  # (d_out,)
 
     @property
     def rank(self) -> int:
         return self.A.shape[0]
 
-    def delta_weight(self) -> Tensor:
-        """Dense ``scale * B @ A`` in fp32, shape (d_out, d_in)."""
-        return (self.B.float() @ self.A.float()) * self.scale
+    @property
+    def row_scaled(self) -> bool:
+        return self.magnitude is not None
+
+    def row_scale(self, weight: Tensor) -> Tensor | None:
+        """``r`` (d_out,) in fp32 from the base weight ``weight`` (d_out, d_in), or None for a plain form."""
+        if self.magnitude is None:
+            return None
+        return self.magnitude.float() / torch.linalg.vector_norm(self._scaled_sum(weight), dim=1)
+
+    def delta_weight(self, weight: Tensor | None = None) -> Tensor:
+        """Dense fp32 delta (d_out, d_in): ``scale * B @ A``, or ``diag(r)(W + scale * B @ A) - W`` for a
+        row-scaled form, which needs the base weight ``weight`` (d_out, d_in)."""
+        if self.magnitude is None:
+            return (self.B.float() @ self.A.float()) * self.scale
+        if weight is None:
+            raise ValueError("a row-scaled adapter's delta depends on the base weight; pass weight=")
+        summed = self._scaled_sum(weight)
+        norm = torch.linalg.vector_norm(summed, dim=1, keepdim=True)
+        return summed * (self.magnitude.float()[:, None] / norm) - weight.float()
+
+    def _scaled_sum(self, weight: Tensor) -> Tensor:
+        return weight.float() + (self.B.float() @ self.A.float()) * self.scale
 
     def non_finite(self) -> str | None:
         """Where NaN or inf values are, ``"its LoRA factor A holds 3 NaN or inf value(s) of 64"``, or None.
 
         A diverged training run or a damaged file; folded or served, such a factor spreads NaN to every row
         it touches, and nothing downstream complains, so merge and every engine refuse it by this check."""
-        for name, value in (("A", self.A), ("B", self.B)):
-            bad = int(value.numel() - torch.isfinite(value).sum())
+        for name, value in (("A", self.A), ("B", self.B), ("magnitude", self.magnitude)):
+            bad = 0 if value is None else int(value.numel() - torch.isfinite(value).sum())
             if bad:
                 return f"its LoRA factor {name} holds {bad} NaN or inf value(s) of {value.numel()}"
         return None
@@ -109,7 +134,9 @@ class LoraFactors:
         for what, value in (("lora_A reaches", A.abs().max()), (f"scale {self.scale:g} x lora_B reaches",
                                                                   B.abs().max() * s),
                             (f"the delta scale {self.scale:g} x lora_B @ lora_A may reach",
-                             B.norm(dim=1).max() * A.norm(dim=0).max() * s)):
+                             B.norm(dim=1).max() * A.norm(dim=0).max() * s),
+                            *((("magnitude reaches", self.magnitude.double().abs().max()),)
+                              if self.magnitude is not None and self.magnitude.numel() else ())):
             if float(value) > limit:
                 return (f"{what} {float(value):.3g}, beyond the largest finite "
                         f"{str(dtype).removeprefix('torch.')} value {limit:.3g}")
@@ -242,6 +269,7 @@ class AdapterMethod:
     shared_keys: tuple[str, ...] = ()  # shared tensors on disk, as "base_model.<key>"
     side_file: str | None = None  # a file holding the exact training state, the weights file being plain LoRA
     has_scale: bool = True  # False: no alpha / r (VeRA)
+    row_scaled: bool = False  # True: its factors carry a magnitude (LoraFactors' row-scaled form)
     quickstart_settings: dict[str, float] = {"rank": 8, "lr": 1e-2, "real_lr": 3e-3}  # real_lr: on SmolLM2
 
     # Config ------------------------------------------------------------------------------------
