@@ -33,6 +33,11 @@ from ..files.checkpoint import INDEX, TensorReader, copy_range, safetensors_head
 from .combine import Combiner
 from .plan import BLOCK_BYTES, COPIED_SUFFIXES, NOT_COPIED, AdapterSpec, MergePlan, OutputTensor, plan_merge
 
+MAX_WORKERS = 4  # default folding threads, at most one per core
+# Blocks are whole multiples of this many rows: GEMM kernels take another code path for a few leftover rows,
+# and the folded values must not depend on where a block starts (bit-identical to folding at once).
+ROW_MULTIPLE = 8
+
 
 @dataclass
 class MergeResult:
@@ -48,7 +53,7 @@ def merge_checkpoint(base: str | os.PathLike, adapters: list[AdapterSpec], out_d
     """Fold ``adapters`` (weighted) into ``base`` and write a standalone model folder at ``out_dir``.
 
     ``progress(bytes_done_now, total_bytes)`` is called as weights are written; ``workers`` threads fold
-    blocks (default: one per CPU core, at most 4); ``combiner`` combines the adapters on each tensor (default:
+    blocks (default: one per CPU core, at most MAX_WORKERS); ``combiner`` combines the adapters on each tensor (default:
     the weighted sum)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
@@ -88,7 +93,7 @@ def _write_tensors(plan: MergePlan, folder: Path, names: list[str], progress: Ca
                    workers: int | None) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # parallel over blocks instead: no spin-waiting barriers on a busy machine
-    workers = max(1, workers or min(4, os.cpu_count() or 1))
+    workers = max(1, workers or min(MAX_WORKERS, os.cpu_count() or 1))
     window = 2 * workers + 2
     pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
     buffers: queue.SimpleQueue = queue.SimpleQueue()
@@ -128,10 +133,9 @@ def _write_shard(shard: list[OutputTensor], f, reader: TensorReader, pool: Threa
         if t.is_copy:
             pending.append(t)
         else:
-            per_row = max(1, t.source.cols) * max(4, t.source.dtype.itemsize, t.dtype.itemsize)
-            # whole multiples of 8 rows: GEMM kernels take another code path for a few leftover rows, and
-            # the folded values must not depend on where a block starts (bit-identical to folding at once)
-            step = max(8, BLOCK_BYTES // per_row // 8 * 8)
+            itemsize = max(torch.float32.itemsize, t.source.dtype.itemsize, t.dtype.itemsize)
+            per_row = max(1, t.source.cols) * itemsize
+            step = max(ROW_MULTIPLE, BLOCK_BYTES // per_row // ROW_MULTIPLE * ROW_MULTIPLE)
             blocks = [(start, min(start + step, t.source.rows)) for start in range(0, t.source.rows, step)]
             if t.fold is not None and t.fold.first_pass:
                 t.fold.gather(_scanned(t, reader, pool, blocks, window))
