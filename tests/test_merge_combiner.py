@@ -21,7 +21,7 @@ from ftserve import CheckpointError, FineTuningConfig
 from ftserve.files.adapter_folder import ADAPTER_WEIGHTS, PREFIX, write_adapter_folder
 from ftserve.merge import AdapterSpec, merge_checkpoint, verify_merge
 from ftserve.merge import write as merge_write
-from ftserve.merge.combine import Combiner, LowRank, Part, TensorFold, low_rank_sum
+from ftserve.merge.combine import Combiner, DenseFold, Part, TensorFold
 from ftserve.methods import AdapterMethod, LoraFactors, register, unregister
 from ftserve.methods.base import linear_shape, targetable_types
 
@@ -162,9 +162,9 @@ def test_row_scaled_merge_past_the_written_dtype_is_refused_and_nothing_written(
 
 
 class TrimmedSum(Combiner):
-    """A combiner that needs the whole tensor: ``W' = W + sum_k w_k trim(s_k B_k A_k)``, where ``trim`` keeps the
+    """A combiner that needs the whole tensor: ``W' = W + sum_k w_k trim(Delta_k)``, where ``trim`` keeps the
     entries of at least ``KEEP`` times the largest magnitude of that delta over the whole tensor (TIES' trim step
-    with a relative threshold). It records every call, to show how write.py drives it."""
+    with a relative threshold), on plain adapters. It records every call, to show how write.py drives it."""
 
     KEEP = 0.5
     name = "trimmed sum"
@@ -174,38 +174,37 @@ class TrimmedSum(Combiner):
         self.lock = threading.Lock()
 
     def fold(self, parts: list[Part], transposed: bool) -> TensorFold:
-        return TrimmedFold(self, [low_rank_sum([p], transposed) for p in parts], transposed)
+        return TrimmedFold(self, parts, transposed)
 
 
-class TrimmedFold(TensorFold):
-    first_pass = True
-
-    def __init__(self, combiner: TrimmedSum, deltas: list[LowRank], transposed: bool) -> None:
-        self.combiner, self.deltas, self.transposed = combiner, deltas, transposed
+class TrimmedFold(DenseFold):
+    def __init__(self, combiner: TrimmedSum, parts: list[Part], transposed: bool) -> None:
+        super().__init__(parts, transposed)
+        self.combiner, self.first_pass = combiner, True
         self.thresholds: list[float] = []
 
     def record(self, phase: str, rows: torch.Tensor, start: int, stop: int) -> None:
         with self.combiner.lock:
             self.combiner.calls.append((phase, str(id(self)), start, stop, len(rows)))
 
-    def delta_rows(self, low_rank: LowRank, rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        return low_rank.block(torch.zeros_like(rows), lambda name, shape: torch.empty(shape), start, stop)
-
     def scan(self, rows, scratch, start, stop):
         self.record("scan", rows, start, stop)
-        return [float(self.delta_rows(d, rows, start, stop).abs().max()) for d in self.deltas]
+        largest = [float(self.delta(k, rows, scratch, start, stop).abs().max()) for k in range(len(self.parts))]
+        return super().scan(rows, scratch, start, stop), largest
 
     def gather(self, partials):
-        self.thresholds = [TrimmedSum.KEEP * m for m in map(max, zip(*partials))]
+        partials = list(partials)
+        super().gather(row_norms for row_norms, _ in partials)
+        self.thresholds = [TrimmedSum.KEEP * max(m) for m in zip(*(largest for _, largest in partials))]
         with self.combiner.lock:
             self.combiner.calls.append(("gather", str(id(self)), 0, 0, 0))
 
     def block(self, weight, scratch, start, stop):
         self.record("block", weight, start, stop)
         total = torch.zeros_like(weight)
-        for low_rank, threshold in zip(self.deltas, self.thresholds):
-            delta = self.delta_rows(low_rank, weight, start, stop)
-            total += torch.where(delta.abs() >= threshold, delta, 0.0)
+        for k, (part, threshold) in enumerate(zip(self.parts, self.thresholds)):
+            delta = self.delta(k, weight, scratch, start, stop)
+            total += part.weight * torch.where(delta.abs() >= threshold, delta, 0.0)
         return weight.add_(total)
 
 

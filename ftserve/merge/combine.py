@@ -6,7 +6,8 @@ factors ``f_k``) and whether the tensor is stored transposed (GPT-2's ``Conv1D``
 stored rows, and that ``verify.py`` runs over the whole tensor (``fold_tensor``). A fold may ask for a first
 pass over every block before the folding pass, for what spans the whole tensor: a magnitude threshold per tensor
 (TIES), or the output-row norms of a row-scaled form stored transposed, where each stored block holds a slice
-of every output row. Memory stays bounded by one block's rows plus what the first pass keeps (O(d_out)).
+of every output row. A fold built on ``DenseFold`` gets each adapter's dense delta over a block. Memory stays
+bounded by one block's rows plus what the first pass keeps (O(d_out)).
 
 The weighted sum, ``WeightedSum``::
 
@@ -145,57 +146,81 @@ def low_rank_sum(parts: list[Part], transposed: bool) -> LowRank:
     return LowRank(A, B, 1.0, transposed)
 
 
-class RowScaledSum(TensorFold):
-    """The weighted sum when a part is row-scaled: each row-scaled ``Delta_k`` from the block's own rows of
-    ``V_k = W + s_k B_k A_k``, the plain parts as one LowRank.
+class DenseFold(TensorFold):
+    """A fold that works on each part's dense delta over a block of stored rows (``delta``): for a rule that is
+    not linear in the factors (a TIES or DARE combiner), and for row-scaled forms.
 
-    Stored as ``W``, a block holds whole output rows and ``r_k`` comes from the block itself. Stored
-    transposed, a block holds a slice of every output row: the first pass sums the squares of each output
-    row's entries block by block (in float64), and ``gather`` turns the sums into ``r_k``."""
+    ``Delta_k`` is ``s_k B_k A_k`` for a plain part and ``diag(r_k) V_k - W`` for a row-scaled one, ``V_k = W +
+    s_k B_k A_k``. Stored as ``W``, a block holds whole output rows and ``r_k`` comes from the block itself.
+    Stored transposed, a block holds a slice of every output row: the first pass sums the squares of each output
+    row's entries block by block (in float64), and ``gather`` turns the sums into ``r_k``. A subclass with a
+    first pass of its own extends ``scan`` and ``gather``."""
 
     def __init__(self, parts: list[Part], transposed: bool) -> None:
-        plain = [p for p in parts if not p.factors.row_scaled]
-        self.scaled = [p for p in parts if p.factors.row_scaled]
-        self.plain = low_rank_sum(plain, transposed) if plain else None
-        self.transposed = self.first_pass = transposed
-        self.row_scales: list[Tensor] = []  # r_k (d_out,) of a transposed tensor, after the first pass
+        self.parts, self.transposed = parts, transposed
+        self.scaled = [k for k, p in enumerate(parts) if p.factors.row_scaled]
+        self.first_pass = transposed and bool(self.scaled)
+        self.row_scales: dict[int, Tensor] = {}  # r_k (d_out,) of a transposed tensor, after the first pass
 
-    def scan(self, rows: Tensor, scratch: Scratch, start: int, stop: int) -> list[Tensor]:
-        return [_squares(self._sum_rows(p.factors, rows, scratch, start, stop), dim=0) for p in self.scaled]
+    def scan(self, rows: Tensor, scratch: Scratch, start: int, stop: int) -> Any:
+        if not self.transposed:
+            return []
+        return [_squares(self.scaled_sum(k, rows, scratch, start, stop), dim=0) for k in self.scaled]
 
-    def gather(self, partials: Iterable[list[Tensor]]) -> None:
+    def gather(self, partials: Iterable[Any]) -> None:
         totals: list[Tensor] = []
         for partial in partials:
             totals = [a + b for a, b in zip(totals, partial)] if totals else partial
-        self.row_scales = [p.factors.magnitude.float() / total.sqrt().float()
-                           for p, total in zip(self.scaled, totals)]
+        self.row_scales = {k: self.parts[k].factors.magnitude / total.sqrt().float()
+                           for k, total in zip(self.scaled, totals)}
 
-    def block(self, weight: Tensor, scratch: Scratch, start: int, stop: int) -> Tensor:
-        if self.plain is None and len(self.scaled) == 1 and self.scaled[0].weight == 1.0:
-            summed = self._sum_rows(self.scaled[0].factors, weight, scratch, start, stop)
-            return torch.mul(summed, self._row_scale(0, summed, start, stop), out=weight)
-        total = scratch("total", tuple(weight.shape)).zero_()
-        for k, part in enumerate(self.scaled):
-            summed = self._sum_rows(part.factors, weight, scratch, start, stop)
-            delta = summed.mul_(self._row_scale(k, summed, start, stop)).sub_(weight)
-            total.add_(delta, alpha=part.weight)
-        if self.plain is not None:
-            weight = self.plain.block(weight, scratch, start, stop)
-        return weight.add_(total)
+    def delta(self, k: int, weight: Tensor, scratch: Scratch, start: int, stop: int) -> Tensor:
+        """Rows ``[start, stop)`` of ``Delta_k`` as stored, from the same rows of ``W`` (``weight``), in scratch
+        that the next call reuses."""
+        f = self.parts[k].factors
+        if f.row_scaled:
+            summed = self.scaled_sum(k, weight, scratch, start, stop)
+            return summed.mul_(self.row_scale(k, summed, start, stop)).sub_(weight)
+        out = scratch("delta", tuple(weight.shape))
+        if self.transposed:
+            return torch.mm(f.A[:, start:stop].t(), f.B.t(), out=out).mul_(f.scale)
+        return torch.mm(f.B[start:stop], f.A, out=out).mul_(f.scale)
 
-    def _sum_rows(self, f: LoraFactors, weight: Tensor, scratch: Scratch, start: int, stop: int) -> Tensor:
-        """Rows ``[start, stop)`` of ``W + s B A`` as stored (for Conv1D, of its transpose)."""
-        out = scratch("summed", tuple(weight.shape))
+    def scaled_sum(self, k: int, weight: Tensor, scratch: Scratch, start: int, stop: int) -> Tensor:
+        """Rows ``[start, stop)`` of ``V_k = W + s_k B_k A_k`` as stored, in scratch that the next call reuses."""
+        f, out = self.parts[k].factors, scratch("summed", tuple(weight.shape))
         if self.transposed:
             return torch.addmm(weight, f.A[:, start:stop].t(), f.B.t(), alpha=f.scale, out=out)
         return torch.addmm(weight, f.B[start:stop], f.A, alpha=f.scale, out=out)
 
-    def _row_scale(self, k: int, summed: Tensor, start: int, stop: int) -> Tensor:
-        """``r_k`` shaped to multiply the stored rows: a column for W, a row for its transpose."""
+    def row_scale(self, k: int, summed: Tensor, start: int, stop: int) -> Tensor:
+        """``r_k`` shaped to multiply the stored rows of ``V_k`` (``summed``): a column for W, a row for its
+        transpose."""
         if self.transposed:
             return self.row_scales[k][None, :]
         norms = _squares(summed, dim=1).sqrt().float()
-        return (self.scaled[k].factors.magnitude[start:stop].float() / norms)[:, None]
+        return (self.parts[k].factors.magnitude[start:stop] / norms)[:, None]
+
+
+class RowScaledSum(DenseFold):
+    """The weighted sum when a part is row-scaled: each row-scaled ``Delta_k`` dense (DenseFold), the plain
+    parts together as one LowRank."""
+
+    def __init__(self, parts: list[Part], transposed: bool) -> None:
+        super().__init__(parts, transposed)
+        plain = [p for p in parts if not p.factors.row_scaled]
+        self.plain = low_rank_sum(plain, transposed) if plain else None
+
+    def block(self, weight: Tensor, scratch: Scratch, start: int, stop: int) -> Tensor:
+        if len(self.parts) == 1 and self.parts[0].weight == 1.0:
+            summed = self.scaled_sum(0, weight, scratch, start, stop)
+            return torch.mul(summed, self.row_scale(0, summed, start, stop), out=weight)
+        total = scratch("total", tuple(weight.shape)).zero_()
+        for k in self.scaled:
+            total.add_(self.delta(k, weight, scratch, start, stop), alpha=self.parts[k].weight)
+        if self.plain is not None:
+            weight = self.plain.block(weight, scratch, start, stop)
+        return weight.add_(total)
 
 
 def _squares(rows: Tensor, dim: int) -> Tensor:
