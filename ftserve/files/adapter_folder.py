@@ -55,7 +55,8 @@ class AdapterFolder:
         return {k: int(v) for k, v in (self.extra.get("module_in_features") or {}).items()}
 
     def lora_factors(self, in_features: dict[str, int] | None = None) -> dict[str, LoraFactors]:
-        """Exact plain-LoRA factors of every module. VeRA needs each layer's input size (recorded by us).
+        """The served form of every module (exact plain-LoRA factors, with a row-scaled method's magnitude).
+        VeRA needs each layer's input size (recorded by us).
 
         Sizes are checked before anything is built from them (``check_ranks``, and the method's own
         ``export_shared``), so a small file cannot make us allocate what its config declares."""
@@ -179,6 +180,13 @@ def _load_safetensors(file: Path) -> dict[str, Tensor]:
 
 # Exporting ---------------------------------------------------------------------------------------
 
+def row_scaled_reason(config: FineTuningConfig) -> str:
+    """Why a row-scaled adapter (LoraFactors.magnitude set) has no plain-LoRA export, in one line."""
+    return (f"a {config.adapter_method.title} adapter (method {config.method}) scales each output row by "
+            f"m / ||W + s B A||, which depends on the base weight, so no plain LoRA computes it; merge it into "
+            f"the base model (`ftserve merge`) or serve it on the torch engine instead")
+
+
 def plain_lora(factors: dict[str, LoraFactors], config: FineTuningConfig, targets: list[str],
                fan_in_fan_out: bool) -> tuple[dict, dict[str, Tensor]]:
     """A PEFT LoRA (config, tensors) computing exactly ``scale * B @ A`` per module.
@@ -210,8 +218,11 @@ def plain_lora(factors: dict[str, LoraFactors], config: FineTuningConfig, target
 
 def export_adapter(src: str | os.PathLike, dst: str | os.PathLike, in_features: dict[str, int] | None = None,
                    force: bool = False) -> AdapterFolder:
-    """Write any method's adapter folder as an exact plain PEFT LoRA; returns the source folder."""
+    """Write any method's adapter folder as an exact plain PEFT LoRA; returns the source folder. A row-scaled
+    method's adapter has none: AdapterFileError says why and what to do instead."""
     folder = read_adapter(src)
+    if folder.config.adapter_method.row_scaled:
+        raise AdapterFileError(f"{src}: no plain-LoRA export: {row_scaled_reason(folder.config)}")
     factors = folder.lora_factors(in_features)
     fan_in_fan_out = bool(folder.raw_config.get("fan_in_fan_out", False))
     targets = sorted({name.rsplit(".", 1)[-1] for name in factors})

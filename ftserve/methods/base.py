@@ -3,13 +3,19 @@
 Shapes follow PEFT's storage: base ``W (d_out x d_in)``, ``A (r x d_in)``, ``B (d_out x r)``.
 GPT-2's ``Conv1D`` stores ``W`` transposed ``(d_in x d_out)``; the adapter math is the same and only
 folding transposes.
+
+Every method hands the engines, the fold and the merge one served form, ``LoraFactors`` (factors.py), in one of
+two forms:
+
+* plain: ``W' = W + s B A``, an exact plain LoRA (LoRA, LoRA+, LoRA-FA, VeRA, Delta-LoRA);
+* row-scaled: ``W' = diag(m / ||W + s B A||_row) (W + s B A)`` (DoRA's), which reads the base weight and
+  scales the base output per row; a method declares it with ``AdapterMethod.row_scaled``.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -17,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .factors import LoraFactors
 
 
 class FineTuningConfig(Protocol):
@@ -66,83 +73,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@dataclass
-class LoraFactors:
-    """The served form of an adapter on one module, on a base weight ``W (d_out x d_in)``.
-
-    Plain (``magnitude`` None): an exact low-rank delta, ``W' = W + scale * B @ A``.
-    Row-scaled (DoRA's form, arXiv:2402.09353): ``W' = diag(r) (W + scale * B @ A)`` with
-    ``r = magnitude / ||W + scale * B @ A||_row``, the norm of each output row taken over d_in."""
-
-    A: Tensor  # (r, d_in)
-    B: Tensor  # (d_out, r)
-    scale: float
-    magnitude: Tensor | None = None  # (d_out,)
-
-    @property
-    def rank(self) -> int:
-        return self.A.shape[0]
-
-    @property
-    def row_scaled(self) -> bool:
-        return self.magnitude is not None
-
-    def row_scale(self, weight: Tensor) -> Tensor | None:
-        """``r`` (d_out,) in fp32 from the base weight ``weight`` (d_out, d_in), or None for a plain form."""
-        if self.magnitude is None:
-            return None
-        return self.magnitude.float() / torch.linalg.vector_norm(self._scaled_sum(weight), dim=1)
-
-    def delta_weight(self, weight: Tensor | None = None) -> Tensor:
-        """Dense fp32 delta (d_out, d_in): ``scale * B @ A``, or ``diag(r)(W + scale * B @ A) - W`` for a
-        row-scaled form, which needs the base weight ``weight`` (d_out, d_in)."""
-        if self.magnitude is None:
-            return (self.B.float() @ self.A.float()) * self.scale
-        if weight is None:
-            raise ValueError("a row-scaled adapter's delta depends on the base weight; pass weight=")
-        summed = self._scaled_sum(weight)
-        norm = torch.linalg.vector_norm(summed, dim=1, keepdim=True)
-        return summed * (self.magnitude.float()[:, None] / norm) - weight.float()
-
-    def _scaled_sum(self, weight: Tensor) -> Tensor:
-        return weight.float() + (self.B.float() @ self.A.float()) * self.scale
-
-    def non_finite(self) -> str | None:
-        """Where NaN or inf values are, ``"its LoRA factor A holds 3 NaN or inf value(s) of 64"``, or None.
-
-        A diverged training run or a damaged file; folded or served, such a factor spreads NaN to every row
-        it touches, and nothing downstream complains, so merge and every engine refuse it by this check."""
-        for name, value in (("A", self.A), ("B", self.B), ("magnitude", self.magnitude)):
-            bad = 0 if value is None else int(value.numel() - torch.isfinite(value).sum())
-            if bad:
-                return f"its LoRA factor {name} holds {bad} NaN or inf value(s) of {value.numel()}"
-        return None
-
-    def overflow(self, dtype: torch.dtype) -> str | None:
-        """What of the served form overflows ``dtype``, ``"scale 4 x lora_B reaches 7.1e+04, beyond the largest
-        finite float16 value 6.55e+04"``, or None.
-
-        The served form is A and ``scale * B`` in the serving dtype, and an engine may fold ``scale * B @ A``
-        into a temporary weight of that dtype (a batch on one adapter), so each must be finite there. The
-        dense delta is bounded without forming it: ``|(B A)_ij| <= ||B_i|| ||A_:,j||`` (Cauchy-Schwarz), in
-        float64 so that the check itself cannot overflow. An adapter past it loads fine and then turns every
-        request's activations into inf and NaN; a trained adapter is many orders of magnitude below it."""
-        if not self.A.numel() or not self.B.numel():
-            return None
-        limit, s = torch.finfo(dtype).max, abs(float(self.scale))
-        A, B = self.A.double(), self.B.double()
-        for what, value in (("lora_A reaches", A.abs().max()), (f"scale {self.scale:g} x lora_B reaches",
-                                                                  B.abs().max() * s),
-                            (f"the delta scale {self.scale:g} x lora_B @ lora_A may reach",
-                             B.norm(dim=1).max() * A.norm(dim=0).max() * s),
-                            *((("magnitude reaches", self.magnitude.double().abs().max()),)
-                              if self.magnitude is not None and self.magnitude.numel() else ())):
-            if float(value) > limit:
-                return (f"{what} {float(value):.3g}, beyond the largest finite "
-                        f"{str(dtype).removeprefix('torch.')} value {limit:.3g}")
-        return None
-
-
 def add_low_rank(out: Tensor, u: Tensor, B: Tensor, scale: float) -> Tensor:
     """``out + scale * u B^T`` as one ``addmm``: no pass over the activations for the scale or the add.
 
@@ -167,8 +97,12 @@ class AdapterLayer(nn.Module):
     """Wraps a frozen linear layer in place: ``h = base(x) + delta(x)``.
 
     Subclasses add their tensors in ``__init__`` and define ``delta`` (the forward term),
-    ``lora_factors`` (an exact plain-LoRA form), ``adapter_state`` / ``load_adapter_state``
-    (the tensors saved per module, keyed by PEFT's suffixes).
+    ``lora_factors`` (the served form: plain LoRA, or row-scaled with a magnitude), ``adapter_state`` /
+    ``load_adapter_state`` (the tensors saved per module, keyed by PEFT's suffixes). ``delta_weight``,
+    ``fold`` and ``unfold`` are derived from ``lora_factors`` and the base weight.
+
+    A row-scaled method scales the base output too, so it overrides ``add_delta(out, x)`` (``out`` is
+    ``base(x)``, bias included) to return ``r * (out - bias + s B A x) + bias``; ``delta`` alone cannot.
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -217,22 +151,29 @@ class AdapterLayer(nn.Module):
     def prepare_for_state(self, keys: set[str]) -> None:
         """Make room for the tensors a saved state holds (Delta-LoRA's start snapshot) before loading it."""
 
-    def delta_weight(self) -> Tensor:
-        """Dense fp32 delta in PEFT's orientation (d_out, d_in)."""
-        return self.lora_factors().delta_weight()
+    def base_weight(self) -> Tensor:
+        """The base weight W in fp32, PEFT's orientation (d_out, d_in): Conv1D's is transposed."""
+        weight = self.base_layer.weight.float()
+        return weight.T if self.is_conv1d else weight
 
-    # Folding: into the weights in memory, in fp32, rounded once into the weight's dtype. The folded weight
-    # is a new tensor, so a weight tied to another module (lm_head and the embeddings) is untied, not changed
-    # under the other module; unfolding puts the original parameter back, exactly.
+    def delta_weight(self) -> Tensor:
+        """Dense fp32 ``W' - W`` in PEFT's orientation (d_out, d_in); the row-scaled form reads the base weight."""
+        factors = self.lora_factors()
+        return factors.delta_weight(self.base_weight() if factors.row_scaled else None)
+
+    # Folding: into the weights in memory, in fp32, rounded once into the weight's dtype: ``W' = W + s B A``,
+    # or ``diag(r) (W + s B A)`` for the row-scaled form (LoraFactors); the bias is never touched. The folded
+    # weight is a new tensor, so a weight tied to another module (lm_head and the embeddings) is untied, not
+    # changed under the other module; unfolding puts the original parameter back, exactly.
 
     @torch.no_grad()
     def fold(self) -> None:
         if self.folded:
             return
         weight = self.base_layer.weight
-        delta = self.delta_weight().to(weight.device)
-        folded = (weight.float() + (delta.T if self.is_conv1d else delta)).to(weight.dtype)
+        folded = self.lora_factors().folded_weight(self.base_weight())
         self._weight_before_fold = weight
+        folded = (folded.T if self.is_conv1d else folded).to(weight.dtype).contiguous()
         self.base_layer.weight = nn.Parameter(folded, requires_grad=False)
         self.folded = True
 
@@ -268,8 +209,10 @@ class AdapterMethod:
     option_defaults: dict[str, Any] = {}
     shared_keys: tuple[str, ...] = ()  # shared tensors on disk, as "base_model.<key>"
     side_file: str | None = None  # a file holding the exact training state, the weights file being plain LoRA
+    # True: the served form is row-scaled (LoraFactors.magnitude set, DoRA's form): folded, merged and served on
+    # the torch engine, but neither exported as a plain LoRA nor served by vLLM.
+    row_scaled: bool = False
     has_scale: bool = True  # False: no alpha / r (VeRA)
-    row_scaled: bool = False  # True: its factors carry a magnitude (LoraFactors' row-scaled form)
     quickstart_settings: dict[str, float] = {"rank": 8, "lr": 1e-2, "real_lr": 3e-3}  # real_lr: on SmolLM2
 
     # Config ------------------------------------------------------------------------------------
@@ -356,5 +299,6 @@ class AdapterMethod:
 
     def export_factors(self, state: dict[str, Tensor], shared: dict[str, Tensor], config: FineTuningConfig,
                        module_name: str, in_features: int | None) -> LoraFactors:
-        """Exact plain-LoRA factors from one module's saved tensors, without a model."""
+        """The served form (``lora_factors``'s) from one module's saved tensors, without a model: exact
+        plain-LoRA factors, with the magnitude for a row-scaled method."""
         raise NotImplementedError
