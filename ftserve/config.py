@@ -28,8 +28,7 @@ def __getattr__(name: str) -> Any:
 
 
 # Key of our own settings (method, hyperparameters) in to_peft_dict's result. Saving moves them to a file of their
-# own beside adapter_config.json (PEFT warns about any key it does not know); folders written before that keep
-# them under this key in adapter_config.json, and from_peft_dict still reads them there.
+# own beside adapter_config.json (PEFT warns about any key it does not know).
 EXTRA_KEY = "ftserve"
 
 
@@ -135,8 +134,8 @@ class FineTuningConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FineTuningConfig":
-        """A config from ``dataclasses.asdict`` of one, or from an older ftserve's, which wrote every built-in
-        method's settings as fields: those of other methods than the chosen one are dropped, unread."""
+        """A config from ``dataclasses.asdict`` of one. Back-compatibility: an older ftserve wrote every built-in
+        method's settings as fields; those of other methods than the chosen one are dropped, unread."""
         chosen = _REGISTRY[canonical_method(data.get("method", "lora"))]
         kept = {key: value for key, value in data.items() if key in _FIELDS or key in chosen.option_defaults}
         return cls(**kept)
@@ -199,8 +198,8 @@ class FineTuningConfig:
 
     @classmethod
     def from_peft_dict(cls, data: dict) -> "FineTuningConfig":
-        """Read an adapter_config.json written by PEFT or by us (our settings under EXTRA_KEY, as older folders
-        keep them in the file and as the folder reader passes them from their own file)."""
+        """Read an adapter_config.json written by PEFT or by us (our settings under EXTRA_KEY, where the folder
+        reader puts them)."""
         if not isinstance(data, dict) or "peft_type" not in data:
             raise ConfigError("adapter_config.json has no 'peft_type'; is this a PEFT adapter folder?")
         peft_type = str(data["peft_type"]).upper()

@@ -30,6 +30,9 @@ from .files.adapter_folder import (
 from .methods import AdapterLayer, get_method
 from .methods.base import LoraFactors, linear_shape, targetable_types
 
+NAMES_LISTED = 5  # module names quoted in an error; the rest are elided
+PROBLEMS_LISTED = 8  # mismatches quoted when an adapter does not fit; the rest are counted
+
 # Targets used when none are given, as PEFT's defaults for the same model types.
 DEFAULT_TARGETS = {
     "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
@@ -48,8 +51,8 @@ def find_targets(model: nn.Module, config: FineTuningConfig,
     if module_names is not None:
         missing = [n for n in module_names if n not in linear]
         if missing:
-            raise ConfigError(f"the adapter targets modules this model lacks or that are not linear: {missing[:5]}"
-                              f"{' ...' if len(missing) > 5 else ''}")
+            raise ConfigError(f"the adapter targets modules this model lacks or that are not linear: "
+                              f"{missing[:NAMES_LISTED]}{' ...' if len(missing) > NAMES_LISTED else ''}")
         return [(n, linear[n]) for n in module_names]
     targets = config.target_modules
     if targets is None:
@@ -287,8 +290,10 @@ def load_tensors(model: FineTuningModel, folder: AdapterFolder) -> None:
     if not problems:
         problems += model.method.load_shared(shared, folder.shared, folder.config, check_only=True)
     if problems:
-        raise AdapterFileError(f"{folder.path}: adapter does not fit this model: " + "; ".join(problems[:8])
-                               + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""))
+        raise AdapterFileError(f"{folder.path}: adapter does not fit this model: "
+                               + "; ".join(problems[:PROBLEMS_LISTED])
+                               + (f" (and {len(problems) - PROBLEMS_LISTED} more)" if len(problems) > PROBLEMS_LISTED
+                                  else ""))
     for name, layer in model.adapter_layers.items():
         layer.load_adapter_state(folder.modules[name])
     model.method.load_shared(shared, folder.shared, folder.config, check_only=False)

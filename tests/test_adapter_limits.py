@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from ftserve.cli import main
 from ftserve.testing import save_random_adapter
 
-from helpers import ServerProcess
+from support.processes import ServerProcess
 
 BASE = "base"
 HUGE_RANK = 1_000_000

@@ -17,7 +17,7 @@ from ftserve.cli import main
 from ftserve.errors import CheckpointError
 from ftserve.files.checkpoint import open_checkpoint
 
-from helpers import write_random_adapter
+from support.engine import write_random_adapter
 
 INDEX = "model.safetensors.index.json"
 FIRST, SECOND = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"

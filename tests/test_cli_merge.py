@@ -18,7 +18,9 @@ from transformers import AutoModelForCausalLM
 from ftserve.cli import main
 from ftserve.config import FineTuningConfig
 
-from helpers import ONE_THREAD, trained, tree_digest
+from support.files import tree_digest
+from support.models import trained
+from support.processes import ONE_THREAD
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,7 +14,8 @@ from peft.utils.other import get_pattern_key
 from ftserve import ConfigError, FineTuningConfig, FineTuningModel
 from ftserve.methods import AdapterLayer, get_method
 
-from helpers import METHODS, small_gpt2, small_llama
+from support.cases import METHODS
+from support.models import small_gpt2, small_llama
 
 BAD_VALUES = [
     ("unknown_method", dict(method="qlora"), "unknown method 'qlora'"),

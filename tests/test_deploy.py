@@ -20,7 +20,8 @@ import openai
 import pytest
 import yaml
 from click.testing import CliRunner
-from helpers import ServerProcess, write_random_adapter
+from support.engine import write_random_adapter
+from support.processes import ServerProcess
 
 from ftserve.cli import main
 from ftserve.cli.serve import serve

@@ -1,5 +1,5 @@
 """The torch engine's batched LoRA layer (the behaviours every engine shares are in test_engine_contract.py; the
-helpers every engine test uses, ``write_random_adapter`` among them, are in tests/helpers.py)."""
+helpers every engine test uses, ``write_random_adapter`` among them, are in tests/support/engine.py)."""
 
 import torch
 

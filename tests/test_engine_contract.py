@@ -23,7 +23,8 @@ from ftserve.engine.errors import (AdapterExistsError, AdapterLoadError, Context
 from ftserve.engine.options import EngineOptions, EngineOptionsError
 from ftserve.errors import ServingError
 from ftserve.testing import save_tiny_model
-from helpers import METHODS, PROMPTS, collect, greedy, references, write_random_adapter
+from support.cases import METHODS
+from support.engine import PROMPTS, collect, greedy, references, write_random_adapter
 
 PROMPT = [1, 5, 6, 7, 8, 9]
 

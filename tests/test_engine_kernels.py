@@ -107,3 +107,78 @@ def test_one_slot_over_many_rows_runs_on_a_merged_weight(conv1d):
     expected = base(x).double() + 0.5 * (x.double() @ A.double().T) @ B.double().T
     with torch.no_grad():
         torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def scaled_layer(conv1d: bool, dtype: torch.dtype = torch.float32):
+    """A layer with a bias and three slots: 0 plain, 1 and 2 row-scaled, each with its own factors and scale;
+    the dense reference of each slot: ``r * (W x + s B A x) + b``, r = 1 for the plain slot. In bfloat16 the
+    slots hold bfloat16 factors and float32 row scales."""
+    from transformers.pytorch_utils import Conv1D
+
+    from ftserve.engine.torch.lora_slots import BatchedLoraLinear, LoraContext
+
+    generator = torch.Generator().manual_seed(3)
+    base = Conv1D(5, 7) if conv1d else torch.nn.Linear(7, 5)
+    with torch.no_grad():
+        base.bias.copy_(torch.randn(5, generator=generator))  # Conv1D starts at zero, which would hide the shift
+    base.to(dtype)
+    context = LoraContext()
+    layer = BatchedLoraLinear(base, context, max_loras=3, max_rank=3)
+    W = base.weight.T if conv1d else base.weight
+    reference = {None: lambda x: x.double() @ W.double().T + base.bias.double()}
+    for slot, (rank, scale, row_scaled) in enumerate([(2, 0.5, False), (3, 2.0, True), (1, 1.5, True)]):
+        A, B = torch.randn(rank, 7, generator=generator), torch.randn(5, rank, generator=generator)
+        r = torch.rand(5, generator=generator) + 0.5 if row_scaled else None
+        layer.write(slot, A, B, scale, row_scale=r)
+
+        A = A.to(dtype).float()  # what the slot holds
+
+        def dense(x, A=A, B=B, scale=scale, r=r):
+            unbiased = x.double() @ W.double().T + scale * (x.double() @ A.double().T) @ B.double().T
+            return (unbiased if r is None else r.double() * unbiased) + base.bias.double()
+
+        reference[slot] = dense
+    return layer, context, reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("by_runs", [True, False])
+@pytest.mark.parametrize("row_slots", [
+    [1, 0, None, 1, 2, 0, None, 2, 1],  # scaled, plain and base rows interleaved
+    [0, 0, None, 0],  # no scaled slot in the batch: no scale applied anywhere
+    [None, 2, 2, 2],  # one scaled slot between base rows
+])
+def test_row_scaled_slots_scale_their_rows_and_leave_plain_and_base_rows_alone(row_slots, by_runs, conv1d, dtype):
+    from ftserve.engine.torch.kernels import LoraBatch
+
+    layer, context, reference = scaled_layer(conv1d, dtype)
+    x = torch.randn(len(row_slots), 7, generator=torch.Generator().manual_seed(4)).to(dtype)
+    context.batch = LoraBatch.for_rows(row_slots, by_runs=by_runs)
+    expected = torch.stack([reference[slot](x[i]) for i, slot in enumerate(row_slots)])
+    with torch.no_grad():
+        y = layer(x)
+    assert y.dtype == dtype
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=1e-1)
+    torch.testing.assert_close(y.double(), expected, **tolerance)
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_a_row_scaled_slot_over_many_rows_runs_on_its_scaled_merged_weight(conv1d):
+    """``diag(r) (W + Bt^T A)`` with the bias untouched, equal to the dense reference; and a slot written
+    again with a plain adapter loses its scale."""
+    from ftserve.engine.torch.kernels import LoraBatch
+
+    layer, context, reference = scaled_layer(conv1d)
+    rows = layer.merge_rows + 1
+    x = torch.randn(rows, 7, generator=torch.Generator().manual_seed(5))
+    context.batch = LoraBatch([(1, 0, rows)], rows=rows)
+    assert context.batch.whole == 1
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).double(), reference[1](x), rtol=1e-5, atol=1e-5)
+        A, B = torch.randn(2, 7), torch.randn(5, 2)
+        layer.write(1, A, B, 1.0)
+        plain = x.double() @ (layer.base_layer.weight.T if conv1d else layer.base_layer.weight).double().T
+        plain += (x.double() @ A.double().T) @ B.double().T + layer.base_layer.bias.double()
+        torch.testing.assert_close(layer(x).double(), plain, rtol=1e-5, atol=1e-5)
+    assert layer.scaled == {2}

@@ -21,7 +21,7 @@ from ftserve.engine.torch.scheduler import Scheduler, Sequence
 from ftserve.engine.torch.update import update
 from ftserve.engine.options import EngineOptions, EngineOptionsError
 from ftserve.testing import build_tokenizer, tiny_gpt2, tiny_llama
-from helpers import collect, greedy, references, write_random_adapter
+from support.engine import collect, greedy, references, write_random_adapter
 
 PREFIX = [1] + [(11 * j) % 990 + 5 for j in range(79)]  # 80 tokens: 5 full blocks
 SUFFIXES = [[(17 * i + 5 * j) % 990 + 5 for j in range(n)] for i, n in enumerate([7, 19, 3])]

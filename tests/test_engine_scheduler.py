@@ -11,7 +11,7 @@ from ftserve.engine.base import GenerationRequest
 from ftserve.engine.torch import TorchEngine
 from ftserve.errors import ServingError
 from ftserve.testing import build_tokenizer, tiny_gpt2, tiny_llama
-from helpers import collect, greedy, references, write_random_adapter
+from support.engine import collect, greedy, references, write_random_adapter
 
 # Lengths 1 to 23: single-token prompts, prompts shorter and longer than the per-step budget.
 PROMPTS = [[1] + [(7 * i + 3 * j) % 990 + 5 for j in range(n - 1)] for i, n in enumerate([23, 1, 9, 14, 2, 17, 6])]

@@ -11,27 +11,25 @@ from transformers import AutoModelForCausalLM
 from ftserve import AdapterFileError, export_adapter
 from ftserve.cli import main
 
-from helpers import FP32, IDS, ROW_IDS, ROWS, trained
+from support.cases import CASE_IDS, CASES
+from support.models import FP32, IDS, trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-EXPECTED_RANK = {"vera": 16, "delta-lora": 8}  # VeRA exactly at r, Delta-LoRA exactly at 2r
-
-
-@pytest.mark.parametrize("name,kind,settings", ROWS, ids=ROW_IDS)
-def test_peft_loads_every_export_and_reproduces_the_adapter(tmp_path, llama_dir, gpt2_dir, name, kind, settings):
-    base_dir = llama_dir if kind == "llama" else gpt2_dir
-    model = trained(AutoModelForCausalLM.from_pretrained(base_dir), settings)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_peft_loads_every_export_and_reproduces_the_adapter(tmp_path, llama_dir, gpt2_dir, case):
+    base_dir = llama_dir if case.kind == "llama" else gpt2_dir
+    model = trained(AutoModelForCausalLM.from_pretrained(base_dir), case.settings)
     with torch.no_grad():
         expected = model(input_ids=IDS).logits
     model.save_adapter(tmp_path / "native")
     export_adapter(tmp_path / "native", tmp_path / "plain")
     config = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["use_rslora"] is False
-    assert config["r"] == EXPECTED_RANK.get(settings["method"], settings["lora_r"])
+    assert {config["r"]} == {f.rank for f in model.lora_factors().values()}  # the served form's (Delta-LoRA: 2r)
     scale = model.config.scale_for("any")
     assert config["lora_alpha"] == pytest.approx(scale * config["r"])  # rsLoRA folded into alpha
-    assert config["fan_in_fan_out"] is (kind == "gpt2")
+    assert config["fan_in_fan_out"] is (case.kind == "gpt2")
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "plain").eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(input_ids=IDS).logits, expected, **FP32)

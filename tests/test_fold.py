@@ -7,14 +7,15 @@ from ftserve import FineTuningConfig, FineTuningModel
 from ftserve.methods import AdapterLayer
 from ftserve.testing import tiny_gpt2, tiny_llama
 
-from helpers import FP32, IDS, ROW_IDS, ROWS, tiny_model, trained
+from support.cases import CASE_IDS, CASES
+from support.models import FP32, IDS, tiny_model, trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("name,kind,settings", ROWS, ids=ROW_IDS)
-def test_fold_unfold_and_merge_and_unload_match_unmerged_forward(name, kind, settings):
-    model = trained(tiny_model(kind), settings)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_fold_unfold_and_merge_and_unload_match_unmerged_forward(case):
+    model = trained(tiny_model(case.kind), case.settings)
     weights = {n: layer.base_layer.weight for n, layer in model.adapter_layers.items()}
     with torch.no_grad():
         unmerged = model(input_ids=IDS).logits

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from finetuning_toolkit import FineTuningConfig, FineTuningModel
-from ftserve.testing import tiny_llama
+from ftserve.testing import randomise_adapter, tiny_llama
 
-from helpers import METHODS, closed_form_trainable, randomise_adapter, target_shapes
+from support.cases import METHODS
+from support.models import target_shapes
 
 LINE = re.compile(r"^trainable params: (\d{1,3}(?:,\d{3})*) \|\| all params: (\d{1,3}(?:,\d{3})*) "
                   r"\|\| trainable%: (\d+\.\d{4})\n$")
@@ -40,9 +41,8 @@ def test_guide_example_trains_saves_and_generates(method, tokenizer, tmp_path, c
     model = FineTuningModel(base, guide_config(method))
     model.print_trainable_parameters()
     trainable, total, percent = parse_line(capsys.readouterr().out)
-    assert trainable == closed_form_trainable(method, 16, shapes)
-    frozen_A = sum(16 * d_in for _, d_in in shapes.values()) if method == "lora-fa" else 0
-    assert total == base_count + trainable + frozen_A
+    assert trainable == model.method.trainable_parameters(model.config, shapes)
+    assert total == base_count + trainable + model.method.frozen_parameters(model.config, shapes)
     assert percent == f"{100 * trainable / total:.4f}"
 
     optimizer = model.create_optimizer(lr=2e-4)
@@ -62,7 +62,7 @@ def test_guide_example_trains_saves_and_generates(method, tokenizer, tmp_path, c
     model.save_adapter(tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     ours = json.loads((tmp_path / "adapter" / "ftserve_config.json").read_text())
-    assert ours["method"] == method and saved["peft_type"] == ("VERA" if method == "vera" else "LORA")
+    assert ours["method"] == method and saved["peft_type"] == model.method.peft_type
 
     randomise_adapter(model, seed=0, std=0.5)  # an adapter strong enough to change what greedy decoding picks
     model.eval()
@@ -89,3 +89,5 @@ def test_guide_line_reproduced_for_llama_7b_shapes(capsys):
     model = FineTuningModel(base, guide_config("lora", lora_r=8))
     model.print_trainable_parameters()
     assert capsys.readouterr().out == "trainable params: 4,194,304 || all params: 6,742,609,920 || trainable%: 0.0622\n"
+    shapes = {name: (layer.out_features, layer.in_features) for name, layer in model.adapter_layers.items()}
+    assert model.method.trainable_parameters(model.config, shapes) == 4_194_304

@@ -20,7 +20,10 @@ from ftserve import AdapterFileError, CheckpointError, ConfigError, read_adapter
 from ftserve.merge import AdapterSpec, merge_checkpoint
 from ftserve.testing import save_tiny_model, tiny_llama
 
-from helpers import CASES, FP32, IDS, ONE_THREAD, ROW_IDS, trained, tree_digest
+from support.cases import CASE_IDS, CASES
+from support.files import tree_digest
+from support.models import FP32, IDS, trained
+from support.processes import ONE_THREAD
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,24 +44,24 @@ def matrix(llama_dir, gpt2_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("matrix")
     digests = {kind: tree_digest(path) for kind, path in (("llama", llama_dir), ("gpt2", gpt2_dir))}
     rows = {}
-    for kind, base_dir in (("llama", llama_dir), ("gpt2", gpt2_dir)):
-        for name, settings in CASES:
-            model = trained(AutoModelForCausalLM.from_pretrained(base_dir), settings)
-            adapter = root / f"{kind}-{name}"
-            model.save_adapter(adapter)
-            adapter_digest = tree_digest(adapter)
-            with torch.no_grad():
-                unmerged = model(input_ids=IDS).logits
-                folded = model.merge_and_unload()(input_ids=IDS).logits
-            out = root / f"{kind}-{name}-merged"
-            merge_checkpoint(base_dir, [AdapterSpec(adapter)], out)
-            assert tree_digest(adapter) == adapter_digest
-            rows[f"{kind}-{name}"] = dict(adapter=adapter, unmerged=unmerged, folded=folded, out=out)
+    for case in CASES:
+        base_dir = llama_dir if case.kind == "llama" else gpt2_dir
+        model = trained(AutoModelForCausalLM.from_pretrained(base_dir), case.settings)
+        adapter = root / case.id
+        model.save_adapter(adapter)
+        adapter_digest = tree_digest(adapter)
+        with torch.no_grad():
+            unmerged = model(input_ids=IDS).logits
+            folded = model.merge_and_unload()(input_ids=IDS).logits
+        out = root / f"{case.id}-merged"
+        merge_checkpoint(base_dir, [AdapterSpec(adapter)], out)
+        assert tree_digest(adapter) == adapter_digest
+        rows[case.id] = dict(adapter=adapter, unmerged=unmerged, folded=folded, out=out)
     assert digests == {"llama": tree_digest(llama_dir), "gpt2": tree_digest(gpt2_dir)}, "inputs were modified"
     return rows
 
 
-@pytest.mark.parametrize("row", ROW_IDS)
+@pytest.mark.parametrize("row", CASE_IDS)
 def test_streaming_merge_equals_in_memory_fold_and_unmerged_forward(matrix, row):
     case = matrix[row]
     merged = AutoModelForCausalLM.from_pretrained(case["out"]).eval()

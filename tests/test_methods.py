@@ -4,6 +4,7 @@ values, LoRA-FA's gradients and activation memory, and Delta-LoRA against a lite
 from __future__ import annotations
 
 import gc
+import warnings
 
 import pytest
 import torch
@@ -12,76 +13,77 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ftserve import FineTuningConfig, FineTuningModel, load_adapter
+from ftserve import FineTuningConfig, FineTuningModel, load_adapter, read_adapter
 from ftserve.methods.frozen_projection import drop_mask
+from ftserve.testing import random_adapter
 
-from helpers import (METHODS, MODELS, TOY_IDS, closed_form_trainable, logits, randomise_adapter,
-                     saved_activation_bytes, small_llama, start_step, target_shapes, train)
+from support.cases import CASE_IDS, CASES, Case, learning_rate, start_step
+from support.models import MODELS, TOY_IDS, logits, small_llama, target_shapes
+from support.training import saved_activation_bytes, train
 
 R, ALPHA = 4, 8.0
-LEARNING_RATES = {"lora": 1e-2, "vera": 1e-1, "lora+": 3e-3, "delta-lora": 1e-2, "lora-fa": 2e-2}
-CASES = [(f"{method}-{kind}", kind, method) for kind in MODELS for method in METHODS]
+STEPS = 200  # of the training check: enough for every method to lower the toy loss at its declared rate
 
 
-def matrix_config(method: str, targets: list[str]) -> FineTuningConfig:
-    return FineTuningConfig(method=method, lora_r=R, lora_alpha=ALPHA, target_modules=targets,
-                            lora_dropout=0.0 if method == "delta-lora" else 0.05, **start_step(method, 5))
+def matrix_config(case: Case, targets: list[str], **changes) -> FineTuningConfig:
+    """The case's settings with some dropout, as the method takes it: one that removes dropout (Delta-LoRA)
+    sets it to 0 with a warning."""
+    settings = dict(case.settings, target_modules=targets, lora_dropout=0.05, **start_step(case.settings["method"], 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return FineTuningConfig(**{**settings, **changes})
 
 
 # The matrix ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case, kind, method", CASES, ids=[case for case, _, _ in CASES])
-def test_parameter_counts_equal_the_closed_form(case, kind, method):
-    build, targets = MODELS[kind]
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_parameter_counts_equal_the_methods_closed_form(case):
+    build, targets = MODELS[case.kind]
     base = build()
     shapes = target_shapes(base, targets)
     base_count = sum(p.numel() for p in base.parameters())
-    model = FineTuningModel(base, matrix_config(method, targets))
+    config = matrix_config(case, targets)
+    model = FineTuningModel(base, config)
     trainable, total = model.trainable_parameters()
-    assert trainable == closed_form_trainable(method, R, shapes)
-    frozen_adapter = sum(R * d_in for _, d_in in shapes.values()) if method == "lora-fa" else 0
-    assert total == base_count + trainable + frozen_adapter
+    assert trainable == case.method.trainable_parameters(config, shapes)
+    assert total == base_count + trainable + case.method.frozen_parameters(config, shapes)
     assert sorted(model.adapter_layers) == sorted(shapes)
-    if method == "vera":  # the shared pair is one buffer sized to the largest layer, not a parameter
-        vera_A = [b for n, b in model.named_buffers(remove_duplicate=False) if n.endswith("vera_A")]
-        assert len(vera_A) == 1 and vera_A[0].shape == (R, max(d_in for _, d_in in shapes.values()))
-        assert not any("vera_A" in n or "vera_B" in n for n, _ in model.named_parameters())
+    # A shared tensor (VeRA's pair) is one buffer for the whole model, never a parameter nor a copy per layer.
+    buffers = [n.rsplit(".", 1)[-1] for n, _ in model.named_buffers(remove_duplicate=False)]
+    assert all(buffers.count(key) == 1 for key in case.method.shared_keys)
+    assert not any(n.rsplit(".", 1)[-1] in case.method.shared_keys for n, _ in model.named_parameters())
 
 
-@pytest.mark.parametrize("case, kind, method", CASES, ids=[case for case, _, _ in CASES])
-def test_training_lowers_loss_and_a_reload_gives_identical_logits(case, kind, method, tmp_path):
-    build, targets = MODELS[kind]
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_training_lowers_loss_and_a_reload_gives_identical_logits(case, tmp_path):
+    build, targets = MODELS[case.kind]
     torch.manual_seed(0)
-    model = FineTuningModel(build(), matrix_config(method, targets))
-    optimizer = model.create_optimizer(lr=LEARNING_RATES[method])
-    losses = train(model, optimizer, TOY_IDS, steps=200)
+    model = FineTuningModel(build(), matrix_config(case, targets))
+    optimizer = model.create_optimizer(lr=learning_rate(case.settings["method"]))
+    losses = train(model, optimizer, TOY_IDS, steps=STEPS)
     # The frozen lm_head of a random tiny model bounds how low the loss can go (~4.3 from ~5.5 here).
-    assert sum(losses[-10:]) / 10 < losses[0] - 0.2, f"{case}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
-    assert model.steps_done == 200
+    assert sum(losses[-10:]) / 10 < losses[0] - 0.2, f"{case.id}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+    assert model.steps_done == STEPS
     trained = logits(model)
 
     model.save_adapter(tmp_path / "adapter")
-    if method == "delta-lora":  # trained past its start step: the snapshot exists and is saved
-        state = load_file(str(tmp_path / "adapter" / "delta_lora_state.safetensors"))
-        assert sum(k.endswith("lora_A_start.weight") for k in state) == len(model.adapter_layers)
+    # Trained past every start step: each module's folder holds every tensor the method saves (Delta-LoRA's
+    # snapshot among them).
+    saved = read_adapter(tmp_path / "adapter").modules
+    assert all(set(case.method.saved_keys) <= set(state) for state in saved.values())
     for reloaded in (FineTuningModel.from_pretrained(build(), tmp_path / "adapter"),
                      load_adapter(build(), tmp_path / "adapter")):
         assert torch.equal(logits(reloaded), trained)
-        assert reloaded.steps_done == 200
+        assert reloaded.steps_done == STEPS
         assert all(not p.requires_grad for p in reloaded.parameters())
 
 
-@pytest.mark.parametrize("case, kind, method", CASES, ids=[case for case, _, _ in CASES])
-def test_each_layer_forward_is_base_plus_its_delta_and_its_lora_factors(case, kind, method):
-    """The forward (possibly fused), ``delta(x)`` and the exported ``s B' A'`` are one function."""
-    build, targets = MODELS[kind]
-    torch.manual_seed(0)
-    config = matrix_config(method, targets).replace(lora_dropout=0.0, **start_step(method, 0))
-    model = FineTuningModel(build(), config)
-    randomise_adapter(model, seed=1)
-    if method == "delta-lora":
-        model.step_done()  # the snapshot (after step K + 1 = 1) ...
-        randomise_adapter(model, seed=2)  # ... then A and B move on
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_each_layer_forward_is_base_plus_its_delta_and_its_lora_factors(case):
+    """The forward (possibly fused), ``delta(x)`` and the exported ``s B' A'`` are one function. A method with a
+    snapshot (Delta-LoRA) has it taken, and its factors moved on, by ``random_adapter``."""
+    build, targets = MODELS[case.kind]
+    model = random_adapter(build(), matrix_config(case, targets, lora_dropout=0.0), seed=1, std=0.1)
     generator = torch.Generator().manual_seed(3)
     for name, layer in model.adapter_layers.items():
         x = torch.randn(2, 3, layer.in_features, generator=generator)
@@ -94,11 +96,11 @@ def test_each_layer_forward_is_base_plus_its_delta_and_its_lora_factors(case, ki
         assert added.abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("case, kind, method", CASES, ids=[case for case, _, _ in CASES])
-def test_a_new_adapter_leaves_the_output_unchanged_and_freezes_the_base(case, kind, method):
-    build, targets = MODELS[kind]
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_a_new_adapter_leaves_the_output_unchanged_and_freezes_the_base(case):
+    build, targets = MODELS[case.kind]
     reference = logits(build())
-    model = FineTuningModel(build(), matrix_config(method, targets))
+    model = FineTuningModel(build(), matrix_config(case, targets))
     assert torch.equal(logits(model), reference)  # B = 0 (LoRA family), b = 0 (VeRA)
     adapter = {id(p) for p in model.adapter_parameters()}
     assert not any(p.requires_grad for p in model.parameters() if id(p) not in adapter)
@@ -189,6 +191,16 @@ def test_vera_pair_depends_on_the_seed_and_is_saved(tmp_path):
     a.save_adapter(tmp_path / "vera")
     saved = load_file(str(tmp_path / "vera" / "adapter_model.safetensors"))
     assert torch.equal(saved["base_model.vera_A"], a.shared.vera_A)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_vera_pair_is_sized_to_the_largest_target(kind):
+    build, targets = MODELS[kind]
+    base = build()
+    shapes = target_shapes(base, targets).values()
+    model = FineTuningModel(base, FineTuningConfig(method="vera", lora_r=R, target_modules=targets))
+    assert model.shared.vera_A.shape == (R, max(d_in for _, d_in in shapes))
+    assert model.shared.vera_B.shape == (max(d_out for d_out, _ in shapes), R)
 
 
 # LoRA+ -----------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from ftserve.cli import main
 from ftserve.files.atomic import OutputChangedError, atomic_output_dir
 
-from helpers import tree_digest, write_random_adapter
+from support.engine import write_random_adapter
+from support.files import tree_digest
 
 ROUNDS = 12
 

@@ -18,7 +18,8 @@ import pytest
 from ftserve.engine.base import GenerationRequest, SamplingParams
 from ftserve.testing import save_random_adapter
 
-from helpers import METHODS, ServerProcess
+from support.cases import METHODS
+from support.processes import ServerProcess
 
 ADAPTERS = METHODS  # one adapter per registered method, served under the method's name
 BASE = "tiny-base"

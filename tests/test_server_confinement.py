@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from helpers import ServerProcess
+from support.processes import ServerProcess
 
 from ftserve.testing import save_random_adapter
 

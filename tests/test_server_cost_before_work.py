@@ -2,7 +2,7 @@
 off the event loop; requests that are large but allowed are served. Against the real server, with the official
 `openai` client and httpx.
 
-The server runs with --max-model-len 512 and the engine's default queue of 1024 (EngineOptions.max_queue).
+The server runs with --max-model-len 512 and the engine's default queue (EngineOptions.max_queue).
 """
 
 from __future__ import annotations
@@ -14,12 +14,15 @@ import httpx
 import openai
 import psutil
 import pytest
-from helpers import ServerProcess
+from support.processes import ServerProcess
+
+from ftserve.engine.options import EngineOptions
+from ftserve.server.settings import ServerSettings
 
 BASE = "base"
-MAX_QUEUE = 1024  # EngineOptions' default
+MAX_QUEUE = EngineOptions().max_queue
 MAX_MODEL_LEN = 512
-MAX_RESPONSE_LOGPROBS = 2 ** 20  # ServerSettings' default
+MAX_RESPONSE_LOGPROBS = ServerSettings().max_response_logprobs
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 import torch
-from helpers import ServerProcess
+from support.processes import ServerProcess
 
 from ftserve.engine.base import SamplingParams
 from ftserve.engine.torch.sampling import sample

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from helpers import ServerProcess
+from support.processes import ServerProcess
 from transformers import AutoTokenizer
 
 from ftserve.server.templates import TemplateLimitError, render

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 from click.testing import CliRunner
-from helpers import ServerProcess
+from support.processes import ServerProcess
 
 from ftserve.cli import main
 

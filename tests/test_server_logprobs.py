@@ -13,7 +13,8 @@ from itertools import accumulate
 import httpx
 import pytest
 import torch
-from helpers import MULTI_BYTE_ANSWER, ServerProcess, save_multi_byte_model, streamed_chat_bytes
+from support.answer_models import MULTI_BYTE_ANSWER, save_multi_byte_model, streamed_chat_bytes
+from support.processes import ServerProcess
 
 BASE = "tiny-base"
 PROMPT = "the cat sees"

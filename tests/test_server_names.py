@@ -7,7 +7,8 @@ import shutil
 
 import openai
 import pytest
-from helpers import ServerProcess, write_random_adapter
+from support.engine import write_random_adapter
+from support.processes import ServerProcess
 
 FOLDER = "My-Base-1B"  # a folder name as a person would type it
 

@@ -26,7 +26,8 @@ from ftserve.testing import toy_sentences
 from ftserve.train.run import Interrupted, train
 from ftserve.train.settings import TrainSettings
 
-from helpers import METHODS, ONE_THREAD, ServerProcess, start_step
+from support.cases import METHODS, start_step
+from support.processes import ONE_THREAD, ServerProcess
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -22,7 +22,7 @@ import torch
 from ftserve import read_adapter
 from ftserve.testing import toy_sentences
 
-from helpers import ONE_THREAD
+from support.processes import ONE_THREAD
 
 
 def free_port() -> int:

@@ -21,8 +21,10 @@ from ftserve.methods import METHODS as REGISTRY  # noqa: E402
 from ftserve.testing import toy_sentences  # noqa: E402
 from ftserve.train import AdapterTrainer, load_base_model  # noqa: E402
 
-from helpers import METHODS, logits, start_step, toy_dataset, toy_loss  # noqa: E402
-from helpers import trainer_arguments as arguments  # noqa: E402
+from support.cases import METHODS, start_step  # noqa: E402
+from support.models import logits  # noqa: E402
+from support.training import toy_dataset, toy_loss  # noqa: E402
+from support.training import trainer_arguments as arguments  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

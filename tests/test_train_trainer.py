@@ -16,14 +16,16 @@ from ftserve import FineTuningConfig, FineTuningModel, load_adapter
 from ftserve.errors import ConfigError
 from ftserve.train import AdapterTrainer, adapter_sft_trainer
 
-from helpers import METHODS, logits, small_llama, start_step, toy_dataset, toy_loss
-from helpers import trainer_arguments as arguments
+from support.cases import METHODS, start_step
+from support.models import logits, small_llama
+from support.training import toy_dataset, toy_loss
+from support.training import trainer_arguments as arguments
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 K = 2  # Delta-LoRA's start step: W moves from step K+1 on
-LR = 1e-2  # as helpers.trainer_arguments
-STEPS = 6  # as helpers.trainer_arguments
+LR = 1e-2  # as support.training.trainer_arguments
+STEPS = 6  # as support.training.trainer_arguments
 
 
 def adapter(method: str, base=None) -> FineTuningModel:

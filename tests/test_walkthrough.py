@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 from click.testing import CliRunner
-from helpers import ServerProcess
+from support.processes import ServerProcess
 
 from ftserve.cli import main
 from ftserve.testing import save_tiny_model, toy_sentences

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import click
 
+from ..engine.options import MAX_PORT
+from ..server.settings import DEFAULT_HOST, DEFAULT_PORT
 from .errors import clean_errors
 
 MERGED_METHOD = "lora"
@@ -31,8 +33,8 @@ MAX_TOKENS = 24
               help="Training steps per method. [default: 12 on SmolLM2, 40 on the tiny model]")
 @click.option("--serve/--no-serve", default=True, show_default=True,
               help="Serve the base and the adapters afterwards (needs the [serve] extra).")
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True,
-              help="Port of the server on 127.0.0.1, checked before any training.")
+@click.option("--port", type=click.IntRange(1, MAX_PORT), default=DEFAULT_PORT, show_default=True,
+              help=f"Port of the server on {DEFAULT_HOST}, checked before any training.")
 @click.option("--exit-after-check", is_flag=True,
               help="Stop the server once the sample requests have been answered (for scripts and CI).")
 @click.pass_context
@@ -49,7 +51,7 @@ def quickstart(ctx: click.Context, out_dir: Path, model: str, steps: int | None,
     real = model == "smollm2" or (model == "auto" and not missing([SMOLLM2_WHEEL]))
     require("quickstart", "quickstart", TRAIN + (SERVE if serve else ()) + (("gguf",) if real else ()))
     if serve:
-        check_port("127.0.0.1", port)  # before any training: a busy port fails now, not after minutes
+        check_port(DEFAULT_HOST, port)  # before any training: a busy port fails now, not after minutes
     from ..merge import AdapterSpec, merge_checkpoint
     from ..merge.verify import verify_merge
     from ..quickstart import answer, choose_base, run_training, smollm2
@@ -108,7 +110,7 @@ def quickstart(ctx: click.Context, out_dir: Path, model: str, steps: int | None,
 
     base_name = served_name(str(base_dir))
     click.echo(f"\n4/4 Serving the base model (as {base_name!r}) and {len(adapters)} adapters on "
-               f"http://127.0.0.1:{port}")
+               f"http://{DEFAULT_HOST}:{port}")
     threading.Thread(target=_try_it, args=(port, base_name, list(adapters), base.questions, merged,
                                            exit_after_check), daemon=True).start()
     ctx.invoke(serve_command, base=str(base_dir), adapters=tuple(f"{n}={p}" for n, p in adapters.items()),
@@ -136,7 +138,7 @@ def _try_it(port: int, base: str, adapters: list[str], questions: tuple[str, ...
             exit_after_check: bool) -> None:
     """Wait for the server, ask every model the same questions side by side, print the calls to try, and
     maybe stop the server."""
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{DEFAULT_HOST}:{port}"
     for _ in range(600):
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=1):

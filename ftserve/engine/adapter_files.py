@@ -1,6 +1,7 @@
 """Reading an adapter folder for an engine: confined to its root, checked against the base model's modules,
-exported to its exact plain-LoRA factors. Every engine reads adapters through ``read_checked``, so an adapter
-is refused with the same message whichever engine serves it, and nothing unchecked reaches an engine.
+turned into its served form (methods/factors.py's LoraFactors: plain LoRA, or row-scaled with a magnitude).
+Every engine reads adapters through ``read_checked``, so an adapter is refused with the same message whichever
+engine serves it, and nothing unchecked reaches an engine.
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ from .errors import AdapterLoadError, PathOutsideAdapterRootError
 
 def read_checked(path: Path, shapes: dict[str, tuple[int, int]], max_rank: int, root: Path | None = None,
                  dtype: torch.dtype = torch.float32) -> tuple[AdapterFolder, dict[str, LoraFactors]]:
-    """Read and check an adapter folder against the base model; its exact plain-LoRA factors per module.
+    """Read and check an adapter folder against the base model; its served form (LoraFactors) per module.
 
-    Every method exports exact plain-LoRA factors (VeRA slices its shared pair with each module's input size,
-    taken from the base model), so one code path serves all five. Every size is checked against the base's
-    shapes and ``max_rank`` before the factors are built, and the factors must be finite in the serving
-    ``dtype`` (LoraFactors.overflow), so nothing that fails at its first request, or costs more memory than
-    its rank allows, is loaded. With ``root``, the folder is first checked to hold nothing that resolves
-    outside it (PathOutsideAdapterRootError, 403).
+    Every method hands over the same form (VeRA slices its shared pair with each module's input size, taken from
+    the base model), so one code path serves them all. Every size is checked against the base's shapes and
+    ``max_rank`` before the factors are built, and the factors, a row-scaled form's magnitude included, must be
+    finite in the serving ``dtype`` (LoraFactors.non_finite, LoraFactors.overflow, which bounds a row-scaled
+    folded weight by its magnitude), so nothing that fails at its first request, or costs more memory than its
+    rank allows, is loaded. A row-scaled form's scale ``r`` depends on the base weights, which are not read
+    here: an engine that serves it computes and checks ``r`` (torch/adapter_cache.py). With ``root``, the folder
+    is first checked to hold nothing that resolves outside it (PathOutsideAdapterRootError, 403).
     """
     if root is not None:
         try:
@@ -61,6 +64,9 @@ def read_checked(path: Path, shapes: dict[str, tuple[int, int]], max_rank: int, 
         if tuple(f.A.shape) != (f.rank, d_in) or tuple(f.B.shape) != (d_out, f.rank):
             raise AdapterLoadError(f"{path}: adapter for another base model: {name} is {d_out} x {d_in} here, the "
                                    f"adapter's factors are B {tuple(f.B.shape)} x A {tuple(f.A.shape)}")
+        if f.row_scaled and tuple(f.magnitude.shape) != (d_out,):
+            raise AdapterLoadError(f"{path}: adapter for another base model: {name} has {d_out} output rows here, the "
+                                   f"adapter's magnitude vector is {tuple(f.magnitude.shape)}")
         if f.rank > max_rank:
             raise AdapterLoadError(f"{path}: rank {f.rank} on {name} exceeds the engine's max_lora_rank "
                                    f"{max_rank}; start the engine with max_lora_rank >= {f.rank}")

@@ -36,9 +36,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from .base import AdapterInfo, EngineStats, GenerationRequest, StreamChunk
 from .errors import EngineClosedError
 from .frontend import Frontend, Prepared, RegisteredAdapter, folder_tokenizer
-from .options import EngineOptions, EngineOptionsError, context_limit
-
-DEFAULT_MAX_MODEL_LEN = 2048  # max_model_len when not given: the model's context, at most this
+from .options import DEFAULT_MAX_MODEL_LEN, EngineOptions, EngineOptionsError, context_limit
 
 
 @dataclass(frozen=True)

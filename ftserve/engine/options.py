@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from .declare import declared, out_of_range, setting
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -30,49 +31,70 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+DEFAULT_MAX_LORA_RANK = 64  # the torch engine's, when --max-lora-rank is not given
+MIN_CPU_LORAS = 32  # adapters kept in memory at least, when --max-cpu-loras is not given
+DEFAULT_MAX_MODEL_LEN = 2048  # the most tokens per request when --max-model-len is not given and the model allows more
+EXECUTOR_BACKENDS = ("mp", "ray")
+MAX_PORT = 65535
+
+
 @dataclass
 class EngineOptions:
-    """``max_num_seqs``: requests decoded together; ``max_num_batched_tokens``: tokens in one forward pass,
-    decodes and prompt chunks together (longer prompts are prefilled in chunks), more than ``max_num_seqs``;
-    ``max_loras``: adapters in compute slots at once; ``max_cpu_loras``: adapters kept in memory, least
-    recently used evicted first (default ``max(max_loras, 32)``); ``max_lora_rank``: the largest exported
-    rank accepted (Delta-LoRA exports rank 2r; default: the engine's, DEFAULT_MAX_LORA_RANK on torch, derived
-    from the adapters on vLLM); ``max_model_len``: prompt plus output tokens per request
-    (default: the model's, at most 2048); ``max_queue``: requests waiting beyond the running ones;
-    ``dtype`` and ``device``: ``auto`` takes the checkpoint's dtype and a GPU if there is one;
-    ``served_model_name``: the base model's name in requests (default: the base folder's name);
-    ``kv_cache_memory``: the KV cache's size, bytes (an int, or text such as ``"4GiB"``) or a fraction of the
-    memory free once the model is loaded (a float in (0, 1], or text such as ``"0.5"``); by default what
-    ``max_num_seqs`` requests of ``max_model_len`` tokens could need, at most half the memory free;
-    ``enable_prefix_caching``: reuse the K/V of prompt blocks already computed under the same adapter.
+    """What an engine is built with; each field is declared once (``setting``: its default, its range, and its
+    help, which ``ftserve serve --help`` prints for its flag). ``max_queue``: requests waiting beyond the
+    running ones. ``kv_cache_memory``: bytes (an int, or text such as ``"4GiB"``) or a fraction of the memory
+    free once the model is loaded (a float in (0, 1], or text such as ``"0.5"``).
 
-    The fields after those are vLLM's scale flags (VLLM_ONLY), passed to vLLM as they are; an engine that has
-    no such thing refuses a value other than the default (``refuse_vllm_only``), rather than ignoring it.
+    The fields declared ``vllm`` (VLLM_ONLY) are vLLM's scale flags, passed to vLLM as they are; an engine that
+    has no such thing refuses a value other than the default (``refuse_vllm_only``), rather than ignoring it.
     """
 
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 4096
-    max_loras: int = 8
-    max_cpu_loras: int | None = None
-    max_lora_rank: int | None = None
-    max_model_len: int | None = None
-    max_queue: int = 1024
-    dtype: str = "auto"
-    device: str = "auto"
-    served_model_name: str | None = None
-    kv_cache_memory: int | float | str | None = None
-    enable_prefix_caching: bool = True
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    distributed_executor_backend: str | None = None  # mp or ray; None: vLLM's choice
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str | None = None
-    master_port: int | None = None
-    headless: bool = False
-    gpu_memory_utilization: float | None = None
-    enforce_eager: bool = False
-    quantization: str | None = None
+    max_num_seqs: int = setting(32, "Requests decoded together in one batch.", minimum=1)
+    max_num_batched_tokens: int = setting(
+        4096, "Tokens in one forward pass, decodes and prompt chunks together; longer prompts are prefilled in "
+              "chunks. Must exceed --max-num-seqs.", minimum=2)
+    max_loras: int = setting(8, "Adapters in compute slots at once (distinct adapters in one batch).", minimum=1)
+    max_cpu_loras: int | None = setting(
+        None, "Adapters kept in memory, least recently used evicted first.", minimum=1,
+        default_text=f"max(max-loras, {MIN_CPU_LORAS})")
+    max_lora_rank: int | None = setting(
+        None, "Largest adapter rank accepted (Delta-LoRA serves at twice its training rank).", minimum=1,
+        default_text=f"{DEFAULT_MAX_LORA_RANK} on torch; on vllm the --adapter ranks rounded up to one vLLM "
+                     f"accepts, at least vLLM's default")
+    max_model_len: int | None = setting(None, "Prompt plus output tokens per request.", minimum=1,
+                                        default_text=f"the model's, at most {DEFAULT_MAX_MODEL_LEN}")
+    max_queue: int = setting(
+        1024, "Requests waiting beyond the running ones; a request that does not fit is answered 503 with "
+              "Retry-After. An ftserve flag: vLLM has none of this name.", minimum=1)
+    dtype: str = setting("auto", "Weights and compute dtype; auto takes the checkpoint's.", choices=DTYPES)
+    device: str = setting("auto", "cpu, cuda, cuda:N; auto picks cuda if present.")
+    served_model_name: str | None = setting(None, "The base model's name in requests and /v1/models; BASE as "
+                                                  "given is accepted too.", default_text="BASE's folder name")
+    kv_cache_memory: int | float | str | None = setting(
+        None, "KV cache size: bytes (4GiB, 512MB) or a fraction of the memory free (0.5).", metavar="SIZE",
+        default_text="what --max-num-seqs requests of --max-model-len tokens need, at most half the memory free")
+    enable_prefix_caching: bool = setting(
+        True, "Reuse the KV cache of prompt blocks already computed under the same adapter.")
+    tensor_parallel_size: int = setting(1, "GPUs each layer is split over.", minimum=1, short=("-tp",), vllm=True)
+    pipeline_parallel_size: int = setting(1, "Stages the layers are split into (one node each, across nodes).",
+                                          minimum=1, short=("-pp",), vllm=True)
+    distributed_executor_backend: str | None = setting(
+        None, "How workers are run: mp (processes, with --nnodes for several nodes) or ray.",
+        choices=EXECUTOR_BACKENDS, default_text="vLLM's choice", vllm=True)
+    nnodes: int = setting(1, "Nodes of one engine.", minimum=1, vllm=True)
+    node_rank: int = setting(0, "This node's rank; 0 serves the API, the others run with --headless.", minimum=0,
+                             vllm=True)
+    master_addr: str | None = setting(None, "The address of node 0, for the other nodes.", vllm=True)
+    master_port: int | None = setting(None, "Node 0's port for them.", minimum=1, maximum=MAX_PORT,
+                                      vllm=True)
+    headless: bool = setting(False, "A worker node (--node-rank >= 1): runs workers, no API.", vllm=True)
+    gpu_memory_utilization: float | None = setting(
+        None, "Fraction of each GPU's memory vLLM may use.", minimum=0, maximum=1, open_minimum=True,
+        default_text="vLLM's, 0.9", vllm=True)
+    enforce_eager: bool = setting(False, "No CUDA graphs (less memory, slower decoding).", vllm=True)
+    quantization: str | None = setting(None, "How the weights are quantized (vLLM's names: awq, gptq, fp8, "
+                                             "compressed-tensors, ...; vLLM 0.32 has no bitsandbytes).",
+                                       short=("-q",), vllm=True)
 
     def __post_init__(self) -> None:
         if isinstance(self.kv_cache_memory, str):
@@ -86,14 +108,11 @@ class EngineOptions:
             raise EngineOptionsError("enable_prefix_caching",
                                      f"must be true or false; got {self.enable_prefix_caching!r}")
         if self.max_cpu_loras is None and isinstance(self.max_loras, int):
-            self.max_cpu_loras = max(self.max_loras, 32)
-        for name in ("max_num_seqs", "max_loras", "max_lora_rank", "max_queue", "max_num_batched_tokens",
-                     "max_cpu_loras", "max_model_len"):
-            value = getattr(self, name)
-            if value is None and name in ("max_model_len", "max_lora_rank"):
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise EngineOptionsError(name, f"must be an integer >= 1; got {value!r}")
+            self.max_cpu_loras = max(self.max_loras, MIN_CPU_LORAS)
+        for field in INTEGERS:
+            reason = out_of_range(field, getattr(self, field.name))
+            if reason:
+                raise EngineOptionsError(field.name, reason)
         if self.max_num_batched_tokens <= self.max_num_seqs:
             raise EngineOptionsError("max_num_batched_tokens",
                                      f"must be > max_num_seqs ({self.max_num_seqs}), so that prompts "
@@ -104,14 +123,11 @@ class EngineOptions:
             raise EngineOptionsError("dtype", f"must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if not isinstance(self.device, str) or not self.device:
             raise EngineOptionsError("device", f"must be auto, cpu, cuda or cuda:N; got {self.device!r}")
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "nnodes"):
-            if not _positive_int(getattr(self, name)):
-                raise EngineOptionsError(name, f"must be an integer >= 1; got {getattr(self, name)!r}")
-        if not isinstance(self.node_rank, int) or not 0 <= self.node_rank < self.nnodes:
+        if self.node_rank >= self.nnodes:
             raise EngineOptionsError("node_rank", f"must be in [0, nnodes={self.nnodes}); got {self.node_rank!r}")
-        if self.distributed_executor_backend not in (None, "mp", "ray"):
-            raise EngineOptionsError("distributed_executor_backend",
-                                     f"must be mp or ray; got {self.distributed_executor_backend!r}")
+        if self.distributed_executor_backend not in (None, *EXECUTOR_BACKENDS):
+            raise EngineOptionsError("distributed_executor_backend", f"must be {' or '.join(EXECUTOR_BACKENDS)}; "
+                                                                     f"got {self.distributed_executor_backend!r}")
         if self.gpu_memory_utilization is not None and not (
                 isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1):
             raise EngineOptionsError("gpu_memory_utilization",
@@ -123,20 +139,14 @@ class EngineOptions:
     def refuse_vllm_only(self, engine: str) -> None:
         """An EngineOptionsError naming the first of vLLM's flags set to other than its default; ``engine``
         names the engine that has no such thing."""
-        defaults = EngineOptions.__dataclass_fields__
-        for name in VLLM_ONLY:
-            if getattr(self, name) != defaults[name].default:
-                raise EngineOptionsError(name, f"is a vLLM option; the {engine} engine has no such thing (it runs "
-                                                f"on one device of one machine): use the vllm engine")
+        for field in declared(EngineOptions):
+            if field.metadata["vllm"] and getattr(self, field.name) != field.default:
+                raise EngineOptionsError(field.name, f"is a vLLM option; the {engine} engine has no such thing (it "
+                                                      f"runs on one device of one machine): use the vllm engine")
 
 
-DEFAULT_MAX_LORA_RANK = 64  # the torch engine's, when --max-lora-rank is not given
-VLLM_ONLY = ("tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend", "nnodes", "node_rank",
-             "master_addr", "master_port", "headless", "gpu_memory_utilization", "enforce_eager", "quantization")
-
-
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+VLLM_ONLY = tuple(field.name for field in declared(EngineOptions) if field.metadata["vllm"])
+INTEGERS = tuple(field for field in declared(EngineOptions) if field.type in ("int", "int | None"))
 
 
 def checkpoint_dtype(base: str | os.PathLike) -> str:

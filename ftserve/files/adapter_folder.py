@@ -4,8 +4,7 @@ A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` with PE
 (``base_model.model.<module>.lora_A.weight``, ``...vera_lambda_b``, ``base_model.vera_A``), so PEFT,
 transformers and vLLM read it. Our exact settings (method, every hyperparameter, steps done) live in a file of
 their own beside it, ``ftserve_config.json``, so PEFT loads the folder without a warning about a key it does not
-know; a folder written before that keeps them under the ``"ftserve"`` key of ``adapter_config.json``, and is
-still read. A method PEFT has no type for (Delta-LoRA) names a side file: the weights file is then its exact
+know. A method PEFT has no type for (Delta-LoRA) names a side file: the weights file is then its exact
 plain LoRA and the training state sits beside it (``delta_lora_state.safetensors``).
 """
 
@@ -26,7 +25,7 @@ from torch import Tensor
 from ..config import EXTRA_KEY, FineTuningConfig
 from ..errors import AdapterFileError, ConfigError
 from ..methods import LoraFactors, get_method
-from .atomic import atomic_output_dir, fsync
+from .atomic import OUTPUT_FILE_MODE, atomic_output_dir, fsync
 from .strict_json import read_json_file
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -49,13 +48,14 @@ class AdapterFolder:
     raw_config: dict
     modules: dict[str, dict[str, Tensor]]
     shared: dict[str, Tensor] = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)  # our settings: ftserve_config.json, or an older folder's key
+    extra: dict = field(default_factory=dict)  # our settings (ftserve_config.json)
 
     def in_features(self) -> dict[str, int]:
         return {k: int(v) for k, v in (self.extra.get("module_in_features") or {}).items()}
 
     def lora_factors(self, in_features: dict[str, int] | None = None) -> dict[str, LoraFactors]:
-        """Exact plain-LoRA factors of every module. VeRA needs each layer's input size (recorded by us).
+        """The served form of every module (exact plain-LoRA factors, with a row-scaled method's magnitude).
+        VeRA needs each layer's input size (recorded by us).
 
         Sizes are checked before anything is built from them (``check_ranks``, and the method's own
         ``export_shared``), so a small file cannot make us allocate what its config declares."""
@@ -105,6 +105,7 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
     if not config_path.is_file():
         raise AdapterFileError(f"{path}: missing {ADAPTER_CONFIG}; not a PEFT adapter folder")
     raw = _read_json(config_path)
+    # Back-compatibility: a folder written before ftserve_config.json keeps our settings under EXTRA_KEY.
     extra = raw.get(EXTRA_KEY) if isinstance(raw, dict) else None
     if (path / SETTINGS).is_file():
         extra = _read_json(path / SETTINGS)
@@ -179,6 +180,13 @@ def _load_safetensors(file: Path) -> dict[str, Tensor]:
 
 # Exporting ---------------------------------------------------------------------------------------
 
+def row_scaled_reason(config: FineTuningConfig) -> str:
+    """Why a row-scaled adapter (LoraFactors.magnitude set) has no plain-LoRA export, in one line."""
+    return (f"a {config.adapter_method.title} adapter (method {config.method}) scales each output row by "
+            f"m / ||W + s B A||, which depends on the base weight, so no plain LoRA computes it; merge it into "
+            f"the base model (`ftserve merge`) or serve it on the torch engine instead")
+
+
 def plain_lora(factors: dict[str, LoraFactors], config: FineTuningConfig, targets: list[str],
                fan_in_fan_out: bool) -> tuple[dict, dict[str, Tensor]]:
     """A PEFT LoRA (config, tensors) computing exactly ``scale * B @ A`` per module.
@@ -210,8 +218,11 @@ def plain_lora(factors: dict[str, LoraFactors], config: FineTuningConfig, target
 
 def export_adapter(src: str | os.PathLike, dst: str | os.PathLike, in_features: dict[str, int] | None = None,
                    force: bool = False) -> AdapterFolder:
-    """Write any method's adapter folder as an exact plain PEFT LoRA; returns the source folder."""
+    """Write any method's adapter folder as an exact plain PEFT LoRA; returns the source folder. A row-scaled
+    method's adapter has none: AdapterFileError says why and what to do instead."""
     folder = read_adapter(src)
+    if folder.config.adapter_method.row_scaled:
+        raise AdapterFileError(f"{src}: no plain-LoRA export: {row_scaled_reason(folder.config)}")
     factors = folder.lora_factors(in_features)
     fan_in_fan_out = bool(folder.raw_config.get("fan_in_fan_out", False))
     targets = sorted({name.rsplit(".", 1)[-1] for name in factors})
@@ -244,7 +255,7 @@ def write_adapter_folder(path: str | os.PathLike, peft_config: dict, files: dict
             (tmp / SETTINGS).write_text(json.dumps(ours, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(_model_card(peft_config, ours or {}))
         for child in tmp.iterdir():
-            child.chmod(0o644)
+            child.chmod(OUTPUT_FILE_MODE)
     if target_exists and not replace_whole:
         staging = path.parent / f".{path.name}.staging"
         for child in staging.iterdir():

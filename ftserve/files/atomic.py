@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+OUTPUT_FILE_MODE = 0o644  # every file of a written output: readable by all, writable by its owner
 HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
 
 

@@ -41,6 +41,9 @@ PICKLE_SINGLE = "pytorch_model.bin"
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 HEADER_DEPTH = 3  # {name: {"shape": [...]}}, and "__metadata__": {key: string}
 MAX_CONFIG_BYTES = 16 * 2**20  # config.json: a few KB; label maps make some larger
+LENGTH_PREFIX = struct.calcsize("<Q")  # a safetensors file starts with its header's length, a little-endian u64
+DATA_ALIGNMENT = 8
+COPY_CHUNK_BYTES = 16 * 2**20  # a tensor copied by hand (no copy_file_range) goes through memory in chunks this size
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 
 
@@ -105,8 +108,8 @@ def read_safetensors_header(file: Path) -> tuple[dict, int]:
     """(header without ``__metadata__``, absolute offset where tensor data starts)."""
     try:
         with open(file, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
+            raw = f.read(LENGTH_PREFIX)
+            if len(raw) != LENGTH_PREFIX:
                 raise CheckpointError(f"{file}: too short to be a safetensors file")
             (length,) = struct.unpack("<Q", raw)
             if length > MAX_HEADER_BYTES or length > os.fstat(f.fileno()).st_size:
@@ -252,7 +255,7 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, size: int) -> None:
 
 
 def _copy_by_hand(src_fd: int, dst_fd: int, offset: int, size: int) -> int:
-    chunk = os.pread(src_fd, min(size, 16 * 2**20), offset)
+    chunk = os.pread(src_fd, min(size, COPY_CHUNK_BYTES), offset)
     view = memoryview(chunk)
     while view:
         view = view[os.write(dst_fd, view):]
@@ -261,14 +264,14 @@ def _copy_by_hand(src_fd: int, dst_fd: int, offset: int, size: int) -> int:
 
 def safetensors_header(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...], int]]) -> bytes:
     """The length prefix and JSON header for tensors ``(name, dtype, shape, nbytes)`` stored in that order,
-    padded with spaces so the data starts 8-byte aligned (as the reference writer does)."""
+    padded with spaces so the data starts DATA_ALIGNMENT-byte aligned (as the reference writer does)."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, dtype, shape, nbytes in entries:
         header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % 8)
+    raw += b" " * (-(LENGTH_PREFIX + len(raw)) % DATA_ALIGNMENT)
     return struct.pack("<Q", len(raw)) + raw
 
 

@@ -1,15 +1,10 @@
 """Merge, planning: a standalone checkpoint with one or more adapters folded into a base model, streaming.
 
-Every adapter is first turned into its exact plain-LoRA factors (``AdapterFolder.lora_factors``, the same
-factors export and the engines use). For a base weight ``W (d_out x d_in)`` targeted by adapters ``k`` with
-merge weights ``w_k``::
-
-    one adapter:     W' = round(W + (B @ A) * (w s))                  fp32 inside, rounded once
-    several:         W' = round(W + B_cat @ A_cat)                    B_cat = [w_1 s_1 B_1, ...], A_cat = [A_1; ...]
-
-``B_cat @ A_cat = sum_k w_k s_k B_k A_k``: a weighted sum of LoRAs is one LoRA of rank ``sum r_k``. GPT-2's
-``Conv1D`` stores ``W`` transposed ``(d_in x d_out)`` and gets ``((B @ A) * s)^T``. The single-adapter order of
-operations is PEFT's (``W += transpose(B @ A) * s`` with fp32 factors, which computes in fp32 and rounds once).
+Every adapter is first turned into its served form (``AdapterFolder.lora_factors``, the same factors export and
+the engines use). Per output tensor, the adapters targeting it (merge weight ``w_k``, factors ``f_k``) are handed
+to the merge's ``Combiner`` (combine.py; the weighted sum ``W' = W + sum_k w_k Delta_k`` by default), which
+decides how that tensor is folded. GPT-2's ``Conv1D`` stores ``W`` transposed ``(d_in x d_out)``; the plan
+detects it and tells the combiner.
 
 This module plans: it reads every input, checks everything (shapes, finiteness, dtypes) and decides each
 output tensor and shard before a byte is written; ``write.py`` writes the plan.
@@ -17,18 +12,19 @@ output tensor and shard before a byte is written; ``write.py`` writes the plan.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from ..errors import AdapterFileError, CheckpointError, ConfigError
 from ..files.adapter_folder import AdapterFolder, read_adapter
 from ..files.checkpoint import FLOATS, INDEX, SINGLE, Checkpoint, TensorEntry, open_checkpoint, parse_size, resolve_base
 from ..methods import LoraFactors, get_method
+from .combine import Combiner, Part, TensorFold, WeightedSum
 
 COPIED_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken", ".py", ".vocab")
 NOT_COPIED = {INDEX, "pytorch_model.bin.index.json", "README.md", "adapter_config.json"}
@@ -69,43 +65,11 @@ class AdapterSpec:
 
 
 @dataclass
-class Fold:
-    """``W' = round(W + (B @ A) * scale)``, transposed for Conv1D; fp32 factors.
-
-    When ``scale`` is a power of two, ``(B @ A) * scale = (scale B) @ A`` exactly (scaling by 2^k commutes
-    with rounding), so B is scaled once and the product accumulated onto W in one GEMM (``addmm_``: the
-    product is rounded, then added; benchmarks/merge.py checks the result bit for bit against PEFT).
-    """
-
-    A: Tensor  # (r, d_in)
-    B: Tensor  # (d_out, r)
-    scale: float
-    transposed: bool
-
-    def __post_init__(self) -> None:
-        if self.scale != 1.0 and math.frexp(self.scale)[0] == 0.5:
-            self.B, self.scale = self.B * self.scale, 1.0
-
-    def block(self, weight: Tensor, delta: Tensor, start: int, stop: int) -> Tensor:
-        """Rows ``[start, stop)`` of the folded weight, in fp32, from the same rows of the stored weight
-        (``weight``, already fp32, updated in place); ``delta`` is scratch of the delta block's shape."""
-        if not self.transposed and self.scale == 1.0:
-            return weight.addmm_(self.B[start:stop], self.A)
-        if self.transposed:
-            torch.mm(self.B, self.A[:, start:stop], out=delta)
-        else:
-            torch.mm(self.B[start:stop], self.A, out=delta)
-        if self.scale != 1.0:
-            delta.mul_(self.scale)
-        return weight.add_(delta.t() if self.transposed else delta)
-
-
-@dataclass
 class OutputTensor:
     name: str
     source: TensorEntry
     dtype: torch.dtype
-    fold: Fold | None = None
+    fold: TensorFold | None = None
 
     @property
     def nbytes(self) -> int:
@@ -139,10 +103,12 @@ class MergePlan:
 
 
 def plan_merge(base: str | os.PathLike, adapters: list[AdapterSpec], dtype: str | None = None,
-               max_shard_size: str | int = "5GB", allow_pickle: bool = False) -> MergePlan:
+               max_shard_size: str | int = "5GB", allow_pickle: bool = False,
+               combiner: Combiner | None = None) -> MergePlan:
     """Resolve the base, read every adapter, check that each fits (module present, shapes agree, factors
-    finite) and lay out the output shards. Raises AdapterFileError / CheckpointError naming the module (and both
-    shapes, for a mismatch)."""
+    finite), have ``combiner`` (default: the weighted sum) decide each targeted tensor's fold and lay out the
+    output shards. Raises AdapterFileError / CheckpointError naming the module (and both shapes, for a
+    mismatch)."""
     if not adapters:
         raise AdapterFileError("give at least one adapter to merge")
     if dtype is not None and dtype not in DTYPES:
@@ -162,7 +128,9 @@ def plan_merge(base: str | os.PathLike, adapters: list[AdapterSpec], dtype: str 
                          f"the shapes agree, so going ahead")
         folders.append((spec, folder))
     out_dtype = DTYPES[dtype] if dtype else None
-    folds, extra = _plan_folds(checkpoint, folders, tied, out_dtype)
+    parts, transposed, extra = _plan_parts(checkpoint, folders, tied, out_dtype)
+    combiner = combiner or WeightedSum()
+    folds = {key: combiner.fold(key_parts, transposed[key]) for key, key_parts in parts.items()}
     tensors = []
     for key, entry in list(checkpoint.tensors.items()) + list(extra.items()):
         target = out_dtype if out_dtype is not None and entry.dtype in FLOATS else entry.dtype
@@ -176,11 +144,12 @@ def plan_merge(base: str | os.PathLike, adapters: list[AdapterSpec], dtype: str 
     return MergePlan(str(base), checkpoint, folders, tensors, _shard(tensors, limit), config, dtype_name, notes)
 
 
-def _plan_folds(checkpoint: Checkpoint, folders: list[tuple[AdapterSpec, AdapterFolder]], tied: bool,
-                out_dtype: torch.dtype | None) -> tuple[dict[str, Fold], dict[str, TensorEntry]]:
-    """Per output key, the fold of every adapter targeting it; and output keys not stored in the base (a tied
-    output embedding), with the stored tensor they start from."""
-    per_key: dict[str, list[tuple[float, Tensor, Tensor, float]]] = {}
+def _plan_parts(checkpoint: Checkpoint, folders: list[tuple[AdapterSpec, AdapterFolder]], tied: bool,
+                out_dtype: torch.dtype | None
+                ) -> tuple[dict[str, list[Part]], dict[str, bool], dict[str, TensorEntry]]:
+    """Per output key, every adapter targeting it (checked) and whether the key is stored transposed; and
+    output keys not stored in the base (a tied output embedding), with the stored tensor they start from."""
+    per_key: dict[str, list[Part]] = {}
     transposed: dict[str, bool] = {}
     extra: dict[str, TensorEntry] = {}
     for spec, folder in folders:
@@ -216,34 +185,30 @@ def _plan_folds(checkpoint: Checkpoint, folders: list[tuple[AdapterSpec, Adapter
             if transposed.setdefault(key, is_t) != is_t:
                 raise AdapterFileError(f"{folder.path}: module {module}: adapters disagree on whether {key} is "
                                        f"stored transposed (fan_in_fan_out)")
-            per_key.setdefault(key, []).append((spec.weight, f.A.float(), f.B.float(), f.scale))
-    folds = {}
-    for key, parts in per_key.items():
-        if len(parts) == 1:
-            weight, A, B, scale = parts[0]
-            folds[key] = Fold(A, B, scale * weight, transposed[key])
-        else:
-            A = torch.cat([p[1] for p in parts], dim=0)
-            B = torch.cat([p[2] * (p[0] * p[3]) for p in parts], dim=1)
-            folds[key] = Fold(A, B, 1.0, transposed[key])
-    return folds, extra
+            per_key.setdefault(key, []).append(Part.of(spec.weight, f))
+    return per_key, transposed, extra
 
 
 def _check_finite(folder: AdapterFolder, module: str, factors: LoraFactors, weight: float,
                   dtype: torch.dtype) -> None:
     """A NaN or inf in an adapter (a diverged training run, a damaged file) spreads to every row of the weight
     it is folded into, and the merged model still loads; refuse it before anything is written. So is a delta
-    that overflows, as the fold scales it (in fp32) or in the dtype it is written in (LoraFactors.overflow)."""
+    that overflows, as the fold scales it (in fp32) or in the dtype it is written in (LoraFactors.overflow).
+
+    A row-scaled form rescales each row of ``W + s B A`` (formed in fp32) to its magnitude, so only that fp32
+    sum is bounded here; what reaches the written dtype depends on W, and write.py checks every block of it."""
     problem = factors.non_finite()
     if problem:
         raise AdapterFileError(f"{folder.path}: module {module}: {problem}; the adapter is corrupt or its training "
                                f"diverged, so retrain it or use an earlier checkpoint")
     if dtype not in FLOATS:
         return  # refused by the caller: not a weight we fold into
-    for width in dict.fromkeys((torch.float32, dtype)):
-        problem = LoraFactors(factors.A, factors.B, factors.scale * weight).overflow(width)
+    weighted = factors if factors.row_scaled else dataclasses.replace(factors, scale=factors.scale * weight)
+    for width in dict.fromkeys((torch.float32,) if factors.row_scaled else (torch.float32, dtype)):
+        problem = weighted.overflow(width)
         if problem:
-            why = f"weight {weight:g} x the adapter's scale {factors.scale:g}" if weight != 1 else "its scale"
+            why = (f"weight {weight:g} x the adapter's scale {factors.scale:g}"
+                   if weight != 1 and not factors.row_scaled else "its scale")
             raise ConfigError(f"{folder.path}: module {module}: {problem}; the merged weights would hold inf. "
                               f"Lower {why}{WIDER if width != torch.float32 else ''}")
 

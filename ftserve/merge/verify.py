@@ -1,15 +1,17 @@
 """Verify a merged model against the unmerged adapter model it came from.
 
 Every model runs in fp32 on the same prompts, each prompt extended by the exact reference's greedy tokens.
-The exact reference is the adapter folder loaded natively (``load_adapter``) for one adapter of weight 1; for
-several adapters, or other weights, the base model with forward hooks adding ``sum_k w_k s_k B_k (A_k x)`` from
-each adapter's exact plain-LoRA factors.
+The exact reference is the adapter folder loaded natively (``load_adapter``) for one plain adapter of weight 1
+under the weighted sum; otherwise (several adapters, other weights, a row-scaled form, another combiner) the
+base model with every targeted weight replaced by the merge's own combination of its adapters, computed in fp32
+over the whole tensor (``combine.fold_tensor``: the combiner that the merge used, so nothing here assumes
+that deltas add).
 
 A merge stores ``round(W + delta)`` in its dtype, and for a 16-bit dtype that rounding alone moves the logits by
 more than any fixed tolerance can tell from a wrong merge. So the merged model is judged against what its
 dtype implies: for float32 weights, against the exact reference; for 16-bit weights, against the *rounded*
-reference, the base with every adapter folded in fp32 and each weight rounded to the dtype the merged file
-stores it in (rounding once, as a correct merge does). With ``z`` the logits of the reference judged against
+reference, the base with the adapters combined in fp32 as above and each weight rounded to the dtype the merged
+file stores it in (rounding once, as a correct merge does). With ``z`` the logits of the reference judged against
 and ``z'`` the merged model's, over all positions::
 
     diff = max |z' - z|,      tolerance = 1e-3 * max(1, max |z|)
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..files.checkpoint import FLOATS, open_checkpoint, resolve_base
+from .combine import Combiner, Part, WeightedSum, fold_tensor
 from .plan import AdapterSpec
 
 RTOL = 1e-3  # fp32 arithmetic in a different order, on the same weights
@@ -67,10 +70,13 @@ class VerifyReport:
 
 
 def verify_merge(base: str | os.PathLike, adapters: list[AdapterSpec], merged: str | os.PathLike,
-                 prompts: tuple[str, ...] = PROMPTS, new_tokens: int = 8) -> VerifyReport:
-    """Compare the merged folder with base + adapters on ``prompts``; see the module docstring."""
+                 prompts: tuple[str, ...] = PROMPTS, new_tokens: int = 8,
+                 combiner: Combiner | None = None) -> VerifyReport:
+    """Compare the merged folder with base + adapters on ``prompts``, combined by ``combiner`` (the merge's;
+    default: the weighted sum); see the module docstring."""
     from transformers import AutoModelForCausalLM
 
+    combiner = combiner or WeightedSum()
     base_path = resolve_base(base)
     merged_path = resolve_base(merged)
     open_checkpoint(base_path)  # refuse a base whose shards and index disagree (shard_index.py) before loading it
@@ -78,7 +84,7 @@ def verify_merge(base: str | os.PathLike, adapters: list[AdapterSpec], merged: s
     dtype = max(stored.values(), key=list(stored.values()).count) if stored else torch.float32
     load = functools.partial(AutoModelForCausalLM.from_pretrained, dtype=torch.float32)
     candidate = load(merged_path).eval()
-    exact = _reference_model(load(base_path), adapters)
+    exact = _reference_model(load(base_path), adapters, combiner)
     with torch.no_grad():
         ids = [_greedy(exact, p, new_tokens) for p in _prompt_ids(prompts, merged_path, base_path,
                                                                   candidate.config.vocab_size)]
@@ -86,7 +92,8 @@ def verify_merge(base: str | os.PathLike, adapters: list[AdapterSpec], merged: s
         del exact
         rounding_diff, z_ref = None, z_exact
         if any(d != torch.float32 for d in stored.values()):
-            rounded = _rounded_reference(load(base_path), adapters, stored, dtype)
+            model = load(base_path)
+            rounded = _combined_model(model, _module_parts(model, adapters), combiner, stored, dtype)
             z_ref = [rounded(input_ids=x).logits[0] for x in ids]
             rounding_diff = max(float((a - b).abs().max()) for a, b in zip(z_ref, z_exact))
             del rounded
@@ -112,53 +119,46 @@ def _greedy(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     return ids
 
 
-def _reference_model(model, adapters: list[AdapterSpec]):
+def _reference_model(model, adapters: list[AdapterSpec], combiner: Combiner):
     from ..model import load_adapter
 
-    if len(adapters) == 1 and adapters[0].weight == 1.0:
+    parts = _module_parts(model, adapters)
+    if len(adapters) == 1 and adapters[0].weight == 1.0 and isinstance(combiner, WeightedSum) \
+            and not any(p.factors.row_scaled for module in parts.values() for p in module):
         return load_adapter(model, adapters[0].path).eval()
-    for name, factors in _weighted_factors(model, adapters):
-        for f, weight in factors:
-            A, B, s = f.A.float(), f.B.float(), f.scale * weight
-            model.get_submodule(name).register_forward_hook(
-                lambda mod, inp, out, A=A, B=B, s=s: out + (inp[0] @ A.T @ B.T) * s)
-    return model.eval()
+    return _combined_model(model, parts, combiner)
 
 
-def _rounded_reference(model, adapters: list[AdapterSpec], stored: dict[str, torch.dtype], dtype: torch.dtype):
-    """The base with every adapter's weighted delta added in fp32, then each weight rounded once to the dtype
-    the merged checkpoint stores it in (``dtype`` for a name it lacks, such as a tied output embedding)."""
-    from ..methods.base import linear_shape
-
-    deltas: dict[str, torch.Tensor] = {}
-    for name, factors in _weighted_factors(model, adapters):
-        for f, weight in factors:
-            delta = f.delta_weight() * weight
-            deltas[name] = deltas[name] + delta if name in deltas else delta
-    with torch.no_grad():
-        for name, delta in deltas.items():
-            layer = model.get_submodule(name)
-            d_out, d_in = linear_shape(layer)
-            delta = delta if layer.weight.shape == (d_out, d_in) else delta.T  # Conv1D stores (d_in, d_out)
-            layer.weight = torch.nn.Parameter(layer.weight + delta)  # a new tensor: unties a tied embedding
+@torch.no_grad()
+def _combined_model(model, parts: dict[str, list[Part]], combiner: Combiner,
+                    stored: dict[str, torch.dtype] | None = None, dtype: torch.dtype | None = None):
+    """The base with every targeted weight folded by ``combiner`` in fp32; with ``stored``, each weight then
+    rounded once to the dtype the merged checkpoint stores it in (``dtype`` for a name it lacks, such as a tied
+    output embedding)."""
+    for name, module_parts in parts.items():
+        layer = model.get_submodule(name)
+        transposed = not isinstance(layer, torch.nn.Linear)  # Conv1D stores (d_in, d_out)
+        folded = fold_tensor(combiner.fold(module_parts, transposed), layer.weight)
+        layer.weight = torch.nn.Parameter(folded, requires_grad=False)  # a new tensor: unties a tied embedding
+    if stored is not None:
         for name, tensor in model.state_dict().items():
             if tensor.is_floating_point():
                 tensor.copy_(tensor.to(stored.get(name, dtype)))
     return model.eval()
 
 
-def _weighted_factors(model, adapters: list[AdapterSpec]):
-    """(module name, [(exact plain-LoRA factors, weight), ...]) for every module an adapter targets."""
+def _module_parts(model, adapters: list[AdapterSpec]) -> dict[str, list[Part]]:
+    """Every module an adapter targets, with its adapters as the merge's combiner receives them."""
     from ..files.adapter_folder import read_adapter
     from ..methods.base import linear_shape
 
-    per_module: dict[str, list] = {}
+    per_module: dict[str, list[Part]] = {}
     for spec in adapters:
         folder = read_adapter(spec.path)
         sizes = {name: linear_shape(model.get_submodule(name))[1] for name in folder.modules}
         for name, f in folder.lora_factors(sizes).items():
-            per_module.setdefault(name, []).append((f, spec.weight))
-    return per_module.items()
+            per_module.setdefault(name, []).append(Part.of(spec.weight, f))
+    return per_module
 
 
 def _stored_dtypes(path) -> dict[str, torch.dtype]:

@@ -1,10 +1,13 @@
 """Merge, writing: the planned checkpoint written tensor by tensor, folded in fp32 blocks by worker threads.
 
-Memory stays bounded whatever the model size: tensors are read, folded and written in blocks of whole rows
-(``W'[i:j]`` needs only ``W[i:j]`` and ``B[i:j]``, or ``A[:, i:j]`` when transposed), untouched tensors are
-copied file to file inside the kernel, and output files are written header first then byte by byte. Worker
-threads (one per core, one intra-op thread each) fold blocks while the main thread writes them in order. The
-output folder appears whole at the end (temporary folder beside it, then a rename) or not at all.
+Memory stays bounded whatever the model size: tensors are read, folded and written in blocks of whole stored
+rows (for a low-rank delta ``W'[i:j]`` needs only ``W[i:j]`` and ``B[i:j]``, or ``A[:, i:j]`` when transposed),
+untouched tensors are copied file to file inside the kernel, and output files are written header first then
+byte by byte. Each tensor's fold comes from the merge's combiner (combine.py), which this module drives without
+knowing which it is: when the fold asks for a first pass, every block is read and scanned before the first one
+is folded. Worker threads (one per core, one intra-op thread each) scan and fold blocks while the main thread
+writes them in order. The output folder appears whole at the end (temporary folder beside it, then a rename) or
+not at all.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -27,7 +30,13 @@ from torch import Tensor
 from ..errors import CheckpointError
 from ..files.atomic import OutputChangedError, atomic_output_dir
 from ..files.checkpoint import INDEX, TensorReader, copy_range, safetensors_header
+from .combine import Combiner
 from .plan import BLOCK_BYTES, COPIED_SUFFIXES, NOT_COPIED, AdapterSpec, MergePlan, OutputTensor, plan_merge
+
+MAX_WORKERS = 4  # default folding threads, at most one per core
+# Blocks are whole multiples of this many rows: GEMM kernels take another code path for a few leftover rows,
+# and the folded values must not depend on where a block starts (bit-identical to folding at once).
+ROW_MULTIPLE = 8
 
 
 @dataclass
@@ -40,15 +49,16 @@ class MergeResult:
 def merge_checkpoint(base: str | os.PathLike, adapters: list[AdapterSpec], out_dir: str | os.PathLike, *,
                      dtype: str | None = None, max_shard_size: str | int = "5GB", force: bool = False,
                      allow_pickle: bool = False, progress: Callable[[int, int], None] | None = None,
-                     workers: int | None = None) -> MergeResult:
+                     workers: int | None = None, combiner: Combiner | None = None) -> MergeResult:
     """Fold ``adapters`` (weighted) into ``base`` and write a standalone model folder at ``out_dir``.
 
     ``progress(bytes_done_now, total_bytes)`` is called as weights are written; ``workers`` threads fold
-    blocks (default: one per CPU core, at most 4)."""
+    blocks (default: one per CPU core, at most MAX_WORKERS); ``combiner`` combines the adapters on each tensor (default:
+    the weighted sum)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise CheckpointError(f"{out_dir} already exists; pass force=True to replace it")
-    plan = plan_merge(base, adapters, dtype, max_shard_size, allow_pickle)
+    plan = plan_merge(base, adapters, dtype, max_shard_size, allow_pickle, combiner)
     inputs = [plan.checkpoint.path] + [folder.path for _, folder in plan.adapters]
     for path in inputs:
         a, b = out_dir.resolve(), path.resolve()
@@ -83,7 +93,7 @@ def _write_tensors(plan: MergePlan, folder: Path, names: list[str], progress: Ca
                    workers: int | None) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # parallel over blocks instead: no spin-waiting barriers on a busy machine
-    workers = max(1, workers or min(4, os.cpu_count() or 1))
+    workers = max(1, workers or min(MAX_WORKERS, os.cpu_count() or 1))
     window = 2 * workers + 2
     pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
     buffers: queue.SimpleQueue = queue.SimpleQueue()
@@ -123,18 +133,33 @@ def _write_shard(shard: list[OutputTensor], f, reader: TensorReader, pool: Threa
         if t.is_copy:
             pending.append(t)
         else:
-            per_row = max(1, t.source.cols) * max(4, t.source.dtype.itemsize, t.dtype.itemsize)
-            # whole multiples of 8 rows: GEMM kernels take another code path for a few leftover rows, and
-            # the folded values must not depend on where a block starts (bit-identical to folding at once)
-            step = max(8, BLOCK_BYTES // per_row // 8 * 8)
-            for start in range(0, t.source.rows, step):
-                pending.append(pool.submit(_fold_block, t, reader, buffers, start, min(start + step, t.source.rows)))
+            itemsize = max(torch.float32.itemsize, t.source.dtype.itemsize, t.dtype.itemsize)
+            per_row = max(1, t.source.cols) * itemsize
+            step = max(ROW_MULTIPLE, BLOCK_BYTES // per_row // ROW_MULTIPLE * ROW_MULTIPLE)
+            blocks = [(start, min(start + step, t.source.rows)) for start in range(0, t.source.rows, step)]
+            if t.fold is not None and t.fold.first_pass:
+                t.fold.gather(_scanned(t, reader, pool, blocks, window))
+            for start, stop in blocks:
+                pending.append(pool.submit(_fold_block, t, reader, buffers, start, stop))
                 while len(pending) > window:
                     write_head()
         while pending and not isinstance(pending[0], Future):
             write_head()
     while pending:
         write_head()
+
+
+def _scanned(t: OutputTensor, reader: TensorReader, pool: ThreadPoolExecutor, blocks: list[tuple[int, int]],
+             window: int):
+    """The first pass's result for each block, in block order, scanned by the workers at most ``window`` blocks
+    ahead of the fold's ``gather``."""
+    ahead: deque[Future] = deque()
+    for start, stop in blocks:
+        ahead.append(pool.submit(_scan_block, t, reader, start, stop))
+        if len(ahead) > window:
+            yield ahead.popleft().result()
+    while ahead:
+        yield ahead.popleft().result()
 
 
 class _WriteBehind:
@@ -185,12 +210,24 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
+def _stored_rows(t: OutputTensor, reader: TensorReader, start: int, stop: int) -> Tensor:
+    """Rows ``[start, stop)`` of the stored tensor as read, in this thread's input buffer."""
+    return reader.read_rows(t.source, start, stop, _scratch.raw((stop - start) * t.source.cols
+                                                                * t.source.dtype.itemsize))
+
+
+def _scan_block(t: OutputTensor, reader: TensorReader, start: int, stop: int) -> Any:
+    """The fold's first pass over rows ``[start, stop)`` of the stored tensor, in fp32."""
+    rows = _scratch.get("weight", (stop - start, t.source.cols)).copy_(_stored_rows(t, reader, start, stop))
+    return t.fold.scan(rows, _scratch.get, start, stop)
+
+
 def _fold_block(t: OutputTensor, reader: TensorReader, buffers: queue.SimpleQueue, start: int,
                 stop: int) -> tuple[bytearray, int]:
     """Rows ``[start, stop)`` of the output tensor, as bytes in a buffer from ``buffers``."""
     shape = (stop - start, t.source.cols)
     size = shape[0] * shape[1] * t.dtype.itemsize
-    rows = reader.read_rows(t.source, start, stop, _scratch.raw(shape[0] * shape[1] * t.source.dtype.itemsize))
+    rows = _stored_rows(t, reader, start, stop)
     buffer = buffers.get() if size <= BLOCK_BYTES else bytearray(size)
     if size:
         out = torch.frombuffer(buffer, dtype=t.dtype, count=shape[0] * shape[1]).view(shape)
@@ -198,10 +235,8 @@ def _fold_block(t: OutputTensor, reader: TensorReader, buffers: queue.SimpleQueu
             out.copy_(rows)
         else:
             weight = _scratch.get("weight", shape).copy_(rows)
-            f = t.fold
-            delta = _scratch.get("delta", (shape[1], shape[0]) if f.transposed else shape)
-            out.copy_(f.block(weight, delta, start, stop))
-            if not torch.isfinite(out).all():  # the plan bounds the delta; this is exact, per block
+            out.copy_(t.fold.block(weight, _scratch.get, start, stop))
+            if not torch.isfinite(out).all():  # the plan bounds a low-rank delta; this is exact, per block
                 raise CheckpointError(f"{t.name}: folding the adapters gives inf or NaN in {t.dtype} in rows "
                                       f"{start}-{stop - 1}; nothing was written. Lower the adapters' weights or "
                                       f"scale, or merge to a wider dtype")

@@ -3,13 +3,19 @@
 Shapes follow PEFT's storage: base ``W (d_out x d_in)``, ``A (r x d_in)``, ``B (d_out x r)``.
 GPT-2's ``Conv1D`` stores ``W`` transposed ``(d_in x d_out)``; the adapter math is the same and only
 folding transposes.
+
+Every method hands the engines, the fold and the merge one served form, ``LoraFactors`` (factors.py), in one of
+two forms:
+
+* plain: ``W' = W + s B A``, an exact plain LoRA (LoRA, LoRA+, LoRA-FA, VeRA, Delta-LoRA);
+* row-scaled: ``W' = diag(m / ||W + s B A||_row) (W + s B A)`` (DoRA's), which reads the base weight and
+  scales the base output per row; a method declares it with ``AdapterMethod.row_scaled``.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -17,6 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .factors import LoraFactors
+
+
+PEFT_DEFAULT_RANK, PEFT_DEFAULT_ALPHA = 8, 8  # LoraConfig's r and lora_alpha, for a folder that omits them
 
 
 class FineTuningConfig(Protocol):
@@ -66,56 +76,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@dataclass
-class LoraFactors:
-    """An exact plain-LoRA form of an adapter on one module: ``delta W = scale * B @ A``."""
-
-    A: Tensor  # (r, d_in)
-    B: Tensor  # (d_out, r)
-    scale: float
-
-    @property
-    def rank(self) -> int:
-        return self.A.shape[0]
-
-    def delta_weight(self) -> Tensor:
-        """Dense ``scale * B @ A`` in fp32, shape (d_out, d_in)."""
-        return (self.B.float() @ self.A.float()) * self.scale
-
-    def non_finite(self) -> str | None:
-        """Where NaN or inf values are, ``"its LoRA factor A holds 3 NaN or inf value(s) of 64"``, or None.
-
-        A diverged training run or a damaged file; folded or served, such a factor spreads NaN to every row
-        it touches, and nothing downstream complains, so merge and every engine refuse it by this check."""
-        for name, value in (("A", self.A), ("B", self.B)):
-            bad = int(value.numel() - torch.isfinite(value).sum())
-            if bad:
-                return f"its LoRA factor {name} holds {bad} NaN or inf value(s) of {value.numel()}"
-        return None
-
-    def overflow(self, dtype: torch.dtype) -> str | None:
-        """What of the served form overflows ``dtype``, ``"scale 4 x lora_B reaches 7.1e+04, beyond the largest
-        finite float16 value 6.55e+04"``, or None.
-
-        The served form is A and ``scale * B`` in the serving dtype, and an engine may fold ``scale * B @ A``
-        into a temporary weight of that dtype (a batch on one adapter), so each must be finite there. The
-        dense delta is bounded without forming it: ``|(B A)_ij| <= ||B_i|| ||A_:,j||`` (Cauchy-Schwarz), in
-        float64 so that the check itself cannot overflow. An adapter past it loads fine and then turns every
-        request's activations into inf and NaN; a trained adapter is many orders of magnitude below it."""
-        if not self.A.numel() or not self.B.numel():
-            return None
-        limit, s = torch.finfo(dtype).max, abs(float(self.scale))
-        A, B = self.A.double(), self.B.double()
-        for what, value in (("lora_A reaches", A.abs().max()), (f"scale {self.scale:g} x lora_B reaches",
-                                                                  B.abs().max() * s),
-                            (f"the delta scale {self.scale:g} x lora_B @ lora_A may reach",
-                             B.norm(dim=1).max() * A.norm(dim=0).max() * s)):
-            if float(value) > limit:
-                return (f"{what} {float(value):.3g}, beyond the largest finite "
-                        f"{str(dtype).removeprefix('torch.')} value {limit:.3g}")
-        return None
-
-
 def add_low_rank(out: Tensor, u: Tensor, B: Tensor, scale: float) -> Tensor:
     """``out + scale * u B^T`` as one ``addmm``: no pass over the activations for the scale or the add.
 
@@ -140,8 +100,12 @@ class AdapterLayer(nn.Module):
     """Wraps a frozen linear layer in place: ``h = base(x) + delta(x)``.
 
     Subclasses add their tensors in ``__init__`` and define ``delta`` (the forward term),
-    ``lora_factors`` (an exact plain-LoRA form), ``adapter_state`` / ``load_adapter_state``
-    (the tensors saved per module, keyed by PEFT's suffixes).
+    ``lora_factors`` (the served form: plain LoRA, or row-scaled with a magnitude), ``adapter_state`` /
+    ``load_adapter_state`` (the tensors saved per module, keyed by PEFT's suffixes). ``delta_weight``,
+    ``fold`` and ``unfold`` are derived from ``lora_factors`` and the base weight.
+
+    A row-scaled method scales the base output too, so it overrides ``add_delta(out, x)`` (``out`` is
+    ``base(x)``, bias included) to return ``r * (out - bias + s B A x) + bias``; ``delta`` alone cannot.
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -190,22 +154,29 @@ class AdapterLayer(nn.Module):
     def prepare_for_state(self, keys: set[str]) -> None:
         """Make room for the tensors a saved state holds (Delta-LoRA's start snapshot) before loading it."""
 
-    def delta_weight(self) -> Tensor:
-        """Dense fp32 delta in PEFT's orientation (d_out, d_in)."""
-        return self.lora_factors().delta_weight()
+    def base_weight(self) -> Tensor:
+        """The base weight W in fp32, PEFT's orientation (d_out, d_in): Conv1D's is transposed."""
+        weight = self.base_layer.weight.float()
+        return weight.T if self.is_conv1d else weight
 
-    # Folding: into the weights in memory, in fp32, rounded once into the weight's dtype. The folded weight
-    # is a new tensor, so a weight tied to another module (lm_head and the embeddings) is untied, not changed
-    # under the other module; unfolding puts the original parameter back, exactly.
+    def delta_weight(self) -> Tensor:
+        """Dense fp32 ``W' - W`` in PEFT's orientation (d_out, d_in); the row-scaled form reads the base weight."""
+        factors = self.lora_factors()
+        return factors.delta_weight(self.base_weight() if factors.row_scaled else None)
+
+    # Folding: into the weights in memory, in fp32, rounded once into the weight's dtype: ``W' = W + s B A``,
+    # or ``diag(r) (W + s B A)`` for the row-scaled form (LoraFactors); the bias is never touched. The folded
+    # weight is a new tensor, so a weight tied to another module (lm_head and the embeddings) is untied, not
+    # changed under the other module; unfolding puts the original parameter back, exactly.
 
     @torch.no_grad()
     def fold(self) -> None:
         if self.folded:
             return
         weight = self.base_layer.weight
-        delta = self.delta_weight().to(weight.device)
-        folded = (weight.float() + (delta.T if self.is_conv1d else delta)).to(weight.dtype)
+        folded = self.lora_factors().folded_weight(self.base_weight())
         self._weight_before_fold = weight
+        folded = (folded.T if self.is_conv1d else folded).to(weight.dtype).contiguous()
         self.base_layer.weight = nn.Parameter(folded, requires_grad=False)
         self.folded = True
 
@@ -241,6 +212,9 @@ class AdapterMethod:
     option_defaults: dict[str, Any] = {}
     shared_keys: tuple[str, ...] = ()  # shared tensors on disk, as "base_model.<key>"
     side_file: str | None = None  # a file holding the exact training state, the weights file being plain LoRA
+    # True: the served form is row-scaled (LoraFactors.magnitude set, DoRA's form): folded, merged and served on
+    # the torch engine, but neither exported as a plain LoRA nor served by vLLM.
+    row_scaled: bool = False
     has_scale: bool = True  # False: no alpha / r (VeRA)
     quickstart_settings: dict[str, float] = {"rank": 8, "lr": 1e-2, "real_lr": 3e-3}  # real_lr: on SmolLM2
 
@@ -266,15 +240,15 @@ class AdapterMethod:
     def from_peft(self, data: dict, ours: dict) -> dict[str, Any]:
         """FineTuningConfig keyword arguments from an adapter_config.json (``ours``: its "ftserve" key)."""
         kwargs = dict(
-            lora_r=data.get("r", 8), lora_alpha=data.get("lora_alpha", 8),
+            lora_r=data.get("r", PEFT_DEFAULT_RANK), lora_alpha=data.get("lora_alpha", PEFT_DEFAULT_ALPHA),
             lora_dropout=data.get("lora_dropout", 0.0) or 0.0, use_rslora=bool(data.get("use_rslora", False)),
             rank_pattern=data.get("rank_pattern") or {}, alpha_pattern=data.get("alpha_pattern") or {},
         )
         return {**kwargs, **self.settings_from(ours)}
 
     def settings_from(self, ours: dict) -> dict[str, Any]:
-        """This method's settings as saved under the "ftserve" key (older versions nested some of them
-        under "method_options")."""
+        """This method's settings as saved under the "ftserve" key. Back-compatibility: an older ftserve nested
+        some of them under "method_options"."""
         saved = {**(ours.get("method_options") or {}), **ours}
         return {key: saved[key] for key in self.option_defaults if key in saved}
 
@@ -284,6 +258,17 @@ class AdapterMethod:
                 "scale": f"alpha/{'sqrt(r)' if config.use_rslora else 'r'} = {config.scale_for(''):g}"}
 
     # Layers and training -----------------------------------------------------------------------
+
+    def trainable_parameters(self, config: FineTuningConfig, shapes: dict[str, tuple[int, int]]) -> int:
+        """Trainable parameters the adapter adds to modules of these ``(d_out, d_in)``, by module name, in
+        closed form: LoRA's ``sum r (d_in + d_out)``, each module at its own rank."""
+        return sum(config.rank_for(name) * (d_in + d_out) for name, (d_out, d_in) in shapes.items())
+
+    def frozen_parameters(self, config: FineTuningConfig, shapes: dict[str, tuple[int, int]]) -> int:
+        """Parameters the adapter adds that never train (LoRA-FA's A), in closed form; a shared tensor held
+        as a buffer (VeRA's pair) is not a parameter."""
+        return 0
+
 
     def create_layer(self, base_layer: nn.Module, module_name: str, config: FineTuningConfig,
                      shared: nn.Module | None) -> AdapterLayer:
@@ -328,5 +313,6 @@ class AdapterMethod:
 
     def export_factors(self, state: dict[str, Tensor], shared: dict[str, Tensor], config: FineTuningConfig,
                        module_name: str, in_features: int | None) -> LoraFactors:
-        """Exact plain-LoRA factors from one module's saved tensors, without a model."""
+        """The served form (``lora_factors``'s) from one module's saved tensors, without a model: exact
+        plain-LoRA factors, with the magnitude for a row-scaled method."""
         raise NotImplementedError

@@ -3,8 +3,8 @@
 With A frozen, backward needs only ``dL/dx = dropout'(g A)``: A and the mask. Autograd would keep the mask (a
 float per input element, from ``nn.Dropout`` on CPU); here the mask is drawn from a seed and drawn again from
 the same seed in backward. It is drawn as raw random bits, 32 per element (int64 words from ``random_`` read
-as int32 pairs): on CPU that costs about a third of ``bernoulli_``, which draws a double per element, one
-element at a time. An element is dropped when its bits, read as a signed int32, reach
+as int32 pairs), which is cheaper than ``bernoulli_``: that draws a double per element, one element at a
+time. An element is dropped when its bits, read as a signed int32, reach
 ``round((1 - p) 2^32) - 2^31``, so it is kept with probability ``1 - p`` to within ``2^-32``; survivors are
 scaled by ``1 / (1 - p)``, as ``nn.Dropout`` does.
 """

@@ -20,6 +20,8 @@ from torch import Tensor, nn
 
 from .base import AdapterLayer, AdapterMethod, LoraFactors, add_low_rank
 
+KAIMING_SLOPE = math.sqrt(5)  # nn.Linear's default initialisation, which PEFT gives LoRA's A
+
 
 class LoraLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, r: int, scale: float, dropout: float) -> None:
@@ -28,7 +30,7 @@ class LoraLayer(AdapterLayer):
         kw = {"device": self.weight_device, "dtype": torch.float32}
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **kw)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **kw)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=KAIMING_SLOPE)
         nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 

@@ -33,5 +33,13 @@ class LoraFA(Lora):
     quickstart_settings = {"rank": 8, "lr": 1e-2, "real_lr": 1e-2}  # B alone learns: a larger step on SmolLM2
     layer_class = LoraFALayer
 
+    def trainable_parameters(self, config, shapes):
+        """B alone: ``sum r d_out``."""
+        return sum(config.rank_for(name) * d_out for name, (d_out, _) in shapes.items())
+
+    def frozen_parameters(self, config, shapes):
+        """A, frozen at init: ``sum r d_in``."""
+        return sum(config.rank_for(name) * d_in for name, (_, d_in) in shapes.items())
+
 
 METHOD = LoraFA()

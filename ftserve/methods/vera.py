@@ -26,8 +26,14 @@ from .base import AdapterLayer, AdapterMethod, LoraFactors, check_int, check_num
 from .frozen_projection import frozen_projection
 
 
+PEFT_DEFAULT_RANK = 256  # VeraConfig's r, for a folder that does not record one
+KAIMING_GAIN = math.sqrt(2.0)
+
+
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tensor:
-    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
+    """U(-b, b) with ``b = sqrt(3) * gain / sqrt(fan_in)``, fan_in = ``shape[1]``, gain sqrt(2): PEFT's VeRA
+    initialisation, drawn from ``generator``, so that one seed gives PEFT's pair."""
+    bound = math.sqrt(3.0) * KAIMING_GAIN / math.sqrt(shape[1])
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
@@ -151,12 +157,18 @@ class Vera(AdapterMethod):
                 "save_projection": config.save_projection, "bias": "none", "init_weights": True}
 
     def from_peft(self, data, ours):
-        return dict(lora_r=data.get("r", 256), lora_dropout=data.get("vera_dropout", 0.0) or 0.0,
-                    d_initial=data.get("d_initial", 0.1), projection_prng_key=data.get("projection_prng_key", 0),
-                    save_projection=bool(data.get("save_projection", True)))
+        defaults = self.option_defaults
+        return dict(lora_r=data.get("r", PEFT_DEFAULT_RANK), lora_dropout=data.get("vera_dropout", 0.0) or 0.0,
+                    d_initial=data.get("d_initial", defaults["d_initial"]),
+                    projection_prng_key=data.get("projection_prng_key", defaults["projection_prng_key"]),
+                    save_projection=bool(data.get("save_projection", defaults["save_projection"])))
 
     def describe(self, config):
         return {"alpha": None, "scale": "none (VeRA has no alpha/r)"}
+
+    def trainable_parameters(self, config, shapes):
+        """The two vectors of each layer: ``sum (r + d_out)``; the shared pair is a frozen buffer."""
+        return sum(config.lora_r + d_out for d_out, _ in shapes.values())
 
     def shared_state(self, shared, config):
         return {"vera_A": shared.vera_A, "vera_B": shared.vera_B} if config.save_projection else {}

@@ -1,11 +1,7 @@
 """The OpenAI-compatible HTTP server in front of any engine (ftserve/engine/base.py's interface).
 
-``build_app(engine, settings)`` gives the ASGI app; ``serve(engine, settings, host, port, adapters)`` runs it on
-uvicorn around a started engine and shuts down gracefully on SIGTERM. ``ftserve serve`` is the command line.
+``app.build_app(engine, settings)`` gives the ASGI app; ``run.serve(engine, settings, host, port, adapters)`` runs
+it on uvicorn around a started engine and shuts down gracefully on SIGTERM; ``settings.ServerSettings`` is what
+they need besides the engine. ``ftserve serve`` is the command line. Nothing is imported here, so
+``ftserve.server.settings`` (read by ``ftserve serve --help``) loads without FastAPI.
 """
-
-from .app import build_app
-from .run import serve
-from .serving import ServerSettings
-
-__all__ = ["ServerSettings", "build_app", "serve"]

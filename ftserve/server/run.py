@@ -25,7 +25,7 @@ import uvicorn
 from ..engine.base import Engine
 from .app import build_app
 from .connections import BoundedH11Protocol
-from .serving import ServerSettings
+from .settings import DEFAULT_HOST, DEFAULT_LOG_LEVEL, DEFAULT_PORT, ServerSettings
 
 logger = logging.getLogger("ftserve.server")
 
@@ -86,8 +86,8 @@ def _exit_after(seconds: float) -> None:
     timer.start()
 
 
-async def serve(engine: Engine, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000,
-                adapters: dict[str, str] | None = None, log_level: str = "info",
+async def serve(engine: Engine, settings: ServerSettings, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                adapters: dict[str, str] | None = None, log_level: str = DEFAULT_LOG_LEVEL,
                 shutdown_timeout: float | None = None) -> None:
     """Start ``engine``, load ``adapters`` (name -> folder), serve until a signal, then stop the engine."""
     reserve_file_descriptors(settings.max_connections)

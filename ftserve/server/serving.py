@@ -9,8 +9,6 @@ engine's front end for a prompt's ids and pass those on, so the echoed tokens ar
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -23,6 +21,7 @@ from .logprobs import chat_logprobs, completion_logprobs
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, new_id, now, usage
 from .resolution import AdapterResolver
+from .settings import ServerSettings
 from .streams import (
     GONE,
     Choice,
@@ -39,33 +38,6 @@ from .streams import (
 )
 from .templates import TemplateLimitError, render
 from .workers import RenderWorkers
-
-
-@dataclass
-class ServerSettings:
-    """What the server needs besides the engine; the CLI fills it from its flags."""
-
-    served_model_name: str
-    model_path: str
-    base_aliases: tuple[str, ...] = ()  # other names of the base in requests (its path), never listed
-    api_key: str | None = None
-    enable_adapter_api: bool = False
-    adapter_root: Path | None = None
-    enable_adapter_resolution: bool = False  # a `model` naming a folder under adapter_root loads it on first use
-    max_request_bytes: int = 4 * 1024 * 1024
-    max_concurrent_requests: int = 256
-    chat_template_timeout: float = 5.0  # seconds a chat template may render, and a render may wait for a worker
-    render_workers: int = 4  # threads rendering chat templates and tokenizing at once (workers.py)
-    header_timeout: float = 10.0  # seconds a client has to send a request's line and headers (connections.py)
-    body_timeout: float = 30.0  # seconds a request body may pause between two of its parts
-    max_connections: int = 1000  # open HTTP connections; more are answered 503 and closed
-    max_response_logprobs: int = 2 ** 20  # log probabilities one response may hold, alternatives included (cost.py)
-
-    @property
-    def max_template_chars(self) -> int:
-        """The longest prompt (and value) a chat template may build: the messages fit in a request body, and a
-        template may repeat them once, around its own text."""
-        return 2 * self.max_request_bytes + 1024 * 1024
 
 
 INLINE_RESPONSE_TOKENS = 4096  # a response of fewer generated tokens, without log probabilities, is built inline

@@ -20,6 +20,7 @@ from ..errors import CheckpointError, ConfigError
 # weights the adapter was trained against.
 QLORA_RECIPE = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
                 "bnb_4bit_compute_dtype": "bfloat16"}
+BNB_BLOCKSIZE = 64  # bitsandbytes' 4-bit block size, recorded where no quantized layer says otherwise
 
 
 @contextlib.contextmanager
@@ -82,4 +83,4 @@ def quantized_base_record(model: torch.nn.Module) -> dict:
 
     layers = {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     states = [m.weight.quant_state for m in layers.values() if getattr(m.weight, "quant_state", None) is not None]
-    return {**QLORA_RECIPE, "blocksize": states[0].blocksize if states else 64, "modules": sorted(layers)}
+    return {**QLORA_RECIPE, "blocksize": states[0].blocksize if states else BNB_BLOCKSIZE, "modules": sorted(layers)}

@@ -19,11 +19,13 @@ from typing import Any, Callable
 
 from ..errors import CheckpointError, ConfigError, FtserveError, ServingError
 from ..files.adapter_folder import SETTINGS
-from ..files.atomic import atomic_output_dir
+from ..files.atomic import OUTPUT_FILE_MODE, atomic_output_dir
 from . import data as training_data
 from .settings import TrainSettings
 
 COMPLETE = "trainer_state.json"  # the trainer writes it last: a checkpoint folder that holds it is whole
+DEPLOY_TIMEOUT_S = 120  # the server reads and checks the whole adapter before it answers
+ERROR_EXCERPT = 200  # characters of a refusal's body quoted when it is not the server's JSON error
 
 
 class Interrupted(FtserveError):
@@ -112,7 +114,7 @@ def training_arguments(settings: TrainSettings, checkpoints: Path, has_eval: boo
     return TrainingArguments(
         output_dir=str(checkpoints), num_train_epochs=settings.epochs, max_steps=settings.max_steps,
         learning_rate=settings.lr, lr_scheduler_type=settings.lr_scheduler,
-        warmup_steps=settings.warmup_ratio,  # transformers 5 reads a float below 1 as a fraction of the steps
+        warmup_steps=settings.warmup_ratio,  # transformers reads a float below 1 as a fraction of the steps
         weight_decay=settings.weight_decay, per_device_train_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum, activation_checkpointing=settings.gradient_checkpointing,
         bf16=settings.bf16, seed=settings.seed, data_seed=settings.seed, logging_steps=settings.logging_steps,
@@ -164,7 +166,7 @@ def train(settings: TrainSettings, echo: Callable[[str], None] = print, callback
     trainer = AdapterTrainer(
         model=model, args=training_arguments(settings, inputs.checkpoints, eval_set is not None),
         train_dataset=train_set, eval_dataset=eval_set, processing_class=inputs.tokenizer,
-        data_collator=DataCollatorForSeq2Seq(inputs.tokenizer, padding=True, label_pad_token_id=-100),
+        data_collator=DataCollatorForSeq2Seq(inputs.tokenizer, padding=True, label_pad_token_id=training_data.IGNORE),
         callbacks=[Progress(echo), stop, *callbacks])
     trainer.remove_callback(PrinterCallback)  # Progress prints instead
     if inputs.resume is None:  # starting again (--force, or an earlier run that kept nothing): no stale step
@@ -236,7 +238,7 @@ def write_output(settings: TrainSettings, model, tokenizer, final: dict, data_su
         plot_losses(final["log_history"], tmp / LOSS_PLOT)
         (tmp / "README.md").write_text(model_card(settings, data_summary, final, output))
         for child in tmp.iterdir():
-            child.chmod(0o644)
+            child.chmod(OUTPUT_FILE_MODE)
     return output
 
 
@@ -249,15 +251,15 @@ def deploy(settings: TrainSettings, output: Path) -> str:
     url = settings.deploy_to.rstrip("/") + "/v1/load_lora_adapter"
     try:
         answer = httpx.post(url, json={"lora_name": name, "lora_path": str(output.resolve())}, headers=headers,
-                            timeout=120)
+                            timeout=DEPLOY_TIMEOUT_S)
     except httpx.HTTPError as exc:
         raise ServingError(f"--deploy-to {settings.deploy_to}: cannot reach the server ({exc}); the adapter is "
                            f"in {output}") from None
-    if answer.status_code != 200:
+    if answer.status_code != httpx.codes.OK:
         try:
             detail = answer.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
-            detail = answer.text[:200]
+            detail = answer.text[:ERROR_EXCERPT]
         raise ServingError(f"--deploy-to {settings.deploy_to}: the server refused the adapter "
                            f"({answer.status_code}: {detail}); it is in {output}")
     return name

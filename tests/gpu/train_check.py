@@ -1,4 +1,4 @@
-"""`ftserve train` on CUDA in bf16 against the same steps on CPU in fp32, for each of the five methods, and QLoRA
+"""`ftserve train` on CUDA in bf16 against the same steps on CPU in fp32, for every registered method, and QLoRA
 (--load-in-4bit) on CUDA; part of tests/gpu/run.sh.
 
     python tests/gpu/train_check.py            # on a GPU machine: CUDA bf16 against CPU fp32
@@ -35,12 +35,17 @@ from pathlib import Path
 LOSS_ATOL = 0.02  # nats, each logged loss
 FALL_RTOL = 0.25  # the loss's fall over the run, relative
 DELTA_RTOL = 0.25  # the adapter's change over the run, relative Frobenius norm
-METHODS = ("lora", "vera", "lora+", "delta-lora", "lora-fa")
 STEPS = 6
 COMMON = ["--max-steps", str(STEPS), "--seed", "0", "--lr", "2e-3", "--batch-size", "4", "--max-seq-len", "64",
           "--logging-steps", "1", "--rank", "8", "--targets", "all-linear"]
-# delta_start_step default is far past 6 steps: start it at once, so its rule is part of what is compared
-SETTINGS = {"delta-lora": ["--setting", "delta_start_step=2"]}
+START_STEP = 2  # a method's start step (Delta-LoRA's default lies far past STEPS): its rule is compared too
+
+
+def start_setting(method: str) -> dict:
+    """The method's start step as a setting, if it has one."""
+    from ftserve.methods import METHODS
+
+    return {"delta_start_step": START_STEP} if "delta_start_step" in METHODS[method].option_defaults else {}
 
 
 def train(base: Path, data: Path, output: Path, device: str, *flags: str) -> tuple[list[float], float]:
@@ -71,7 +76,7 @@ def initial(base: Path, method: str, folder: Path) -> dict:
 
     settings = TrainSettings(base=str(base), data="unused", output="unused", method=method, rank=8,
                              targets="all-linear", seed=0,
-                             settings={"delta_start_step": 2} if method == "delta-lora" else {})
+                             settings=start_setting(method))
     set_seed(0)
     FineTuningModel(AutoModelForCausalLM.from_pretrained(base), settings.adapter_config()).save_adapter(folder)
     return flat_state(folder)
@@ -122,10 +127,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cuda: CUDA bf16 against CPU fp32; cpu: CPU bf16 autocast against CPU fp32 (no GPU)")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", help="comma-separated; default: every registered method")
     args = parser.parse_args()
     import torch
 
+    from ftserve.methods import METHODS
     from ftserve.testing import save_tiny_model, toy_sentences
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -137,8 +143,8 @@ def main() -> int:
         base = save_tiny_model(root / "base", "llama", hidden=128, layers=2, heads=4, intermediate=256)
         data = root / "data.jsonl"
         data.write_text("".join(json.dumps({"text": s}) + "\n" for s in toy_sentences(48)))
-        for method in args.methods.split(","):
-            extra = SETTINGS.get(method, [])
+        for method in args.methods.split(",") if args.methods else METHODS:
+            extra = [arg for name, value in start_setting(method).items() for arg in ("--setting", f"{name}={value}")]
             ref_losses, _ = train(base, data, root / f"cpu-{method}", "cpu", "--method", method, *extra)
             losses, seconds = train(base, data, root / f"{args.device}-bf16-{method}", args.device, "--method",
                                     method, "--bf16", *extra)

@@ -29,8 +29,10 @@ NEEDED = missing("vllm")
 if NEEDED and os.environ.get("FTSERVE_REQUIRE_VLLM") == "1":
     pytest.fail(f"FTSERVE_REQUIRE_VLLM=1 but {NEEDED}", pytrace=False)
 
-from helpers import (METHODS, MULTI_BYTE_ANSWER, PROMPTS, ServerProcess, references,  # noqa: E402
-                     save_multi_byte_model, streamed_chat_bytes, write_random_adapter)
+from support.answer_models import MULTI_BYTE_ANSWER, save_multi_byte_model, streamed_chat_bytes  # noqa: E402
+from support.cases import METHODS  # noqa: E402
+from support.engine import PROMPTS, references, write_random_adapter  # noqa: E402
+from support.processes import ServerProcess  # noqa: E402
 
 BASE = "tiny-base"
 START_TIMEOUT = 420  # seconds: vLLM's engine and worker processes import vLLM and load the model

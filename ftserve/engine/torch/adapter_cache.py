@@ -27,15 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
+import torch
 
+from ...methods import LoraFactors
 from ..adapter_files import read_checked
+from ..errors import AdapterLoadError
 from ..frontend import RegisteredAdapter
-from .lora_slots import LoraSlots
+from .lora_slots import LoraSlots, SlotFactors
 from .openmp import release_pool
 
 _LOADS = itertools.count(1)  # kv_key 0 is the base model's
-SlotFactors = dict[str, tuple[Tensor, Tensor, float]]  # module -> (A (r, d_in), B (d_out, r), scale)
 
 
 @dataclass(eq=False)
@@ -52,14 +53,31 @@ class AdapterRecord(RegisteredAdapter):
 
 def read_factors(path: Path, slots: LoraSlots, max_rank: int, root: Path | None = None) -> tuple[Any, SlotFactors]:
     """``read_checked`` (../adapter_files.py) for ``slots``' modules and dtype, the factors as the slots take
-    them. Run off the engine thread, it gives back the OpenMP pool its torch work made on this thread
-    (openmp.py)."""
+    them, with a row-scaled adapter's row scales computed here, once per read, from the served base weights.
+    Run off the engine thread, it gives back the OpenMP pool its torch work made on this thread (openmp.py)."""
     try:
         folder, exported = read_checked(path, slots.shapes(), max_rank, root, slots.dtype)
-        return folder, {name: (f.A.detach().float().contiguous(), f.B.detach().float().contiguous(),
-                               float(f.scale)) for name, f in exported.items()}
+        row_scales = {name: _row_scale(path, name, f, slots) for name, f in exported.items() if f.row_scaled}
+        return folder, SlotFactors({name: (f.A.detach().float().contiguous(), f.B.detach().float().contiguous(),
+                                           float(f.scale)) for name, f in exported.items()}, row_scales)
     finally:
         release_pool()
+
+
+@torch.no_grad()
+def _row_scale(path: Path, name: str, factors: LoraFactors, slots: LoraSlots) -> torch.Tensor:
+    """``r = m / ||W + s B A||_row`` of module ``name`` from its served weight, checked finite in the serving dtype
+    (a zero row of the adapted weight makes it infinite)."""
+    try:
+        r = factors.row_scale(slots.base_weight(name))
+    except ValueError as exc:
+        raise AdapterLoadError(f"{path}: {name}: a row-scaled adapter needs the base weight ({exc}); serve it on "
+                               f"an unquantized base model") from None
+    if not bool(torch.isfinite(r.to(slots.dtype)).all()):
+        raise AdapterLoadError(f"{path}: {name}: its row scale m / ||W + s B A|| is not finite in "
+                               f"{str(slots.dtype).removeprefix('torch.')} (a row of the adapted weight is zero or "
+                               f"nearly so); the adapter is corrupt or not for this base model")
+    return r.float()
 
 
 class AdapterCache:

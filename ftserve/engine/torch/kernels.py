@@ -4,13 +4,19 @@ For the rows of one forward pass, each row ``i`` reading slot ``a(i)`` (or none:
 
     delta_i = B_{a(i)} (A_{a(i)} x_i)          (the scale s folded into B when a slot is written)
 
+and, for a slot holding a row-scaled adapter (methods/factors.py's LoraFactors: DoRA's form), its rows' whole
+output is rescaled per output feature, the bias excepted::
+
+    y_i = r_{a(i)} * (W x_i + delta_i) + bias = r_{a(i)} * out_i + (1 - r_{a(i)}) * bias
+
 The step's rows come as segments (a decode row, a prompt chunk); adjacent segments of one slot merge into
-runs. Profiled on the 100M benchmark model (fp32, 2 threads), the term's cost was not its flops (3-4%) but
-the passes over memory around them: the row gathers of the padded layout, a separate delta tensor and its
-``add_``. So there are two paths, picked per batch (``LoraBatch.by_runs``):
+runs. The term's cost is not its flops but the passes over memory around them (the row gathers of a padded
+layout, a separate delta tensor and its ``add_``; benchmarks/serve_engine.py has the figures). So there are
+two paths, picked per batch (``LoraBatch.by_runs``):
 
 * runs (few runs, or long ones such as prompt chunks): per run, two GEMMs on views of the activation, the
   second one ``addmm_`` straight into the base output: no gathers, no padding, no temporary the size of it;
+  a row-scaled slot's run is rescaled in place right after, while it is in cache;
 * the padded layout (many short runs: decode rows of interleaved adapters): rows grouped by slot as
   ``(chunks, m, d_in)`` (a group larger than ``m`` rows cut into chunks of m, so the layout never exceeds
   ``2 N + G`` rows for N rows in G groups), then two ``torch.bmm`` between two row gathers, as Punica's SGMV
@@ -18,8 +24,12 @@ the passes over memory around them: the row gathers of the padded layout, a sepa
 
     x ──gather──► (C, m, d_in) ──bmm A^T──► (C, m, r) ──bmm Bt──► (C, m, d_out) ──gather──► + out
 
-When one run covers every row and there are at least ``merged_rows`` of them (a prompt of one adapter),
-lora_slots.py runs the base layer on a temporary ``W + Bt^T A`` instead: one GEMM, no pass over the output.
+  and, when a row-scaled slot is in the batch, one more pass: each row times its slot's row scale (ones for
+  plain slots and the base model) plus its shift.
+
+A batch without a row-scaled slot makes no pass for the scale. When one run covers every row and there are
+at least ``merged_rows`` of them (a prompt of one adapter), lora_slots.py runs the base layer on a temporary
+``W + Bt^T A`` (``diag(r) (W + Bt^T A)`` for a row-scaled slot) instead: one GEMM, no pass over the output.
 
 ``lora_delta`` is the one entry point, so a fused GPU kernel (vLLM's ``punica_wrapper``, a triton SGMV/BGMV)
 can stand beside these paths behind the same signature, picked by ``x.device``; everything here is plain
@@ -29,15 +39,36 @@ torch and runs on CUDA as it is. lora_slots.py owns the stacked tensors and call
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-# The per-run path's rule (measured on the 100M benchmark model, 2 threads): a run costs two small GEMMs of
-# fixed overhead each, the padded layout two gathers of every adapted row; few runs, or long ones (prompt
-# chunks), are cheaper one by one.
+# The per-run path's rule: a run costs two small GEMMs of fixed overhead each, the padded layout two gathers
+# of every adapted row; few runs, or long ones (prompt chunks), are cheaper one by one.
 MAX_RUNS = 4
 LONG_RUN = 16
+
+
+@dataclass
+class RowScales:
+    """The row scales of one module's slots, for a batch that reads at least one row-scaled slot.
+
+    ``scale (slots + 1, d_out)`` float32: ``r`` per slot, ones for a plain slot and in the last row (the base
+    model's rows); ``shift`` the same shape, ``(1 - r) * bias``, or None for a module without a bias;
+    ``slots``: the batch's row-scaled slots.
+    """
+
+    scale: Tensor
+    shift: Tensor | None
+    slots: frozenset[int]
+
+    def apply(self, out: Tensor, slot: int | Tensor) -> None:
+        """``out = r * out + (1 - r) * bias`` in place: every row of ``out`` on ``slot``, or with a tensor of
+        slots, each row on its own (a gather of their scales)."""
+        out.mul_(self.scale[slot])
+        if self.shift is not None:
+            out.add_(self.shift[slot])
 
 
 class LoraBatch:
@@ -63,6 +94,8 @@ class LoraBatch:
             else:
                 runs.append((slot, start, start + count))
         self.runs = runs
+        self.rows, self.device = rows, device
+        self._row_slots: Tensor | None = None
         # One run over every row: the slot, whose merged weight may be cheaper than the term (merged_rows).
         self.whole = runs[0][0] if len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == rows else None
         self.slots = frozenset(slot for slot, _, _ in runs)
@@ -101,6 +134,16 @@ class LoraBatch:
         self.padded = 0.0 in valid
         self.valid = torch.tensor(valid, device=device).view(self.chunks, m, 1) if self.padded else None
 
+    def row_slots(self, base: int) -> Tensor:
+        """Each row's slot, ``base`` for the base model's rows: a gather index into per-slot rows (RowScales),
+        built on first use and shared by every layer of the step."""
+        if self._row_slots is None:
+            index = [base] * self.rows
+            for slot, start, end in self.runs:
+                index[start:end] = [slot] * (end - start)
+            self._row_slots = torch.tensor(index, dtype=torch.long, device=self.device)
+        return self._row_slots
+
     @classmethod
     def for_rows(cls, row_slots: list[int | None], device: torch.device | str = "cpu",
                  by_runs: bool | None = None) -> "LoraBatch":
@@ -114,12 +157,15 @@ def merged_rows(d_in: int, d_out: int) -> int:
     return d_in * d_out // (d_in + d_out)
 
 
-def lora_delta(x: Tensor, batch: LoraBatch, A: Tensor, Bt: Tensor, rank: int, out: Tensor | None = None) -> Tensor:
+def lora_delta(x: Tensor, batch: LoraBatch, A: Tensor, Bt: Tensor, rank: int, out: Tensor | None = None,
+               rows: RowScales | None = None) -> Tensor:
     """``out (rows, d_out)`` plus the LoRA term of flattened activations ``x (rows, d_in)``, added in place and
     returned (zero on base-model rows); without ``out``, the term alone.
 
     ``A (slots, max_rank, d_in)`` and ``Bt (slots, max_rank, d_out)`` are the stacked factors, ``(s B)^T`` in
-    ``Bt``; only their first ``rank`` rows are read (rows past an adapter's own rank are zero).
+    ``Bt``; only their first ``rank`` rows are read (rows past an adapter's own rank are zero). With ``rows``
+    (the batch reads a row-scaled slot; ``out`` is then the base output, bias included), the rows of each
+    row-scaled slot end as ``r * (out + term) + (1 - r) * bias``.
     """
     if out is None:
         out = x.new_zeros(x.shape[0], Bt.shape[-1])
@@ -128,7 +174,17 @@ def lora_delta(x: Tensor, batch: LoraBatch, A: Tensor, Bt: Tensor, rank: int, ou
     if batch.by_runs:
         for slot, start, end in batch.runs:
             out[start:end].addmm_(torch.mm(x[start:end], A[slot, :rank].T), Bt[slot, :rank])
+            if rows is not None and slot in rows.slots:
+                rows.apply(out[start:end], slot)
         return out
+    _padded_delta(x, batch, A, Bt, rank, out)
+    if rows is not None:
+        rows.apply(out, batch.row_slots(rows.scale.shape[0] - 1))
+    return out
+
+
+def _padded_delta(x: Tensor, batch: LoraBatch, A: Tensor, Bt: Tensor, rank: int, out: Tensor) -> None:
+    """The term through the padded layout, added into ``out`` in place."""
     if batch.slot_range is not None:
         A = A[batch.slot_range[0]:batch.slot_range[1], :rank]
         Bt = Bt[batch.slot_range[0]:batch.slot_range[1], :rank]
@@ -138,7 +194,8 @@ def lora_delta(x: Tensor, batch: LoraBatch, A: Tensor, Bt: Tensor, rank: int, ou
     d_in, d_out = A.shape[-1], Bt.shape[-1]
     if batch.identity:
         h = torch.bmm(x.view(batch.chunks, batch.m, d_in), A.transpose(1, 2))
-        return out.view(batch.chunks, batch.m, d_out).baddbmm_(h, Bt).view(-1, d_out)
+        out.view(batch.chunks, batch.m, d_out).baddbmm_(h, Bt)
+        return
     xs = x.index_select(0, batch.gather).view(batch.chunks, batch.m, d_in)
     h = torch.bmm(xs, A.transpose(1, 2))
     if batch.valid is not None:
@@ -146,4 +203,4 @@ def lora_delta(x: Tensor, batch: LoraBatch, A: Tensor, Bt: Tensor, rank: int, ou
     y = x.new_empty(batch.chunks * batch.m + 1, d_out)
     y[-1].zero_()
     torch.bmm(h, Bt, out=y[:-1].view(batch.chunks, batch.m, d_out))
-    return out.add_(y.index_select(0, batch.scatter))
+    out.add_(y.index_select(0, batch.scatter))

