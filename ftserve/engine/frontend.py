@@ -123,27 +123,6 @@ class AdapterRegistry:
         return record
 
 
-class FrontendMethods:
-    """The Engine protocol's methods that every engine answers from its ``frontend`` and ``adapters``."""
-
-    frontend: Frontend
-    adapters: AdapterRegistry
-
-    def list_adapters(self) -> list[AdapterInfo]:
-        return self.adapters.infos()
-
-    def tokenizer_for(self, adapter: str | None) -> Any:
-        return self.frontend.tokenizer_for(adapter)
-
-    def prompt_ids(self, prompt: str | list[int], adapter: str | None = None) -> list[int]:
-        return self.frontend.prompt_ids(prompt, adapter)
-
-    @property
-    def tokenizer(self) -> Any:
-        """The base model's tokenizer (None if it has none)."""
-        return self.frontend.tokenizer
-
-
 class Frontend:
     """Checks and tokenizes requests for an engine of ``vocab_size`` tokens and ``max_model_len`` positions."""
 
@@ -215,9 +194,9 @@ def resolve_adapter_path(path: str) -> Path:
     return resolve_folder(path, "adapter", error=AdapterLoadError)
 
 
-def adapter_tokenizer(path: Path) -> Any:
-    """An adapter folder's own tokenizer (and chat template), if it ships one."""
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+def folder_tokenizer(path: str | os.PathLike) -> Any:
+    """The tokenizer (and chat template) a model or adapter folder ships, or None."""
+    if not any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
     from transformers import AutoTokenizer
 

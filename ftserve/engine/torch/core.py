@@ -35,17 +35,17 @@ logger = logging.getLogger("ftserve.engine")
 
 
 class EngineCore:
-    """``deliver(items)`` takes a step's ``(sequence, chunk or exception)`` pairs from the engine thread."""
+    """``deliver(items)`` takes a step's ``(sequence, chunk or exception)`` pairs from the engine thread;
+    ``dequeued()`` is called there for each submitted request that leaves the queue (the scheduler's)."""
 
     def __init__(self, runner: Runner, slots: LoraSlots, cache: AdapterCache, pool: BlockPool, max_batch: int,
-                 max_batched_tokens: int, deliver: Callable[[list[tuple[Sequence, object]]], None]) -> None:
+                 max_batched_tokens: int, deliver: Callable[[list[tuple[Sequence, object]]], None],
+                 dequeued: Callable[[], None]) -> None:
         self.runner, self.slots, self.cache, self.pool = runner, slots, cache, pool
-        self.scheduler = Scheduler(cache, max_batch, max_batched_tokens, pool, dequeued=self._dequeued)
+        self.scheduler = Scheduler(cache, max_batch, max_batched_tokens, pool, dequeued=dequeued)
         self.deliver = deliver
         self.outbox: list[tuple[Sequence, object]] = []
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.queued = 0  # submitted, not yet running; guarded by queued_lock
-        self.queued_lock = threading.Lock()
         self.finished_requests = 0
         self.generated_tokens = 0
         self.steps = 0
@@ -135,10 +135,6 @@ class EngineCore:
             elif kind == "stop":
                 self.closed = True
                 return
-
-    def _dequeued(self) -> None:
-        with self.queued_lock:
-            self.queued -= 1
 
     def _emit(self, seq: Sequence, item: StreamChunk | Exception) -> None:
         if isinstance(item, StreamChunk):

@@ -6,15 +6,14 @@ regions a worker spins for the next one, but only while the process holds no mor
 has CPUs (libgomp's ``gomp_managed_threads > gomp_available_cpus``, config/linux/wait.h); past that, every
 worker of every pool waits on a futex, and each of the ~600 parallel regions of a decode step pays a wake-up.
 The engine computes on a thread of its own, and the thread that loaded the model (and each executor thread
-that read an adapter) kept a pool: the engine's pool alone already reaches the CPU count, so it always ran
-throttled. Measured on 2 cores, the 100M benchmark model's decode step of 32 rows ran 55 ms on the main
-thread against 63 ms on another thread (no adapter), 58 against 71 (one adapter), 68 against 88 (eight
-mixed): the LoRA term's many small GEMMs suffered most.
+that read an adapter) keeps a pool: the engine's pool alone already reaches the CPU count, so with those
+pools alive it runs throttled, and the LoRA term's many small GEMMs suffer most (benchmarks/serve_engine.py
+has the figures).
 
 So those threads give their pools back with OpenMP 5's ``omp_pause_resource_all``, which frees the calling
-thread's pool only (a later parallel region on that thread makes a new one), and costs well under a
-microsecond when there is none: every call into the engine on its event loop's thread (start, each request,
-each load) does it there, and an adapter read does it on its executor thread when it is done. Torch work a
+thread's pool only (a later parallel region on that thread makes a new one) and is a cheap no-op when there
+is none: every call into the engine on its event loop's thread (start, each request, each load) does it
+there, and an adapter read does it on its executor thread when it is done. Torch work a
 user runs beside a live engine on a thread of their own keeps a pool; that costs speed, never correctness.
 
 vLLM's CPU worker is a process of its own, so it does not meet this. With another OpenMP runtime (Intel's, or

@@ -4,7 +4,7 @@ The cache of a layer is ``(kv_heads, slots, head_dim)`` (kv_blocks.py maps posit
 one ``scaled_dot_product_attention`` per layer, after the step's K/V are written to their slots:
 
 * ``HomeDecodes``: single tokens of sequences whose blocks are all in their home row. Rows are
-  ``row_blocks * 16`` slots apart, so rows ``lo .. hi`` are one strided view ``(rows, kv_heads, span, d)`` of
+  ``row_blocks * BLOCK_SIZE`` slots apart, so rows ``lo .. hi`` are one strided view ``(rows, kv_heads, span, d)`` of
   the cache, with each head's positions contiguous: the decode batch reads its keys in place, with no copy,
   as a per-row cache would. Rows of the range that are not in the step get a dummy query, dropped after.
 * ``FreshPrompts``: prompts with nothing cached (every piece starts at 0), right-padded to

@@ -2,12 +2,12 @@
 
 Each architecture (llama_runner.py, gpt2_runner.py) runs its own modules for everything but attention
 (embeddings, norms, positions, projections, which carry the batched LoRA terms, MLP, head), so numerics
-follow transformers; this module holds what they share. The KV cache is a pool of blocks of 16 positions
-(kv_blocks.py keeps the books), one tensor per layer for K and one for V, head-major so that each head's
-positions of a block run contiguously::
+follow transformers; this module holds what they share. The KV cache is a pool of blocks of BLOCK_SIZE
+positions (kv_blocks.py keeps the books), one tensor per layer for K and one for V, head-major so that each
+head's positions of a block run contiguously::
 
-    K, V per layer: (kv_heads, blocks * 16, head_dim)        position p of a sequence at slot
-                                                             blocks[p // 16] * 16 + p % 16
+    K, V per layer: (kv_heads, blocks * BLOCK_SIZE, head_dim)    position p of a sequence at slot
+                                           blocks[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
 
 The pool's size is one setting (``kv_cache_memory``: bytes, or a fraction of the memory free once the model
 is loaded; by default what ``max_num_seqs`` requests of ``max_model_len`` tokens could need, at most half the

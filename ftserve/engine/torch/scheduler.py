@@ -38,7 +38,7 @@ import torch
 
 from ..base import SamplingParams, TokenLogprobs
 from .adapter_cache import AdapterCache, AdapterRecord
-from .kv_blocks import BlockPool
+from .kv_blocks import BLOCK_SIZE, BlockPool
 from .runner import Piece
 
 STARVATION_STEPS = 16
@@ -162,7 +162,7 @@ class Scheduler:
         oldest request preempts newer ones for one token); the tokens taken."""
         pool = self.pool
         end = min(seq.prefill_len, seq.cached + budget)
-        room = len(seq.blocks) * 16 + pool.available() * 16 - seq.cached
+        room = (len(seq.blocks) + pool.available()) * BLOCK_SIZE - seq.cached
         end = min(end, seq.cached + room)
         if end <= seq.cached:
             if not oldest or not self._reserve(seq, seq.cached + 1):
@@ -258,7 +258,7 @@ class Scheduler:
         requests, returning their blocks and slots; the ones dropped."""
         if self.pool.prefix_caching:
             for seq in self.running:
-                if seq.cached // 16 > len(seq.hashes) and not seq.spoiled:
+                if seq.cached // BLOCK_SIZE > len(seq.hashes) and not seq.spoiled:
                     self.pool.commit(seq, seq.prompt + seq.output, seq.cached, seq.adapter_key)
         retired = [s for s in self.running if s.finished or s.cancelled]
         for seq in retired:

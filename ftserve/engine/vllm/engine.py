@@ -6,12 +6,13 @@
 ...     async for chunk in engine.generate(GenerationRequest("SELECT", adapter="sql")):
 ...         print(chunk.text, end="")
 
-The front end (../frontend.py) checks and tokenizes each request and names the adapters, exactly as for the
-torch engine; vLLM runs the token ids it is handed, one ``LoRARequest`` per request (each adapter name keeps
-one integer id for the engine's life), and streams ``RequestOutputKind.DELTA`` outputs, which become our
-chunks (outputs.py). Adapters reach vLLM only as checked plain-LoRA exports (adapters.py). Closing a stream
-aborts its vLLM request; ``shutdown`` aborts every request still running and stops vLLM's processes. On
-SIGTERM the server drains in-flight requests first, as with the torch engine (server/run.py).
+The front end (../frontend.py) checks and tokenizes each request and names the adapters, and the engine base
+(../engine_base.py) keeps streams, the life cycle and adapter loads, exactly as for the torch engine; vLLM runs the
+token ids it is handed, one ``LoRARequest`` per request (each adapter name keeps one integer id for the engine's
+life), and streams ``RequestOutputKind.DELTA`` outputs, which become our chunks (outputs.py). Adapters reach vLLM
+only as checked plain-LoRA exports (adapters.py). Closing a stream aborts its vLLM request; ``shutdown`` aborts
+every request still running and stops vLLM's processes. On SIGTERM the server drains in-flight requests first, as
+with the torch engine (server/run.py).
 
 vLLM's scale flags (tensor and pipeline parallelism, several nodes, GPU memory, eager mode, quantization)
 come from EngineOptions and are passed to ``AsyncEngineArgs`` as they are.
@@ -23,15 +24,15 @@ import asyncio
 import functools
 import json
 import os
-import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
-from ..base import MAX_LOGPROBS, AdapterInfo, GenerationRequest, StreamChunk
+from ..base import MAX_LOGPROBS, AdapterInfo, GenerationRequest, SamplingParams, StreamChunk
+from ..engine_base import EngineBase, ReadAdapter
 from ..errors import AdapterLoadError, EngineClosedError, GenerationError, RequestError
-from ..frontend import Frontend, FrontendMethods, Prepared, RegisteredAdapter, adapter_tokenizer
+from ..frontend import Prepared, RegisteredAdapter, folder_tokenizer
 from ..options import EngineOptions, EngineOptionsError, checkpoint_dtype
 from ..text import TextStream
 from .adapters import VLLM_DEFAULT_RANK, base_shapes, check_rank, prepare, zero_adapter
@@ -45,38 +46,36 @@ class VllmAdapterRecord(RegisteredAdapter):
     lora_request: Any = None
 
 
+@dataclass(eq=False)
+class VllmRequest:
+    """One request on its way through vLLM: ``outputs``, vLLM's stream once submitted; ``running`` from its
+    first output on; ``emitted`` tokens so far."""
+
+    ready: Prepared
+    params: SamplingParams
+    text: TextStream
+    request_id: str
+    outputs: Any = None
+    running: bool = False
+    finished: bool = False
+    emitted: int = 0
+
+
 BASE_LORA_ID = 2 ** 31 - 1  # the zero adapter's id; adapters count up from 1
 
 
-class VllmEngine(FrontendMethods):
+class VllmEngine(EngineBase):
     """Serves a base model folder and any number of adapters on vLLM. Built cheaply; ``start`` starts vLLM."""
 
     def __init__(self, base: str | os.PathLike, options: EngineOptions) -> None:
         self.base = str(base)
         config = json.loads((Path(base) / "config.json").read_text())
-        limit = int(config.get("max_position_embeddings") or 2048)
-        self.options = options
-        self.max_model_len = min(limit, options.max_model_len or min(limit, 2048))
-        self.max_queue = options.max_queue
-        self.model_name = options.served_model_name or Path(base).name
+        super().__init__(folder_tokenizer(base), config, options, options.served_model_name or Path(base).name)
         self.max_lora_rank = check_rank(options.max_lora_rank) if options.max_lora_rank else VLLM_DEFAULT_RANK
         self.shapes = base_shapes(base)
-        tokenizer = None
-        if any((Path(base) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(base)
-        eos = config.get("eos_token_id")
-        if eos is None:
-            eos = getattr(tokenizer, "eos_token_id", None)
-        self.frontend = Frontend(tokenizer, model_name=self.model_name, vocab_size=int(config["vocab_size"]),
-                                 max_model_len=self.max_model_len, max_queue=self.max_queue,
-                                 eos_ids=frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos]))
-        self.adapters = self.frontend.adapters
         self.counters = EngineCounters()
         self.llm: Any = None
         self.closed = False
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._lora_ids: dict[str, int] = {}  # adapter name -> vLLM's lora_int_id, stable for the engine's life
         self._requests: set[str] = set()  # vLLM request ids in flight
         self._running_adapters: dict[str, int] = {}  # adapter name -> requests producing output
@@ -124,24 +123,15 @@ class VllmEngine(FrontendMethods):
 
     # Life cycle --------------------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Start vLLM (its engine process loads the model: tens of seconds) on the running event loop."""
-        loop = asyncio.get_running_loop()
-        if self.closed:
-            raise EngineClosedError("this engine was shut down; build a new one")
-        if self._loop is not None:
-            if self._loop is not loop:
-                raise EngineClosedError("this engine runs on another event loop; use it from the loop that started it")
-            return
+    async def _start_core(self) -> None:
+        """Start vLLM (its engine process loads the model: tens of seconds)."""
         from vllm.lora.request import LoRARequest
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.llm = AsyncLLM.from_engine_args(self.engine_args(), stat_loggers=[stat_logger_factory(self.counters)])
-        self._loop = loop
-        self.adapters.bind()
         if current_platform.is_cpu():
-            path = await loop.run_in_executor(None, zero_adapter, self.shapes)
+            path = await asyncio.get_running_loop().run_in_executor(None, zero_adapter, self.shapes)
             self._base_lora = LoRARequest(lora_name="ftserve-zero", lora_int_id=BASE_LORA_ID, lora_path=str(path))
             await self.llm.add_lora(self._base_lora)  # not pinned: a pinned slot is one fewer for a batch
 
@@ -158,13 +148,6 @@ class VllmEngine(FrontendMethods):
                 pass
         await asyncio.get_running_loop().run_in_executor(None, llm.shutdown)
 
-    async def __aenter__(self) -> "VllmEngine":
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.shutdown()
-
     def _check_open(self) -> None:
         if self.closed:
             raise EngineClosedError("the engine was shut down")
@@ -173,72 +156,70 @@ class VllmEngine(FrontendMethods):
         if self.llm.errored:
             raise EngineClosedError(f"vLLM's engine died ({self.llm.dead_error}); restart the server")
 
+    def healthy(self) -> bool:
+        return not self.closed and (self.llm is None or not self.llm.errored)
+
     # Requests ---------------------------------------------------------------------------------------------
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
-        """Check the request and return its stream; closing the stream early aborts the request in vLLM."""
-        self._check_open()
-        ready = self.frontend.prepare(request, self.counters.queued)
-        return self._stream(ready, request)
+    def _request(self, ready: Prepared, request: GenerationRequest) -> VllmRequest:
+        params = request.params
+        return VllmRequest(ready, params, TextStream(ready.tokenizer, ready.prompt, list(params.stop)),
+                           request.request_id or uuid.uuid4().hex)
 
-    async def _stream(self, ready: Prepared, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+    async def _submit(self, job: VllmRequest):
         from vllm.inputs import tokens_input
 
-        params, counters = request.params, self.counters
-        text = TextStream(ready.tokenizer, ready.prompt, list(params.stop))
-        record = ready.adapter
-        request_id = request.request_id or uuid.uuid4().hex
-        self.frontend.check_queue(counters.queued)
-        counters.queued += 1
-        state = "queued"
-        pinned = finished = False
-        emitted = 0
-        outputs = None
+        self._check_open()
+        record = job.ready.adapter
+        job.outputs = self.llm.generate(tokens_input(job.ready.prompt),
+                                        vllm_sampling_params(job.params, job.ready.stop_ids), job.request_id,
+                                        lora_request=record.lora_request if record else self._base_lora)
+        self._requests.add(job.request_id)
+        return functools.partial(self._next_chunk, job)
+
+    async def _next_chunk(self, job: VllmRequest) -> StreamChunk:
+        """The next chunk vLLM's outputs make (an output that adds nothing is skipped); vLLM's errors as the
+        contract's."""
         try:
-            if record is not None:
-                self.adapters.pin(record)
-                pinned = True
-            self._check_open()
-            outputs = self.llm.generate(tokens_input(ready.prompt), vllm_sampling_params(params, ready.stop_ids),
-                                        request_id, lora_request=record.lora_request if record else self._base_lora)
-            self._requests.add(request_id)
-            async for out in outputs:
-                if state == "queued":
-                    counters.queued -= 1
-                    counters.running += 1
-                    state = "running"
-                    self._count_adapter(record, +1)
-                chunk, emitted = self._chunk(out, text, params, ready.prompt, emitted)
-                counters.generated += len(chunk.token_ids)
-                finished = chunk.finish_reason is not None
-                if chunk.token_ids or chunk.text or finished or chunk.prompt_logprobs is not None:
-                    yield chunk
-                if finished:
-                    counters.finished += 1
-                    return
-            if not finished:
-                raise EngineClosedError("the engine was shut down")
-        except (RequestError, EngineClosedError, asyncio.CancelledError, GeneratorExit):
+            while True:
+                out = await job.outputs.__anext__()
+                if not job.running:
+                    self.waiting.leave()
+                    self.counters.running += 1
+                    job.running = True
+                    self._count_adapter(job.ready.adapter, +1)
+                chunk = self._chunk(out, job)
+                self.counters.generated += len(chunk.token_ids)
+                job.finished = chunk.finish_reason is not None
+                if job.finished:
+                    self.counters.finished += 1
+                if chunk.token_ids or chunk.text or job.finished or chunk.prompt_logprobs is not None:
+                    return chunk
+        except StopAsyncIteration:
+            raise EngineClosedError("the engine was shut down") from None
+        except (RequestError, EngineClosedError, asyncio.CancelledError):
             raise
         except Exception as exc:
             raise self._error(exc) from None
-        finally:
-            self._requests.discard(request_id)
-            if outputs is not None:
-                if not finished and self.llm is not None:
-                    await self.llm.abort(request_id)
-                await outputs.aclose()
-            if state == "queued":
-                counters.queued -= 1
-            else:
-                counters.running -= 1
-                self._count_adapter(record, -1)
-            if pinned:
-                self.adapters.unpin(record)
 
-    def _chunk(self, out: Any, text: TextStream, params, prompt: list[int], emitted: int) -> tuple[StreamChunk, int]:
+    async def _end(self, job: VllmRequest) -> None:
+        """Abort the request in vLLM unless it finished, and count it out."""
+        self._requests.discard(job.request_id)
+        if job.outputs is None:
+            return
+        if not job.finished and self.llm is not None:
+            await self.llm.abort(job.request_id)
+        await job.outputs.aclose()
+        if job.running:
+            self.counters.running -= 1
+            self._count_adapter(job.ready.adapter, -1)
+        else:
+            self.waiting.leave()
+
+    def _chunk(self, out: Any, job: VllmRequest) -> StreamChunk:
         """One vLLM DELTA output as our chunk: the tokens up to the one that completes a stop string (the rest
         were computed past the stop and are dropped), their text, their log probabilities."""
+        params, prompt, text, emitted = job.params, job.ready.prompt, job.text, job.emitted
         completion = out.outputs[0]
         ids = list(completion.token_ids)
         by_token = completion.finish_reason == "stop" and out.finished  # the last id is a stop token
@@ -253,13 +234,14 @@ class VllmEngine(FrontendMethods):
             finish = "stop" if completion.finish_reason == "stop" else "length"
             if completion.finish_reason not in ("stop", "length"):
                 raise EngineClosedError(f"vLLM ended the request ({completion.finish_reason})")
+        job.emitted = emitted + keep
         chunk = StreamChunk(token_ids=ids[:keep], text=text.take(final=finish is not None), finish_reason=finish,
-                            prompt_tokens=len(prompt), completion_tokens=emitted + keep)
+                            prompt_tokens=len(prompt), completion_tokens=job.emitted)
         if params.logprobs is not None and completion.logprobs is not None:
             chunk.logprobs = sample_logprobs(ids[:keep], completion.logprobs, params.logprobs)
         if params.prompt_logprobs is not None and out.prompt_logprobs:  # DELTA: the first output's, then []
             chunk.prompt_logprobs = prompt_logprobs(prompt, out.prompt_logprobs, params.prompt_logprobs)
-        return chunk, emitted + keep
+        return chunk
 
     def _error(self, exc: Exception) -> Exception:
         """vLLM's exception as the contract's: a dead engine is closed, a refused request a RequestError."""
@@ -281,62 +263,38 @@ class VllmEngine(FrontendMethods):
 
     # Adapters --------------------------------------------------------------------------------------------
 
-    async def load_adapter(self, name: str, path: str, root: str | os.PathLike | None = None) -> AdapterInfo:
-        """Check the adapter (as the torch engine does), export it to plain LoRA for vLLM once per content,
-        and load it into vLLM under ``name``'s integer id; requests may use it as soon as this returns."""
+    def _read_adapter(self, path: Path, root: Path | None) -> ReadAdapter:
+        """Check the adapter (as the torch engine does) and export it to plain LoRA for vLLM, once per content."""
+        dtype = checkpoint_dtype(self.base) if self.options.dtype == "auto" else self.options.dtype
+        ready = prepare(path, self.shapes, self.max_lora_rank, root, dtype=dtype)
+        return ReadAdapter(ready.folder.config.method, ready.rank, ready.export)
+
+    async def _register(self, info: AdapterInfo, tokenizer: Any, root: Path | None, export) -> VllmAdapterRecord:
+        """Load the export into vLLM under the name's integer id."""
         from vllm.lora.request import LoRARequest
 
-        self._check_open()
-        resolved, root = await self.adapters.locate(name, path, root)
-        loop = asyncio.get_running_loop()
-        dtype = checkpoint_dtype(self.base) if self.options.dtype == "auto" else self.options.dtype
-        ready = await loop.run_in_executor(None, functools.partial(prepare, resolved, self.shapes, self.max_lora_rank,
-                                                                   root, dtype=dtype))
-        tokenizer = await loop.run_in_executor(None, adapter_tokenizer, resolved)
-        lora_id = self._lora_ids.setdefault(name, len(self._lora_ids) + 1)
-        lora = LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=str(ready.export))
+        lora_id = self._lora_ids.setdefault(info.name, len(self._lora_ids) + 1)
+        lora = LoRARequest(lora_name=info.name, lora_int_id=lora_id, lora_path=str(export))
         try:
             await self.llm.add_lora(lora)
         except Exception as exc:  # vLLM's own check of the export: should never fire after ours
-            raise AdapterLoadError(f"{resolved}: vLLM refused its plain-LoRA export {ready.export}: {exc}") from None
-        info = AdapterInfo(name=name, path=str(resolved), method=ready.folder.config.method, rank=ready.rank,
-                           loaded_at=time.time())
-        record = VllmAdapterRecord(info=info, tokenizer=tokenizer, root=root, lora_request=lora)
-        self.adapters.add(record)
-        return info
+            raise AdapterLoadError(f"{info.path}: vLLM refused its plain-LoRA export {export}: {exc}") from None
+        return VllmAdapterRecord(info=info, tokenizer=tokenizer, root=root, lora_request=lora)
 
-    async def unload_adapter(self, name: str) -> None:
-        """Refuse new requests for ``name`` at once, wait for its requests in flight, then drop it from vLLM."""
-        self._check_open()
-        record = await self.adapters.unload(name)
+    async def _unregister(self, record: VllmAdapterRecord) -> None:
         if self.llm is not None:
             await self.llm.remove_lora(record.lora_request.lora_int_id)
 
-    def healthy(self) -> bool:
-        return not self.closed and (self.llm is None or not self.llm.errored)
-
-    def stats(self) -> dict[str, float]:
-        c, o = self.counters, self.options
+    def _core_stats(self) -> dict[str, float]:
+        c = self.counters
         loaded = len(self.list_adapters())
-        return {
-            "queued_requests": float(c.queued),
-            "running_requests": float(c.running),
-            "adapters_loaded": float(loaded),
-            "adapters_cached": float(min(loaded, o.max_cpu_loras)),  # vLLM keeps the most recent ones
-            "lora_slots_active": float(min(len(self._running_adapters), o.max_loras)),
-            "max_loras": float(o.max_loras),
-            "max_cpu_loras": float(o.max_cpu_loras),
-            "finished_requests_total": float(c.finished),
-            "generated_tokens_total": float(c.generated),
-            "steps_total": float(c.steps),
-            "prefill_tokens_total": float(c.prefill_tokens),
-            "kv_cache_bytes": float(self._kv_cache_bytes()),
-            "lora_slot_bytes": float(self._lora_slot_bytes()),
-            **self._kv_blocks(),
-            "prefix_cache_queries_total": float(c.prefix_cache_queries),
-            "prefix_cache_hits_total": float(c.prefix_cache_hits),
-            "preemptions_total": float(c.preemptions),
-        }
+        return dict(
+            running_requests=c.running, adapters_cached=min(loaded, self.max_cpu_loras),  # vLLM keeps the newest
+            lora_slots_active=min(len(self._running_adapters), self.max_loras), finished_requests_total=c.finished,
+            generated_tokens_total=c.generated, steps_total=c.steps, prefill_tokens_total=c.prefill_tokens,
+            kv_cache_bytes=self._kv_cache_bytes(), lora_slot_bytes=self._lora_slot_bytes(), **self._kv_blocks(),
+            prefix_cache_queries_total=c.prefix_cache_queries, prefix_cache_hits_total=c.prefix_cache_hits,
+            preemptions_total=c.preemptions)
 
     def _kv_blocks(self) -> dict[str, float]:
         """vLLM's KV blocks in use and free, from the usage fraction its scheduler reported last."""

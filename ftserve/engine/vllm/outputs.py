@@ -77,10 +77,9 @@ def stat_logger_factory(counters: "EngineCounters"):
 
 
 class EngineCounters:
-    """The engine's counters and gauges, as STATS_KEYS names them."""
+    """vLLM's counters and gauges for the engine's stats (EngineStats); the queue is the engine base's."""
 
     def __init__(self) -> None:
-        self.queued = 0  # submitted, no output yet
         self.running = 0  # producing output
         self.finished = 0
         self.generated = 0
