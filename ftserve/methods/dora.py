@@ -118,15 +118,15 @@ class DoraLayer(LoraLayer):
         x = x.to(self.lora_A.weight.dtype)
         r = self.row_scale()
         bias = self.base_layer.bias
+        bias = None if bias is None else bias.to(r.dtype)
         dropped = self.lora_dropout(x)
         u = self.lora_A(dropped)
-        if self.training and isinstance(self.lora_dropout, nn.Dropout):  # the rescaled base term: W dropout(x)
-            base = self.base_layer(dropped.to(out.dtype))
-            base = base if bias is None else base - bias
-            low = F.linear(u, self.lora_B.weight) * self.scale
-            return (out + (r - 1) * base + r * low).to(out.dtype)
-        bias = None if bias is None else bias.to(r.dtype)
-        return _RowScaledAdd.apply(out.to(u.dtype), u, self.lora_B.weight, r, bias, self.scale).to(out.dtype)
+        if not (self.training and isinstance(self.lora_dropout, nn.Dropout)):
+            return _RowScaledAdd.apply(out.to(u.dtype), u, self.lora_B.weight, r, bias, self.scale).to(out.dtype)
+        # Dropout on, as PEFT: out + r ⊙ (W dropout(x) + s B A dropout(x)) - W dropout(x)
+        base = self.base_layer(dropped.to(out.dtype)).to(u.dtype)
+        scaled = _RowScaledAdd.apply(base, u, self.lora_B.weight, r, bias, self.scale)
+        return (out + (scaled - base)).to(out.dtype)
 
     def lora_factors(self) -> LoraFactors:
         return dora_factors(self.adapter_state(), self.scale)
