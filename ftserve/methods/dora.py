@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import AdapterFileError
 from .base import LoraFactors
 from .lora import Lora, LoraLayer
 
@@ -165,7 +166,7 @@ class Dora(Lora):
     def export_factors(self, state, shared, config, module_name, in_features):
         d_out = state["lora_B.weight"].shape[0]
         if tuple(state[MAGNITUDE].shape) != (d_out,):
-            raise ValueError(f"{module_name}.{MAGNITUDE} has shape {tuple(state[MAGNITUDE].shape)}, but its "
+            raise AdapterFileError(f"{module_name}.{MAGNITUDE} has shape {tuple(state[MAGNITUDE].shape)}, but its "
                              f"lora_B.weight has {d_out} output rows; one magnitude per output row is needed")
         return dora_factors(state, config.scale_for(module_name))
 
