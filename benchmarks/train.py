@@ -6,6 +6,9 @@
   (past its start step, so its snapshot term runs) with PEFT LoRA, LoRA-FA with PEFT LoRA whose A is frozen,
   DoRA with PEFT's ``use_dora`` (which forms the dense ``W + s B A`` every step; ours expands the row norm and
   keeps ``||W||_row`` from the first step) and, ``dora_step_ratio_vs_our_lora``, with our own LoRA step.
+  On the 2-core CPU of issue 24's helper, quiet, ``--only dora,dora_vs_our_lora --dropout 0 --rounds 6``:
+  0.78x PEFT's DoRA step, 1.15x our LoRA step (rounds 1.10 to 1.23). With dropout on, PEFT's form (and
+  ours, which follows it) runs the base layer a second time, on ``dropout(x)``.
 * Activation memory: bytes of non-parameter tensors saved for backward in one training forward, counted with
   ``torch.autograd.graph.saved_tensors_hooks`` and de-duplicated by storage; LoRA-FA against LoRA, ours and
   PEFT's (A frozen), with lora_dropout 0 and 0.05.
