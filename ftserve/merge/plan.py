@@ -93,6 +93,7 @@ class MergePlan:
     config: dict
     dtype_name: str
     warnings: list[str] = field(default_factory=list)
+    modules: dict[str, list[str]] = field(default_factory=dict)  # output key -> the adapters' module names for it
 
     @property
     def total_bytes(self) -> int:
@@ -130,7 +131,7 @@ def plan_merge(base: str | os.PathLike, adapters: list[AdapterSpec], dtype: str 
         folders.append((spec, folder))
     alone_if_row_scaled(folders)
     out_dtype = DTYPES[dtype] if dtype else None
-    parts, transposed, extra = _plan_parts(checkpoint, folders, tied, out_dtype)
+    parts, transposed, extra, modules = _plan_parts(checkpoint, folders, tied, out_dtype)
     combiner = combiner or WeightedSum()
     folds = {key: combiner.fold(key_parts, transposed[key]) for key, key_parts in parts.items()}
     tensors = []
@@ -143,7 +144,8 @@ def plan_merge(base: str | os.PathLike, adapters: list[AdapterSpec], dtype: str 
     if dtype:
         config = {**config, "dtype": dtype, **({"torch_dtype": dtype} if "torch_dtype" in config else {})}
     dtype_name = dtype or str(config.get("dtype") or config.get("torch_dtype") or _main_dtype(tensors))
-    return MergePlan(str(base), checkpoint, folders, tensors, _shard(tensors, limit), config, dtype_name, notes)
+    return MergePlan(str(base), checkpoint, folders, tensors, _shard(tensors, limit), config, dtype_name, notes,
+                     modules)
 
 
 def alone_if_row_scaled(folders: list[tuple[AdapterSpec, AdapterFolder]]) -> None:
@@ -160,10 +162,12 @@ def alone_if_row_scaled(folders: list[tuple[AdapterSpec, AdapterFolder]]) -> Non
 
 def _plan_parts(checkpoint: Checkpoint, folders: list[tuple[AdapterSpec, AdapterFolder]], tied: bool,
                 out_dtype: torch.dtype | None
-                ) -> tuple[dict[str, list[Part]], dict[str, bool], dict[str, TensorEntry]]:
-    """Per output key, every adapter targeting it (checked) and whether the key is stored transposed; and
-    output keys not stored in the base (a tied output embedding), with the stored tensor they start from."""
+                ) -> tuple[dict[str, list[Part]], dict[str, bool], dict[str, TensorEntry], dict[str, list[str]]]:
+    """Per output key, every adapter targeting it (checked) and whether the key is stored transposed; output
+    keys not stored in the base (a tied output embedding), with the stored tensor they start from; and per
+    output key, the module names the adapters gave it."""
     per_key: dict[str, list[Part]] = {}
+    modules: dict[str, list[str]] = {}
     transposed: dict[str, bool] = {}
     extra: dict[str, TensorEntry] = {}
     for spec, folder in folders:
@@ -200,7 +204,8 @@ def _plan_parts(checkpoint: Checkpoint, folders: list[tuple[AdapterSpec, Adapter
                 raise AdapterFileError(f"{folder.path}: module {module}: adapters disagree on whether {key} is "
                                        f"stored transposed (fan_in_fan_out)")
             per_key.setdefault(key, []).append(Part.of(spec.weight, f))
-    return per_key, transposed, extra
+            modules.setdefault(key, []).append(module)
+    return per_key, transposed, extra, modules
 
 
 def _check_finite(folder: AdapterFolder, module: str, factors: LoraFactors, weight: float,
