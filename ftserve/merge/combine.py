@@ -203,18 +203,23 @@ class DenseFold(TensorFold):
         return torch.mm(f.B[start:stop], f.A, out=out).mul_(f.scale)
 
     def scaled_sum(self, k: int, weight: Tensor, scratch: Scratch, start: int, stop: int) -> Tensor:
-        """Rows ``[start, stop)`` of ``V_k = W + s_k B_k A_k`` as stored, in scratch that the next call reuses."""
+        """Rows ``[start, stop)`` of ``V_k = W + s_k B_k A_k`` as stored, in scratch that the next call reuses.
+
+        In PEFT's order, ``W + (B @ A) * s`` (each step rounded in fp32), as its DoRA merge computes it."""
         f, out = self.parts[k].factors, scratch("summed", tuple(weight.shape))
         if self.transposed:
-            return torch.addmm(weight, f.A[:, start:stop].t(), f.B.t(), alpha=f.scale, out=out)
-        return torch.addmm(weight, f.B[start:stop], f.A, alpha=f.scale, out=out)
+            out = torch.mm(f.A[:, start:stop].t(), f.B.t(), out=out)
+        else:
+            out = torch.mm(f.B[start:stop], f.A, out=out)
+        return out.mul_(f.scale).add_(weight)
 
     def row_scale(self, k: int, summed: Tensor, start: int, stop: int) -> Tensor:
         """``r_k`` shaped to multiply the stored rows of ``V_k`` (``summed``): a column for W, a row for its
-        transpose."""
+        transpose. Stored as W, each row's norm is PEFT's (``torch.linalg.norm`` in fp32), so that a DoRA merge
+        of a ``nn.Linear`` is PEFT's bit for bit."""
         if self.transposed:
             return self.row_scales[k][None, :]
-        norms = _squares(summed, dim=1).sqrt().float()
+        norms = torch.linalg.vector_norm(summed, dim=1)
         return (self.parts[k].factors.magnitude[start:stop] / norms)[:, None]
 
 
