@@ -159,7 +159,8 @@ def test_inspect_shows_a_dora_adapter_as_row_scaled_and_not_for_vllm(doras):
     info = json.loads(CliRunner().invoke(main, ["inspect", str(doras["gpt2"]), "--json"]).output)
     assert info["method"] == "dora" and info["rank"] == RANK
     assert info["form"].startswith("row-scaled (DoRA): W' = diag(m / ||W + s B A||_row) (W + s B A)")
-    assert info["vllm"].startswith("no: vLLM's LoRA cannot scale the base output per row")
+    assert info["vllm"].startswith("no: a DoRA adapter (method dora) scales each output row by m / ||W + s B A||")
+    assert "approximate_rank=R" in info["vllm"]
 
 
 def test_export_refuses_dora_naming_why_and_the_approximation(doras, tmp_path):

@@ -232,11 +232,11 @@ def _form(method) -> str:
 
 
 def _vllm_verdict(c, raw: dict) -> str:
+    from ..files.adapter_folder import row_scaled_reason
+
     rank = raw.get("r")
     if c.adapter_method.row_scaled:
-        return ("no: vLLM's LoRA cannot scale the base output per row; serve it on the torch engine, merge it "
-                "(`ftserve merge`), or serve its best rank-R approximation (`ftserve export --approximate-rank R "
-                "--base BASE`)")
+        return f"no: {row_scaled_reason(c)}"
     if raw.get("peft_type") != "LORA" or "lora_alpha" not in raw:
         return "needs `ftserve export` (vLLM serves only peft_type LORA; VeRA stops its engine)"
     if raw.get("rank_pattern") or raw.get("alpha_pattern"):
