@@ -166,7 +166,9 @@ def _stored_dtypes(path) -> dict[str, torch.dtype]:
 
 
 def _prompt_ids(prompts, merged_path, base_path, vocab_size: int) -> list[torch.Tensor]:
-    """Token ids from the merged (else the base) tokenizer; fixed random ids when neither has one."""
+    """Token ids from the merged (else the base) tokenizer; fixed random ids when neither has one. A folder with
+    no tokenizer files may still give a tokenizer (built from config.json alone, with an empty vocabulary) that
+    turns every prompt into no ids: that counts as none."""
     from transformers import AutoTokenizer
 
     for path in (merged_path, base_path):
@@ -174,6 +176,8 @@ def _prompt_ids(prompts, merged_path, base_path, vocab_size: int) -> list[torch.
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError, TypeError):
             continue
-        return [torch.tensor([tokenizer(p)["input_ids"]]) for p in prompts]
+        ids = [tokenizer(p)["input_ids"] for p in prompts]
+        if all(ids):
+            return [torch.tensor([i]) for i in ids]
     generator = torch.Generator().manual_seed(0)
     return [torch.randint(0, vocab_size, (1, 12), generator=generator) for _ in prompts]
