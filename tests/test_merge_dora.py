@@ -97,7 +97,8 @@ def bases(llama_dir, gpt2_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def doras(bases, tmp_path_factory):
     root = tmp_path_factory.mktemp("dora")
-    return {kind: peft_dora(bases[kind, torch.float32], root / kind, seed=i) for i, kind in enumerate(("llama", "gpt2"))}
+    return {kind: peft_dora(bases[kind, torch.float32], root / kind, seed=seed)
+            for seed, kind in enumerate(("llama", "gpt2"))}
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

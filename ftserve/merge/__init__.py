@@ -10,4 +10,5 @@ from .plan import AdapterSpec, MergePlan, plan_merge
 from .verify import verify_merge
 from .write import MergeResult, merge_checkpoint
 
-__all__ = ["AdapterSpec", "ApproximateExport", "export_approximate", "MergePlan", "MergeResult", "merge_checkpoint", "plan_merge", "verify_merge"]
+__all__ = ["AdapterSpec", "ApproximateExport", "MergePlan", "MergeResult", "export_approximate", "merge_checkpoint",
+           "plan_merge", "verify_merge"]

@@ -4,8 +4,8 @@ Every adapter is first turned into its served form (``AdapterFolder.lora_factors
 the engines use). Per output tensor, the adapters targeting it (merge weight ``w_k``, factors ``f_k``) are handed
 to the merge's ``Combiner`` (combine.py; the weighted sum ``W' = W + sum_k w_k Delta_k`` by default), which
 decides how that tensor is folded. A row-scaled adapter (DoRA's form) is merged only on its own, with any weight
-(``alone_if_row_scaled``; combine.py defines the weighted one). GPT-2's ``Conv1D`` stores ``W`` transposed ``(d_in x d_out)``; the plan
-detects it and tells the combiner.
+(``alone_if_row_scaled``; combine.py defines the weighted one). GPT-2's ``Conv1D`` stores ``W`` transposed
+``(d_in x d_out)``; the plan detects it and tells the combiner.
 
 This module plans: it reads every input, checks everything (shapes, finiteness, dtypes) and decides each
 output tensor and shard before a byte is written; ``write.py`` writes the plan.

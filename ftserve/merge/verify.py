@@ -3,9 +3,9 @@
 Every model runs in fp32 on the same prompts, each prompt extended by the exact reference's greedy tokens.
 The exact reference is the adapter folder loaded natively (``load_adapter``: the unmerged forward, a row-scaled
 form's ``r * (W x + s B A x)`` included) for one adapter of weight 1 under the weighted sum; otherwise (several
-adapters, other weights, another combiner) the base model with every targeted weight replaced by the merge's own combination of its adapters, computed in fp32
-over the whole tensor (``combine.fold_tensor``: the combiner that the merge used, so nothing here assumes
-that deltas add).
+adapters, other weights, another combiner) the base model with every targeted weight replaced by the merge's
+own combination of its adapters, computed in fp32 over the whole tensor (``combine.fold_tensor``: the combiner
+that the merge used, so nothing here assumes that deltas add).
 
 A merge stores ``round(W + delta)`` in its dtype, and for a 16-bit dtype that rounding alone moves the logits by
 more than any fixed tolerance can tell from a wrong merge. So the merged model is judged against what its
