@@ -15,6 +15,7 @@ from .version import __version__
 _EXPORTS = {
     "AdapterFolder": "ftserve.files.adapter_folder",
     "export_adapter": "ftserve.files.adapter_folder",
+    "export_approximate": "ftserve.merge",
     "read_adapter": "ftserve.files.adapter_folder",
     "METHODS": "ftserve.config",
     "FineTuningConfig": "ftserve.config",
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from .config import METHODS, FineTuningConfig
     from .errors import AdapterFileError, CheckpointError, ConfigError, DataError, FtserveError, ServingError
     from .files.adapter_folder import AdapterFolder, export_adapter, read_adapter
+    from .merge import export_approximate
     from .methods import LoraFactors
     from .model import FineTuningModel, load_adapter
 

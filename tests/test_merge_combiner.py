@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from ftserve import CheckpointError, FineTuningConfig
+from ftserve import CheckpointError, ConfigError, FineTuningConfig
 from ftserve.files.adapter_folder import ADAPTER_WEIGHTS, PREFIX, write_adapter_folder
 from ftserve.merge import AdapterSpec, merge_checkpoint, verify_merge
 from ftserve.merge import write as merge_write
@@ -140,17 +140,32 @@ def test_row_scaled_adapter_merges_to_diag_r_of_w_plus_sba_whatever_the_block_si
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_weighted_row_scaled_and_plain_adapters_add_their_deltas_and_verify(tmp_path, bases, kind, monkeypatch):
+def test_a_weighted_row_scaled_adapter_moves_w_along_its_delta_and_verifies(tmp_path, bases, kind, monkeypatch):
+    """``W + w (diag(r)(W + s B A) - W)``: the line from the base to the adapted weight."""
     monkeypatch.setattr(merge_write, "BLOCK_BYTES", BLOCK_SIZES["smallest"])
     scaled = write_adapter(tmp_path / "scaled", bases[kind], RowScaledTest.name, seed=2)
-    plain = write_adapter(tmp_path / "plain", bases[kind], "lora", seed=3)
-    specs = [AdapterSpec(tmp_path / "scaled", 0.6), AdapterSpec(tmp_path / "plain", 0.4)]
+    specs = [AdapterSpec(tmp_path / "scaled", 0.6)]
     merge_checkpoint(bases[kind], specs, tmp_path / "merged")
-    expected, merged = expected_weights(bases[kind], [(0.6, scaled), (0.4, plain)]), stored(tmp_path / "merged")
+    expected, merged = expected_weights(bases[kind], [(0.6, scaled)]), stored(tmp_path / "merged")
     for key, tensor in expected.items():
         torch.testing.assert_close(merged[key].double(), tensor, **FP32, msg=key)
     report = verify_merge(bases[kind], specs, tmp_path / "merged", new_tokens=2)
     assert report.passed, report.summary()
+
+
+def test_a_row_scaled_adapter_beside_another_is_refused_before_anything_is_written(tmp_path, llama_dir):
+    write_adapter(tmp_path / "scaled", llama_dir, RowScaledTest.name, seed=2)
+    write_adapter(tmp_path / "plain", llama_dir, "lora", seed=3)
+    specs = [AdapterSpec(tmp_path / "plain", 0.4), AdapterSpec(tmp_path / "scaled", 0.6)]
+    with pytest.raises(ConfigError) as caught:
+        merge_checkpoint(llama_dir, specs, tmp_path / "merged")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path / 'scaled'}: a row-scaled test adapter merges "
+                                                      f"only on its own, not with 1 other adapter(s)")
+    assert "norm of its own adapted weight, and such norms do not add across adapters" in message
+    assert not (tmp_path / "merged").exists()
+    with pytest.raises(ConfigError, match="merges only on its own"):
+        verify_merge(llama_dir, specs, llama_dir)
 
 
 def test_row_scaled_merge_past_the_written_dtype_is_refused_and_nothing_written(tmp_path, llama_dir):

@@ -190,7 +190,8 @@ def row_scaled_reason(config: FineTuningConfig) -> str:
     """Why a row-scaled adapter (LoraFactors.magnitude set) has no plain-LoRA export, in one line."""
     return (f"a {config.adapter_method.title} adapter (method {config.method}) scales each output row by "
             f"m / ||W + s B A||, which depends on the base weight, so no plain LoRA computes it; merge it into "
-            f"the base model (`ftserve merge`) or serve it on the torch engine instead")
+            f"the base model (`ftserve merge`) or serve it on the torch engine instead, or, for a server that takes "
+            f"LoRA only, write its best rank-R approximation with approximate_rank=R and the base model")
 
 
 def plain_lora(factors: dict[str, LoraFactors], config: FineTuningConfig, targets: list[str],
@@ -225,7 +226,8 @@ def plain_lora(factors: dict[str, LoraFactors], config: FineTuningConfig, target
 def export_adapter(src: str | os.PathLike, dst: str | os.PathLike, in_features: dict[str, int] | None = None,
                    force: bool = False) -> AdapterFolder:
     """Write any method's adapter folder as an exact plain PEFT LoRA; returns the source folder. A row-scaled
-    method's adapter has none: AdapterFileError says why and what to do instead."""
+    method's adapter has none: AdapterFileError says why and what to do instead (``ftserve.merge.export_approximate``
+    writes its best rank-R approximation from the base model)."""
     folder = read_adapter(src)
     if folder.config.adapter_method.row_scaled:
         raise AdapterFileError(f"{src}: no plain-LoRA export: {row_scaled_reason(folder.config)}")

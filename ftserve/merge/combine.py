@@ -17,8 +17,16 @@ The weighted sum, ``WeightedSum``::
 
 Plain parts together are one LoRA of rank ``sum r_k``: ``B_cat @ A_cat`` with ``B_cat = [w_1 s_1 B_1, ...]`` and
 ``A_cat = [A_1; ...]``, folded as one GEMM. One plain adapter keeps PEFT's order of operations, ``W += (B @ A) *
-(w s)`` with fp32 factors, computed in fp32 and rounded once, so the result is PEFT's bit for bit. One
-row-scaled adapter of weight 1 is ``diag(r) (W + s B A)`` itself, with no round trip through ``- W + W``.
+(w s)`` with fp32 factors, computed in fp32 and rounded once, so the result is PEFT's bit for bit.
+
+A row-scaled part is merged only on its own (the plan refuses a recipe that mixes it with other adapters:
+``ROW_SCALE_DOES_NOT_ADD``). With weight ``w`` it interpolates between the base and the adapted weight::
+
+    W' = W + w (diag(r) (W + s B A) - W) = (1 - w) W + w diag(r) (W + s B A)
+
+so ``w = 0`` is the base, ``w = 1`` is ``diag(r) (W + s B A)`` itself (computed as such, with no round trip
+through ``- W + W``), and each weight moves along the line from ``W`` to the adapted weight, as task arithmetic
+scales a fine-tuned model's task vector. It is not the row-scaled adapter with a scaled ``B A`` or a scaled ``m``.
 """
 
 from __future__ import annotations
@@ -32,11 +40,16 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
 from ..methods import LoraFactors
 
 # ``scratch(name, shape)``: a reusable fp32 work tensor of that shape, one per name and thread; its values are
 # whatever the last user left. write.py keeps the name "weight" for the block it hands over.
 Scratch = Callable[[str, tuple[int, int]], Tensor]
+
+# Why a row-scaled adapter merges only on its own, for the plan's refusal.
+ROW_SCALE_DOES_NOT_ADD = ("its row scale m / ||W + s B A||_row is a norm of its own adapted weight, and such norms do "
+                          "not add across adapters, so a weighted sum with other adapters has no meaning of its own")
 
 
 @dataclass(frozen=True)
@@ -132,6 +145,9 @@ class WeightedSum(Combiner):
 
     def fold(self, parts: list[Part], transposed: bool) -> TensorFold:
         if any(p.factors.row_scaled for p in parts):
+            if len(parts) > 1:
+                raise ConfigError(f"a row-scaled adapter cannot be summed with {len(parts) - 1} other(s) on one "
+                                  f"weight: {ROW_SCALE_DOES_NOT_ADD}")
             return RowScaledSum(parts, transposed)
         return low_rank_sum(parts, transposed)
 
@@ -187,40 +203,35 @@ class DenseFold(TensorFold):
         return torch.mm(f.B[start:stop], f.A, out=out).mul_(f.scale)
 
     def scaled_sum(self, k: int, weight: Tensor, scratch: Scratch, start: int, stop: int) -> Tensor:
-        """Rows ``[start, stop)`` of ``V_k = W + s_k B_k A_k`` as stored, in scratch that the next call reuses."""
+        """Rows ``[start, stop)`` of ``V_k = W + s_k B_k A_k`` as stored, in scratch that the next call reuses.
+
+        In PEFT's order, ``W + (B @ A) * s`` (each step rounded in fp32), as its DoRA merge computes it."""
         f, out = self.parts[k].factors, scratch("summed", tuple(weight.shape))
         if self.transposed:
-            return torch.addmm(weight, f.A[:, start:stop].t(), f.B.t(), alpha=f.scale, out=out)
-        return torch.addmm(weight, f.B[start:stop], f.A, alpha=f.scale, out=out)
+            out = torch.mm(f.A[:, start:stop].t(), f.B.t(), out=out)
+        else:
+            out = torch.mm(f.B[start:stop], f.A, out=out)
+        return out.mul_(f.scale).add_(weight)
 
     def row_scale(self, k: int, summed: Tensor, start: int, stop: int) -> Tensor:
         """``r_k`` shaped to multiply the stored rows of ``V_k`` (``summed``): a column for W, a row for its
-        transpose."""
+        transpose. Stored as W, each row's norm is PEFT's (``torch.linalg.norm`` in fp32), so that a DoRA merge
+        of a ``nn.Linear`` is PEFT's bit for bit."""
         if self.transposed:
             return self.row_scales[k][None, :]
-        norms = _squares(summed, dim=1).sqrt().float()
+        norms = torch.linalg.vector_norm(summed, dim=1)
         return (self.parts[k].factors.magnitude[start:stop] / norms)[:, None]
 
 
 class RowScaledSum(DenseFold):
-    """The weighted sum when a part is row-scaled: each row-scaled ``Delta_k`` dense (DenseFold), the plain
-    parts together as one LowRank."""
-
-    def __init__(self, parts: list[Part], transposed: bool) -> None:
-        super().__init__(parts, transposed)
-        plain = [p for p in parts if not p.factors.row_scaled]
-        self.plain = low_rank_sum(plain, transposed) if plain else None
+    """The weighted sum of one row-scaled part, ``W + w (diag(r) (W + s B A) - W)`` (the module docstring)."""
 
     def block(self, weight: Tensor, scratch: Scratch, start: int, stop: int) -> Tensor:
-        if len(self.parts) == 1 and self.parts[0].weight == 1.0:
+        (part,) = self.parts
+        if part.weight == 1.0:
             summed = self.scaled_sum(0, weight, scratch, start, stop)
             return torch.mul(summed, self.row_scale(0, summed, start, stop), out=weight)
-        total = scratch("total", tuple(weight.shape)).zero_()
-        for k in self.scaled:
-            total.add_(self.delta(k, weight, scratch, start, stop), alpha=self.parts[k].weight)
-        if self.plain is not None:
-            weight = self.plain.block(weight, scratch, start, stop)
-        return weight.add_(total)
+        return weight.add_(self.delta(0, weight, scratch, start, stop), alpha=part.weight)
 
 
 def _squares(rows: Tensor, dim: int) -> Tensor:

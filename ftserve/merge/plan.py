@@ -3,8 +3,9 @@
 Every adapter is first turned into its served form (``AdapterFolder.lora_factors``, the same factors export and
 the engines use). Per output tensor, the adapters targeting it (merge weight ``w_k``, factors ``f_k``) are handed
 to the merge's ``Combiner`` (combine.py; the weighted sum ``W' = W + sum_k w_k Delta_k`` by default), which
-decides how that tensor is folded. GPT-2's ``Conv1D`` stores ``W`` transposed ``(d_in x d_out)``; the plan
-detects it and tells the combiner.
+decides how that tensor is folded. A row-scaled adapter (DoRA's form) is merged only on its own, with any weight
+(``alone_if_row_scaled``; combine.py defines the weighted one). GPT-2's ``Conv1D`` stores ``W`` transposed
+``(d_in x d_out)``; the plan detects it and tells the combiner.
 
 This module plans: it reads every input, checks everything (shapes, finiteness, dtypes) and decides each
 output tensor and shard before a byte is written; ``write.py`` writes the plan.
@@ -24,7 +25,7 @@ from ..errors import AdapterFileError, CheckpointError, ConfigError
 from ..files.adapter_folder import AdapterFolder, read_adapter
 from ..files.checkpoint import FLOATS, INDEX, SINGLE, Checkpoint, TensorEntry, open_checkpoint, parse_size, resolve_base
 from ..methods import LoraFactors, get_method
-from .combine import Combiner, Part, TensorFold, WeightedSum
+from .combine import ROW_SCALE_DOES_NOT_ADD, Combiner, Part, TensorFold, WeightedSum
 
 COPIED_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken", ".py", ".vocab")
 NOT_COPIED = {INDEX, "pytorch_model.bin.index.json", "README.md", "adapter_config.json"}
@@ -92,6 +93,7 @@ class MergePlan:
     config: dict
     dtype_name: str
     warnings: list[str] = field(default_factory=list)
+    modules: dict[str, list[str]] = field(default_factory=dict)  # output key -> the adapters' module names for it
 
     @property
     def total_bytes(self) -> int:
@@ -127,8 +129,9 @@ def plan_merge(base: str | os.PathLike, adapters: list[AdapterSpec], dtype: str 
             notes.append(f"{spec.path}: adapter records base {recorded!r}, merging into {str(base)!r}; "
                          f"the shapes agree, so going ahead")
         folders.append((spec, folder))
+    alone_if_row_scaled(folders)
     out_dtype = DTYPES[dtype] if dtype else None
-    parts, transposed, extra = _plan_parts(checkpoint, folders, tied, out_dtype)
+    parts, transposed, extra, modules = _plan_parts(checkpoint, folders, tied, out_dtype)
     combiner = combiner or WeightedSum()
     folds = {key: combiner.fold(key_parts, transposed[key]) for key, key_parts in parts.items()}
     tensors = []
@@ -141,15 +144,30 @@ def plan_merge(base: str | os.PathLike, adapters: list[AdapterSpec], dtype: str 
     if dtype:
         config = {**config, "dtype": dtype, **({"torch_dtype": dtype} if "torch_dtype" in config else {})}
     dtype_name = dtype or str(config.get("dtype") or config.get("torch_dtype") or _main_dtype(tensors))
-    return MergePlan(str(base), checkpoint, folders, tensors, _shard(tensors, limit), config, dtype_name, notes)
+    return MergePlan(str(base), checkpoint, folders, tensors, _shard(tensors, limit), config, dtype_name, notes,
+                     modules)
+
+
+def alone_if_row_scaled(folders: list[tuple[AdapterSpec, AdapterFolder]]) -> None:
+    """Refuse a recipe that holds a row-scaled adapter (DoRA) beside any other adapter (ConfigError naming it and
+    why: ``ROW_SCALE_DOES_NOT_ADD``). Alone, it merges with any weight (combine.py)."""
+    scaled = [(spec, folder) for spec, folder in folders if folder.config.adapter_method.row_scaled]
+    if scaled and len(folders) > 1:
+        spec, folder = scaled[0]
+        title = folder.config.adapter_method.title
+        raise ConfigError(f"{spec.path}: a {title} adapter merges only on its own, not with {len(folders) - 1} "
+                          f"other adapter(s): {ROW_SCALE_DOES_NOT_ADD}. Merge it alone, then merge the others into "
+                          f"its output")
 
 
 def _plan_parts(checkpoint: Checkpoint, folders: list[tuple[AdapterSpec, AdapterFolder]], tied: bool,
                 out_dtype: torch.dtype | None
-                ) -> tuple[dict[str, list[Part]], dict[str, bool], dict[str, TensorEntry]]:
-    """Per output key, every adapter targeting it (checked) and whether the key is stored transposed; and
-    output keys not stored in the base (a tied output embedding), with the stored tensor they start from."""
+                ) -> tuple[dict[str, list[Part]], dict[str, bool], dict[str, TensorEntry], dict[str, list[str]]]:
+    """Per output key, every adapter targeting it (checked) and whether the key is stored transposed; output
+    keys not stored in the base (a tied output embedding), with the stored tensor they start from; and per
+    output key, the module names the adapters gave it."""
     per_key: dict[str, list[Part]] = {}
+    modules: dict[str, list[str]] = {}
     transposed: dict[str, bool] = {}
     extra: dict[str, TensorEntry] = {}
     for spec, folder in folders:
@@ -186,7 +204,8 @@ def _plan_parts(checkpoint: Checkpoint, folders: list[tuple[AdapterSpec, Adapter
                 raise AdapterFileError(f"{folder.path}: module {module}: adapters disagree on whether {key} is "
                                        f"stored transposed (fan_in_fan_out)")
             per_key.setdefault(key, []).append(Part.of(spec.weight, f))
-    return per_key, transposed, extra
+            modules.setdefault(key, []).append(module)
+    return per_key, transposed, extra, modules
 
 
 def _check_finite(folder: AdapterFolder, module: str, factors: LoraFactors, weight: float,

@@ -1,11 +1,11 @@
 """Verify a merged model against the unmerged adapter model it came from.
 
 Every model runs in fp32 on the same prompts, each prompt extended by the exact reference's greedy tokens.
-The exact reference is the adapter folder loaded natively (``load_adapter``) for one plain adapter of weight 1
-under the weighted sum; otherwise (several adapters, other weights, a row-scaled form, another combiner) the
-base model with every targeted weight replaced by the merge's own combination of its adapters, computed in fp32
-over the whole tensor (``combine.fold_tensor``: the combiner that the merge used, so nothing here assumes
-that deltas add).
+The exact reference is the adapter folder loaded natively (``load_adapter``: the unmerged forward, a row-scaled
+form's ``r * (W x + s B A x)`` included) for one adapter of weight 1 under the weighted sum; otherwise (several
+adapters, other weights, another combiner) the base model with every targeted weight replaced by the merge's
+own combination of its adapters, computed in fp32 over the whole tensor (``combine.fold_tensor``: the combiner
+that the merge used, so nothing here assumes that deltas add).
 
 A merge stores ``round(W + delta)`` in its dtype, and for a 16-bit dtype that rounding alone moves the logits by
 more than any fixed tolerance can tell from a wrong merge. So the merged model is judged against what its
@@ -33,7 +33,7 @@ import torch
 
 from ..files.checkpoint import FLOATS, open_checkpoint, resolve_base
 from .combine import Combiner, Part, WeightedSum, fold_tensor
-from .plan import AdapterSpec
+from .plan import AdapterSpec, alone_if_row_scaled
 
 RTOL = 1e-3  # fp32 arithmetic in a different order, on the same weights
 PROMPTS = ("The quick brown fox jumps over the lazy dog.", "Once upon a time, in a small village,",
@@ -123,8 +123,7 @@ def _reference_model(model, adapters: list[AdapterSpec], combiner: Combiner):
     from ..model import load_adapter
 
     parts = _module_parts(model, adapters)
-    if len(adapters) == 1 and adapters[0].weight == 1.0 and isinstance(combiner, WeightedSum) \
-            and not any(p.factors.row_scaled for module in parts.values() for p in module):
+    if len(adapters) == 1 and adapters[0].weight == 1.0 and isinstance(combiner, WeightedSum):
         return load_adapter(model, adapters[0].path).eval()
     return _combined_model(model, parts, combiner)
 
@@ -152,9 +151,10 @@ def _module_parts(model, adapters: list[AdapterSpec]) -> dict[str, list[Part]]:
     from ..files.adapter_folder import read_adapter
     from ..methods.base import linear_shape
 
+    folders = [(spec, read_adapter(spec.path)) for spec in adapters]
+    alone_if_row_scaled(folders)
     per_module: dict[str, list[Part]] = {}
-    for spec in adapters:
-        folder = read_adapter(spec.path)
+    for spec, folder in folders:
         sizes = {name: linear_shape(model.get_submodule(name))[1] for name in folder.modules}
         for name, f in folder.lora_factors(sizes).items():
             per_module.setdefault(name, []).append(Part.of(spec.weight, f))
@@ -166,7 +166,9 @@ def _stored_dtypes(path) -> dict[str, torch.dtype]:
 
 
 def _prompt_ids(prompts, merged_path, base_path, vocab_size: int) -> list[torch.Tensor]:
-    """Token ids from the merged (else the base) tokenizer; fixed random ids when neither has one."""
+    """Token ids from the merged (else the base) tokenizer; fixed random ids when neither has one. A folder with
+    no tokenizer files may still give a tokenizer (built from config.json alone, with an empty vocabulary) that
+    turns every prompt into no ids: that counts as none."""
     from transformers import AutoTokenizer
 
     for path in (merged_path, base_path):
@@ -174,6 +176,8 @@ def _prompt_ids(prompts, merged_path, base_path, vocab_size: int) -> list[torch.
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError, TypeError):
             continue
-        return [torch.tensor([tokenizer(p)["input_ids"]]) for p in prompts]
+        ids = [tokenizer(p)["input_ids"] for p in prompts]
+        if all(ids):
+            return [torch.tensor([i]) for i in ids]
     generator = torch.Generator().manual_seed(0)
     return [torch.randint(0, vocab_size, (1, 12), generator=generator) for _ in prompts]
