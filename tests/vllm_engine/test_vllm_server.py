@@ -146,6 +146,31 @@ def test_runtime_load_and_unload_as_on_the_torch_engine(servers, llama_dir, adap
     assert vllm[:3] == (200, expected, 400) and vllm[4:6] == (403, 200)
 
 
+def test_a_dora_adapter_is_refused_with_a_400_and_at_startup_naming_the_torch_engine_and_ftserve_merge(
+        servers, llama_dir, adapter_root):
+    """A DoRA folder as PEFT writes it: through the load API a 400 (the torch engine beside loads it), and given at
+    startup a one-line error before vLLM starts (nothing of vLLM's start is logged)."""
+    from ftserve.testing import peft_dora_model
+
+    dora = adapter_root / "dora"
+    peft_dora_model(llama_dir, rank=4, seed=6).save_pretrained(dora)
+    reason = "which vLLM's LoRA cannot serve; serve it with --engine torch, or merge it into the base model " \
+             "(`ftserve merge`)"
+    vllm, torch = servers
+    refused = adapter_api(vllm, "load", lora_name="dora", lora_path=str(dora))
+    assert refused.status_code == 400 and reason in refused.json()["error"]["message"]
+    assert "dora" not in [card.id for card in vllm.client().models.list().data]
+    assert adapter_api(torch, "load", lora_name="dora", lora_path=str(dora)).status_code == 200
+    assert adapter_api(torch, "unload", lora_name="dora").status_code == 200
+    run = subprocess.run([sys.executable, "-c", "from ftserve.cli import main; main()", "serve",
+                          *serve_args(llama_dir, {"dora": dora}, "--engine", "vllm", "--port", "0")],
+                         capture_output=True, text=True, timeout=START_TIMEOUT,
+                         env={**os.environ, **VLLM_ENV, "HF_HUB_OFFLINE": "1"})
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode != 0 and lines[0].startswith("Loading ") and len(lines) == 2, run.stderr
+    assert lines[1].startswith(f"Error: adapter {dora} ") and reason in lines[1]
+
+
 SAME = [  # request bodies whose whole answer (text, tokens, usage, log probabilities) must be the same
     ("completions", {"model": "vera", "prompt": [1, 5, 6, 7], "max_tokens": 6, "logprobs": 3, "temperature": 0,
                      "ignore_eos": True}),
