@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .methods import METHODS as _REGISTRY
-from .methods import AdapterMethod, method_for_peft_type, method_for_spelling
+from .methods import AdapterMethod, method_for_peft_type, method_for_spelling, variant_refusal
 from .methods.base import check_int as _check_int
 from .methods.base import check_number as _check_number
 
@@ -210,14 +210,18 @@ class FineTuningConfig:
         }
         if data.get("bias", "none") != "none":
             raise ConfigError(f"adapters with bias={data['bias']!r} are not supported; only bias='none'")
-        if data.get("use_dora"):
-            raise ConfigError("DoRA adapters (use_dora=true) are not supported")
         if data.get("modules_to_save"):
             raise ConfigError(f"adapters with modules_to_save={data['modules_to_save']} are not supported")
-        method = method_for_peft_type(peft_type, ours.get("method"))
+        method = method_for_peft_type(peft_type, ours.get("method"), data)
         if method is None:
             types = sorted({m.peft_type for m in _REGISTRY.values()})
-            raise ConfigError(f"peft_type {peft_type!r} is not supported; expected one of {types}")
+            if peft_type in types:  # a variant field set that no method of this type carries
+                method = next(m for m in _REGISTRY.values() if m.peft_type == peft_type)
+            else:
+                raise ConfigError(f"peft_type {peft_type!r} is not supported; expected one of {types}")
+        refusal = variant_refusal(data, method)
+        if refusal:
+            raise ConfigError(refusal)
         kwargs.update(method=method.name, **method.from_peft(data, ours))
         return cls(**kwargs)
 

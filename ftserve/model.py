@@ -200,7 +200,12 @@ class FineTuningModel(nn.Module):
         return {name: layer.lora_factors() for name, layer in self.adapter_layers.items()}
 
     def fold(self) -> None:
-        """Fold the adapter into the base weights (fp32, rounded once); the adapter branch is skipped."""
+        """Fold the adapter into the base weights (fp32, rounded once); the adapter branch is skipped. A layer that
+        cannot be folded (``fold_problem``) raises ValueError before any weight changes."""
+        for name, layer in self.adapter_layers.items():
+            problem = None if layer.folded else layer.fold_problem()
+            if problem:
+                raise ValueError(f"{name}: {problem}")
         for layer in self.adapter_layers.values():
             layer.fold()
 
@@ -286,6 +291,8 @@ def load_tensors(model: FineTuningModel, folder: AdapterFolder) -> None:
             elif tuple(state[key].shape) != shape:
                 problems.append(f"{name}.{key} has shape {tuple(state[key].shape)}, this model needs {shape}")
         problems += [f"{name}.{key} is not used by {folder.config.method}" for key in set(state) - set(expected)]
+        if not problems:
+            problems += [f"{name}: {problem}" for problem in layer.state_problems(state)]
     shared = getattr(model, "shared", None)
     if not problems:
         problems += model.method.load_shared(shared, folder.shared, folder.config, check_only=True)

@@ -363,6 +363,11 @@ def test_exported_plain_lora_gives_the_same_logits(method, tmp_path):
     randomise_adapter(model, seed=3)
     train(model, model.create_optimizer(lr=1e-2), TOY_IDS, steps=3)
     model.save_adapter(tmp_path / "adapter")
+    if model.method.row_scaled:  # no plain LoRA computes its row scale: refused, nothing written
+        with pytest.raises(AdapterFileError, match="no plain-LoRA export"):
+            export_adapter(tmp_path / "adapter", tmp_path / "plain")
+        assert not (tmp_path / "plain").exists()
+        return
     export_adapter(tmp_path / "adapter", tmp_path / "plain")
     plain = read_adapter(tmp_path / "plain")
     assert plain.config.method == "lora" and plain.raw_config["peft_type"] == "LORA"

@@ -241,7 +241,7 @@ def test_a_config_saved_by_an_older_version_with_every_methods_fields_still_read
 @pytest.mark.parametrize("data, message", [
     ({"r": 4}, "has no 'peft_type'"),
     ({"peft_type": "IA3"}, "peft_type 'IA3' is not supported"),
-    ({"peft_type": "LORA", "use_dora": True}, "DoRA adapters"),
+    ({"peft_type": "VERA", "r": 8, "use_dora": True}, "sets use_dora: true, which a VeRA adapter"),
     ({"peft_type": "LORA", "bias": "all"}, "bias='all'"),
     ({"peft_type": "LORA", "modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"peft_type": "LORA", "r": 0}, "lora_r must be an integer >= 1"),

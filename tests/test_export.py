@@ -23,6 +23,11 @@ def test_peft_loads_every_export_and_reproduces_the_adapter(tmp_path, llama_dir,
     with torch.no_grad():
         expected = model(input_ids=IDS).logits
     model.save_adapter(tmp_path / "native")
+    if case.method.row_scaled:  # no plain LoRA computes its row scale: refused in one line, nothing written
+        with pytest.raises(AdapterFileError, match="no plain-LoRA export") as caught:
+            export_adapter(tmp_path / "native", tmp_path / "plain")
+        assert "\n" not in str(caught.value) and not (tmp_path / "plain").exists()
+        return
     export_adapter(tmp_path / "native", tmp_path / "plain")
     config = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["use_rslora"] is False

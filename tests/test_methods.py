@@ -80,8 +80,9 @@ def test_training_lowers_loss_and_a_reload_gives_identical_logits(case, tmp_path
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_each_layer_forward_is_base_plus_its_delta_and_its_lora_factors(case):
-    """The forward (possibly fused), ``delta(x)`` and the exported ``s B' A'`` are one function. A method with a
-    snapshot (Delta-LoRA) has it taken, and its factors moved on, by ``random_adapter``."""
+    """The forward (possibly fused), ``delta(x)`` and the served form are one function: ``s B' A' x``, or for a
+    row-scaled form ``(diag(r) (W + s B' A') - W) x`` (the bias is not scaled). A method with a snapshot
+    (Delta-LoRA) has it taken, and its factors moved on, by ``random_adapter``."""
     build, targets = MODELS[case.kind]
     model = random_adapter(build(), matrix_config(case, targets, lora_dropout=0.0), seed=1, std=0.1)
     generator = torch.Generator().manual_seed(3)
@@ -90,9 +91,10 @@ def test_each_layer_forward_is_base_plus_its_delta_and_its_lora_factors(case):
         with torch.no_grad():
             added = layer(x) - layer.base_layer(x)
             factors = layer.lora_factors()
-            torch.testing.assert_close(added, layer.delta(x), rtol=1e-5, atol=1e-5, msg=name)
-            torch.testing.assert_close(added, factors.scale * x @ factors.A.T @ factors.B.T, rtol=1e-5, atol=1e-5,
-                                       msg=name)
+            if not case.method.row_scaled:  # a row-scaled method scales the base output: no additive delta(x)
+                torch.testing.assert_close(added, layer.delta(x), rtol=1e-5, atol=1e-5, msg=name)
+            served = factors.delta_weight(layer.base_weight() if factors.row_scaled else None)
+            torch.testing.assert_close(added, x @ served.T, rtol=1e-5, atol=1e-5, msg=name)
         assert added.abs().max() > 1e-3
 
 

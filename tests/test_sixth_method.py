@@ -131,9 +131,7 @@ class RowNormLora(AdapterMethod):
     title = "row-norm LoRA"
     saved_keys = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
     row_scaled = True
-
-    def peft_fields(self, config):
-        return {**super().peft_fields(config), "use_dora": True}
+    peft_variant = "use_dora"  # saved as PEFT's DoRA, as ftserve's own DoRA is
 
     def create_layer(self, base_layer, module_name, config, shared):
         return RowNormLayer(base_layer, config.rank_for(module_name), config.scale_for(module_name))

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..config import EXTRA_KEY, FineTuningConfig
 from ..errors import AdapterFileError, ConfigError
-from ..methods import LoraFactors, get_method
+from ..methods import LoraFactors, get_method, variant_refusal
 from .atomic import OUTPUT_FILE_MODE, atomic_output_dir, fsync
 from .strict_json import read_json_file
 
@@ -151,9 +151,13 @@ def _read_json(file: Path):
 def config_from_dict(raw: dict) -> FineTuningConfig:
     """Our own exact config when we wrote the folder (under EXTRA_KEY), PEFT's fields otherwise."""
     ours = (raw.get(EXTRA_KEY) or {}).get("config") if isinstance(raw, dict) else None
-    if ours:
-        return FineTuningConfig.from_dict(ours)
-    return FineTuningConfig.from_peft_dict(raw)
+    if not ours:
+        return FineTuningConfig.from_peft_dict(raw)
+    config = FineTuningConfig.from_dict(ours)
+    refusal = variant_refusal(raw, config.adapter_method)  # PEFT would read the folder as another method
+    if refusal:
+        raise ConfigError(refusal)
+    return config
 
 
 def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, Tensor]:

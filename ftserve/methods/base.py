@@ -151,6 +151,17 @@ class AdapterLayer(nn.Module):
     def load_adapter_state(self, state: dict[str, Tensor]) -> None:
         raise NotImplementedError
 
+    def state_problems(self, state: dict[str, Tensor]) -> list[str]:
+        """What makes a saved state of the right shapes unusable on this layer (sentences); checked before any
+        tensor is loaded. Default: nothing."""
+        return []
+
+    def fold_problem(self) -> str | None:
+        """Why this layer cannot be folded, in one line, or None: a row-scaled form whose row scale is not finite
+        on this base weight (a zero-norm row of ``W + s B A``)."""
+        factors = self.lora_factors()
+        return factors.row_scale_problem(self.base_weight()) if factors.row_scaled else None
+
     def prepare_for_state(self, keys: set[str]) -> None:
         """Make room for the tensors a saved state holds (Delta-LoRA's start snapshot) before loading it."""
 
@@ -215,6 +226,9 @@ class AdapterMethod:
     # True: the served form is row-scaled (LoraFactors.magnitude set, DoRA's form): folded, merged and served on
     # the torch engine, but neither exported as a plain LoRA nor served by vLLM.
     row_scaled: bool = False
+    # The boolean adapter_config.json field that marks this method's folders among those of its peft_type (DoRA's
+    # "use_dora"); None: a folder of this method sets no such field.
+    peft_variant: str | None = None
     has_scale: bool = True  # False: no alpha / r (VeRA)
     quickstart_settings: dict[str, float] = {"rank": 8, "lr": 1e-2, "real_lr": 3e-3}  # real_lr: on SmolLM2
 
@@ -231,7 +245,7 @@ class AdapterMethod:
             "lora_dropout": config.lora_dropout, "use_rslora": config.use_rslora,
             "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern),
             "bias": "none", "init_lora_weights": True, "use_dora": False, "lora_bias": False,
-        }
+        } | ({self.peft_variant: True} if self.peft_variant else {})
 
     def ftserve_fields(self, config: FineTuningConfig) -> dict[str, Any]:
         """Our own settings PEFT does not see, written under the "ftserve" key."""

@@ -60,6 +60,20 @@ class LoraFactors:
         adapted = weight.float() + self.low_rank_weight(weight.device)
         return adapted if self.magnitude is None else adapted * self._scale_of(adapted).unsqueeze(1)
 
+    def row_scale_problem(self, weight: Tensor) -> str | None:
+        """Why ``r`` is not finite for the base ``weight`` W (d_out, d_in), in one line, or None (plain, or fine):
+        a row of ``W + s B A`` whose norm is zero (``m / 0``), or values too large for fp32."""
+        scale = self.row_scale(weight)
+        if scale is None or bool(torch.isfinite(scale).all()):
+            return None
+        adapted_norm = (weight.float() + self.low_rank_weight(weight.device)).norm(dim=1)
+        zero = torch.nonzero(adapted_norm == 0).flatten().tolist()
+        if zero:
+            return (f"row {zero[0]} of W + s B A has norm 0 ({len(zero)} such row(s)), so its row scale "
+                    f"m / ||W + s B A|| divides by zero; the adapter does not fit this base weight")
+        bad = torch.nonzero(~torch.isfinite(scale)).flatten().tolist()
+        return f"row {bad[0]}'s scale m / ||W + s B A|| is not finite ({len(bad)} such row(s))"
+
     def _scale_of(self, adapted: Tensor) -> Tensor:
         return self.magnitude.to(adapted.device).float() / adapted.norm(dim=1)
 
