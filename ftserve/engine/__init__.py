@@ -22,6 +22,7 @@ class EngineKind(ABC):
     any slow work), ``prepare`` (once the base folder is known good), ``build``."""
 
     name: str
+    serves_row_scaled = True  # the row-scaled adapter form (DoRA's, methods/factors.py); else refused at load
 
     def missing(self) -> str | None:
         """What to install for this engine, when this install lacks it; None when it can be built."""
@@ -60,6 +61,7 @@ class VllmKind(EngineKind):
     one, is refused in one line); a worker node (``headless``) runs vLLM's workers and serves nothing."""
 
     name = "vllm"
+    serves_row_scaled = False  # vLLM's LoRA adds a low-rank term; it cannot rescale the base output per row
 
     def missing(self) -> str | None:
         from .vllm import INSTALL, available

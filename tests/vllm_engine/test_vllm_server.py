@@ -30,7 +30,7 @@ if NEEDED and os.environ.get("FTSERVE_REQUIRE_VLLM") == "1":
     pytest.fail(f"FTSERVE_REQUIRE_VLLM=1 but {NEEDED}", pytrace=False)
 
 from support.answer_models import MULTI_BYTE_ANSWER, save_multi_byte_model, streamed_chat_bytes  # noqa: E402
-from support.cases import METHODS  # noqa: E402
+from support.cases import PLAIN_FORM  # noqa: E402
 from support.engine import PROMPTS, references, write_random_adapter  # noqa: E402
 from support.processes import ServerProcess  # noqa: E402
 
@@ -47,9 +47,10 @@ def adapter_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def five(llama_dir, adapter_root):
-    """An adapter of each of the five methods (random, nonzero, changing greedy tokens), named by method."""
+    """An adapter of each method vLLM serves (those with a plain-LoRA form: the five; random, nonzero, changing
+    greedy tokens), named by method."""
     return {m: write_random_adapter(llama_dir, adapter_root / m.replace("+", "plus"), m, seed=20 + i)
-            for i, m in enumerate(METHODS)}
+            for i, m in enumerate(PLAIN_FORM)}
 
 
 def serve_args(base, adapters: dict, *extra: str) -> list[str]:
@@ -102,7 +103,7 @@ def decoded(tokenizer, ids_per_prompt) -> list[list[str]]:
     return [[tokenizer.decode([t]) for t in ids] for ids in ids_per_prompt]
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", PLAIN_FORM)
 def test_each_method_gives_the_torch_engines_and_the_merged_models_tokens(method, servers, llama_dir, five,
                                                                           tokenizer):
     vllm, torch = servers
