@@ -238,6 +238,62 @@ def delta_trajectory(ratio: float = 2.0, start_step: int = 0, steps: int = 3, lr
     }
 
 
+# DoRA's magnitude, one per output row. In `linear` (s = 2) the rows of W + s B A are [3, 0, 0, 0.5],
+# [1, 3, 0.5, -0.75] and [0.25, -4, 1, 1], of norms sqrt(9.25), sqrt(10.8125) and 4.25: r = m / norm is 5 / 4.25
+# on the last row, and differs from one on every row.
+MAGNITUDE = [4.0, 3.0, 5.0]
+
+
+def dora_cases() -> list[dict]:
+    """DoRA (arXiv:2402.09353): W' = diag(r) (W + s B A), r = m / ||W + s B A||_row (each row's 2-norm over
+    d_in); h = x W'^T + bias (the bias is not scaled); dense delta W' - W; no plain-LoRA export: the served form
+    is A, B, s with the magnitude m and the row scale r."""
+    cases = []
+    for name, layer, alpha, rslora in (("linear", "linear", 4.0, False), ("linear_rslora", "linear", 4.0, True),
+                                       ("conv1d", "conv1d", 4.0, False)):
+        r = len(A)
+        s = lora_scale(alpha, r, rslora)
+        adapted = t(W) + s * t(B) @ t(A)
+        norm = adapted.norm(dim=1)
+        row_scale = t(MAGNITUDE) / norm
+        delta = row_scale[:, None] * adapted - t(W)
+        config = {"method": "dora", "lora_r": r, "lora_alpha": alpha, "use_rslora": rslora}
+        case = layer_case(name, layer, W, BIAS, X, delta, t(A), t(B), s,
+                          {"lora_A.weight": A, "lora_B.weight": B, "lora_magnitude_vector": MAGNITUDE},
+                          {"config": config, "scale": out(s)})
+        case["expected"]["export"]["magnitude"] = MAGNITUDE
+        case["expected"].update(adapted_norm=out(norm), row_scale=out(row_scale))
+        cases.append(case)
+    return cases
+
+
+def dora_gradients() -> dict:
+    """DoRA's gradients with the norm detached (the paper's section 4.3, PEFT): with L = 1/2 sum (h - y)^2,
+    G = h - y, V = W + s B A and r = m / ||V||_row a constant in the norm,
+    dL/dm = sum_n G (x V^T) / ||V||_row, dL/dB = s (G r)^T (x A^T), dL/dA = s B^T (G r)^T x."""
+    r, alpha = len(A), 4.0
+    s = lora_scale(alpha, r, False)
+    w, x, a, b, bias, m = t(W), t(X), t(A), t(B), t(BIAS), t(MAGNITUDE)
+    y = t([[0.0, 1.0, -1.0], [2.0, 0.0, 0.5]])
+    adapted = w + s * b @ a
+    norm = adapted.norm(dim=1)
+    h = (m / norm) * (x @ adapted.T) + bias
+    g = h - y
+    g_scaled = g * (m / norm)
+    return {
+        "config": {"method": "dora", "lora_r": r, "lora_alpha": alpha},
+        "loss": "0.5 * sum((h - y)^2)",
+        "inputs": {"base_weight": W, "base_bias": BIAS, "x": X, "y": y.tolist(), "lora_A.weight": A,
+                   "lora_B.weight": B, "lora_magnitude_vector": MAGNITUDE},
+        "expected": {
+            "loss": out(0.5 * float((g ** 2).sum())),
+            "grad_lora_magnitude_vector": out((g * (x @ adapted.T)).sum(0) / norm),
+            "grad_lora_B": out(s * g_scaled.T @ (x @ a.T)),
+            "grad_lora_A": out(s * b.T @ g_scaled.T @ x),
+        },
+    }
+
+
 def documents() -> dict[str, dict]:
     common = {"generated_by": "adapters_spec/make_golden.py", "tolerance_float32": {"rtol": 1e-5, "atol": 1e-5}}
     return {
@@ -249,6 +305,8 @@ def documents() -> dict[str, dict]:
         "vera": {"method": "vera", "spec": "adapters_spec/vera.md", **common, **vera()},
         "delta_lora": {"method": "delta-lora", "spec": "adapters_spec/delta_lora.md", **common,
                        "cases": delta_static(2.0), "trajectory": delta_trajectory()},
+        "dora": {"method": "dora", "spec": "adapters_spec/dora.md", **common, "cases": dora_cases(),
+                 "gradients": dora_gradients()},
     }
 
 

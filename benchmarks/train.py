@@ -3,7 +3,9 @@
 * Step time (forward + backward + AdamW step) of each of our methods relative to PEFT's same method, on
   copies of one base, interleaved step by step (the order flips every round); the figure is the median of
   the per-round ratios ours / PEFT. LoRA+ is compared with PEFT's ``create_loraplus_optimizer``, Delta-LoRA
-  (past its start step, so its snapshot term runs) with PEFT LoRA, LoRA-FA with PEFT LoRA whose A is frozen.
+  (past its start step, so its snapshot term runs) with PEFT LoRA, LoRA-FA with PEFT LoRA whose A is frozen,
+  DoRA with PEFT's ``use_dora`` (which forms the dense ``W + s B A`` every step; ours expands the row norm and
+  keeps ``||W||_row`` from the first step) and, ``dora_step_ratio_vs_our_lora``, with our own LoRA step.
 * Activation memory: bytes of non-parameter tensors saved for backward in one training forward, counted with
   ``torch.autograd.graph.saved_tensors_hooks`` and de-duplicated by storage; LoRA-FA against LoRA, ours and
   PEFT's (A frozen), with lora_dropout 0 and 0.05.
@@ -67,7 +69,8 @@ def peft(base: nn.Module, method: str, r: int, dropout: float) -> tuple[nn.Modul
     if method == "vera":
         config = VeraConfig(r=r, target_modules=TARGETS, vera_dropout=dropout, d_initial=0.1, projection_prng_key=0)
     else:
-        config = LoraConfig(r=r, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=TARGETS)
+        config = LoraConfig(r=r, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=TARGETS,
+                            use_dora=method == "dora")
     model = get_peft_model(copy.deepcopy(base), config).train()
     if method == "lora-fa":  # LoRA with A frozen, the plain way
         for name, param in model.named_parameters():
@@ -89,9 +92,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: torch.
 
 
 def step_times(base, batch, ours_spec: tuple, peft_spec: tuple, rounds: int, warmup: int) -> dict:
-    """Median seconds per step of ours and PEFT's, and the median of the per-round ratios ours / PEFT."""
+    """Median seconds per step of ours and PEFT's (``peft_spec`` starting with "ours": our own method's), and the
+    median of the per-round ratios ours / PEFT."""
     ours_model, ours_opt = ours(base, *ours_spec[:3], **(ours_spec[3] if len(ours_spec) > 3 else {}))
-    peft_model, peft_opt = peft(base, *peft_spec)
+    reference = ours if peft_spec[0] == "ours" else peft
+    peft_model, peft_opt = reference(base, *peft_spec[-3:])
     pair = [(ours_model, ours_opt), (peft_model, peft_opt)]
     for _ in range(warmup):
         for model, opt in pair:
@@ -155,7 +160,8 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.05, help="lora_dropout of the timed runs (not Delta-LoRA)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", default=None,
-                        help="comma-separated step-time pairs to run (lora,vera,vera_r16,loraplus,delta_lora,lorafa), "
+                        help="comma-separated step-time pairs to run (lora,vera,vera_r16,loraplus,delta_lora,lorafa,dora,"
+                             "dora_vs_our_lora), "
                              "or 'none' for the memory and parameter figures alone; default all")
     args = parser.parse_args()
     shape = QUICK if args.quick else FULL
@@ -173,6 +179,8 @@ def main() -> None:
         "loraplus": (("lora+", LORA_R, p), ("lora+", LORA_R, p)),
         "delta_lora": (("delta-lora", LORA_R, 0.0, {"delta_start_step": 0}), ("lora", LORA_R, 0.0)),
         "lorafa": (("lora-fa", LORA_R, p), ("lora-fa", LORA_R, p)),
+        "dora": (("dora", LORA_R, p), ("dora", LORA_R, p)),
+        "dora_vs_our_lora": (("dora", LORA_R, p), ("ours", "lora", LORA_R, p)),
     }
     if args.only is not None:
         chosen = set(filter(None, args.only.split(","))) - {"none"}
@@ -184,8 +192,11 @@ def main() -> None:
     raw: dict = {}
     for name, (ours_spec, peft_spec) in runs.items():
         result = step_times(base, batch, ours_spec, peft_spec, rounds, warmup=1)
-        figures[f"{name}_step_ratio_vs_peft"] = result["ratio"]
-        raw[f"{name}_step_s"], raw[f"peft_{name}_step_s"] = result["ours_s"], result["peft_s"]
+        if peft_spec[0] == "ours":
+            figures[f"{name.replace('_vs_', '_step_ratio_vs_')}"] = result["ratio"]
+        else:
+            figures[f"{name}_step_ratio_vs_peft"] = result["ratio"]
+            raw[f"{name}_step_s"], raw[f"peft_{name}_step_s"] = result["ours_s"], result["peft_s"]
         print(f"{name}: {result}", file=sys.stderr, flush=True)
 
     figures.update(activation_ratios(base, batch))

