@@ -77,7 +77,7 @@ class BatchedLoraLinear(nn.Module):
 
     def _merged(self, x: Tensor, slot: int, r: int) -> Tensor:
         """Every row on one slot, enough of them: the base layer on a temporary merged weight, one GEMM;
-        ``diag(r) W + Bt^T A`` (which is ``diag(r) (W + s B^T A)``) for a row-scaled slot, its bias untouched."""
+        ``diag(r) W + Bt^T A``, which is ``diag(r) (W + s B A)``, for a row-scaled slot, its bias untouched."""
         base = self.base_layer
         linear = isinstance(base, nn.Linear)
         low = (self.Bt[slot, :r].T, self.A[slot, :r]) if linear else (self.A[slot, :r].T, self.Bt[slot, :r])
