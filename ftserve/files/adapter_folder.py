@@ -72,6 +72,8 @@ class AdapterFolder:
         for name, state in self.modules.items():
             try:
                 factors[name] = method.export_factors(state, shared, self.config, name, sizes.get(name))
+            except AdapterFileError as exc:  # the saved tensors disagree with each other
+                raise AdapterFileError(f"{self.path}: {exc}") from None
             except ValueError as exc:
                 raise AdapterFileError(f"{self.path}: {exc}; pass the base model to supply layer sizes") from None
         return factors

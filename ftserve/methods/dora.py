@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import AdapterFileError
 from .base import LoraFactors
 from .lora import Lora, LoraLayer
 
@@ -47,6 +48,42 @@ def dense_weight(layer) -> Tensor:
     import bitsandbytes as bnb
 
     return bnb.functional.dequantize_4bit(weight.data, quant_state)
+
+
+class _RowScaledAdd(torch.autograd.Function):
+    """``y = r ⊙ (out - bias + s u B^T) + bias`` for the base output ``out`` (bias included) and ``u = A x``,
+    in two passes over the output (the add into ``out``, the scale); backward in as few:
+
+        dy/dout = r ⊙ G,   dL/du = s (r ⊙ G) B,   dL/dB = s (r ⊙ G)^T u,
+        dL/dr = Σ_n G ⊙ (out - bias + s u B^T)  (per output row, over the tokens)
+    """
+
+    @staticmethod
+    def forward(ctx, out, u, B, r, bias, scale: float):
+        u2 = u.reshape(-1, u.shape[-1])
+        adapted = torch.addmm(out.reshape(-1, out.shape[-1]), u2, B.t(), alpha=scale)  # W x + bias + s B A x
+        y = adapted * r if bias is None else torch.addcmul(bias * (1 - r), adapted, r)
+        ctx.save_for_backward(adapted, u2, B, r, bias)
+        ctx.scale, ctx.out_shape, ctx.u_shape = scale, out.shape, u.shape
+        return y.view(out.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        adapted, u2, B, r, bias = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        g_r = g * r
+        grad_u = grad_B = grad_r = None
+        # Under autocast the forward's products ran in 16 bits: each product here takes its saved operand's
+        # dtype, and autograd casts every gradient to its input's.
+        if ctx.needs_input_grad[1]:
+            grad_u = torch.mm(g_r.to(B.dtype), B).mul_(ctx.scale).view(ctx.u_shape)
+        if ctx.needs_input_grad[2]:
+            grad_B = torch.mm(g_r.t().to(u2.dtype), u2).mul_(ctx.scale)
+        if ctx.needs_input_grad[3]:
+            grad_r = torch.linalg.vecdot(g, adapted.to(g.dtype), dim=0)
+            if bias is not None:
+                grad_r -= bias * g.sum(dim=0)
+        return g_r.view(ctx.out_shape), grad_u, grad_B, grad_r, None, None
 
 
 class DoraLayer(LoraLayer):
@@ -68,10 +105,10 @@ class DoraLayer(LoraLayer):
         weight = dense_weight(self.base_layer)
         w_a = A.to(weight.dtype) @ weight if self.is_conv1d else weight @ A.T.to(weight.dtype)
         w_a = (w_a.T if self.is_conv1d else w_a).float()  # W A^T, (d_out, r)
-        cross = (w_a * B).sum(dim=1)
-        quad = ((B @ (A @ A.T)) * B).sum(dim=1)
         s = self.scale
-        return (self.base_norm_sq + 2 * s * cross + s * s * quad).clamp_min(0).sqrt()
+        # B ⊙ (2 s W A^T + s^2 B A A^T), summed per row: the cross and the square terms in one pass
+        terms = torch.linalg.vecdot(torch.addmm(w_a, B, A @ A.T, beta=2 * s, alpha=s * s), B)
+        return (self.base_norm_sq + terms).clamp_min_(0).sqrt_()
 
     def row_scale(self) -> Tensor:
         """``r = m / ||W + s B A||_row``, with the gradient to m only."""
@@ -82,17 +119,15 @@ class DoraLayer(LoraLayer):
         x = x.to(self.lora_A.weight.dtype)
         r = self.row_scale()
         bias = self.base_layer.bias
+        bias = None if bias is None else bias.to(r.dtype)
         dropped = self.lora_dropout(x)
         u = self.lora_A(dropped)
-        if self.training and isinstance(self.lora_dropout, nn.Dropout):  # the rescaled base term: W dropout(x)
-            base = self.base_layer(dropped.to(out.dtype))
-            base = base if bias is None else base - bias
-            low = F.linear(u, self.lora_B.weight) * self.scale
-            return (out + (r - 1) * base + r * low).to(out.dtype)
-        adapted = torch.addmm(out.reshape(-1, out.shape[-1]).to(u.dtype), u.reshape(-1, u.shape[-1]),
-                              self.lora_B.weight.t(), alpha=self.scale)  # W x + bias + s B A x
-        shift = 0 if bias is None else bias.to(r.dtype) * (1 - r)
-        return torch.addcmul(torch.as_tensor(shift, dtype=r.dtype), adapted, r).view(out.shape).to(out.dtype)
+        if not (self.training and isinstance(self.lora_dropout, nn.Dropout)):
+            return _RowScaledAdd.apply(out.to(u.dtype), u, self.lora_B.weight, r, bias, self.scale).to(out.dtype)
+        # Dropout on, as PEFT: out + r ⊙ (W dropout(x) + s B A dropout(x)) - W dropout(x)
+        base = self.base_layer(dropped.to(out.dtype)).to(u.dtype)
+        scaled = _RowScaledAdd.apply(base, u, self.lora_B.weight, r, bias, self.scale)
+        return (out + (scaled - base)).to(out.dtype)
 
     def lora_factors(self) -> LoraFactors:
         return dora_factors(self.adapter_state(), self.scale)
@@ -131,7 +166,7 @@ class Dora(Lora):
     def export_factors(self, state, shared, config, module_name, in_features):
         d_out = state["lora_B.weight"].shape[0]
         if tuple(state[MAGNITUDE].shape) != (d_out,):
-            raise ValueError(f"{module_name}.{MAGNITUDE} has shape {tuple(state[MAGNITUDE].shape)}, but its "
+            raise AdapterFileError(f"{module_name}.{MAGNITUDE} has shape {tuple(state[MAGNITUDE].shape)}, but its "
                              f"lora_B.weight has {d_out} output rows; one magnitude per output row is needed")
         return dora_factors(state, config.scale_for(module_name))
 
