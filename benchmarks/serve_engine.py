@@ -145,8 +145,11 @@ async def measure(shape, paths, prompts: torch.Tensor, new_tokens: int, solo_req
                  for i, name in enumerate(names)]
     dora_spread = [with_dora[i % len(with_dora)] for i in range(prompts.shape[0])]
     ids = prompts.tolist()
-    engine = TorchEngine(build_model(shape), None, max_loras=len(names) + len(dora_names), max_batch_size=len(ids),
-                         max_lora_rank=16, max_model_len=prompts.shape[1] + new_tokens + 8,
+    # 8 slots whatever is loaded: each mix takes all of them (4 slots rewritten when the other mix's run starts), so
+    # both read their factors as one view of the stacked slots, not a gather of scattered ones; every adapter stays
+    # in memory, so none is read again.
+    engine = TorchEngine(build_model(shape), None, max_loras=len(names), max_cpu_loras=len(names) + len(dora_names),
+                         max_batch_size=len(ids), max_lora_rank=16, max_model_len=prompts.shape[1] + new_tokens + 8,
                          max_num_batched_tokens=8192)
     best: dict[str, float] = {}
 
