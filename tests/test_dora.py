@@ -5,10 +5,10 @@ each refused in one line with nothing written."""
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,7 +183,7 @@ def test_inspect_shows_a_dora_adapter_as_row_scaled_and_not_for_vllm(tmp_path):
 
 # Bad input ---------------------------------------------------------------------------------------------
 
-def edited_folder(tmp_path, edit) -> "Path":  # noqa: F821
+def edited_folder(tmp_path: Path, edit) -> Path:
     from safetensors.torch import load_file, save_file
 
     path = tmp_path / "adapter"

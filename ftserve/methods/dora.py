@@ -19,17 +19,18 @@ The norm without the dense weight: PEFT forms ``W + s B A`` (d_out x d_in) every
 
     ||W + s B A||^2_row = ||W||^2_row + 2 s ((W A^T) ⊙ B).sum(1) + s^2 ((B (A A^T)) ⊙ B).sum(1)
 
-where ``||W||^2_row`` is computed once (W is frozen) and the rest costs one ``(d_out x d_in) @ (d_in x r)``
-product, in W's own dtype, and r-sized ones: no d_out x d_in temporary. Everything after ``W A^T`` is fp32.
+where ``||W||^2_row`` is computed once, in fp32 (W is frozen), and the rest costs one ``(d_out x d_in) @
+(d_in x r)`` product in W's own dtype (a 16-bit W is not copied to fp32; PEFT computes the whole norm in the
+input's dtype) and r-sized ones in fp32: no d_out x d_in temporary. The row scale then costs two passes over the
+output forward and two backward (``_RowScaledAdd``), where PEFT's autograd makes several.
 
 There is no exact plain-LoRA form (r depends on the base weight): the served form is row-scaled
-(``LoraFactors.magnitude``); folded, merged and served on the torch engine, never exported as a plain LoRA.
+(``LoraFactors.magnitude``), folded, merged and served unmerged on the torch engine.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import AdapterFileError
