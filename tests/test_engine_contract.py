@@ -23,7 +23,7 @@ from ftserve.engine.errors import (AdapterExistsError, AdapterLoadError, Context
 from ftserve.engine.options import EngineOptions, EngineOptionsError
 from ftserve.errors import ServingError
 from ftserve.testing import save_tiny_model
-from support.cases import METHODS
+from support.cases import METHODS, PLAIN_FORM
 from support.engine import PROMPTS, collect, greedy, references, write_random_adapter
 
 PROMPT = [1, 5, 6, 7, 8, 9]
@@ -160,20 +160,21 @@ def test_vllm_flags_are_refused_by_the_torch_engine(llama_dir):
 # Outputs -----------------------------------------------------------------------------------------------
 
 def test_mixed_batch_equals_solo_and_merged_runs(kind, llama_dir, adapters):
-    """Every request of a batch mixing every registered method and the base equals its solo unmerged and merged
-    run."""
-    jobs = [(name, i) for name in [None, *METHODS] for i in range(len(PROMPTS))]
-    expected = {name: references(llama_dir, adapters.get(name), PROMPTS) for name in [None, *METHODS]}
-    merged = {name: references(llama_dir, adapters[name], PROMPTS, merged=True) for name in METHODS}
+    """Every request of a batch mixing every method the engine serves (all of them; vLLM: those with a plain-LoRA
+    form) and the base equals its solo unmerged and merged run."""
+    methods = METHODS if ENGINES[kind].serves_row_scaled else PLAIN_FORM
+    jobs = [(name, i) for name in [None, *methods] for i in range(len(PROMPTS))]
+    expected = {name: references(llama_dir, adapters.get(name), PROMPTS) for name in [None, *methods]}
+    merged = {name: references(llama_dir, adapters[name], PROMPTS, merged=True) for name in methods}
 
     async def main():
-        engine = build(kind, llama_dir, max_loras=len(METHODS), max_num_seqs=32)
+        engine = build(kind, llama_dir, max_loras=len(methods) + 1, max_num_seqs=32)
         async with engine:
-            for name, path in adapters.items():
-                await engine.load_adapter(name, str(path))
+            for name in methods:
+                await engine.load_adapter(name, str(adapters[name]))
             outs = await asyncio.gather(*[collect(engine, GenerationRequest(PROMPTS[i], adapter=n, params=greedy()))
                                           for n, i in jobs])
-            assert {i.name: i.method for i in engine.list_adapters()} == {m: m for m in METHODS}
+            assert {i.name: i.method for i in engine.list_adapters()} == {m: m for m in methods}
             return outs
 
     outs = asyncio.run(main())
@@ -181,7 +182,7 @@ def test_mixed_batch_equals_solo_and_merged_runs(kind, llama_dir, adapters):
         assert ids == expected[name][i], f"{name} on prompt {i}"
         assert name is None or ids == merged[name][i], f"{name} merged on prompt {i}"
         assert finish == "length"
-    assert len({tuple(expected[n][0]) for n in [None, *METHODS]}) == len(METHODS) + 1  # each changes the output
+    assert len({tuple(expected[n][0]) for n in [None, *methods]}) == len(methods) + 1  # every adapter changes it
 
 
 def test_seeded_sampling_is_reproducible_in_any_batch(kind, llama_dir, adapters):

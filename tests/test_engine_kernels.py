@@ -148,6 +148,7 @@ def scaled_layer(conv1d: bool, dtype: torch.dtype = torch.float32):
     [1, 0, None, 1, 2, 0, None, 2, 1],  # scaled, plain and base rows interleaved
     [0, 0, None, 0],  # no scaled slot in the batch: no scale applied anywhere
     [None, 2, 2, 2],  # one scaled slot between base rows
+    [0, 0, 1, 1, 2, 2],  # padded, the layout is the activation itself: scaled per chunk, without gathers
 ])
 def test_row_scaled_slots_scale_their_rows_and_leave_plain_and_base_rows_alone(row_slots, by_runs, conv1d, dtype):
     from ftserve.engine.torch.kernels import LoraBatch

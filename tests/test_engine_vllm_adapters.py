@@ -8,11 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ftserve.engine import ENGINES
 from ftserve.engine.errors import AdapterLoadError
-from ftserve.engine.options import EngineOptionsError
+from ftserve.engine.options import EngineOptions, EngineOptionsError
 from ftserve.engine.vllm.adapters import (base_shapes, check_rank, derived_max_lora_rank, prepare, round_rank,
                                           zero_adapter)
 from ftserve.files.adapter_folder import read_adapter
+from ftserve.server.errors import from_exception
+from ftserve.testing import peft_dora_model
 from support.engine import write_random_adapter
 
 
@@ -70,3 +73,24 @@ def test_the_zero_adapter_changes_nothing(llama_dir, tmp_path):
     tensors = load_file(path / "adapter_model.safetensors")
     assert tensors and all(not t.any() for t in tensors.values())
     assert read_adapter(path).config.lora_r == 1
+
+
+def test_a_dora_adapter_is_refused_in_one_line_naming_the_torch_engine_and_ftserve_merge(llama_dir, tmp_path):
+    """A DoRA folder as PEFT writes it: refused at startup by the vllm entry before vLLM is built (with
+    --max-lora-rank derived or given), and at runtime by ``prepare`` (the load API's and resolution's path), an
+    AdapterLoadError the server answers 400; nothing is written to the export cache."""
+    adapter = tmp_path / "dora"
+    peft_dora_model(llama_dir, rank=4, seed=5).save_pretrained(adapter)
+    startup = {"dora": str(adapter)}
+    refusals = [lambda: ENGINES["vllm"].prepare(str(llama_dir), EngineOptions(), startup),
+                lambda: ENGINES["vllm"].prepare(str(llama_dir), EngineOptions(max_lora_rank=16), startup),
+                lambda: prepare(adapter, base_shapes(llama_dir), 16, cache=tmp_path / "cache")]
+    for refusal in refusals:
+        with pytest.raises(AdapterLoadError) as info:
+            refusal()
+        message = str(info.value)
+        assert "\n" not in message and str(adapter) in message
+        assert "which vLLM's LoRA cannot serve; serve it with --engine torch, or merge it into the base model " \
+               "(`ftserve merge`)" in message
+        assert from_exception(info.value).status == 400
+    assert not (tmp_path / "cache").exists()

@@ -22,6 +22,7 @@ class EngineKind(ABC):
     any slow work), ``prepare`` (once the base folder is known good), ``build``."""
 
     name: str
+    serves_row_scaled = True  # the row-scaled adapter form (DoRA's, methods/factors.py); else refused at load
 
     def missing(self) -> str | None:
         """What to install for this engine, when this install lacks it; None when it can be built."""
@@ -56,9 +57,11 @@ class TorchKind(EngineKind):
 
 class VllmKind(EngineKind):
     """vLLM's engine: its LoRA buffers are sized by ``max_lora_rank``, derived from the startup adapters when not
-    given; a worker node (``headless``) runs vLLM's workers and serves nothing."""
+    given; the startup adapters are checked before vLLM starts (one that it cannot serve, such as a row-scaled
+    one, is refused in one line); a worker node (``headless``) runs vLLM's workers and serves nothing."""
 
     name = "vllm"
+    serves_row_scaled = False  # vLLM's LoRA adds a low-rank term; it cannot rescale the base output per row
 
     def missing(self) -> str | None:
         from .vllm import INSTALL, available
@@ -71,10 +74,11 @@ class VllmKind(EngineKind):
 
             run_headless(base, options)
             return None
-        if options.max_lora_rank is None:
-            from .vllm.adapters import derived_max_lora_rank
+        from .vllm.adapters import derived_max_lora_rank, startup_rank
 
-            options = replace(options, max_lora_rank=derived_max_lora_rank(base, adapters))
+        if options.max_lora_rank is None:
+            return replace(options, max_lora_rank=derived_max_lora_rank(base, adapters))
+        startup_rank(base, adapters, options.max_lora_rank)  # refuses an adapter vLLM cannot serve, before it starts
         return options
 
     def build(self, base: str, options: EngineOptions) -> Engine:

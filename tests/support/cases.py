@@ -14,6 +14,7 @@ from ftserve.methods import METHODS as REGISTRY
 from ftserve.methods import AdapterMethod
 
 METHODS = tuple(REGISTRY)  # the method names, as registered when the tests are collected
+PLAIN_FORM = tuple(name for name, method in REGISTRY.items() if not method.row_scaled)  # exact plain-LoRA export
 KINDS = ("llama", "gpt2")
 RANK, ALPHA = 4, 8
 RANK_WITHOUT_SCALE = 16  # VeRA: its shared pair is sliced per layer, and its two vectors want a larger rank

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ftserve import FineTuningModel
-from ftserve.testing import save_random_adapter
+from ftserve.testing import peft_dora_model, save_random_adapter
 
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 40, 41], [1, 100, 200, 300, 400, 500, 600, 700, 800]]
 NEW = 8
@@ -19,6 +19,19 @@ def write_random_adapter(base_dir, out, method: str, seed: int, r: int = 4, targ
     rank 2r) at a scale that changes greedy tokens, so that a row served with the wrong adapter, or none, is
     caught."""
     return save_random_adapter(base_dir, method, out, seed, std=0.6, fan_in=True, rank=r, targets=targets)
+
+
+def write_peft_dora(base_dir, out, seed: int, r: int = 4, steps: int = 3, lr: float = 1e-2) -> Path:
+    """A DoRA adapter trained by PEFT alone (``peft_dora_model``: factors drawn at the scale of
+    ``write_random_adapter``, so that it changes greedy tokens), then ``steps`` AdamW steps on the toy batch, which
+    move each magnitude m off its start, and ``save_pretrained``."""
+    from .models import TOY_IDS
+    from .training import train
+
+    model = peft_dora_model(base_dir, r, seed, std=0.6)
+    train(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr), TOY_IDS, steps)
+    model.save_pretrained(out)
+    return Path(out)
 
 
 def references(base_dir, adapter_dir, prompts, new=NEW, merged=False) -> list[list[int]]:

@@ -30,7 +30,7 @@ if NEEDED and os.environ.get("FTSERVE_REQUIRE_VLLM") == "1":
     pytest.fail(f"FTSERVE_REQUIRE_VLLM=1 but {NEEDED}", pytrace=False)
 
 from support.answer_models import MULTI_BYTE_ANSWER, save_multi_byte_model, streamed_chat_bytes  # noqa: E402
-from support.cases import METHODS  # noqa: E402
+from support.cases import PLAIN_FORM  # noqa: E402
 from support.engine import PROMPTS, references, write_random_adapter  # noqa: E402
 from support.processes import ServerProcess  # noqa: E402
 
@@ -47,9 +47,10 @@ def adapter_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def five(llama_dir, adapter_root):
-    """An adapter of each of the five methods (random, nonzero, changing greedy tokens), named by method."""
+    """An adapter of each method vLLM serves (those with a plain-LoRA form: the five; random, nonzero, changing
+    greedy tokens), named by method."""
     return {m: write_random_adapter(llama_dir, adapter_root / m.replace("+", "plus"), m, seed=20 + i)
-            for i, m in enumerate(METHODS)}
+            for i, m in enumerate(PLAIN_FORM)}
 
 
 def serve_args(base, adapters: dict, *extra: str) -> list[str]:
@@ -102,7 +103,7 @@ def decoded(tokenizer, ids_per_prompt) -> list[list[str]]:
     return [[tokenizer.decode([t]) for t in ids] for ids in ids_per_prompt]
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", PLAIN_FORM)
 def test_each_method_gives_the_torch_engines_and_the_merged_models_tokens(method, servers, llama_dir, five,
                                                                           tokenizer):
     vllm, torch = servers
@@ -144,6 +145,31 @@ def test_runtime_load_and_unload_as_on_the_torch_engine(servers, llama_dir, adap
     vllm, torch = seen
     assert vllm == torch
     assert vllm[:3] == (200, expected, 400) and vllm[4:6] == (403, 200)
+
+
+def test_a_dora_adapter_is_refused_with_a_400_and_at_startup_naming_the_torch_engine_and_ftserve_merge(
+        servers, llama_dir, adapter_root):
+    """A DoRA folder as PEFT writes it: through the load API a 400 (the torch engine beside loads it), and given at
+    startup a one-line error before vLLM starts (nothing of vLLM's start is logged)."""
+    from ftserve.testing import peft_dora_model
+
+    dora = adapter_root / "dora"
+    peft_dora_model(llama_dir, rank=4, seed=6).save_pretrained(dora)
+    reason = "which vLLM's LoRA cannot serve; serve it with --engine torch, or merge it into the base model " \
+             "(`ftserve merge`)"
+    vllm, torch = servers
+    refused = adapter_api(vllm, "load", lora_name="dora", lora_path=str(dora))
+    assert refused.status_code == 400 and reason in refused.json()["error"]["message"]
+    assert "dora" not in [card.id for card in vllm.client().models.list().data]
+    assert adapter_api(torch, "load", lora_name="dora", lora_path=str(dora)).status_code == 200
+    assert adapter_api(torch, "unload", lora_name="dora").status_code == 200
+    run = subprocess.run([sys.executable, "-c", "from ftserve.cli import main; main()", "serve",
+                          *serve_args(llama_dir, {"dora": dora}, "--engine", "vllm", "--port", "0")],
+                         capture_output=True, text=True, timeout=START_TIMEOUT,
+                         env={**os.environ, **VLLM_ENV, "HF_HUB_OFFLINE": "1"})
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode != 0 and lines[0].startswith("Loading ") and len(lines) == 2, run.stderr
+    assert lines[1].startswith(f"Error: adapter {dora} ") and reason in lines[1]
 
 
 SAME = [  # request bodies whose whole answer (text, tokens, usage, log probabilities) must be the same

@@ -7,7 +7,11 @@ For the rows of one forward pass, each row ``i`` reading slot ``a(i)`` (or none:
 and, for a slot holding a row-scaled adapter (methods/factors.py's LoraFactors: DoRA's form), its rows' whole
 output is rescaled per output feature, the bias excepted::
 
-    y_i = r_{a(i)} * (W x_i + delta_i) + bias = r_{a(i)} * out_i + (1 - r_{a(i)}) * bias
+    y_i = r_{a(i)} * (W x_i + delta_i) + bias = r_{a(i)} * out_i + (1 - r_{a(i)}) * bias + r_{a(i)} * delta_i
+
+where ``out_i = W x_i + bias`` is the base output. Such a slot's ``B`` is stored already scaled by ``r`` (row
+``j`` of ``s B`` times ``r_j``; lora_slots.py), so its term is ``r * delta`` as it comes out of the GEMMs and
+only the base output needs the scale: ``r * out + shift`` with ``shift = (1 - r) * bias``.
 
 The step's rows come as segments (a decode row, a prompt chunk); adjacent segments of one slot merge into
 runs. The term's cost is not its flops but the passes over memory around them (the row gathers of a padded
@@ -16,7 +20,7 @@ two paths, picked per batch (``LoraBatch.by_runs``):
 
 * runs (few runs, or long ones such as prompt chunks): per run, two GEMMs on views of the activation, the
   second one ``addmm_`` straight into the base output: no gathers, no padding, no temporary the size of it;
-  a row-scaled slot's run is rescaled in place right after, while it is in cache;
+  a row-scaled slot's run has its base output rescaled in place just before;
 * the padded layout (many short runs: decode rows of interleaved adapters): rows grouped by slot as
   ``(chunks, m, d_in)`` (a group larger than ``m`` rows cut into chunks of m, so the layout never exceeds
   ``2 N + G`` rows for N rows in G groups), then two ``torch.bmm`` between two row gathers, as Punica's SGMV
@@ -24,8 +28,10 @@ two paths, picked per batch (``LoraBatch.by_runs``):
 
     x ──gather──► (C, m, d_in) ──bmm A^T──► (C, m, r) ──bmm Bt──► (C, m, d_out) ──gather──► + out
 
-  and, when a row-scaled slot is in the batch, one more pass: each row times its slot's row scale (ones for
-  plain slots and the base model) plus its shift.
+  and, when a row-scaled slot is in the batch, the add becomes ``out * r + term`` in one pass (``addcmul``),
+  ``r`` gathered per row (ones for plain slots and the base model), the shift added to the term per chunk,
+  before its gather. Where the layout is the activation itself (every group a whole chunk, in order), the
+  scale and the shift are applied per chunk, with no gather at all.
 
 A batch without a row-scaled slot makes no pass for the scale. When one run covers every row and there are
 at least ``merged_rows`` of them (a prompt of one adapter), lora_slots.py runs the base layer on a temporary
@@ -63,12 +69,16 @@ class RowScales:
     shift: Tensor | None
     slots: frozenset[int]
 
-    def apply(self, out: Tensor, slot: int | Tensor) -> None:
-        """``out = r * out + (1 - r) * bias`` in place: every row of ``out`` on ``slot``, or with a tensor of
-        slots, each row on its own (a gather of their scales)."""
+    def apply(self, out: Tensor, slot: int) -> None:
+        """``out = r * out + (1 - r) * bias`` in place, for rows of ``out`` (the base output) on ``slot``."""
         out.mul_(self.scale[slot])
         if self.shift is not None:
             out.add_(self.shift[slot])
+
+    def shift_chunks(self, slots: Tensor) -> Tensor | None:
+        """The shift of each chunk of a padded layout, its chunks on ``slots``: ``(chunks, 1, d_out)``; None
+        without a bias."""
+        return None if self.shift is None else self.shift.index_select(0, slots).unsqueeze(1)
 
 
 class LoraBatch:
@@ -163,9 +173,10 @@ def lora_delta(x: Tensor, batch: LoraBatch, A: Tensor, Bt: Tensor, rank: int, ou
     returned (zero on base-model rows); without ``out``, the term alone.
 
     ``A (slots, max_rank, d_in)`` and ``Bt (slots, max_rank, d_out)`` are the stacked factors, ``(s B)^T`` in
-    ``Bt``; only their first ``rank`` rows are read (rows past an adapter's own rank are zero). With ``rows``
-    (the batch reads a row-scaled slot; ``out`` is then the base output, bias included), the rows of each
-    row-scaled slot end as ``r * (out + term) + (1 - r) * bias``.
+    ``Bt`` (``(s B)^T`` times ``r`` per column for a row-scaled slot); only their first ``rank`` rows are read
+    (rows past an adapter's own rank are zero). With ``rows`` (the batch reads a row-scaled slot; ``out`` is
+    then the base output, bias included), the rows of each row-scaled slot end as
+    ``r * out + (1 - r) * bias + term``, which is ``r * (W x + s B A x) + bias``.
     """
     if out is None:
         out = x.new_zeros(x.shape[0], Bt.shape[-1])
@@ -173,18 +184,18 @@ def lora_delta(x: Tensor, batch: LoraBatch, A: Tensor, Bt: Tensor, rank: int, ou
         return out
     if batch.by_runs:
         for slot, start, end in batch.runs:
-            out[start:end].addmm_(torch.mm(x[start:end], A[slot, :rank].T), Bt[slot, :rank])
             if rows is not None and slot in rows.slots:
                 rows.apply(out[start:end], slot)
+            out[start:end].addmm_(torch.mm(x[start:end], A[slot, :rank].T), Bt[slot, :rank])
         return out
-    _padded_delta(x, batch, A, Bt, rank, out)
-    if rows is not None:
-        rows.apply(out, batch.row_slots(rows.scale.shape[0] - 1))
+    _padded_delta(x, batch, A, Bt, rank, out, rows)
     return out
 
 
-def _padded_delta(x: Tensor, batch: LoraBatch, A: Tensor, Bt: Tensor, rank: int, out: Tensor) -> None:
-    """The term through the padded layout, added into ``out`` in place."""
+def _padded_delta(x: Tensor, batch: LoraBatch, A: Tensor, Bt: Tensor, rank: int, out: Tensor,
+                  rows: RowScales | None) -> None:
+    """The term through the padded layout, added into ``out`` in place (``out * r + shift + term`` with
+    ``rows``)."""
     if batch.slot_range is not None:
         A = A[batch.slot_range[0]:batch.slot_range[1], :rank]
         Bt = Bt[batch.slot_range[0]:batch.slot_range[1], :rank]
@@ -194,7 +205,12 @@ def _padded_delta(x: Tensor, batch: LoraBatch, A: Tensor, Bt: Tensor, rank: int,
     d_in, d_out = A.shape[-1], Bt.shape[-1]
     if batch.identity:
         h = torch.bmm(x.view(batch.chunks, batch.m, d_in), A.transpose(1, 2))
-        out.view(batch.chunks, batch.m, d_out).baddbmm_(h, Bt)
+        chunks = out.view(batch.chunks, batch.m, d_out)
+        if rows is not None:
+            chunks.mul_(rows.scale.index_select(0, batch.slot_index).unsqueeze(1))
+            if rows.shift is not None:
+                chunks.add_(rows.shift_chunks(batch.slot_index))
+        chunks.baddbmm_(h, Bt)
         return
     xs = x.index_select(0, batch.gather).view(batch.chunks, batch.m, d_in)
     h = torch.bmm(xs, A.transpose(1, 2))
@@ -203,4 +219,10 @@ def _padded_delta(x: Tensor, batch: LoraBatch, A: Tensor, Bt: Tensor, rank: int,
     y = x.new_empty(batch.chunks * batch.m + 1, d_out)
     y[-1].zero_()
     torch.bmm(h, Bt, out=y[:-1].view(batch.chunks, batch.m, d_out))
-    out.add_(y.index_select(0, batch.scatter))
+    if rows is None:
+        out.add_(y.index_select(0, batch.scatter))
+        return
+    if rows.shift is not None:  # padding rows get it too, but are never picked back
+        y[:-1].view(batch.chunks, batch.m, d_out).add_(rows.shift_chunks(batch.slot_index))
+    scale = rows.scale.index_select(0, batch.row_slots(rows.scale.shape[0] - 1))
+    torch.addcmul(y.index_select(0, batch.scatter), out, scale, out=out)

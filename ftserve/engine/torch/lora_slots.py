@@ -8,7 +8,7 @@ serves every row, and each row ``i`` adds its own adapter's low-rank term::
 Every target module keeps two stacked tensors, allocated once on first use::
 
     A  (max_loras, max_rank, d_in)          rows past an adapter's rank are zero
-    Bt (max_loras, max_rank, d_out)         (s B)^T
+    Bt (max_loras, max_rank, d_out)         (s B)^T; (diag(r) s B)^T for a row-scaled adapter (below)
 
 A module on which some slot holds a row-scaled adapter (DoRA's form: ``y = r * (W x + s B A x) + bias``, the
 row scale ``r`` computed once per adapter read from the served base weight) also keeps, allocated when the
@@ -16,6 +16,9 @@ first such adapter is written::
 
     scale (max_loras + 1, d_out)            r per slot, ones for a plain slot and in the base model's last row
     shift (max_loras + 1, d_out)            (1 - r) * bias, zeros likewise; only for a module with a bias
+
+so that ``y = r * out + shift + Bt^T (A x)`` for the base output ``out = W x + bias``: the term comes out of the
+GEMMs already scaled and only the base output takes ``r`` (kernels.py).
 
 The term itself, over a batch whose rows each read one slot (or none, the base model), is ``lora_delta``
 (kernels.py: per contiguous run of a slot, or through a padded layout for many short runs), added in place
@@ -74,16 +77,17 @@ class BatchedLoraLinear(nn.Module):
 
     def _merged(self, x: Tensor, slot: int, r: int) -> Tensor:
         """Every row on one slot, enough of them: the base layer on a temporary merged weight, one GEMM;
-        ``diag(r) (W + Bt^T A)`` for a row-scaled slot, its bias untouched."""
+        ``diag(r) W + Bt^T A``, which is ``diag(r) (W + s B A)``, for a row-scaled slot, its bias untouched."""
         base = self.base_layer
-        if isinstance(base, nn.Linear):
-            weight = torch.addmm(base.weight, self.Bt[slot, :r].T, self.A[slot, :r])
-            if slot in self.scaled:
-                weight.mul_(self.scale[slot].unsqueeze(1))
+        linear = isinstance(base, nn.Linear)
+        low = (self.Bt[slot, :r].T, self.A[slot, :r]) if linear else (self.A[slot, :r].T, self.Bt[slot, :r])
+        if slot in self.scaled:  # W is (d_out, d_in), or Conv1D's (d_in, d_out): r along d_out either way
+            r_out = self.scale[slot].unsqueeze(1) if linear else self.scale[slot]
+            weight = torch.mul(base.weight, r_out, out=torch.empty_like(base.weight)).addmm_(*low)
+        else:
+            weight = torch.addmm(base.weight, *low)
+        if linear:
             return F.linear(x, weight, base.bias)
-        weight = torch.addmm(base.weight, self.A[slot, :r].T, self.Bt[slot, :r])  # Conv1D: (d_in, d_out)
-        if slot in self.scaled:
-            weight.mul_(self.scale[slot])
         return torch.addmm(base.bias, x.reshape(-1, self.in_features), weight).view(*x.shape[:-1], -1)
 
     def _row_scales(self, slots: frozenset[int]) -> RowScales | None:
@@ -124,7 +128,8 @@ class BatchedLoraLinear(nn.Module):
             self.Bt = torch.zeros(self.max_loras, self.max_rank, self.out_features, **kw)
         r = A.shape[0]
         self.A[slot, :r].copy_(A)
-        self.Bt[slot, :r].copy_((B.float() * scale).T)
+        B = B.float() * scale
+        self.Bt[slot, :r].copy_((B if row_scale is None else B * row_scale.float().unsqueeze(1)).T)
         if old > r:
             self.A[slot, r:old].zero_()
             self.Bt[slot, r:old].zero_()

@@ -162,17 +162,25 @@ def zero_adapter(shapes: dict[str, tuple[int, int]], cache: Path | None = None) 
     return export
 
 
-def derived_max_lora_rank(base: str | os.PathLike, adapters: dict[str, str]) -> int:
-    """``--max-lora-rank`` for ``adapters`` (name -> folder or Hub id) given at startup: their largest exported
-    rank (Delta-LoRA's is 2r) rounded up to a rank vLLM accepts, and at least vLLM's default, 16, so that
-    adapters loaded at runtime have room."""
+def startup_rank(base: str | os.PathLike, adapters: dict[str, str], max_rank: int = VLLM_RANKS[-1]) -> int | None:
+    """The largest exported rank (Delta-LoRA's is 2r) of ``adapters`` (name -> folder or Hub id) given at startup,
+    None if there are none; each is read and checked as at runtime (AdapterLoadError: a row-scaled adapter, a
+    rank above ``max_rank``, ...), so a bad one is refused in one line before vLLM starts."""
     if not adapters:
-        return VLLM_DEFAULT_RANK
+        return None
     shapes = base_shapes(base)
     ranks = []
     for path in adapters.values():
         resolved = resolve_adapter_path(path)
-        folder, factors = read_checked(resolved, shapes, VLLM_RANKS[-1])
+        folder, factors = read_checked(resolved, shapes, max_rank)
         check_servable(resolved, folder, factors)
         ranks.append(max(f.rank for f in factors.values()))
-    return max(VLLM_DEFAULT_RANK, round_rank(max(ranks)))
+    return max(ranks)
+
+
+def derived_max_lora_rank(base: str | os.PathLike, adapters: dict[str, str]) -> int:
+    """``--max-lora-rank`` for ``adapters`` given at startup (``startup_rank``): their largest exported rank
+    rounded up to a rank vLLM accepts, and at least vLLM's default, 16, so that adapters loaded at runtime have
+    room."""
+    rank = startup_rank(base, adapters)
+    return VLLM_DEFAULT_RANK if rank is None else max(VLLM_DEFAULT_RANK, round_rank(rank))
