@@ -226,3 +226,32 @@ def test_a_bad_approximate_rank_is_a_one_line_error_and_nothing_is_written(rank,
     missing = CliRunner().invoke(main, ["export", str(doras["llama"]), "-o", str(tmp_path / "plain"),
                                         "--approximate-rank", "4"])
     assert missing.exit_code == 1 and "Error: --approximate-rank needs the base model" in missing.output
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_zero_norm_row_is_a_one_line_error_and_nothing_is_written(kind, bases, tmp_path):
+    """A base row of zeros that the adapter leaves at zero: ``m / ||W + s B A||`` divides by zero. Stored as W
+    the row's own block finds it; stored transposed (GPT-2), the first pass does."""
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_pretrained(bases[kind, torch.float32]).save_pretrained(base)
+    adapter = peft_dora(base, tmp_path / "adapter")
+    weights = load_file(str(base / "model.safetensors"))
+    key = next(k for k in weights if k.endswith(("q_proj.weight", "attn.c_attn.weight")))
+    if kind == "llama":
+        weights[key][3] = 0
+    else:
+        weights[key][:, 3] = 0  # Conv1D: output row 3 is column 3
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    module = key.removesuffix(".weight").split(".", 1)[1] if kind == "gpt2" else key.removesuffix(".weight")
+    b_key = next(k for k in tensors if module in k and "lora_B" in k)
+    tensors[b_key][3] = 0
+    save_file(tensors, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    result = CliRunner().invoke(main, ["merge", str(base), str(adapter), "-o", str(tmp_path / "merged")])
+    assert result.exit_code == 1
+    (line,) = result.output.strip().splitlines()
+    assert "output row 3 of W + s B A has norm 0" in line and "nothing was written" in line, line
+    assert not (tmp_path / "merged").exists()

@@ -40,7 +40,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..methods import LoraFactors
 
 # ``scratch(name, shape)``: a reusable fp32 work tensor of that shape, one per name and thread; its values are
@@ -52,7 +52,11 @@ ROW_SCALE_DOES_NOT_ADD = ("its row scale m / ||W + s B A||_row is a norm of its 
                           "not add across adapters, so a weighted sum with other adapters has no meaning of its own")
 
 
-@dataclass(frozen=True)
+class ZeroNormRowError(CheckpointError):
+    """A row-scaled adapter whose adapted weight has a row of norm zero on this base."""
+
+
+@dataclass
 class Part:
     """One adapter on one tensor: its merge weight and its served form, in fp32."""
 
@@ -187,7 +191,7 @@ class DenseFold(TensorFold):
         totals: list[Tensor] = []
         for partial in partials:
             totals = [a + b for a, b in zip(totals, partial)] if totals else partial
-        self.row_scales = {k: self.parts[k].factors.magnitude / total.sqrt().float()
+        self.row_scales = {k: self.parts[k].factors.magnitude / _nonzero(total.sqrt().float(), 0)
                            for k, total in zip(self.scaled, totals)}
 
     def delta(self, k: int, weight: Tensor, scratch: Scratch, start: int, stop: int) -> Tensor:
@@ -219,7 +223,7 @@ class DenseFold(TensorFold):
         of a ``nn.Linear`` is PEFT's bit for bit."""
         if self.transposed:
             return self.row_scales[k][None, :]
-        norms = torch.linalg.vector_norm(summed, dim=1)
+        norms = _nonzero(torch.linalg.vector_norm(summed, dim=1), start)
         return (self.parts[k].factors.magnitude[start:stop] / norms)[:, None]
 
 
@@ -232,6 +236,17 @@ class RowScaledSum(DenseFold):
             summed = self.scaled_sum(0, weight, scratch, start, stop)
             return torch.mul(summed, self.row_scale(0, summed, start, stop), out=weight)
         return weight.add_(self.delta(0, weight, scratch, start, stop), alpha=part.weight)
+
+
+def _nonzero(norms: Tensor, first_row: int) -> Tensor:
+    """``norms`` (of output rows ``first_row`` on), or a ZeroNormRowError naming the first that is zero: its row
+    scale ``m / ||W + s B A||`` would divide by zero and write inf into the merged weight."""
+    zero = torch.nonzero(norms == 0).flatten()
+    if len(zero):
+        raise ZeroNormRowError(f"output row {first_row + int(zero[0])} of W + s B A has norm 0 ({len(zero)} such "
+                               f"row(s)), so the row scale m / ||W + s B A|| divides by zero; the adapter does not "
+                               f"fit this base weight")
+    return norms
 
 
 def _squares(rows: Tensor, dim: int) -> Tensor:

@@ -19,6 +19,7 @@ import shutil
 import threading
 import warnings
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from torch import Tensor
 from ..errors import CheckpointError
 from ..files.atomic import OutputChangedError, atomic_output_dir
 from ..files.checkpoint import INDEX, TensorReader, copy_range, safetensors_header
-from .combine import Combiner
+from .combine import Combiner, ZeroNormRowError
 from .plan import BLOCK_BYTES, COPIED_SUFFIXES, NOT_COPIED, AdapterSpec, MergePlan, OutputTensor, plan_merge
 
 MAX_WORKERS = 4  # default folding threads, at most one per core
@@ -138,7 +139,8 @@ def _write_shard(shard: list[OutputTensor], f, reader: TensorReader, pool: Threa
             step = max(ROW_MULTIPLE, BLOCK_BYTES // per_row // ROW_MULTIPLE * ROW_MULTIPLE)
             blocks = [(start, min(start + step, t.source.rows)) for start in range(0, t.source.rows, step)]
             if t.fold is not None and t.fold.first_pass:
-                t.fold.gather(_scanned(t, reader, pool, blocks, window))
+                with _named(t):
+                    t.fold.gather(_scanned(t, reader, pool, blocks, window))
             for start, stop in blocks:
                 pending.append(pool.submit(_fold_block, t, reader, buffers, start, stop))
                 while len(pending) > window:
@@ -216,6 +218,15 @@ def _stored_rows(t: OutputTensor, reader: TensorReader, start: int, stop: int) -
                                                                 * t.source.dtype.itemsize))
 
 
+@contextmanager
+def _named(t: OutputTensor):
+    """A row scale that divides by zero (ZeroNormRowError), said of the tensor being folded."""
+    try:
+        yield
+    except ZeroNormRowError as exc:
+        raise CheckpointError(f"{t.name}: {exc}; nothing was written") from None
+
+
 def _scan_block(t: OutputTensor, reader: TensorReader, start: int, stop: int) -> Any:
     """The fold's first pass over rows ``[start, stop)`` of the stored tensor, in fp32."""
     rows = _scratch.get("weight", (stop - start, t.source.cols)).copy_(_stored_rows(t, reader, start, stop))
@@ -235,7 +246,8 @@ def _fold_block(t: OutputTensor, reader: TensorReader, buffers: queue.SimpleQueu
             out.copy_(rows)
         else:
             weight = _scratch.get("weight", shape).copy_(rows)
-            out.copy_(t.fold.block(weight, _scratch.get, start, stop))
+            with _named(t):
+                out.copy_(t.fold.block(weight, _scratch.get, start, stop))
             if not torch.isfinite(out).all():  # the plan bounds a low-rank delta; this is exact, per block
                 raise CheckpointError(f"{t.name}: folding the adapters gives inf or NaN in {t.dtype} in rows "
                                       f"{start}-{stop - 1}; nothing was written. Lower the adapters' weights or "
