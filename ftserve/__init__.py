@@ -1,4 +1,4 @@
-"""ftserve: train adapters with five methods, fold them into standalone models, serve many at once.
+"""ftserve: train adapters with six methods, fold them into standalone models, serve many at once.
 
 The public names are imported on first use (PEP 562), so ``import ftserve`` and the CLI's ``--help`` do not
 pay for torch and transformers.

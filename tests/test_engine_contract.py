@@ -1,7 +1,7 @@
 """What every engine in ``ENGINES`` must do, written once: each test runs over every engine, so the next
 engine inherits them. Torch-only behaviour (slots, KV cache, the scheduler) stays in the other engine tests.
 
-Outputs are checked against FineTuningModel run alone (unmerged and merged), with adapters of all five methods
+Outputs are checked against FineTuningModel run alone (unmerged and merged), with adapters of every registered method
 whose factors are random and nonzero, so a row served with the wrong adapter, or none, is caught. Bad input
 fails its request alone, with a typed error that says what was wrong, while requests in flight finish.
 """

@@ -1,4 +1,4 @@
-"""The five methods: a (case, model, config) matrix of generic checks, then each method's math with hand-placed
+"""The registered methods: a (case, model, config) matrix of generic checks, then each method's math with hand-placed
 values, LoRA-FA's gradients and activation memory, and Delta-LoRA against a literal reference of the paper."""
 
 from __future__ import annotations

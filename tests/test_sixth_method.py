@@ -179,7 +179,7 @@ def test_its_own_setting_is_checked(options, message):
         FineTuningConfig(method="gain-lora", method_options=options)
 
 
-def test_the_five_methods_refuse_its_setting():
+def test_the_built_in_methods_refuse_its_setting():
     with pytest.raises(ConfigError, match="gain_init is a setting of gain-lora, not of lora"):
         FineTuningConfig(method="lora", method_options={"gain_init": 2.0})
 

@@ -11,7 +11,7 @@ from ..version import __version__
 @click.option("-v", "--verbose", is_flag=True,
               help="Also show the libraries' progress bars and warnings (transformers, datasets, the Hub).")
 def main(verbose: bool) -> None:
-    """Train adapters with five methods, fold them into standalone models, serve many at once."""
+    """Train adapters with six methods, fold them into standalone models, serve many at once."""
     if not verbose:
         from .output import quiet_libraries
 

@@ -1,7 +1,7 @@
 """TorchEngine: the embedded engine. One base model, many unmerged adapters, mixed in every batch.
 
 >>> engine = TorchEngine.from_pretrained("path/to/base", max_loras=8, max_cpu_loras=32)
->>> await engine.load_adapter("sql", "path/to/sql-adapter")            # any of the five methods
+>>> await engine.load_adapter("sql", "path/to/sql-adapter")            # any of the six methods
 >>> async for chunk in engine.generate(GenerationRequest("SELECT", adapter="sql")):
 ...     print(chunk.text, end="")
 

@@ -2,7 +2,7 @@
 
 >>> engine = VllmEngine.from_options("path/to/base", EngineOptions(max_loras=8, tensor_parallel_size=2))
 >>> async with engine:
-...     await engine.load_adapter("sql", "path/to/sql-adapter")        # any of the five methods
+...     await engine.load_adapter("sql", "path/to/sql-adapter")        # any method with a plain-LoRA form (not DoRA)
 ...     async for chunk in engine.generate(GenerationRequest("SELECT", adapter="sql")):
 ...         print(chunk.text, end="")
 
