@@ -19,22 +19,12 @@ from ftserve import FineTuningConfig, FineTuningModel, load_adapter, read_adapte
 from ftserve.errors import AdapterFileError, ConfigError
 from ftserve.testing import randomise_adapter
 
-from support.models import MODELS, TOY_IDS, logits
+from support.models import MODELS, TOY_IDS, logits, with_biases
 
 # fp32: the two forwards compute the same sums in another order (our norm by the expanded form, PEFT's on the
 # dense W + s B A), so they agree to a few float32 ulps of the largest values.
 FP32 = dict(rtol=1e-5, atol=1e-5)
 RANK, ALPHA = 4, 8
-
-
-@torch.no_grad()
-def with_biases(model: nn.Module, seed: int = 5) -> nn.Module:
-    """GPT-2 starts with zero biases, which would hide a bias scaled by mistake: give every one noise."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, param in model.named_parameters():
-        if name.endswith(".bias"):
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    return model
 
 
 def base_model(kind: str) -> nn.Module:

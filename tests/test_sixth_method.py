@@ -33,7 +33,7 @@ from ftserve.methods import AdapterLayer, AdapterMethod, LoraFactors, register, 
 from ftserve.methods.base import check_number
 from ftserve.testing import build_tokenizer, randomise_adapter, tiny_gpt2
 
-from support.models import MODELS, TOY_IDS, logits
+from support.models import MODELS, TOY_IDS, logits, with_biases
 from support.training import train
 
 FP32 = dict(rtol=1e-5, atol=1e-5)
@@ -305,16 +305,6 @@ def spread_magnitudes(model: FineTuningModel, seed: int) -> None:
         adapted = layer.base_weight() + layer.scale * layer.lora_B @ layer.lora_A
         noise = torch.rand(layer.out_features, generator=generator) * 0.6 - 0.3
         layer.lora_magnitude_vector.copy_(adapted.norm(dim=1) * (1 + noise))
-
-
-@torch.no_grad()
-def with_biases(model: nn.Module, seed: int = 5) -> nn.Module:
-    """GPT-2 starts with zero biases, which would hide a bias scaled by mistake: give every one noise."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, param in model.named_parameters():
-        if name.endswith(".bias"):
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    return model
 
 
 def biased_small_gpt2() -> nn.Module:

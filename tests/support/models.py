@@ -60,3 +60,13 @@ def trained(base: nn.Module, settings: dict, seed: int = 0, targets="all-linear"
 def logits(model: nn.Module, ids: torch.Tensor = TOY_IDS) -> torch.Tensor:
     model.eval()
     return model(input_ids=ids).logits
+
+
+@torch.no_grad()
+def with_biases(model: nn.Module, seed: int = 5) -> nn.Module:
+    """GPT-2 starts with zero biases, which would hide a bias scaled by mistake: give every one noise."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith(".bias"):
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return model
