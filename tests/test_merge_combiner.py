@@ -195,7 +195,7 @@ class TrimmedSum(Combiner):
 class TrimmedFold(DenseFold):
     def __init__(self, combiner: TrimmedSum, parts: list[Part], transposed: bool) -> None:
         super().__init__(parts, transposed)
-        self.combiner, self.first_pass = combiner, True
+        self.combiner, self.passes = combiner, 1
         self.thresholds: list[float] = []
 
     def record(self, phase: str, rows: torch.Tensor, start: int, stop: int) -> None:

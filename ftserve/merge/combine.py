@@ -73,12 +73,13 @@ class Part:
 class TensorFold:
     """One output tensor's fold, driven over blocks of stored rows ``[start, stop)``, each given in fp32.
 
-    When ``first_pass`` is set, ``scan`` sees every block (any order, any thread) and ``gather`` receives the
-    scans' results once, in block order, before the first ``block`` call. ``block`` then returns each block's
-    folded rows (any order, any thread)."""
+    A fold makes ``passes`` first passes over the tensor before folding it: in each, ``scan`` sees every block
+    (any order, any thread) and ``gather`` receives the scans' results once, in block order (a fold counts its
+    own passes: an exact magnitude threshold, for instance, narrows a histogram pass by pass). ``block`` then
+    returns each block's folded rows (any order, any thread)."""
 
     transposed: bool
-    first_pass: bool = False
+    passes: int = 0
 
     def scan(self, rows: Tensor, scratch: Scratch, start: int, stop: int) -> Any:
         raise NotImplementedError
@@ -108,7 +109,7 @@ def fold_tensor(fold: TensorFold, stored: Tensor) -> Tensor:
     def scratch(name: str, shape: tuple[int, int]) -> Tensor:
         return torch.empty(shape)
 
-    if fold.first_pass:
+    for _ in range(fold.passes):
         fold.gather([fold.scan(weight, scratch, 0, len(weight))])
     return fold.block(weight, scratch, 0, len(weight))
 
@@ -179,7 +180,7 @@ class DenseFold(TensorFold):
     def __init__(self, parts: list[Part], transposed: bool) -> None:
         self.parts, self.transposed = parts, transposed
         self.scaled = [k for k, p in enumerate(parts) if p.factors.row_scaled]
-        self.first_pass = transposed and bool(self.scaled)
+        self.passes = int(transposed and bool(self.scaled))
         self.row_scales: dict[int, Tensor] = {}  # r_k (d_out,) of a transposed tensor, after the first pass
 
     def scan(self, rows: Tensor, scratch: Scratch, start: int, stop: int) -> Any:

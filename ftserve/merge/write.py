@@ -5,7 +5,7 @@ rows (for a low-rank delta ``W'[i:j]`` needs only ``W[i:j]`` and ``B[i:j]``, or 
 untouched tensors are copied file to file inside the kernel, and output files are written header first then
 byte by byte. Each tensor's fold comes from the merge's combiner (combine.py), which this module drives without
 knowing which it is: when the fold asks for a first pass, every block is read and scanned before the first one
-is folded. Worker threads (one per core, one intra-op thread each) scan and fold blocks while the main thread
+is folded (as many passes as it asks). Worker threads (one per core, one intra-op thread each) scan and fold blocks while the main thread
 writes them in order. The output folder appears whole at the end (temporary folder beside it, then a rename) or
 not at all.
 """
@@ -138,7 +138,7 @@ def _write_shard(shard: list[OutputTensor], f, reader: TensorReader, pool: Threa
             per_row = max(1, t.source.cols) * itemsize
             step = max(ROW_MULTIPLE, BLOCK_BYTES // per_row // ROW_MULTIPLE * ROW_MULTIPLE)
             blocks = [(start, min(start + step, t.source.rows)) for start in range(0, t.source.rows, step)]
-            if t.fold is not None and t.fold.first_pass:
+            for _ in range(t.fold.passes if t.fold is not None else 0):
                 with _named(t):
                     t.fold.gather(_scanned(t, reader, pool, blocks, window))
             for start, stop in blocks:
