@@ -18,12 +18,13 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..errors import AdapterFileError, CheckpointError, ConfigError
 from ..files.adapter_folder import AdapterFolder, read_adapter
-from ..files.checkpoint import FLOATS, INDEX, SINGLE, Checkpoint, TensorEntry, open_checkpoint, parse_size, resolve_base
+from ..files.checkpoint import FLOATS, INDEX, SINGLE, Checkpoint, TensorEntry, TensorReader, open_checkpoint, parse_size, resolve_base
 from ..methods import LoraFactors, get_method
 from .combine import ROW_SCALE_DOES_NOT_ADD, Combiner, Part, TensorFold, WeightedSum
 
@@ -71,6 +72,7 @@ class OutputTensor:
     source: TensorEntry
     dtype: torch.dtype
     fold: TensorFold | None = None
+    inputs: Any = None  # a model merge's TensorInputs (methods.py): what verify recomputes the tensor from
 
     @property
     def nbytes(self) -> int:
@@ -94,6 +96,9 @@ class MergePlan:
     dtype_name: str
     warnings: list[str] = field(default_factory=list)
     modules: dict[str, list[str]] = field(default_factory=dict)  # output key -> the adapters' module names for it
+    request: Any = None  # a model merge's MergeRequest (inputs.py)
+    inputs: list[Path] = field(default_factory=list)  # every folder read: the output must not overlap one
+    readers: list[TensorReader] = field(default_factory=list)  # other models' checkpoints, opened by write.py
 
     @property
     def total_bytes(self) -> int:
@@ -145,7 +150,7 @@ def plan_merge(base: str | os.PathLike, adapters: list[AdapterSpec], dtype: str 
         config = {**config, "dtype": dtype, **({"torch_dtype": dtype} if "torch_dtype" in config else {})}
     dtype_name = dtype or str(config.get("dtype") or config.get("torch_dtype") or _main_dtype(tensors))
     return MergePlan(str(base), checkpoint, folders, tensors, _shard(tensors, limit), config, dtype_name, notes,
-                     modules)
+                     modules, inputs=[checkpoint.path] + [folder.path for _, folder in folders])
 
 
 def alone_if_row_scaled(folders: list[tuple[AdapterSpec, AdapterFolder]]) -> None:
