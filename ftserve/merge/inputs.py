@@ -212,7 +212,7 @@ def _output_tensors(method: ModelMergeMethod, request: MergeRequest, base: Sourc
         signature = repr((per_input, shared))
         if signature not in checked:
             try:
-                method.check(per_input, shared)
+                method.check(per_input, shared, base_index=base_index)
             except ConfigError as exc:
                 raise ConfigError(f"{exc} (on tensor {key})" if len(checked) else str(exc)) from None
             checked.add(signature)
