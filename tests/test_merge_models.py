@@ -254,3 +254,38 @@ def test_bad_input_is_one_line_and_writes_nothing(case, args, words, models, odd
     assert len(result.output.strip().splitlines()) == 1 and words in result.output, result.output
     assert not (tmp_path / "out").exists()
     assert tree_digest(models["base"].parent) == before
+
+
+def test_conv1d_adapter_on_gpt2_is_mergekits_model_plus_lora(tmp_path):
+    """GPT-2 stores Conv1D weights transposed; PEFT's fan_in_fan_out adapter is applied as stored."""
+    from peft import LoraConfig, get_peft_model
+
+    from ftserve.testing import tiny_gpt2
+
+    base = save(tiny_gpt2(vocab_size=256, hidden=32), tmp_path / "base")
+    tuned = tiny_gpt2(vocab_size=256, hidden=32)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.02)
+    save(tuned, tmp_path / "tuned")
+    peft_model = get_peft_model(tiny_gpt2(vocab_size=256, hidden=32),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    recipe = {"merge_method": "ties", "base_model": str(base), "parameters": {"density": 0.5}, "models": [
+        {"model": f"{base}+{tmp_path / 'adapter'}", "parameters": {"weight": 0.7}},
+        {"model": str(tmp_path / "tuned"), "parameters": {"weight": 0.5}}]}
+    expected = mergekit_merge(recipe, tmp_path / "mergekit", tmp_path / "cache")
+    got = ours(recipe, tmp_path)
+    assert expected and all(torch.equal(got[n], t) for n, t in expected.items())
+
+
+def test_a_hub_id_in_the_local_cache_is_a_model_input(hub_cache, llama_dir, tmp_path):
+    result = run("merge", "acme/tiny-llama", f"{llama_dir}:0.5", "--method", "task_arithmetic", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    base = tensors(hub_cache)
+    assert all(torch.equal(t, base[n]) for n, t in tensors(tmp_path / "out").items())  # a zero task vector

@@ -73,6 +73,15 @@ def merge(inputs: tuple[str, ...], out_dir: Path, method: str | None, weights: s
              "--seed": seed, "--dtype": dtype}
     if rank is not None and output_kind != "adapter":
         raise ConfigError("--rank is the rank of an adapter output; give it with --output-kind adapter")
+    if output_kind == "adapter":
+        extra = [name for name, value in (("--recipe", recipe), ("--lambda", lambda_), ("--t", t), ("--dtype", dtype),
+                                                  ("--verify", check or None)) if value is not None] \
+            + (["--into dequantized"] if into == "dequantized" else [])
+        if extra or len(inputs) < 2:
+            raise ConfigError(f"--output-kind adapter merges adapters with PEFT's methods: give BASE ADAPTER..."
+                              f"{' and drop ' + ', '.join(extra) if extra else ''}")
+        return _merge_to_adapter(inputs[0], inputs[1:], out_dir, method, weights, density, seed, rank, force,
+                                 allow_pickle)
     if recipe is not None:
         given = [name for name, value in flags.items() if value is not None] + (["INPUTs"] if inputs else [])
         if given:
@@ -82,8 +91,7 @@ def merge(inputs: tuple[str, ...], out_dir: Path, method: str | None, weights: s
         request = read_recipe(recipe)
     elif len(inputs) < 2:
         raise ConfigError("give BASE and at least one INPUT (adapter or model folder), or --recipe FILE")
-    elif output_kind == "model" and all(value is None for value in list(flags.values())[:-1]) \
-            and all(_is_adapter(text) for text in inputs[1:]):
+    elif all(value is None for value in list(flags.values())[:-1]) and all(map(_is_adapter, inputs[1:])):
         specs = [AdapterSpec.parse(a) for a in inputs[1:]]
         if into == "dequantized":
             return _merge_into_dequantized(inputs[0], specs, out_dir, dtype, max_shard_size, force, check)
@@ -93,8 +101,6 @@ def merge(inputs: tuple[str, ...], out_dir: Path, method: str | None, weights: s
     if into == "dequantized":
         raise ConfigError("--into dequantized folds one QLoRA adapter with the default method; not with --method, "
                           "--recipe or model INPUTs")
-    if output_kind == "adapter":
-        return _merge_to_adapter(request, out_dir, rank, force)
     _merge_models(request, out_dir, max_shard_size, force, allow_pickle, check)
 
 
@@ -124,10 +130,7 @@ def _request_from_flags(base: str, texts: tuple[str, ...], method: str | None, w
     if weights is not None:
         if any(given):
             raise ConfigError("give weights either as INPUT:WEIGHT or with --weights, not both")
-        try:
-            values = [float(w) for w in weights.split(",")]
-        except ValueError:
-            raise ConfigError(f"--weights {weights!r}: write numbers separated by commas, e.g. 0.6,0.4") from None
+        values = _numbers(weights)
     elif any(given):
         values = [spec.weight for spec in specs]
     return request_from_flags(method or "task_arithmetic", base, [str(spec.path) for spec in specs], values,
@@ -163,12 +166,41 @@ def _merge_models(request, out_dir: Path, max_shard_size, force: bool, allow_pic
         _verify_models(out_dir, request)
 
 
-def _merge_to_adapter(request, out_dir: Path, rank: int | None, force: bool) -> None:
-    """--output-kind adapter: a new adapter from adapters (ftserve.merge.adapter_merge, PEFT's semantics)."""
+def _merge_to_adapter(base: str, texts: tuple[str, ...], out_dir: Path, method: str | None, weights: str | None,
+                      density: float | None, seed: int | None, rank: int | None, force: bool,
+                      allow_pickle: bool) -> None:
+    """--output-kind adapter: a new adapter from adapters with PEFT's add_weighted_adapter semantics
+    (ftserve.merge.adapter_merge); BASE checks the shapes and is the recorded base."""
+    from ..errors import ConfigError
+    from ..merge import AdapterSpec
+
+    try:
+        from ..merge.adapter_merge import merge_to_adapter
+    except ImportError:
+        raise ConfigError("--output-kind adapter is not part of this build; merge to a model "
+                          "(--output-kind model)") from None
+    specs = [AdapterSpec.parse(text) for text in texts]
+    if weights is not None:
+        if any(str(spec.path) != text for spec, text in zip(specs, texts)):
+            raise ConfigError("give weights either as ADAPTER:WEIGHT or with --weights, not both")
+        values = _numbers(weights)
+        if len(values) != len(specs):
+            raise ConfigError(f"--weights gives {len(values)} weight(s) for {len(specs)} adapter(s); give one each")
+        specs = [AdapterSpec(spec.path, w) for spec, w in zip(specs, values)]
+    options = {"method": method, "rank": rank, "density": density, "seed": seed}
+    result = merge_to_adapter(specs, out_dir, base=base, force=force, allow_pickle=allow_pickle,
+                              **{k: v for k, v in options.items() if v is not None})
+    for line in result.lines():
+        click.echo(line)
+
+
+def _numbers(weights: str) -> list[float]:
     from ..errors import ConfigError
 
-    raise ConfigError("--output-kind adapter is not available in this build yet; merge to a model "
-                      "(--output-kind model)")
+    try:
+        return [float(w) for w in weights.split(",")]
+    except ValueError:
+        raise ConfigError(f"--weights {weights!r}: write numbers separated by commas, e.g. 0.6,0.4") from None
 
 
 class _progress_bar:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,6 +52,7 @@ class Source:
     parts: dict[str, Part] | None = None
     transposed: dict[str, bool] | None = None
     reader: TensorReader | None = None  # another model's checkpoint, opened by write.py
+    buffers: threading.local = field(default_factory=threading.local)  # its read buffer, one per thread
 
 
 class BaseRows:
@@ -66,19 +67,20 @@ class BaseRows:
 
 
 class ModelRows:
-    """theta = another checkpoint's stored rows, read by file offset (pread: safe from several threads, each
-    with a buffer of its own). A fold with first passes reads every block again, so the bytes stay in the page
-    cache until write.py says the last pass has begun (``keep_cache = False``)."""
+    """theta = another checkpoint's stored rows, read by file offset (pread: safe from several threads). Each
+    thread reads an input into one buffer of its own, shared by all tensors (``buffers``), so memory stays a
+    block per input and thread: the rows returned are valid until this thread reads that input again. A fold
+    with first passes reads every block again, so the bytes stay in the page cache until write.py says the
+    last pass has begun (``keep_cache = False``)."""
 
-    def __init__(self, reader: TensorReader, entry: TensorEntry, keep_cache: bool) -> None:
-        self.reader, self.entry, self.keep_cache = reader, entry, keep_cache
-        self._buffers = threading.local()
+    def __init__(self, reader: TensorReader, entry: TensorEntry, buffers: threading.local) -> None:
+        self.reader, self.entry, self.buffers, self.keep_cache = reader, entry, buffers, False
 
     def rows(self, base: Tensor, start: int, stop: int) -> Tensor:
         size = (stop - start) * self.entry.cols * self.entry.dtype.itemsize
-        buffer = getattr(self._buffers, "raw", None)
+        buffer = getattr(self.buffers, "raw", None)
         if buffer is None or len(buffer) < size:
-            buffer = self._buffers.raw = bytearray(size)
+            buffer = self.buffers.raw = bytearray(size)
         return self.reader.read_rows(self.entry, start, stop, buffer, keep_cache=self.keep_cache)
 
 
@@ -227,7 +229,8 @@ def _output_tensors(method: ModelMergeMethod, request: MergeRequest, base: Sourc
 
 
 def _rows(source: Source, key: str, entry: TensorEntry, is_base: bool) -> InputRows:
-    model = None if source.reader is None else ModelRows(source.reader, source.checkpoint.tensors[key], False)
+    model = None if source.reader is None else ModelRows(source.reader, source.checkpoint.tensors[key],
+                                                         source.buffers)
     part = (source.parts or {}).get(key)
     if part is not None:
         return AdapterRows(part, source.transposed[key], entry.dtype if model is None else model.entry.dtype, model)
