@@ -221,8 +221,19 @@ def test_default_method_with_model_inputs_is_task_arithmetic(models, tmp_path):
 
 @pytest.fixture(scope="module")
 def odd_models(models, tmp_path_factory):
-    """A model of other shapes, and ft1's weights under another architecture's config."""
+    """A model of other shapes, ft1's weights under another architecture's config, a DoRA adapter and a LoRA
+    with a NaN."""
+    from peft import LoraConfig, get_peft_model
+
     root = tmp_path_factory.mktemp("odd")
+    get_peft_model(llama(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)).save_pretrained(root / "dora")
+    nan = root / "nan"
+    nan.mkdir()
+    for f in models["adapter"].iterdir():
+        (nan / f.name).write_bytes(f.read_bytes())
+    state = load_file(nan / "adapter_model.safetensors")
+    next(t for n, t in state.items() if "lora_B" in n)[1, 2] = float("nan")
+    save_file(state, nan / "adapter_model.safetensors")
     narrow = save(llama(intermediate=64), root / "narrow")
     other = root / "mistral"
     other.mkdir()
@@ -231,7 +242,7 @@ def odd_models(models, tmp_path_factory):
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"],
                                                    "model_type": "mistral"}))
-    return {"narrow": narrow, "mistral": other}
+    return {"narrow": narrow, "mistral": other, "dora": root / "dora", "nan": nan}
 
 
 @pytest.mark.parametrize("case, args, words", [
@@ -242,6 +253,8 @@ def odd_models(models, tmp_path_factory):
     ("other shapes", ["@base", "@ft1", "@narrow", "--method", "ties"], "shape"),
     ("other architecture", ["@base", "@ft1", "@mistral", "--method", "ties"], "MistralForCausalLM"),
     ("missing model", ["@base", "@ft1", "/no/such/model", "--method", "ties"], "/no/such/model"),
+    ("DoRA adapter", ["@base", "@ft1", "@dora", "--method", "ties"], "DoRA adapter rescales each row"),
+    ("NaN in an adapter", ["@base", "@ft1", "@nan", "--method", "ties"], "nan"),
     ("recipe and flags", ["--recipe", "@recipe", "--method", "ties"], "--recipe holds the whole merge"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(case, args, words, models, odd_models, tmp_path):
