@@ -178,6 +178,24 @@ def test_base_listed_among_the_models(name, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name, values", [
+    ("ties", {"density": 0.001}),  # k = max(1, int(0.7)) = 1
+    ("breadcrumbs", {"density": 0.001}),  # target_n = 0: nothing kept
+    ("breadcrumbs", {"density": 0.3, "gamma": 0.0}),  # no upper cut
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.6}),  # n_bot = 0: no lower cut
+    ("breadcrumbs_ties", {"density": 0.999, "gamma": 0.0005}),  # both cuts among the largest
+    ("dare_linear", {"density": 1.0}),  # no pruning, no rescale
+])
+def test_cuts_at_the_ends_are_mergekits(name, values, dtype, monkeypatch):
+    base, thetas = inputs_for(name, dtype, (37, 19))
+    per, shared = params_for(name, len(thetas))
+    per = [dict(p, **values) for p in per]
+    tensor = tensor_inputs(name, base, thetas, per, shared)
+    assert torch.equal(streamed(METHODS[name], tensor, base),
+                       mergekit_merge(name, base, thetas, per, shared, tensor, monkeypatch))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", RESCALED)
 def test_random_method_without_rescale_is_mergekits_given_our_mask(name, dtype, monkeypatch):
     base, thetas = inputs_for(name, dtype, (37, 19))

@@ -229,8 +229,8 @@ METHODS: dict[str, ModelMergeMethod] = {m.name: m for m in (
     _gta("ties", "TIES", "https://arxiv.org/abs/2306.01708", "magnitude", True, True, False),
     _gta("dare_ties", "DARE TIES", "https://arxiv.org/abs/2311.03099", "random", True, False, True, True),
     _gta("dare_linear", "Linear DARE", "https://arxiv.org/abs/2311.03099", "random", False, False, True, True),
-    _gta("magnitude_prune", "Magnitude Prune (PEFT)", "https://arxiv.org/abs/2306.01708", "magnitude", False,
-         False, False),
+    _gta("magnitude_prune", "Magnitude Prune (PEFT)", "https://huggingface.co/docs/peft/developer_guides/model_merging",
+         "magnitude", False, False, False),
     _gta("breadcrumbs", "Model Breadcrumbs", "https://arxiv.org/abs/2312.06795", "magnitude_outliers", False,
          False, False),
     _gta("breadcrumbs_ties", "Model Breadcrumbs with TIES", "https://arxiv.org/abs/2312.06795",
@@ -251,6 +251,15 @@ def get_merge_method(name: str) -> ModelMergeMethod:
     if name in NOT_SUPPORTED:
         raise ConfigError(f"merge method {name!r} is mergekit's, but ftserve does not support it; use one of: {known}")
     raise ConfigError(f"unknown merge method {name!r}; use one of: {known}")
+
+
+def work_dtype(method: ModelMergeMethod, math_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a task vector is masked and rescaled in: mergekit's random masks (bernoulli, DELLA) work in
+    bf16 for bf16 and in fp32 otherwise (on CPU, where torch has no fp16 bernoulli); magnitude cuts in the math
+    dtype."""
+    if method.random:
+        return math_dtype if math_dtype == torch.bfloat16 else torch.float32
+    return math_dtype
 
 
 def _md(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -294,13 +303,13 @@ class _Sparsifier:
     cuts: tuple[int, int] = (0, 0)  # breadcrumbs: the ascending ranks [n_bot, n_bot + target_n) kept
     keep_none: bool = False         # breadcrumbs with target_n == 0
     tie_starts: dict[int, Tensor] = field(default_factory=dict)   # bound -> first tie position of each row
+    ranks: Tensor | None = None     # DELLA on a 1-D tensor: each element's ascending rank over the tensor
+    scale: Tensor | None = None     # the L1 rescale factor, once summed
 
     @property
     def positioned(self) -> list[int]:
         """The bounds whose ties are kept by position."""
         return [j for j, b in enumerate(self.bounds) if b.needs_positions]
-    ranks: Tensor | None = None     # DELLA on a 1-D tensor: each element's ascending rank over the tensor
-    scale: Tensor | None = None     # the L1 rescale factor, once summed
 
 
 class TaskVectorFold(TensorFold):
@@ -321,10 +330,7 @@ class TaskVectorFold(TensorFold):
         self.rescale = bool(value(tensor.shared, "rescale"))
         self.normalize = bool(value(tensor.shared, "normalize"))
         self.lam = value(tensor.shared, "lambda")
-        # bernoulli and DELLA compute in bf16 for bf16, else in fp32 (mergekit on CPU)
-        self.work_dtype = md if md == torch.bfloat16 else torch.float32
-        if method.sparsification in ("random", "della_magprune") and md == torch.float64:
-            self.work_dtype = torch.float32
+        self.work_dtype = work_dtype(method, md)
         self.sparse = {i: self._sparsifier(i) for i in self.non_base
                        if method.sparsification and tensor.numel and value(tensor.params[i], "density") < 1}
         stages = []
@@ -373,7 +379,7 @@ class TaskVectorFold(TensorFold):
             elif stage == "magnitudes":
                 out[i] = [delta.flatten()]
             else:
-                unmasked = _md(delta, self.work_dtype if self.method.random else md)
+                unmasked = _md(delta, self.work_dtype)
                 out[i] = [row_l1(unmasked), row_l1(self._masked(s, delta, start, stop))]
         return out
 
@@ -403,13 +409,15 @@ class TaskVectorFold(TensorFold):
                 s.ranks = row_ranks(rows[0][None, :])[0]
             else:
                 before, after = (float(r.sum()) for r in rows)
-                s.scale = l1_scale(before, after, self.work_dtype if self.method.random else self.tensor.math_dtype)
+                s.scale = l1_scale(before, after, self.work_dtype)
         self.stage += 1
 
     def _bounds(self, s: _Sparsifier) -> None:
         numel = self.tensor.numel
         if self.method.sparsification == "magnitude":
             s.bounds = [top_k(s.searches[0], numel, max(1, int(s.density * numel)))]
+            return
+        if s.keep_none:
             return
         n_bot, hi = s.cuts
         searches = iter(s.searches)
@@ -614,7 +622,7 @@ def _sparsified_whole(method: ModelMergeMethod, tensor: TensorInputs, i: int, de
                       density: float) -> Tensor:
     """One task vector sparsified as mergekit does, over the whole (rows, cols) tensor (reference_merge)."""
     kind, numel, md = method.sparsification, tensor.numel, tensor.math_dtype
-    work = md if kind in ("magnitude", "magnitude_outliers") or md == torch.bfloat16 else torch.float32
+    work = work_dtype(method, md)
     keys = magnitude_keys(delta).flatten()
     mask = torch.zeros(numel, dtype=work)
     if kind == "magnitude":
