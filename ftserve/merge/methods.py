@@ -50,8 +50,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .combine import Scratch, TensorFold
-from .sparsify import (RankSearch, Bound, key_bits, key_passes, l1_scale, magnitude_keys, row_l1, tie_positions,
-                       top_k, uniforms)
+from .sparsify import Bound, RankSearch, key_bits, key_passes, l1_scale, magnitude_keys, row_l1, top_k, uniforms
 
 
 class _Required:
@@ -455,8 +454,7 @@ class TaskVectorFold(TensorFold):
         keep = torch.ones_like(keys, dtype=torch.bool)
         for j, bound in enumerate(s.bounds):
             starts = s.tie_starts.get(j)
-            positions = tie_positions(keys, bound.value, int(starts[start])) if starts is not None else None
-            keep &= bound.keeps(keys, positions)
+            keep &= bound.keeps(keys, None if starts is None else int(starts[start]))
         return keep
 
     def _della_probabilities(self, s: _Sparsifier, delta: Tensor, start: int, stop: int) -> Tensor:
