@@ -388,6 +388,16 @@ def test_bad_parameters_are_refused_in_one_line(name, per, shared, message):
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("shape", [(7, 1), (1,)], ids=str)
+def test_della_refuses_a_tensor_with_nothing_to_rank(shape):
+    """DELLA ranks each slice along dim 1 (a 1-D tensor as one slice); mergekit fails on a slice of one element
+    (a NaN probability), we say so when the fold is planned."""
+    base, thetas = inputs_for("della", torch.float32, shape)
+    per, shared = params_for("della", len(thetas))
+    with pytest.raises(ConfigError, match=r"della: .* has shape \[.*\], and DELLA ranks magnitudes along its second"):
+        METHODS["della"].fold(tensor_inputs("della", base, thetas, per, shared))
+
+
 def test_the_base_needs_no_per_model_values_when_listed():
     METHODS["ties"].check([{}, {"weight": 1.0}], {}, base_index=0)
     METHODS["slerp"].check([{}, {}], {"t": 0.5}, base_index=0)

@@ -332,6 +332,11 @@ class TaskVectorFold(TensorFold):
         self.work_dtype = work_dtype(method, md)
         self.sparse = {i: self._sparsifier(i) for i in self.non_base
                        if method.sparsification and tensor.numel and value(tensor.params[i], "density") < 1}
+        ranked = tensor.shape[1] if len(tensor.shape) > 1 else tensor.numel
+        if method.sparsification == "della_magprune" and self.sparse and ranked == 1:
+            raise ConfigError(f"{method.name}: {tensor.name} has shape {list(tensor.shape)}, and DELLA ranks "
+                              f"magnitudes along its second dimension, where one element has no rank (mergekit "
+                              f"fails on it); give it density 1 or merge it with another method")
         stages = []
         if method.sparsification in ("magnitude", "magnitude_outliers") and self.sparse:
             stages += ["keys"] * key_passes(md) + ["ties"]
