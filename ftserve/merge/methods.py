@@ -23,7 +23,8 @@ tensor and ``theta_i`` each input's, in the math dtype (the recipe's ``dtype``, 
 The task-vector methods are one fold (``TaskVectorFold``, mergekit's generalized task arithmetic): each a choice
 of sparsification and of the sign election. Where the whole tensor matters (a magnitude threshold, a rescale
 sum, slerp's norms and angle) a fold asks write.py for first passes (combine.TensorFold), keeping O(rows) or
-O(histogram bins) between passes; sparsify.py says how thresholds stay exact and masks reproducible.
+O(histogram bins) between passes; sparsify.py says how thresholds stay exact and masks reproducible. A fold
+holds a few blocks of each input at a time, never a whole tensor (``reference_merge`` does, for verify).
 
 Where the result is not mergekit's bit for bit:
 - elements tied at a magnitude cut are taken in index order (mergekit: its unstable sort's order);
@@ -592,8 +593,10 @@ def slerp_coefficients(dot: Tensor, t: Tensor, dtype: torch.dtype) -> tuple[Tens
 
 def reference_merge(method: ModelMergeMethod, base: Tensor, thetas: list[Tensor], tensor: TensorInputs) -> Tensor:
     """The whole merged tensor computed directly on whole tensors (for verify and tests): cut points by a stable
-    sort instead of histograms, masks drawn for the whole tensor at once. It equals the streamed fold, which
-    holds a block at a time; ``thetas``: each input's whole tensor as stored, in ``tensor.inputs``' order."""
+    sort instead of histograms, masks drawn for the whole tensor at once, sums over the whole tensor. It equals
+    the streamed fold, which holds a block at a time (linear and slerp, with no cut or mask, run their fold on
+    the whole tensor as one block); ``thetas``: each input's whole tensor as stored, in ``tensor.inputs``'
+    order."""
     md, rows = tensor.math_dtype, tensor.rows
     weight = base.reshape(rows, -1).float()
     inputs = [t.reshape(rows, -1) for t in thetas]
