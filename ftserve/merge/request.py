@@ -49,18 +49,20 @@ class ModelMergeMethod:
     max_inputs: int | None = None
 
 
-_GTA = (Param("int8_mask", bool, False, False), Param("normalize", bool, False, False),
-        Param("rescale", bool, False, False), Param("lambda", float, False, 1.0), Param("weight", float, True),
-        Param("density", float, True, 1.0))
+def _gta(name: str, normalize: bool, rescale: bool, *extra: Param) -> ModelMergeMethod:
+    return ModelMergeMethod(name, (Param("int8_mask", bool, False, False), Param("normalize", bool, False, normalize),
+                                   Param("rescale", bool, False, rescale), Param("lambda", float, False, 1.0),
+                                   Param("weight", float, True), Param("density", float, True, 1.0), *extra), True)
+
+
+_GAMMA, _EPSILON = Param("gamma", float, True, 0.01), Param("epsilon", float, True, 0.15)
 _METHODS = {m.name: m for m in [
     ModelMergeMethod("linear", (Param("weight", float, True), Param("normalize", bool, False, True)), False),
     ModelMergeMethod("slerp", (Param("t", float, False),), True, 2, 2),
-    *(ModelMergeMethod(n, _GTA, True) for n in ("task_arithmetic", "ties", "dare_ties", "dare_linear",
-                                                 "magnitude_prune")),
-    *(ModelMergeMethod(n, _GTA + (Param("gamma", float, True, 0.01),), True) for n in ("breadcrumbs",
-                                                                                     "breadcrumbs_ties")),
-    *(ModelMergeMethod(n, _GTA + (Param("epsilon", float, True, 0.15),), True) for n in ("della",
-                                                                                       "della_linear")),
+    _gta("task_arithmetic", False, False), _gta("ties", True, False), _gta("dare_ties", False, True),
+    _gta("dare_linear", False, True), _gta("magnitude_prune", False, False),
+    _gta("breadcrumbs", False, False, _GAMMA), _gta("breadcrumbs_ties", False, False, _GAMMA),
+    _gta("della", True, True, _EPSILON), _gta("della_linear", False, True, _EPSILON),
 ]}
 
 
@@ -196,6 +198,32 @@ def resolve_param(value: ParamValue, tensor_name: str, num_layers: int) -> objec
     else:
         t = index / (num_layers - 1) if num_layers > 1 else 1.0
     return _evaluate(value, tensor_name, t)
+
+
+def resolve_params(request: MergeRequest, tensor_name: str, num_layers: int
+                   ) -> tuple[list[dict[str, object]], dict[str, object]]:
+    """Every parameter of the request's method for ``tensor_name``: per input (in ``request.inputs`` order; the
+    base of a method that takes task vectors against it gets none) and shared, with mergekit's precedence (the
+    model's own setting, then ``parameters:``, then the method's default). ConfigError naming the tensor when a
+    required one has no value there (a filter list that misses it)."""
+    method = get_merge_method(request.method)
+
+    def value(param, settings: list[dict], where: str) -> object:
+        for setting in settings:
+            if param.name in setting:
+                found = resolve_param(setting[param.name], tensor_name, num_layers)
+                if found is not None:
+                    return found
+        if param.default is REQUIRED:
+            raise ConfigError(f"{method.name} needs {param.name!r} for {tensor_name} ({where}); no setting gives it "
+                              f"one there: add a filter-less entry {{value: ...}}")
+        return param.default
+
+    shared = {p.name: value(p, [request.params], "parameters:") for p in method.params if not p.per_input}
+    per_input = [{} if method.needs_base and i == request.base_index else
+                 {p.name: value(p, [m.params, request.params], m.text) for p in method.params if p.per_input}
+                 for i, m in enumerate(request.inputs)]
+    return per_input, shared
 
 
 def layer_index(tensor_name: str) -> int | None:
