@@ -343,7 +343,8 @@ REFUSALS = {
     "tokenizer": (TIES + "tokenizer: {source: base}\n", "tokenizer: (a merged vocabulary) is not supported"),
     "chat-template": (TIES + "chat_template: chatml\n", "chat_template: is not supported"),
     "unknown-method": (TIES.replace("ties", "tiez"), "unknown merge method 'tiez'"),
-    "mergekit-method-we-lack": (TIES.replace("ties", "model_stock"), "model_stock"),
+    "mergekit-method-we-lack": (TIES.replace("ties", "model_stock"), "merge method 'model_stock' is mergekit's, "
+                                                                        "but ftserve does not support it"),
     "parameter-not-taken": (TIES + "parameters: {t: 0.5}\n", "'t' is not a ties parameter (mergekit would "
                                                              "ignore it)"),
     "per-model-typo": (TIES.replace("density", "densty"), "'densty' is not a ties parameter"),

@@ -27,49 +27,7 @@ import yaml
 from ..errors import ConfigError
 from ..files.adapter_folder import ADAPTER_CONFIG
 from ..files.hub import looks_like_path
-
-# Until ftserve.merge.methods lands (issue 25, H1): the names and parameters of its methods, as mergekit's.
-REQUIRED = object()
-
-
-@dataclass(frozen=True)
-class Param:
-    name: str
-    kind: type
-    per_input: bool
-    default: object = REQUIRED
-
-
-@dataclass(frozen=True)
-class ModelMergeMethod:
-    name: str
-    params: tuple
-    needs_base: bool
-    min_inputs: int = 1
-    max_inputs: int | None = None
-
-
-def _gta(name: str, normalize: bool, rescale: bool, *extra: Param) -> ModelMergeMethod:
-    return ModelMergeMethod(name, (Param("int8_mask", bool, False, False), Param("normalize", bool, False, normalize),
-                                   Param("rescale", bool, False, rescale), Param("lambda", float, False, 1.0),
-                                   Param("weight", float, True), Param("density", float, True, 1.0), *extra), True)
-
-
-_GAMMA, _EPSILON = Param("gamma", float, True, 0.01), Param("epsilon", float, True, 0.15)
-_METHODS = {m.name: m for m in [
-    ModelMergeMethod("linear", (Param("weight", float, True), Param("normalize", bool, False, True)), False),
-    ModelMergeMethod("slerp", (Param("t", float, False),), True, 2, 2),
-    _gta("task_arithmetic", False, False), _gta("ties", True, False), _gta("dare_ties", False, True),
-    _gta("dare_linear", False, True), _gta("magnitude_prune", False, False),
-    _gta("breadcrumbs", False, False, _GAMMA), _gta("breadcrumbs_ties", False, False, _GAMMA),
-    _gta("della", True, True, _EPSILON), _gta("della_linear", False, True, _EPSILON),
-]}
-
-
-def get_merge_method(name: str) -> ModelMergeMethod:
-    if name not in _METHODS:
-        raise ConfigError(f"unknown merge method {name!r}; known: {', '.join(_METHODS)}")
-    return _METHODS[name]
+from .methods import REQUIRED, ModelMergeMethod, Param, get_merge_method
 
 ParamValue = float | bool | list   # scalar; a gradient [v0, v1, ...]; or mergekit's [{"filter": str, "value": ...}]
 
@@ -417,13 +375,13 @@ def _is_gradient(value: object) -> bool:
     return isinstance(value, list) and bool(value) and not any(isinstance(e, (dict, list)) for e in value)
 
 
-def _scalars(param, value: object, where: str) -> ParamValue:
+def _scalars(param: Param, value: object, where: str) -> ParamValue:
     if isinstance(value, list):
         return [_scalar(param, v, where) for v in value]
     return _scalar(param, value, where)
 
 
-def _scalar(param, value: object, where: str) -> float | bool:
+def _scalar(param: Param, value: object, where: str) -> float | bool:
     if param.kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {value!r} is not true or false")
