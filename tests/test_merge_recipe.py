@@ -310,6 +310,11 @@ def test_mergekits_example_recipes_read_and_written_back_loadable_by_mergekit(na
     assert merge_of(again) == merge_of(request)
 
 
+def test_a_filter_entry_may_say_filter_null_as_mergekit_allows(folders):
+    request = read_recipe(recipe(folders, TIES + "parameters: {lambda: [{filter: null, value: [1, 2]}]}\n"))
+    assert request.params == {"lambda": [{"value": [1.0, 2.0]}]}
+
+
 def test_model_adapter_and_bare_adapter_inputs(folders):
     request = read_recipe(recipe(folders, EXAMPLES["dare_ties"]))
     assert request.inputs == [InputModel("a", "a", None, {"weight": 0.5, "density": 0.53}),
@@ -379,6 +384,8 @@ REFUSALS = {
                              "lora1 is an adapter folder, so it needs base_model:"),
     "adapter-as-base": (TIES.replace("base_model: base", "base_model: lora1"), "base_model lora1: must be a "
                                                                                 "model"),
+    "joined-base": (TIES.replace("base_model: base", "base_model: base+lora1"),
+                    "base_model base+lora1: must be a model, not an adapter or model+adapter"),
     "slerp-two-others": ("merge_method: slerp\nbase_model: base\nmodels:\n  - model: a\n  - model: b\n"
                          "parameters: {t: 0.5}\n", "slerp merges exactly 2 models, the base counted; got 3"),
     "slerp-no-t": ("merge_method: slerp\nbase_model: base\nmodels:\n  - model: a\n", "slerp needs 't'"),

@@ -87,21 +87,21 @@ def read_recipe(path: str | os.PathLike) -> MergeRequest:
         raise ConfigError(f"{where}: a recipe is a YAML mapping (merge_method:, models:, ...); "
                           f"this file holds {_kind(recipe)}")
     try:
-        request = _from_recipe(recipe, text)
-        if request.base is not None and request.base_index is None and not get_merge_method(request.method).needs_base:
-            _base_as_input(request)
-        return _check(request)
+        return _check(_base_as_input(_from_recipe(recipe, text)))
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def _base_as_input(request: MergeRequest) -> None:
+def _base_as_input(request: MergeRequest) -> MergeRequest:
     """mergekit merges a base_model that a base-less method (``linear``) does not list as one more input, with
     the shared parameters only."""
+    if request.base is None or request.base_index is not None or get_merge_method(request.method).needs_base:
+        return request
     if "weight" not in request.params:
         raise ConfigError(f"{request.method} does not use base_model, so mergekit merges {request.base} as one more "
                           f"model, and it has no weight: list it under models: with a weight, or leave base_model out")
     request.inputs.append(InputModel(request.base, request.base, None, {}))
+    return request
 
 
 def request_from_flags(method: str, base: str, inputs: list[str], weights: list[float] | None = None,
@@ -297,8 +297,8 @@ def _check(request: MergeRequest) -> MergeRequest:
     """Every rule a request must meet before any model is read (see read_recipe); values made canonical."""
     method = get_merge_method(request.method)
     if request.base is not None:
-        kind = _folder_kind(request.base, "base_model")
-        if kind != "model" or "+" in request.base and not Path(request.base).exists():
+        joined = "+" in request.base and not Path(request.base).expanduser().exists()
+        if joined or _folder_kind(request.base, "base_model") != "model":
             raise ConfigError(f"base_model {request.base}: must be a model, not an adapter or model+adapter; "
                               f"merge the adapter into its base first (ftserve merge) and give that folder")
     elif method.needs_base:
@@ -357,13 +357,14 @@ def _value(method: ModelMergeMethod, params: dict, name: str, value: object, whe
         out = []
         for entry in value:
             extra = set(entry) - {"filter", "value"}
-            if extra or "value" not in entry or not isinstance(entry.get("filter", ""), str):
+            if extra or "value" not in entry or not isinstance(entry.get("filter", ""), (str, type(None))):
                 raise ConfigError(f"{where}: each filter entry is {{filter: NAME, value: V}} or {{value: V}}; got "
                                   f"{entry}")
             inner = entry["value"]
             if isinstance(inner, (dict, list)) and not _is_gradient(inner):
                 raise ConfigError(f"{where}: a filter's value is a number or a gradient [v0, v1, ...]; got {inner}")
-            out.append({**entry, "value": _scalars(params[name], inner, where)})
+            given = {"filter": entry["filter"]} if entry.get("filter") is not None else {}
+            out.append({**given, "value": _scalars(params[name], inner, where)})
         return out
     if isinstance(value, list) and not _is_gradient(value):
         raise ConfigError(f"{where}: a list is a gradient of numbers [v0, v1, ...] or a list of filters "
