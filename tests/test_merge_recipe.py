@@ -92,6 +92,8 @@ models:
 parameters:
   density: 0.7
   normalize: [true, false, true]
+  int8_mask: 1
+  rescale: "no"
   lambda: 1e-1
 dtype: bfloat16
 """,
@@ -159,11 +161,13 @@ ARCHS = [f"llama{layers}" for layers in LAYER_COUNTS] + ["gpt2-3"]
 def test_every_parameter_resolves_per_tensor_as_mergekits_planner_resolves_it(name, arch, models, monkeypatch):
     """Gradients over the layers (embeddings, final norm and head read t = 0; a one-layer model's layer t = 1),
     filters in order, a model's own setting before ``parameters:`` before the default: equal, tensor by
-    tensor, to what mergekit's planner hands its merge method."""
+    tensor, to what mergekit's planner hands its merge method; and the recipe request_yaml writes means the same
+    to mergekit."""
     text = RESOLUTION_RECIPES[name].format(arch=arch)
     monkeypatch.chdir(models)
     request = read_recipe(recipe(models, text))
     expected = mergekit_resolution(text)
+    assert mergekit_resolution(request_yaml(request)) == expected
     num_layers = int(arch.removeprefix("llama").removeprefix("gpt2-"))
     assert expected
     for tensor, (shared, per_model) in expected.items():
@@ -367,7 +371,8 @@ REFUSALS = {
                          "a filter's value is a number or a gradient"),
     "empty-gradient": (TIES.replace("0.5", "[]"), "a list is a gradient of numbers"),
     "not-a-number": (TIES.replace("0.5", "half"), "'half' is not a number"),
-    "not-a-bool": (TIES + "parameters: {normalize: 'yes'}\n", "'yes' is not true or false"),
+    "not-a-bool": (TIES + "parameters: {normalize: 'maybe'}\n", "'maybe' is not true or false"),
+    "two-is-not-a-bool": (TIES + "parameters: {normalize: 2}\n", "2 is not true or false"),
     "missing-model": (TIES.replace("model: a", "model: ./nowhere"), "no such model or adapter folder: ./nowhere"),
     "missing-adapter": (TIES.replace("model: a", "model: a+./nolora"), "no such model or adapter folder: ./nolora"),
     "adapter-plus-model": (TIES.replace("model: a", "model: lora1+a"), "'lora1' must be a model and 'a' an "

@@ -42,6 +42,8 @@ NOT_SUPPORTED = {
                      "copied",
 }
 DTYPES = ("float32", "float16", "bfloat16")
+BOOLEANS = {**dict.fromkeys(("true", "yes", "on", "t", "y", "1", "1.0"), True),
+            **dict.fromkeys(("false", "no", "off", "f", "n", "0", "0.0"), False)}
 LAYER = re.compile(r"\.(\d+)(?:\.|$)")
 
 
@@ -383,10 +385,14 @@ def _scalars(param: Param, value: object, where: str) -> ParamValue:
 
 
 def _scalar(param: Param, value: object, where: str) -> float | bool:
+    """One value as mergekit's (pydantic's) lax reading takes it: for a boolean, 0/1 and yes/no/on/off too."""
     if param.kind is bool:
-        if not isinstance(value, bool):
+        if isinstance(value, bool):
+            return value
+        spelled = str(value).strip().lower() if isinstance(value, (str, int, float)) else None
+        if spelled not in BOOLEANS:
             raise ConfigError(f"{where}: {value!r} is not true or false")
-        return value
+        return BOOLEANS[spelled]
     if isinstance(value, str):
         try:
             value = float(value)
