@@ -111,9 +111,10 @@ class ModelMergeMethod:
             for key, value in values.items():
                 p = names.get(key)
                 if p is None or p.per_input != (scope != "parameters"):
-                    where = ("a shared parameter" if scope == "parameters" else "a per-model parameter")
+                    kind = "shared" if scope == "parameters" else "per-model"
                     known = ", ".join(q.name for q in self.params if q.per_input == (scope != "parameters"))
-                    raise ConfigError(f"{self.name} has no {where} {key!r} ({scope}); it takes: {known or 'none'}")
+                    raise ConfigError(f"{self.name} has no {kind} parameter {key!r} ({scope}); its {kind} "
+                                      f"parameters: {known or 'none'}")
                 self._check_value(p, value, scope)
         for p in self.params:
             if p.default is not REQUIRED:
@@ -272,7 +273,7 @@ class LinearFold(TensorFold):
             else None
 
     def block(self, weight: Tensor, scratch: Scratch, start: int, stop: int) -> Tensor:
-        t, md = self.tensor, self.tensor.math_dtype
+        t, md, weight = self.tensor, self.tensor.math_dtype, weight.reshape(stop - start, -1)
         result = torch.zeros((stop - start, t.cols), dtype=self.dtype)
         for rows, coefficient in zip(t.inputs, self.coefficients):
             result.addcmul_(_md(rows.rows(weight, start, stop), md), coefficient)
@@ -294,6 +295,11 @@ class _Sparsifier:
     cuts: tuple[int, int] = (0, 0)  # breadcrumbs: the ascending ranks [n_bot, n_bot + target_n) kept
     keep_none: bool = False         # breadcrumbs with target_n == 0
     tie_starts: dict[int, Tensor] = field(default_factory=dict)   # bound -> first tie position of each row
+
+    @property
+    def positioned(self) -> list[int]:
+        """The bounds whose ties are kept by position."""
+        return [j for j, b in enumerate(self.bounds) if b.needs_positions]
     ranks: Tensor | None = None     # DELLA on a 1-D tensor: each element's ascending rank over the tensor
     scale: Tensor | None = None     # the L1 rescale factor, once summed
 
@@ -350,11 +356,13 @@ class TaskVectorFold(TensorFold):
     # -- first passes ------------------------------------------------------------------------------------------
 
     def scan(self, rows: Tensor, scratch: Scratch, start: int, stop: int) -> Any:
-        stage, md = self.stages[self.stage], self.tensor.math_dtype
+        """Per sparsified input, a list of tensors: the histograms of its searches (keys), or per-row values in
+        row order (ties: counts at each bound that needs positions; magnitudes; sums: |d_i| and |masked d_i|)."""
+        stage, md, rows = self.stages[self.stage], self.tensor.math_dtype, rows.reshape(stop - start, -1)
         base = _md(rows, md)
         out = {}
         for i, s in self.sparse.items():
-            if stage == "ties" and not any(b.needs_positions for b in s.bounds):
+            if stage == "ties" and not s.positioned:
                 continue
             delta = self._delta(i, rows, base, start, stop)
             if stage == "keys":
@@ -362,32 +370,40 @@ class TaskVectorFold(TensorFold):
                 out[i] = [search.histogram(keys) for search in s.searches]
             elif stage == "ties":
                 keys = magnitude_keys(delta)
-                out[i] = {j: (keys == b.value).sum(dim=1) for j, b in enumerate(s.bounds) if b.needs_positions}
+                out[i] = [(keys == s.bounds[j].value).sum(dim=1) for j in s.positioned]
             elif stage == "magnitudes":
-                out[i] = delta.flatten()
+                out[i] = [delta.flatten()]
             else:
                 unmasked = _md(delta, self.work_dtype if self.method.random else md)
-                out[i] = (row_l1(unmasked), row_l1(self._masked(s, delta, start, stop)))
+                out[i] = [row_l1(unmasked), row_l1(self._masked(s, delta, start, stop))]
         return out
 
     def gather(self, partials: Iterable[Any]) -> None:
+        """Histograms are summed as they come (O(bins)); per-row values are kept in row order (O(rows))."""
         stage = self.stages[self.stage]
-        partials = list(partials)
+        totals: dict[int, list] = {}
+        for partial in partials:
+            for i, values in partial.items():
+                if stage == "keys":
+                    totals[i] = [a + b for a, b in zip(totals[i], values)] if i in totals else values
+                else:
+                    totals.setdefault(i, [[] for _ in values])
+                    for kept, value in zip(totals[i], values):
+                        kept.append(value)
         for i, s in self.sparse.items():
             if stage == "keys":
-                for j, search in enumerate(s.searches):
-                    search.narrow(sum(p[i][j] for p in partials))
+                for search, counts in zip(s.searches, totals.get(i, [])):
+                    search.narrow(counts)
                 if self.stages[self.stage + 1] != "keys":
                     self._bounds(s)
-            elif stage == "ties":
-                for j in {j for p in partials for j in p.get(i, {})}:
-                    counts = torch.cat([p[i][j] for p in partials])
-                    s.tie_starts[j] = torch.cumsum(counts, 0) - counts
+                continue
+            rows = [torch.cat(parts) for parts in totals.get(i, [])]
+            if stage == "ties":
+                s.tie_starts = {j: torch.cumsum(counts, 0) - counts for j, counts in zip(s.positioned, rows)}
             elif stage == "magnitudes":
-                s.ranks = row_ranks(torch.cat([p[i] for p in partials])[None, :])[0]
+                s.ranks = row_ranks(rows[0][None, :])[0]
             else:
-                before = float(torch.cat([p[i][0] for p in partials]).sum())
-                after = float(torch.cat([p[i][1] for p in partials]).sum())
+                before, after = (float(r.sum()) for r in rows)
                 s.scale = l1_scale(before, after, self.work_dtype if self.method.random else self.tensor.math_dtype)
         self.stage += 1
 
@@ -445,7 +461,7 @@ class TaskVectorFold(TensorFold):
                                    s.epsilon, self.work_dtype)
 
     def block(self, weight: Tensor, scratch: Scratch, start: int, stop: int) -> Tensor:
-        md = self.tensor.math_dtype
+        md, weight = self.tensor.math_dtype, weight.reshape(stop - start, -1)
         base = _md(weight, md)
         if not self.non_base:
             return base
@@ -524,7 +540,7 @@ class SlerpFold(TensorFold):
         self.stage = 0
 
     def _pair(self, weight: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
-        md = self.tensor.math_dtype
+        md, weight = self.tensor.math_dtype, weight.reshape(stop - start, -1)
         a = _md(weight, md).to(self.dtype)
         b = _md(self.tensor.inputs[self.other].rows(weight, start, stop), md).to(self.dtype)
         return a, b
