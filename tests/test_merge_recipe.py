@@ -314,6 +314,14 @@ def test_mergekits_example_recipes_read_and_written_back_loadable_by_mergekit(na
     assert merge_of(again) == merge_of(request)
 
 
+def test_a_required_parameter_no_filter_gives_a_tensor_is_named_when_resolved(folders):
+    request = read_recipe(recipe(folders, TIES.replace("weight: 1", "weight: [{filter: mlp, value: 1}]")))
+    assert resolve_params(request, "model.layers.0.mlp.up_proj.weight", 2)[0] == [{"weight": 1.0, "density": 0.5}]
+    with pytest.raises(ConfigError, match=r"ties needs 'weight' for model.norm.weight \(a\); no setting gives it "
+                                          r"one there"):
+        resolve_params(request, "model.norm.weight", 2)
+
+
 def test_a_filter_entry_may_say_filter_null_as_mergekit_allows(folders):
     request = read_recipe(recipe(folders, TIES + "parameters: {lambda: [{filter: null, value: [1, 2]}]}\n"))
     assert request.params == {"lambda": [{"value": [1.0, 2.0]}]}
@@ -383,6 +391,8 @@ REFUSALS = {
     "adapter-twice": (TIES.replace("model: a", "model: lora1") + "  - model: base+lora1\n    parameters: "
                       "{weight: 1}\n", "base+lora1 and lora1 are the same model"),
     "no-models": ("merge_method: ties\nbase_model: base\n", "models: is missing or empty"),
+    "model-entry-not-a-mapping": (TIES + "  - b\n", "models[1]: each entry is a mapping with model:"),
+    "model-as-mapping": (TIES + "  - model: {model: b, lora: lora1}\n", "models[1]: model: is a dict"),
     "model-entry-key": (TIES.replace("    parameters", "    parameter"), "unknown key(s) parameter"),
     "no-base": (TIES.replace("base_model: base\n", ""), "ties needs base_model:"),
     "adapter-without-base": ("merge_method: linear\nmodels:\n  - model: lora1\n    parameters: {weight: 1}\n",

@@ -241,9 +241,10 @@ def _from_recipe(recipe: dict, text: str) -> MergeRequest:
 
 def _recipe_input(entry: object, i: int) -> InputModel:
     where = f"models[{i}]"
-    if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
-        raise ConfigError(f"{where}: each entry is a mapping with model: (a folder, hub id or model+adapter); "
-                          f"got {_kind(entry)}")
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: each entry is a mapping with model: and parameters:; got {_kind(entry)}")
+    if not isinstance(entry.get("model"), str):
+        raise ConfigError(f"{where}: model: is {_kind(entry.get('model'))}; give a folder, hub id or MODEL+ADAPTER")
     extra = sorted(set(entry) - {"model", "parameters"})
     if extra:
         raise ConfigError(f"{where} ({entry['model']}): unknown key(s) {', '.join(extra)} (mergekit would ignore "
