@@ -343,8 +343,8 @@ def test_a_hub_id_in_the_local_cache_is_a_model_and_a_missing_one_is_refused(fol
     request = read_recipe(recipe(folders, "merge_method: task_arithmetic\nbase_model: acme/tiny-llama\n"
                                           "models:\n  - model: acme/tiny-llama+lora1\n    parameters: {weight: 1}\n"))
     assert request.inputs[0].model == "acme/tiny-llama"
-    with pytest.raises(ConfigError, match="acme/missing is no folder here and no model in the local Hugging Face "
-                                          "cache"):
+    with pytest.raises(ConfigError, match="acme/missing: no such folder, and the Hugging Face hub cannot provide "
+                                          "it"):
         read_recipe(recipe(folders, "merge_method: linear\nmodels:\n  - model: acme/missing\n"
                                     "    parameters: {weight: 1}\n"))
 
@@ -381,8 +381,9 @@ REFUSALS = {
     "not-a-number": (TIES.replace("0.5", "half"), "'half' is not a number"),
     "not-a-bool": (TIES + "parameters: {normalize: 'maybe'}\n", "'maybe' is not true or false"),
     "two-is-not-a-bool": (TIES + "parameters: {normalize: 2}\n", "2 is not true or false"),
-    "missing-model": (TIES.replace("model: a", "model: ./nowhere"), "no such model or adapter folder: ./nowhere"),
-    "missing-adapter": (TIES.replace("model: a", "model: a+./nolora"), "no such model or adapter folder: ./nolora"),
+    "missing-model": (TIES.replace("model: a", "model: ./nowhere"), "./nowhere: no such model or adapter folder"),
+    "missing-adapter": (TIES.replace("model: a", "model: a+./nolora"), "./nolora: no such model or adapter folder"),
+    "a-file": (TIES.replace("model: a", "model: merge.yaml"), "merge.yaml: a file, not a model or adapter folder"),
     "adapter-plus-model": (TIES.replace("model: a", "model: lora1+a"), "'lora1' must be a model and 'a' an "
                                                                         "adapter folder"),
     "two-pluses": (TIES.replace("model: a", "model: a+lora1+lora2"), "cannot read 'a+lora1+lora2'"),

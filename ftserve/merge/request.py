@@ -26,7 +26,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..files.adapter_folder import ADAPTER_CONFIG
-from ..files.hub import looks_like_path
+from ..files.hub import resolve_folder
 from .methods import REQUIRED, ModelMergeMethod, Param, get_merge_method
 
 ParamValue = float | bool | list   # scalar; a gradient [v0, v1, ...]; or mergekit's [{"filter": str, "value": ...}]
@@ -277,23 +277,13 @@ def _input(text: str, params: dict, where: str) -> InputModel:
 
 
 def _folder_kind(name: str, where: str) -> str:
-    """"adapter" for a folder with adapter_config.json, "model" for any other existing folder or hub id in the
-    local cache."""
-    local = Path(name).expanduser()
-    if local.is_dir():
-        return "adapter" if (local / ADAPTER_CONFIG).is_file() else "model"
-    if local.exists():
-        raise ConfigError(f"{where}: {name} is a file, not a model or adapter folder")
-    if looks_like_path(name):
-        raise ConfigError(f"{where}: no such model or adapter folder: {name}")
-    from huggingface_hub import snapshot_download
-
+    """"adapter" for a folder with adapter_config.json, "model" for any other folder or hub id (only its JSON
+    files are fetched here; offline, the local cache answers)."""
     try:
-        cached = Path(snapshot_download(name, local_files_only=True))
-    except Exception:  # not a valid id, not cached: the hub raises several kinds
-        raise ConfigError(f"{where}: {name} is no folder here and no model in the local Hugging Face cache; "
-                          f"download it first (huggingface-cli download {name})") from None
-    return "adapter" if (cached / ADAPTER_CONFIG).is_file() else "model"
+        folder = resolve_folder(name, "model or adapter", allow_patterns=["*.json"], error=ConfigError)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return "adapter" if (folder / ADAPTER_CONFIG).is_file() else "model"
 
 
 def _check(request: MergeRequest) -> MergeRequest:
