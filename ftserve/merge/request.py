@@ -17,6 +17,7 @@ shared ``parameters:``, then the method's default.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -235,8 +236,8 @@ def _from_recipe(recipe: dict, text: str) -> MergeRequest:
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"random_seed: {seed!r} is not a whole number >= 0")
     return MergeRequest(method, base, inputs, _mapping(recipe.get("parameters"), "parameters:"),
-                        dtype=_dtype(recipe.get("dtype"), "dtype"), out_dtype=_dtype(recipe.get("out_dtype"),
-                        "out_dtype"), seed=seed, tokenizer_source=source, text=text)
+                        dtype=recipe.get("dtype"), out_dtype=recipe.get("out_dtype"), seed=seed,
+                        tokenizer_source=source, text=text)
 
 
 def _recipe_input(entry: object, i: int) -> InputModel:
@@ -389,7 +390,7 @@ def _scalar(param: Param, value: object, where: str) -> float | bool:
             value = float(value)
         except ValueError:
             raise ConfigError(f"{where}: {value!r} is not a number") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{where}: {value!r} is not a finite number")
     value = float(value)
     if param.name == "density" and not 0 < value <= 1:
