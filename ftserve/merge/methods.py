@@ -93,49 +93,48 @@ class ModelMergeMethod:
     sparsification: str | None = None
     consensus: bool = False
 
-    def param(self, name: str) -> Param:
-        return next(p for p in self.params if p.name == name)
-
     def check(self, per_input: list[dict[str, object]], shared: dict[str, object],
               base_index: int | None = None) -> None:
         """ConfigError, one line naming the method and the parameter, for an unknown parameter, a missing
         required one, a wrong type or an out-of-range value; values are scalars. ``per_input``: one dict per
-        listed input; ``base_index``: which of them is the base, whose per-input values mergekit ignores."""
-        names = {p.name: p for p in self.params}
+        listed input; ``base_index``: which of them is the base, whose per-model values a method that needs a
+        base ignores (as mergekit does; ``linear`` has no base and weighs every input)."""
         count = len(per_input) + int(self.needs_base and base_index is None)
         if count < self.min_inputs or (self.max_inputs is not None and count > self.max_inputs):
             wanted = (f"exactly {self.min_inputs}" if self.min_inputs == self.max_inputs
                       else f"at least {self.min_inputs}")
             raise ConfigError(f"{self.name} merges {wanted} models counting the base, got {count}")
-        for scope, values in [("parameters", shared)] + [(f"input {i}", v) for i, v in enumerate(per_input)]:
-            for key, value in values.items():
-                p = names.get(key)
-                if p is None or p.per_input != (scope != "parameters"):
-                    kind = "shared" if scope == "parameters" else "per-model"
-                    known = ", ".join(q.name for q in self.params if q.per_input == (scope != "parameters"))
-                    raise ConfigError(f"{self.name} has no {kind} parameter {key!r} ({scope}); its {kind} "
-                                      f"parameters: {known or 'none'}")
-                self._check_value(p, value, scope)
+        self._check_values("parameters", shared, per_input=False)
+        for i, values in enumerate(per_input):
+            self._check_values(f"input {i}", values, per_input=True)
+        weighed = [i for i in range(len(per_input)) if not (self.needs_base and i == base_index)]
         for p in self.params:
-            if p.default is not REQUIRED:
-                continue
-            missing = ([None] if not p.per_input and p.name not in shared else
-                       [i for i, v in enumerate(per_input) if p.per_input and i != base_index and p.name not in v])
+            if p.default is REQUIRED and not p.per_input and p.name not in shared:
+                raise ConfigError(f"{self.name} needs {p.name!r} in parameters")
+            missing = [i for i in weighed if p.default is REQUIRED and p.per_input and p.name not in per_input[i]]
             if missing:
-                where = "in parameters" if missing == [None] else f"for input {missing[0]}"
-                raise ConfigError(f"{self.name} needs {p.name!r} {where}")
+                raise ConfigError(f"{self.name} needs {p.name!r} for input {missing[0]}")
         if self.name == "linear" and self.param_value(shared, "normalize") and \
-                sum(v["weight"] for v in per_input) == 0:  # mergekit's GTA guards its divisor, linear does not
+                sum(per_input[i]["weight"] for i in weighed) == 0:
+            # mergekit's task arithmetic guards its divisor, its linear merge does not
             raise ConfigError(f"{self.name}: the weights sum to 0, so normalize divides by zero; set normalize: "
                               f"false or change the weights")
         if self.sparsification == "della_magprune":
-            for i, v in enumerate(per_input):
-                if i == base_index:
-                    continue
-                d, e = self.param_value(v, "density"), self.param_value(v, "epsilon")
-                if d < 1 and not (0 < d - e and d + e < 1):
-                    raise ConfigError(f"{self.name}: input {i} has density {d:g} and epsilon {e:g}; density - "
-                                      f"epsilon and density + epsilon must both lie in (0, 1)")
+            for i in weighed:
+                d, e = self.param_value(per_input[i], "density"), self.param_value(per_input[i], "epsilon")
+                if d < 1 and not (0 < d - e and d + e < 1):  # mergekit raises this while merging
+                    raise ConfigError(f"{self.name}: input {i} has density {d:g} and epsilon "
+                                      f"{e:g}; density - epsilon and density + epsilon must both lie in (0, 1)")
+
+    def _check_values(self, scope: str, values: dict[str, object], per_input: bool) -> None:
+        kind = "per-model" if per_input else "shared"
+        for key, value in values.items():
+            p = next((p for p in self.params if p.name == key and p.per_input == per_input), None)
+            if p is None:
+                known = ", ".join(q.name for q in self.params if q.per_input == per_input)
+                raise ConfigError(f"{self.name} has no {kind} parameter {key!r} ({scope}); its {kind} parameters: "
+                                  f"{known or 'none'}")
+            self._check_value(p, value, scope)
 
     def param_value(self, values: dict[str, object], name: str) -> Any:
         """``values[name]``, else the parameter's default (None for a parameter this method does not have)."""
@@ -327,7 +326,7 @@ class TaskVectorFold(TensorFold):
         if method.sparsification in ("random", "della_magprune") and md == torch.float64:
             self.work_dtype = torch.float32
         self.sparse = {i: self._sparsifier(i) for i in self.non_base
-                       if method.sparsification and value(tensor.params[i], "density") < 1}
+                       if method.sparsification and tensor.numel and value(tensor.params[i], "density") < 1}
         stages = []
         if method.sparsification in ("magnitude", "magnitude_outliers") and self.sparse:
             stages += ["keys"] * key_passes(md) + ["ties"]
