@@ -75,17 +75,17 @@ def params_for(name, count, **shared):
     return per, {**SHARED.get(name, {}), **shared}
 
 
-def tensor_inputs(name, base, thetas, per, shared, seed=SEED):
-    return TensorInputs(NAME, tuple(base.shape), base.dtype, base.dtype, [TensorRows(t) for t in thetas], None,
-                        per, shared, seed)
+def tensor_inputs(name, base, thetas, per, shared, seed=SEED, math_dtype=None):
+    return TensorInputs(NAME, tuple(base.shape), base.dtype, math_dtype or base.dtype, [TensorRows(t) for t in thetas],
+                        None, per, shared, seed)
 
 
 class MergekitDraws:
     """``torch`` as mergekit's sparsify module sees it, with our random draws (input by input, in order) and,
     when ``stable``, stable sorts."""
 
-    def __init__(self, tensor, stable):
-        self.tensor, self.stable, self.calls = tensor, stable, 0
+    def __init__(self, tensor, stable, first=0):
+        self.tensor, self.stable, self.calls = tensor, stable, first
 
     def __getattr__(self, name):
         return getattr(torch, name)
@@ -102,8 +102,9 @@ class MergekitDraws:
         return torch.sort(x, descending=descending, stable=self.stable)
 
 
-def mergekit_merge(name, base, thetas, per, shared, tensor, monkeypatch, stable=True):
-    """mergekit's method on the whole tensors, with our masks (and stable sorts)."""
+def mergekit_merge(name, base, thetas, per, shared, tensor, monkeypatch, stable=True, base_listed=False):
+    """mergekit's method on the whole tensors in ``tensor.math_dtype``, with our masks (and stable sorts);
+    ``base_listed``: ``thetas`` start with the base, as a recipe that lists it among its models."""
     if name == "magnitude_prune":  # PEFT's name; in mergekit's terms (the methods module docstring):
         method = GeneralizedTaskArithmeticMerge(None, SparsificationMethod.magnitude, False, False,
                                                 "magnitude_prune", None, None)
@@ -111,15 +112,16 @@ def mergekit_merge(name, base, thetas, per, shared, tensor, monkeypatch, stable=
         method = registry.get(name)
     parameters = dict(shared)
     for p in method.spec.input_parameters:
-        if p.name in per[0]:
-            parameters[p.name] = [v[p.name] for v in per]
-    if name == "linear":
-        group = TensorGroup.from_tensors(thetas)
+        entries = per[1:] if base_listed and p.scope == ParameterScope.NON_BASE else per
+        if p.name in entries[0]:
+            parameters[p.name] = [v[p.name] for v in entries]
+    if name == "linear" or base_listed:
+        group = TensorGroup.from_tensors(thetas, base_index=0 if base_listed else None)
     else:
         group = TensorGroup.from_tensors([base, *thetas], base_index=0)
     with monkeypatch.context() as patch:
-        patch.setattr(mergekit_sparsify, "torch", MergekitDraws(tensor, stable))
-        (merged,) = method([group], parameters=parameters, dtype=base.dtype)
+        patch.setattr(mergekit_sparsify, "torch", MergekitDraws(tensor, stable, first=int(base_listed)))
+        (merged,) = method([group], parameters=parameters, dtype=tensor.math_dtype)
     return merged
 
 
@@ -142,6 +144,55 @@ def test_deterministic_method_is_mergekits_bit_for_bit(name, shape, dtype, monke
     ours = streamed(METHODS[name], tensor, base)
     assert ours.dtype == dtype
     assert torch.equal(ours, mergekit_merge(name, base, thetas, per, shared, tensor, monkeypatch))
+
+
+@pytest.mark.parametrize("stored, math", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                          (torch.float16, torch.float16)], ids=str)
+@pytest.mark.parametrize("name", ["linear", "task_arithmetic", "ties", "breadcrumbs", "dare_linear", "della"])
+def test_math_dtype_is_mergekits_dtype(name, stored, math, monkeypatch):
+    """Inputs are cast to the recipe's dtype before the method computes, as mergekit's ``dtype:`` does."""
+    base, thetas = inputs_for(name, stored, (37, 19))
+    per, shared = params_for(name, len(thetas), **({"rescale": False} if METHODS[name].random else {}))
+    tensor = tensor_inputs(name, base, thetas, per, shared, math_dtype=math)
+    ours = streamed(METHODS[name], tensor, base)
+    assert ours.dtype == math
+    assert torch.equal(ours, mergekit_merge(name, base, thetas, per, shared, tensor, monkeypatch))
+
+
+@pytest.mark.parametrize("name", ["linear", "ties", "dare_ties", "slerp"])
+def test_base_listed_among_the_models(name, monkeypatch):
+    """A recipe may list the base among its models: linear weighs it as any input; the others take it as the
+    base, with no per-model values, and the other inputs keep their places (their masks' input index)."""
+    base, thetas = inputs_for(name, torch.bfloat16, (37, 19))
+    per, shared = params_for(name, len(thetas), **({"rescale": False} if METHODS[name].random else {}))
+    listed, per = [base, *thetas], [{"weight": 0.25} if name == "linear" else {}, *per]
+    tensor = TensorInputs(NAME, tuple(base.shape), base.dtype, base.dtype, [TensorRows(t) for t in listed], 0, per,
+                          shared, SEED)
+    METHODS[name].check(per, shared, base_index=0)
+    ours = streamed(METHODS[name], tensor, base)
+    theirs = mergekit_merge(name, base, listed, per, shared, tensor, monkeypatch, base_listed=True)
+    if name == "slerp":
+        assert_within_ulps(ours, theirs, base, 1)
+    else:
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name, values", [
+    ("ties", {"density": 0.001}),  # k = max(1, int(0.7)) = 1
+    ("breadcrumbs", {"density": 0.001}),  # target_n = 0: nothing kept
+    ("breadcrumbs", {"density": 0.3, "gamma": 0.0}),  # no upper cut
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.6}),  # n_bot = 0: no lower cut
+    ("breadcrumbs_ties", {"density": 0.999, "gamma": 0.0005}),  # both cuts among the largest
+    ("dare_linear", {"density": 1.0}),  # no pruning, no rescale
+])
+def test_cuts_at_the_ends_are_mergekits(name, values, dtype, monkeypatch):
+    base, thetas = inputs_for(name, dtype, (37, 19))
+    per, shared = params_for(name, len(thetas))
+    per = [dict(p, **values) for p in per]
+    tensor = tensor_inputs(name, base, thetas, per, shared)
+    assert torch.equal(streamed(METHODS[name], tensor, base),
+                       mergekit_merge(name, base, thetas, per, shared, tensor, monkeypatch))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -335,6 +386,16 @@ def test_bad_parameters_are_refused_in_one_line(name, per, shared, message):
     with pytest.raises(ConfigError) as caught:
         METHODS[name].check(per, shared)
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("shape", [(7, 1), (1,)], ids=str)
+def test_della_refuses_a_tensor_with_nothing_to_rank(shape):
+    """DELLA ranks each slice along dim 1 (a 1-D tensor as one slice); mergekit fails on a slice of one element
+    (a NaN probability), we say so when the fold is planned."""
+    base, thetas = inputs_for("della", torch.float32, shape)
+    per, shared = params_for("della", len(thetas))
+    with pytest.raises(ConfigError, match=r"della: .* has shape \[.*\], and DELLA ranks magnitudes along its second"):
+        METHODS["della"].fold(tensor_inputs("della", base, thetas, per, shared))
 
 
 def test_the_base_needs_no_per_model_values_when_listed():

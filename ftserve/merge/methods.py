@@ -23,7 +23,8 @@ tensor and ``theta_i`` each input's, in the math dtype (the recipe's ``dtype``, 
 The task-vector methods are one fold (``TaskVectorFold``, mergekit's generalized task arithmetic): each a choice
 of sparsification and of the sign election. Where the whole tensor matters (a magnitude threshold, a rescale
 sum, slerp's norms and angle) a fold asks write.py for first passes (combine.TensorFold), keeping O(rows) or
-O(histogram bins) between passes; sparsify.py says how thresholds stay exact and masks reproducible.
+O(histogram bins) between passes; sparsify.py says how thresholds stay exact and masks reproducible. A fold
+holds a few blocks of each input at a time, never a whole tensor (``reference_merge`` does, for verify).
 
 Where the result is not mergekit's bit for bit:
 - elements tied at a magnitude cut are taken in index order (mergekit: its unstable sort's order);
@@ -50,8 +51,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .combine import Scratch, TensorFold
-from .sparsify import (RankSearch, Bound, key_bits, key_passes, l1_scale, magnitude_keys, row_l1, tie_positions,
-                       top_k, uniforms)
+from .sparsify import Bound, RankSearch, key_bits, key_passes, l1_scale, magnitude_keys, row_l1, top_k, uniforms
 
 
 class _Required:
@@ -93,49 +93,48 @@ class ModelMergeMethod:
     sparsification: str | None = None
     consensus: bool = False
 
-    def param(self, name: str) -> Param:
-        return next(p for p in self.params if p.name == name)
-
     def check(self, per_input: list[dict[str, object]], shared: dict[str, object],
               base_index: int | None = None) -> None:
         """ConfigError, one line naming the method and the parameter, for an unknown parameter, a missing
         required one, a wrong type or an out-of-range value; values are scalars. ``per_input``: one dict per
-        listed input; ``base_index``: which of them is the base, whose per-input values mergekit ignores."""
-        names = {p.name: p for p in self.params}
+        listed input; ``base_index``: which of them is the base, whose per-model values a method that needs a
+        base ignores (as mergekit does; ``linear`` has no base and weighs every input)."""
         count = len(per_input) + int(self.needs_base and base_index is None)
         if count < self.min_inputs or (self.max_inputs is not None and count > self.max_inputs):
             wanted = (f"exactly {self.min_inputs}" if self.min_inputs == self.max_inputs
                       else f"at least {self.min_inputs}")
             raise ConfigError(f"{self.name} merges {wanted} models counting the base, got {count}")
-        for scope, values in [("parameters", shared)] + [(f"input {i}", v) for i, v in enumerate(per_input)]:
-            for key, value in values.items():
-                p = names.get(key)
-                if p is None or p.per_input != (scope != "parameters"):
-                    kind = "shared" if scope == "parameters" else "per-model"
-                    known = ", ".join(q.name for q in self.params if q.per_input == (scope != "parameters"))
-                    raise ConfigError(f"{self.name} has no {kind} parameter {key!r} ({scope}); its {kind} "
-                                      f"parameters: {known or 'none'}")
-                self._check_value(p, value, scope)
+        self._check_values("parameters", shared, per_input=False)
+        for i, values in enumerate(per_input):
+            self._check_values(f"input {i}", values, per_input=True)
+        weighed = [i for i in range(len(per_input)) if not (self.needs_base and i == base_index)]
         for p in self.params:
-            if p.default is not REQUIRED:
-                continue
-            missing = ([None] if not p.per_input and p.name not in shared else
-                       [i for i, v in enumerate(per_input) if p.per_input and i != base_index and p.name not in v])
+            if p.default is REQUIRED and not p.per_input and p.name not in shared:
+                raise ConfigError(f"{self.name} needs {p.name!r} in parameters")
+            missing = [i for i in weighed if p.default is REQUIRED and p.per_input and p.name not in per_input[i]]
             if missing:
-                where = "in parameters" if missing == [None] else f"for input {missing[0]}"
-                raise ConfigError(f"{self.name} needs {p.name!r} {where}")
+                raise ConfigError(f"{self.name} needs {p.name!r} for input {missing[0]}")
         if self.name == "linear" and self.param_value(shared, "normalize") and \
-                sum(v["weight"] for v in per_input) == 0:  # mergekit's GTA guards its divisor, linear does not
+                sum(per_input[i]["weight"] for i in weighed) == 0:
+            # mergekit's task arithmetic guards its divisor, its linear merge does not
             raise ConfigError(f"{self.name}: the weights sum to 0, so normalize divides by zero; set normalize: "
                               f"false or change the weights")
         if self.sparsification == "della_magprune":
-            for i, v in enumerate(per_input):
-                if i == base_index:
-                    continue
-                d, e = self.param_value(v, "density"), self.param_value(v, "epsilon")
-                if d < 1 and not (0 < d - e and d + e < 1):
-                    raise ConfigError(f"{self.name}: input {i} has density {d:g} and epsilon {e:g}; density - "
-                                      f"epsilon and density + epsilon must both lie in (0, 1)")
+            for i in weighed:
+                d, e = self.param_value(per_input[i], "density"), self.param_value(per_input[i], "epsilon")
+                if d < 1 and not (0 < d - e and d + e < 1):  # mergekit raises this while merging
+                    raise ConfigError(f"{self.name}: input {i} has density {d:g} and epsilon "
+                                      f"{e:g}; density - epsilon and density + epsilon must both lie in (0, 1)")
+
+    def _check_values(self, scope: str, values: dict[str, object], per_input: bool) -> None:
+        kind = "per-model" if per_input else "shared"
+        for key, value in values.items():
+            p = next((p for p in self.params if p.name == key and p.per_input == per_input), None)
+            if p is None:
+                known = ", ".join(q.name for q in self.params if q.per_input == per_input)
+                raise ConfigError(f"{self.name} has no {kind} parameter {key!r} ({scope}); its {kind} parameters: "
+                                  f"{known or 'none'}")
+            self._check_value(p, value, scope)
 
     def param_value(self, values: dict[str, object], name: str) -> Any:
         """``values[name]``, else the parameter's default (None for a parameter this method does not have)."""
@@ -230,8 +229,8 @@ METHODS: dict[str, ModelMergeMethod] = {m.name: m for m in (
     _gta("ties", "TIES", "https://arxiv.org/abs/2306.01708", "magnitude", True, True, False),
     _gta("dare_ties", "DARE TIES", "https://arxiv.org/abs/2311.03099", "random", True, False, True, True),
     _gta("dare_linear", "Linear DARE", "https://arxiv.org/abs/2311.03099", "random", False, False, True, True),
-    _gta("magnitude_prune", "Magnitude Prune (PEFT)", "https://arxiv.org/abs/2306.01708", "magnitude", False,
-         False, False),
+    _gta("magnitude_prune", "Magnitude Prune (PEFT)", "https://huggingface.co/docs/peft/developer_guides/model_merging",
+         "magnitude", False, False, False),
     _gta("breadcrumbs", "Model Breadcrumbs", "https://arxiv.org/abs/2312.06795", "magnitude_outliers", False,
          False, False),
     _gta("breadcrumbs_ties", "Model Breadcrumbs with TIES", "https://arxiv.org/abs/2312.06795",
@@ -252,6 +251,15 @@ def get_merge_method(name: str) -> ModelMergeMethod:
     if name in NOT_SUPPORTED:
         raise ConfigError(f"merge method {name!r} is mergekit's, but ftserve does not support it; use one of: {known}")
     raise ConfigError(f"unknown merge method {name!r}; use one of: {known}")
+
+
+def work_dtype(method: ModelMergeMethod, math_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a task vector is masked and rescaled in: mergekit's random masks (bernoulli, DELLA) work in
+    bf16 for bf16 and in fp32 otherwise (on CPU, where torch has no fp16 bernoulli); magnitude cuts in the math
+    dtype."""
+    if method.random:
+        return math_dtype if math_dtype == torch.bfloat16 else torch.float32
+    return math_dtype
 
 
 def _md(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -295,13 +303,13 @@ class _Sparsifier:
     cuts: tuple[int, int] = (0, 0)  # breadcrumbs: the ascending ranks [n_bot, n_bot + target_n) kept
     keep_none: bool = False         # breadcrumbs with target_n == 0
     tie_starts: dict[int, Tensor] = field(default_factory=dict)   # bound -> first tie position of each row
+    ranks: Tensor | None = None     # DELLA on a 1-D tensor: each element's ascending rank over the tensor
+    scale: Tensor | None = None     # the L1 rescale factor, once summed
 
     @property
     def positioned(self) -> list[int]:
         """The bounds whose ties are kept by position."""
         return [j for j, b in enumerate(self.bounds) if b.needs_positions]
-    ranks: Tensor | None = None     # DELLA on a 1-D tensor: each element's ascending rank over the tensor
-    scale: Tensor | None = None     # the L1 rescale factor, once summed
 
 
 class TaskVectorFold(TensorFold):
@@ -322,12 +330,14 @@ class TaskVectorFold(TensorFold):
         self.rescale = bool(value(tensor.shared, "rescale"))
         self.normalize = bool(value(tensor.shared, "normalize"))
         self.lam = value(tensor.shared, "lambda")
-        # bernoulli and DELLA compute in bf16 for bf16, else in fp32 (mergekit on CPU)
-        self.work_dtype = md if md == torch.bfloat16 else torch.float32
-        if method.sparsification in ("random", "della_magprune") and md == torch.float64:
-            self.work_dtype = torch.float32
+        self.work_dtype = work_dtype(method, md)
         self.sparse = {i: self._sparsifier(i) for i in self.non_base
-                       if method.sparsification and value(tensor.params[i], "density") < 1}
+                       if method.sparsification and tensor.numel and value(tensor.params[i], "density") < 1}
+        ranked = tensor.shape[1] if len(tensor.shape) > 1 else tensor.numel
+        if method.sparsification == "della_magprune" and self.sparse and ranked == 1:
+            raise ConfigError(f"{method.name}: {tensor.name} has shape {list(tensor.shape)}, and DELLA ranks "
+                              f"magnitudes along its second dimension, where one element has no rank (mergekit "
+                              f"fails on it); give it density 1 or merge it with another method")
         stages = []
         if method.sparsification in ("magnitude", "magnitude_outliers") and self.sparse:
             stages += ["keys"] * key_passes(md) + ["ties"]
@@ -374,7 +384,7 @@ class TaskVectorFold(TensorFold):
             elif stage == "magnitudes":
                 out[i] = [delta.flatten()]
             else:
-                unmasked = _md(delta, self.work_dtype if self.method.random else md)
+                unmasked = _md(delta, self.work_dtype)
                 out[i] = [row_l1(unmasked), row_l1(self._masked(s, delta, start, stop))]
         return out
 
@@ -404,13 +414,15 @@ class TaskVectorFold(TensorFold):
                 s.ranks = row_ranks(rows[0][None, :])[0]
             else:
                 before, after = (float(r.sum()) for r in rows)
-                s.scale = l1_scale(before, after, self.work_dtype if self.method.random else self.tensor.math_dtype)
+                s.scale = l1_scale(before, after, self.work_dtype)
         self.stage += 1
 
     def _bounds(self, s: _Sparsifier) -> None:
         numel = self.tensor.numel
         if self.method.sparsification == "magnitude":
             s.bounds = [top_k(s.searches[0], numel, max(1, int(s.density * numel)))]
+            return
+        if s.keep_none:
             return
         n_bot, hi = s.cuts
         searches = iter(s.searches)
@@ -448,8 +460,7 @@ class TaskVectorFold(TensorFold):
         keep = torch.ones_like(keys, dtype=torch.bool)
         for j, bound in enumerate(s.bounds):
             starts = s.tie_starts.get(j)
-            positions = tie_positions(keys, bound.value, int(starts[start])) if starts is not None else None
-            keep &= bound.keeps(keys, positions)
+            keep &= bound.keeps(keys, None if starts is None else int(starts[start]))
         return keep
 
     def _della_probabilities(self, s: _Sparsifier, delta: Tensor, start: int, stop: int) -> Tensor:
@@ -582,8 +593,10 @@ def slerp_coefficients(dot: Tensor, t: Tensor, dtype: torch.dtype) -> tuple[Tens
 
 def reference_merge(method: ModelMergeMethod, base: Tensor, thetas: list[Tensor], tensor: TensorInputs) -> Tensor:
     """The whole merged tensor computed directly on whole tensors (for verify and tests): cut points by a stable
-    sort instead of histograms, masks drawn for the whole tensor at once. It equals the streamed fold, which
-    holds a block at a time; ``thetas``: each input's whole tensor as stored, in ``tensor.inputs``' order."""
+    sort instead of histograms, masks drawn for the whole tensor at once, sums over the whole tensor. It equals
+    the streamed fold, which holds a block at a time (linear and slerp, with no cut or mask, run their fold on
+    the whole tensor as one block); ``thetas``: each input's whole tensor as stored, in ``tensor.inputs``'
+    order."""
     md, rows = tensor.math_dtype, tensor.rows
     weight = base.reshape(rows, -1).float()
     inputs = [t.reshape(rows, -1) for t in thetas]
@@ -615,7 +628,7 @@ def _sparsified_whole(method: ModelMergeMethod, tensor: TensorInputs, i: int, de
                       density: float) -> Tensor:
     """One task vector sparsified as mergekit does, over the whole (rows, cols) tensor (reference_merge)."""
     kind, numel, md = method.sparsification, tensor.numel, tensor.math_dtype
-    work = md if kind in ("magnitude", "magnitude_outliers") or md == torch.bfloat16 else torch.float32
+    work = work_dtype(method, md)
     keys = magnitude_keys(delta).flatten()
     mask = torch.zeros(numel, dtype=work)
     if kind == "magnitude":

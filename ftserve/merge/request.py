@@ -17,6 +17,7 @@ shared ``parameters:``, then the method's default.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -26,48 +27,8 @@ import yaml
 
 from ..errors import ConfigError
 from ..files.adapter_folder import ADAPTER_CONFIG
-from ..files.hub import looks_like_path
-
-# Until ftserve.merge.methods lands (issue 25, H1): the names and parameters of its methods, as mergekit's.
-REQUIRED = object()
-
-
-@dataclass(frozen=True)
-class Param:
-    name: str
-    kind: type
-    per_input: bool
-    default: object = REQUIRED
-
-
-@dataclass(frozen=True)
-class ModelMergeMethod:
-    name: str
-    params: tuple
-    needs_base: bool
-    min_inputs: int = 1
-    max_inputs: int | None = None
-
-
-_GTA = (Param("int8_mask", bool, False, False), Param("normalize", bool, False, False),
-        Param("rescale", bool, False, False), Param("lambda", float, False, 1.0), Param("weight", float, True),
-        Param("density", float, True, 1.0))
-_METHODS = {m.name: m for m in [
-    ModelMergeMethod("linear", (Param("weight", float, True), Param("normalize", bool, False, True)), False),
-    ModelMergeMethod("slerp", (Param("t", float, False),), True, 2, 2),
-    *(ModelMergeMethod(n, _GTA, True) for n in ("task_arithmetic", "ties", "dare_ties", "dare_linear",
-                                                 "magnitude_prune")),
-    *(ModelMergeMethod(n, _GTA + (Param("gamma", float, True, 0.01),), True) for n in ("breadcrumbs",
-                                                                                     "breadcrumbs_ties")),
-    *(ModelMergeMethod(n, _GTA + (Param("epsilon", float, True, 0.15),), True) for n in ("della",
-                                                                                       "della_linear")),
-]}
-
-
-def get_merge_method(name: str) -> ModelMergeMethod:
-    if name not in _METHODS:
-        raise ConfigError(f"unknown merge method {name!r}; known: {', '.join(_METHODS)}")
-    return _METHODS[name]
+from ..files.hub import resolve_folder
+from .methods import REQUIRED, ModelMergeMethod, Param, get_merge_method
 
 ParamValue = float | bool | list   # scalar; a gradient [v0, v1, ...]; or mergekit's [{"filter": str, "value": ...}]
 
@@ -82,6 +43,8 @@ NOT_SUPPORTED = {
                      "copied",
 }
 DTYPES = ("float32", "float16", "bfloat16")
+BOOLEANS = {**dict.fromkeys(("true", "yes", "on", "t", "y", "1", "1.0"), True),
+            **dict.fromkeys(("false", "no", "off", "f", "n", "0", "0.0"), False)}
 LAYER = re.compile(r"\.(\d+)(?:\.|$)")
 
 
@@ -127,21 +90,21 @@ def read_recipe(path: str | os.PathLike) -> MergeRequest:
         raise ConfigError(f"{where}: a recipe is a YAML mapping (merge_method:, models:, ...); "
                           f"this file holds {_kind(recipe)}")
     try:
-        request = _from_recipe(recipe, text)
-        if request.base is not None and request.base_index is None and not get_merge_method(request.method).needs_base:
-            _base_as_input(request)
-        return _check(request)
+        return _check(_base_as_input(_from_recipe(recipe, text)))
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def _base_as_input(request: MergeRequest) -> None:
+def _base_as_input(request: MergeRequest) -> MergeRequest:
     """mergekit merges a base_model that a base-less method (``linear``) does not list as one more input, with
     the shared parameters only."""
+    if request.base is None or request.base_index is not None or get_merge_method(request.method).needs_base:
+        return request
     if "weight" not in request.params:
         raise ConfigError(f"{request.method} does not use base_model, so mergekit merges {request.base} as one more "
                           f"model, and it has no weight: list it under models: with a weight, or leave base_model out")
     request.inputs.append(InputModel(request.base, request.base, None, {}))
+    return request
 
 
 def request_from_flags(method: str, base: str, inputs: list[str], weights: list[float] | None = None,
@@ -198,6 +161,32 @@ def resolve_param(value: ParamValue, tensor_name: str, num_layers: int) -> objec
     return _evaluate(value, tensor_name, t)
 
 
+def resolve_params(request: MergeRequest, tensor_name: str, num_layers: int
+                   ) -> tuple[list[dict[str, object]], dict[str, object]]:
+    """Every parameter of the request's method for ``tensor_name``: per input (in ``request.inputs`` order; the
+    base of a method that takes task vectors against it gets none) and shared, with mergekit's precedence (the
+    model's own setting, then ``parameters:``, then the method's default). ConfigError naming the tensor when a
+    required one has no value there (a filter list that misses it)."""
+    method = get_merge_method(request.method)
+
+    def value(param, settings: list[dict], where: str) -> object:
+        for setting in settings:
+            if param.name in setting:
+                found = resolve_param(setting[param.name], tensor_name, num_layers)
+                if found is not None:
+                    return found
+        if param.default is REQUIRED:
+            raise ConfigError(f"{method.name} needs {param.name!r} for {tensor_name} ({where}); no setting gives it "
+                              f"one there: add a filter-less entry {{value: ...}}")
+        return param.default
+
+    shared = {p.name: value(p, [request.params], "parameters:") for p in method.params if not p.per_input}
+    per_input = [{} if method.needs_base and i == request.base_index else
+                 {p.name: value(p, [m.params, request.params], m.text) for p in method.params if p.per_input}
+                 for i, m in enumerate(request.inputs)]
+    return per_input, shared
+
+
 def layer_index(tensor_name: str) -> int | None:
     """The layer a tensor belongs to (``model.layers.3.mlp.up_proj.weight`` -> 3, ``transformer.h.0.attn...``
     -> 0): the first all-digit part of its dotted name; None for tensors outside the layers."""
@@ -247,15 +236,16 @@ def _from_recipe(recipe: dict, text: str) -> MergeRequest:
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"random_seed: {seed!r} is not a whole number >= 0")
     return MergeRequest(method, base, inputs, _mapping(recipe.get("parameters"), "parameters:"),
-                        dtype=_dtype(recipe.get("dtype"), "dtype"), out_dtype=_dtype(recipe.get("out_dtype"),
-                        "out_dtype"), seed=seed, tokenizer_source=source, text=text)
+                        dtype=recipe.get("dtype"), out_dtype=recipe.get("out_dtype"), seed=seed,
+                        tokenizer_source=source, text=text)
 
 
 def _recipe_input(entry: object, i: int) -> InputModel:
     where = f"models[{i}]"
-    if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
-        raise ConfigError(f"{where}: each entry is a mapping with model: (a folder, hub id or model+adapter); "
-                          f"got {_kind(entry)}")
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: each entry is a mapping with model: and parameters:; got {_kind(entry)}")
+    if not isinstance(entry.get("model"), str):
+        raise ConfigError(f"{where}: model: is {_kind(entry.get('model'))}; give a folder, hub id or MODEL+ADAPTER")
     extra = sorted(set(entry) - {"model", "parameters"})
     if extra:
         raise ConfigError(f"{where} ({entry['model']}): unknown key(s) {', '.join(extra)} (mergekit would ignore "
@@ -288,31 +278,21 @@ def _input(text: str, params: dict, where: str) -> InputModel:
 
 
 def _folder_kind(name: str, where: str) -> str:
-    """"adapter" for a folder with adapter_config.json, "model" for any other existing folder or hub id in the
-    local cache."""
-    local = Path(name).expanduser()
-    if local.is_dir():
-        return "adapter" if (local / ADAPTER_CONFIG).is_file() else "model"
-    if local.exists():
-        raise ConfigError(f"{where}: {name} is a file, not a model or adapter folder")
-    if looks_like_path(name):
-        raise ConfigError(f"{where}: no such model or adapter folder: {name}")
-    from huggingface_hub import snapshot_download
-
+    """"adapter" for a folder with adapter_config.json, "model" for any other folder or hub id (only its JSON
+    files are fetched here; offline, the local cache answers)."""
     try:
-        cached = Path(snapshot_download(name, local_files_only=True))
-    except Exception:  # not a valid id, not cached: the hub raises several kinds
-        raise ConfigError(f"{where}: {name} is no folder here and no model in the local Hugging Face cache; "
-                          f"download it first (huggingface-cli download {name})") from None
-    return "adapter" if (cached / ADAPTER_CONFIG).is_file() else "model"
+        folder = resolve_folder(name, "model or adapter", allow_patterns=["*.json"], error=ConfigError)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return "adapter" if (folder / ADAPTER_CONFIG).is_file() else "model"
 
 
 def _check(request: MergeRequest) -> MergeRequest:
     """Every rule a request must meet before any model is read (see read_recipe); values made canonical."""
     method = get_merge_method(request.method)
     if request.base is not None:
-        kind = _folder_kind(request.base, "base_model")
-        if kind != "model" or "+" in request.base and not Path(request.base).exists():
+        joined = "+" in request.base and not Path(request.base).expanduser().exists()
+        if joined or _folder_kind(request.base, "base_model") != "model":
             raise ConfigError(f"base_model {request.base}: must be a model, not an adapter or model+adapter; "
                               f"merge the adapter into its base first (ftserve merge) and give that folder")
     elif method.needs_base:
@@ -371,13 +351,14 @@ def _value(method: ModelMergeMethod, params: dict, name: str, value: object, whe
         out = []
         for entry in value:
             extra = set(entry) - {"filter", "value"}
-            if extra or "value" not in entry or not isinstance(entry.get("filter", ""), str):
+            if extra or "value" not in entry or not isinstance(entry.get("filter", ""), (str, type(None))):
                 raise ConfigError(f"{where}: each filter entry is {{filter: NAME, value: V}} or {{value: V}}; got "
                                   f"{entry}")
             inner = entry["value"]
             if isinstance(inner, (dict, list)) and not _is_gradient(inner):
                 raise ConfigError(f"{where}: a filter's value is a number or a gradient [v0, v1, ...]; got {inner}")
-            out.append({**entry, "value": _scalars(params[name], inner, where)})
+            given = {"filter": entry["filter"]} if entry.get("filter") is not None else {}
+            out.append({**given, "value": _scalars(params[name], inner, where)})
         return out
     if isinstance(value, list) and not _is_gradient(value):
         raise ConfigError(f"{where}: a list is a gradient of numbers [v0, v1, ...] or a list of filters "
@@ -389,23 +370,27 @@ def _is_gradient(value: object) -> bool:
     return isinstance(value, list) and bool(value) and not any(isinstance(e, (dict, list)) for e in value)
 
 
-def _scalars(param, value: object, where: str) -> ParamValue:
+def _scalars(param: Param, value: object, where: str) -> ParamValue:
     if isinstance(value, list):
         return [_scalar(param, v, where) for v in value]
     return _scalar(param, value, where)
 
 
-def _scalar(param, value: object, where: str) -> float | bool:
+def _scalar(param: Param, value: object, where: str) -> float | bool:
+    """One value as mergekit's (pydantic's) lax reading takes it: for a boolean, 0/1 and yes/no/on/off too."""
     if param.kind is bool:
-        if not isinstance(value, bool):
+        if isinstance(value, bool):
+            return value
+        spelled = str(value).strip().lower() if isinstance(value, (str, int, float)) else None
+        if spelled not in BOOLEANS:
             raise ConfigError(f"{where}: {value!r} is not true or false")
-        return value
+        return BOOLEANS[spelled]
     if isinstance(value, str):
         try:
             value = float(value)
         except ValueError:
             raise ConfigError(f"{where}: {value!r} is not a number") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{where}: {value!r} is not a finite number")
     value = float(value)
     if param.name == "density" and not 0 < value <= 1:

@@ -104,28 +104,24 @@ class Bound:
         """Whether some ties are kept and others not, so that each tie's position matters."""
         return self.first < self.stop and (self.first > 0 or self.stop < self.equal)
 
-    def keeps(self, keys: Tensor, positions: Tensor | None) -> Tensor:
-        """Which of ``keys`` this bound keeps; ``positions``: each key's tie position (used where it is tied)."""
+    def keeps(self, keys: Tensor, first_tie: int | None) -> Tensor:
+        """Which of ``keys`` (a block of rows) this bound keeps; ``first_tie``: the tie position of the block's
+        first key equal to ``value`` (None where positions do not matter)."""
         inside = keys > self.value if self.above else keys < self.value
         if self.first >= self.stop:
             return inside
         tied = keys == self.value
-        if positions is not None:
-            tied &= (positions >= self.first) & (positions < self.stop)
-        return inside | tied
+        if first_tie is None:
+            return inside | tied
+        ties = torch.nonzero(tied.flatten()).flatten()  # this block's ties, in flat order
+        inside.view(-1)[ties[max(0, self.first - first_tie):max(0, self.stop - first_tie)]] = True
+        return inside
 
 
 def top_k(search: RankSearch, numel: int, k: int) -> Bound:
     """The bound keeping the ``k`` largest keys, ties in index order: ``search`` ran at position ``numel - k``."""
     greater = numel - search.below - search.equal
     return Bound(search.prefix, True, 0, k - greater, search.equal)
-
-
-def tie_positions(keys: Tensor, value: int, first_tie: int) -> Tensor:
-    """Each key's position among the keys equal to ``value``, in flat order, the first in ``keys`` being
-    ``first_tie`` (meaningful where the key is tied)."""
-    tied = (keys == value).flatten()
-    return (torch.cumsum(tied, 0) + (first_tie - 1)).view(keys.shape)
 
 
 def uniforms(seed: int, name: str, index: int, numel: int, lo: int, hi: int) -> Tensor:
