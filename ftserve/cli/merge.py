@@ -30,8 +30,9 @@ def _interrupt_on_sigterm() -> None:
 @click.option("-o", "--output", "out_dir", type=DIR, required=True, help="Folder to create for the merged model.")
 @click.option("--method", default=None,
               help="mergekit's merge method: linear, task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune, "
-                   "breadcrumbs, breadcrumbs_ties, della, della_linear, slerp. [default: adapters' weighted deltas "
-                   "added to BASE, which is task_arithmetic unnormalized]")
+                   "breadcrumbs, breadcrumbs_ties, della, della_linear, slerp; with --output-kind adapter, PEFT's "
+                   "combination types (svd, cat, ties_svd, ...). [default: adapters' weighted deltas added to BASE, "
+                   "which is task_arithmetic unnormalized; svd for an adapter output]")
 @click.option("--weights", default=None, metavar="W1,W2,...", help="A weight per INPUT, in order (or INPUT:WEIGHT).")
 @click.option("--density", type=float, default=None, help="Fraction of each task vector kept (ties, dare_*, ...).")
 @click.option("--lambda", "lambda_", type=float, default=None, help="Scale of the merged task vector.")
@@ -43,13 +44,14 @@ def _interrupt_on_sigterm() -> None:
               help="Write a standalone model, or a new adapter merged from adapters (PEFT's add_weighted_adapter).")
 @click.option("--rank", type=click.IntRange(min=1), default=None, help="Rank of an adapter output (svd methods).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-              help="Dtype of the merged weights. [default: the base's]")
+              help="Dtype of the merged weights; with --method, mergekit's dtype: its arithmetic's too. "
+                   "[default: the base's]")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB, 500MB.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Read pickled .bin weights (with torch.load weights_only=True).")
 @click.option("--verify", "check", is_flag=True,
-              help="Afterwards, compare the merged model with base + adapters (a model method: recompute every "
-                   "tensor).")
+              help="Afterwards, compare the merged model with base + adapters (with --method or --recipe: "
+                   "recompute every tensor).")
 @click.option("--into", type=click.Choice(["base", "dequantized"]), default="base", show_default=True,
               help="For a QLoRA adapter: fold into BASE as it is, or into the dequantized 4-bit weights it was "
                    "trained against (written in 16 bits either way).")
