@@ -102,6 +102,9 @@ def recipes(p):
         "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base, "models": [
             {"model": ft1, "parameters": {"weight": 0.7}}, {"model": ft2, "parameters": {"weight": 0.5}}],
             "parameters": {"lambda": 0.9}},
+        "task_arithmetic in bf16": {"merge_method": "task_arithmetic", "base_model": base, "dtype": "bfloat16",
+                                    "out_dtype": "float32", "models": [{"model": ft1, "parameters": {"weight": 0.7}},
+                                                                       {"model": ft2, "parameters": {"weight": 0.5}}]},
         "ties": {"merge_method": "ties", "base_model": base, "models": [
             {"model": ft1, "parameters": {"weight": 0.6, "density": 0.5}},
             {"model": ft2, "parameters": {"weight": 0.4, "density": 0.7}},
@@ -114,7 +117,8 @@ def recipes(p):
     }
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "breadcrumbs_ties", "slerp"])
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "task_arithmetic in bf16", "ties", "breadcrumbs_ties",
+                                    "slerp"])
 def test_recipe_gives_mergekit_tensors(method, models, tmp_path):
     recipe = recipes(models)[method]
     expected = mergekit_merge(recipe, tmp_path / "mergekit", tmp_path / "cache")
@@ -181,6 +185,8 @@ def test_dare_is_reproducible_by_seed_and_verifies(models, tmp_path):
     assert "seed: 3" in (tmp_path / "a" / "README.md").read_text()
     result = run("verify", tmp_path / "b")
     assert result.exit_code == 0 and "OK: all" in result.output, result.output
+    other_seed = run("verify", "--recipe", tmp_path / "c" / "mergekit_config.yml", tmp_path / "b")
+    assert other_seed.exit_code == 1 and "tensors differ from dare_ties" in other_seed.output, other_seed.output
 
 
 def test_bf16_ties_is_mergekits_except_where_the_cut_is_tied(models, tmp_path):
