@@ -68,7 +68,6 @@ def merge(inputs: tuple[str, ...], out_dir: Path, method: str | None, weights: s
     memory; OUT_DIR appears whole at the end or not at all.
     """
     from ..errors import ConfigError
-    from ..merge import AdapterSpec
 
     _interrupt_on_sigterm()
     flags = {"--method": method, "--weights": weights, "--density": density, "--lambda": lambda_, "--t": t,
@@ -93,8 +92,8 @@ def merge(inputs: tuple[str, ...], out_dir: Path, method: str | None, weights: s
         request = read_recipe(recipe)
     elif len(inputs) < 2:
         raise ConfigError("give BASE and at least one INPUT (adapter or model folder), or --recipe FILE")
-    elif all(value is None for value in list(flags.values())[:-1]) and all(map(_is_adapter, inputs[1:])):
-        specs = [AdapterSpec.parse(a) for a in inputs[1:]]
+    elif all(value is None for value in (method, density, lambda_, t, seed)) and all(map(_is_adapter, inputs[1:])):
+        specs = _weighted(inputs[1:], weights)
         if into == "dequantized":
             return _merge_into_dequantized(inputs[0], specs, out_dir, dtype, max_shard_size, force, check)
         return _merge_adapters(inputs[0], specs, out_dir, dtype, max_shard_size, force, allow_pickle, check)
@@ -122,21 +121,13 @@ def _request_from_flags(base: str, texts: tuple[str, ...], method: str | None, w
                         density: float | None, lambda_: float | None, t: float | None, seed: int | None,
                         dtype: str | None):
     """The MergeRequest the flags spell (its recipe is written beside the output: mergekit_config.yml)."""
-    from ..errors import ConfigError
-    from ..merge import AdapterSpec
     from ..merge.request import request_from_flags
 
-    specs = [AdapterSpec.parse(text) for text in texts]
-    given = [str(spec.path) != text for spec, text in zip(specs, texts)]
-    values = None
-    if weights is not None:
-        if any(given):
-            raise ConfigError("give weights either as INPUT:WEIGHT or with --weights, not both")
-        values = _numbers(weights)
-    elif any(given):
-        values = [spec.weight for spec in specs]
-    return request_from_flags(method or "task_arithmetic", base, [str(spec.path) for spec in specs], values,
-                              density, lambda_, t, 0 if seed is None else seed, dtype)
+    specs = _weighted(texts, weights)
+    given = weights is not None or any(str(spec.path) != text for spec, text in zip(specs, texts))
+    return request_from_flags(method or "task_arithmetic", base, [str(spec.path) for spec in specs],
+                              [spec.weight for spec in specs] if given else None, density, lambda_, t,
+                              0 if seed is None else seed, dtype)
 
 
 def _merge_adapters(base: str, specs, out_dir: Path, dtype, max_shard_size, force: bool, allow_pickle: bool,
@@ -174,26 +165,34 @@ def _merge_to_adapter(base: str, texts: tuple[str, ...], out_dir: Path, method: 
     """--output-kind adapter: a new adapter from adapters with PEFT's add_weighted_adapter semantics
     (ftserve.merge.adapter_merge); BASE checks the shapes and is the recorded base."""
     from ..errors import ConfigError
-    from ..merge import AdapterSpec
 
     try:
         from ..merge.adapter_merge import merge_to_adapter
     except ImportError:
         raise ConfigError("--output-kind adapter is not part of this build; merge to a model "
                           "(--output-kind model)") from None
-    specs = [AdapterSpec.parse(text) for text in texts]
-    if weights is not None:
-        if any(str(spec.path) != text for spec, text in zip(specs, texts)):
-            raise ConfigError("give weights either as ADAPTER:WEIGHT or with --weights, not both")
-        values = _numbers(weights)
-        if len(values) != len(specs):
-            raise ConfigError(f"--weights gives {len(values)} weight(s) for {len(specs)} adapter(s); give one each")
-        specs = [AdapterSpec(spec.path, w) for spec, w in zip(specs, values)]
+    specs = _weighted(texts, weights)
     options = {"method": method, "rank": rank, "density": density, "seed": seed}
     result = merge_to_adapter(specs, out_dir, base=base, force=force, allow_pickle=allow_pickle,
                               **{k: v for k, v in options.items() if v is not None})
     for line in result.lines():
         click.echo(line)
+
+
+def _weighted(texts: tuple[str, ...], weights: str | None) -> list:
+    """ADAPTER[:WEIGHT]s as AdapterSpecs, with the weights of --weights when given."""
+    from ..errors import ConfigError
+    from ..merge import AdapterSpec
+
+    specs = [AdapterSpec.parse(text) for text in texts]
+    if weights is None:
+        return specs
+    if any(str(spec.path) != text for spec, text in zip(specs, texts)):
+        raise ConfigError("give weights either as ADAPTER:WEIGHT or with --weights, not both")
+    values = _numbers(weights)
+    if len(values) != len(specs):
+        raise ConfigError(f"--weights gives {len(values)} weight(s) for {len(specs)} input(s); give one each")
+    return [AdapterSpec(spec.path, w) for spec, w in zip(specs, values)]
 
 
 def _numbers(weights: str) -> list[float]:

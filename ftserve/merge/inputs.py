@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import AdapterFileError, CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..files.adapter_folder import AdapterFolder, read_adapter
 from ..files.checkpoint import FLOATS, Checkpoint, TensorEntry, TensorReader, open_checkpoint, parse_size, resolve_base
 from .combine import Part
 from .methods import REQUIRED, InputRows, ModelMergeMethod, TensorInputs, get_merge_method
-from .plan import DTYPES, AdapterSpec, MergePlan, OutputTensor, _main_dtype, _plan_parts, _shard
+from .plan import DTYPES, AdapterSpec, MergePlan, OutputTensor, main_dtype, plan_parts, shard_tensors
 from .request import MergeRequest, layer_index, resolve_param
 
 IDENTITY_KEYS = ("architectures", "model_type")  # config.json keys that must agree across merged models
@@ -102,7 +102,7 @@ class AdapterRows:
 
 def plan_models(request: MergeRequest, max_shard_size: str | int = "5GB", allow_pickle: bool = False) -> MergePlan:
     """Resolve and check every input of ``request``, resolve and check every parameter on every tensor, and lay
-    out the output (``MergePlan`` with ``request`` and ``sources`` set). Raises ConfigError, CheckpointError or
+    out the output (a ``MergePlan`` with ``request``, and the other models' ``readers`` for write.py). Raises ConfigError, CheckpointError or
     AdapterFileError (one line, naming the input) before anything is read beyond headers, configs and adapters."""
     method = get_merge_method(request.method)
     limit = parse_size(max_shard_size)
@@ -122,10 +122,10 @@ def plan_models(request: MergeRequest, max_shard_size: str | int = "5GB", allow_
     if out_dtype is not None:
         name = str(out_dtype).removeprefix("torch.")
         config = {**config, "dtype": name, **({"torch_dtype": name} if "torch_dtype" in config else {})}
-    dtype_name = str(config.get("dtype") or config.get("torch_dtype") or _main_dtype(tensors))
+    dtype_name = str(config.get("dtype") or config.get("torch_dtype") or main_dtype(tensors))
     readers = list({id(s.reader): s.reader for s in sources if s.reader is not None}.values())
     inputs = [base.path] + [p for s in sources for p in (s.path, s.adapter and s.adapter.path) if p]
-    return MergePlan(str(base_name), base.checkpoint, [], tensors, _shard(tensors, limit), config, dtype_name,
+    return MergePlan(str(base_name), base.checkpoint, [], tensors, shard_tensors(tensors, limit), config, dtype_name,
                      request=request, inputs=list(dict.fromkeys(inputs)), readers=readers)
 
 
@@ -166,7 +166,7 @@ def _input_source(spec, base: Source, base_config: dict, allow_pickle: bool) -> 
                               f"it has no task vector of its own to merge with a model method; merge it into its "
                               f"base first (ftserve merge BASE ADAPTER), then merge that model")
         tied = bool(source.checkpoint.config().get("tie_word_embeddings", False))
-        parts, source.transposed, extra, _ = _plan_parts(source.checkpoint, [(AdapterSpec(source.adapter.path),
+        parts, source.transposed, extra, _ = plan_parts(source.checkpoint, [(AdapterSpec(source.adapter.path),
                                                                               source.adapter)], tied, None)
         if extra:
             raise ConfigError(f"{spec.text}: the adapter targets {next(iter(extra))}, an output embedding tied to "
@@ -285,9 +285,9 @@ def models_card(plan: MergePlan) -> str:
     rows = [f"| `{i.text}` | {_params_text(i.params) or '-'} |" for i in request.inputs]
     merged = sum(1 for t in plan.tensors if t.fold is not None)
     return (f"---\nbase_model: {plan.base}\nlibrary_name: transformers\ntags:\n- ftserve\n- merge\n---\n\n"
-            f"# Merged model\n\n{len(request.inputs)} model(s) merged with {method.title} ([paper]({method.reference}))"
-            f" over base `{plan.base}` into {merged} weight tensors by ftserve {__version__} (`ftserve merge`), "
-            f"following mergekit's `{method.name}`.\n\n| input | parameters |\n|---|---|\n" + "\n".join(rows)
+            f"# Merged model\n\n{len(request.inputs)} model(s) merged by {method.title} (`{method.name}`, "
+            f"[paper]({method.reference})) over base `{plan.base}` into {merged} weight tensors by ftserve "
+            f"{__version__} (`ftserve merge`).\n\n| input | parameters |\n|---|---|\n" + "\n".join(rows)
             + f"\n\n- method: {method.name}\n- parameters: {_params_text(request.params) or 'defaults'}\n"
             f"- seed: {request.seed}\n- dtype: {plan.dtype_name}"
             + (f" (arithmetic in {request.dtype})" if request.dtype else "")

@@ -136,7 +136,7 @@ def plan_merge(base: str | os.PathLike, adapters: list[AdapterSpec], dtype: str 
         folders.append((spec, folder))
     alone_if_row_scaled(folders)
     out_dtype = DTYPES[dtype] if dtype else None
-    parts, transposed, extra, modules = _plan_parts(checkpoint, folders, tied, out_dtype)
+    parts, transposed, extra, modules = plan_parts(checkpoint, folders, tied, out_dtype)
     combiner = combiner or WeightedSum()
     folds = {key: combiner.fold(key_parts, transposed[key]) for key, key_parts in parts.items()}
     tensors = []
@@ -148,9 +148,9 @@ def plan_merge(base: str | os.PathLike, adapters: list[AdapterSpec], dtype: str 
         notes.append("the output embedding changed, so the merged config unties it from the input embedding")
     if dtype:
         config = {**config, "dtype": dtype, **({"torch_dtype": dtype} if "torch_dtype" in config else {})}
-    dtype_name = dtype or str(config.get("dtype") or config.get("torch_dtype") or _main_dtype(tensors))
-    return MergePlan(str(base), checkpoint, folders, tensors, _shard(tensors, limit), config, dtype_name, notes,
-                     modules, inputs=[checkpoint.path] + [folder.path for _, folder in folders])
+    dtype_name = dtype or str(config.get("dtype") or config.get("torch_dtype") or main_dtype(tensors))
+    return MergePlan(str(base), checkpoint, folders, tensors, shard_tensors(tensors, limit), config, dtype_name,
+                     notes, modules, inputs=[checkpoint.path] + [folder.path for _, folder in folders])
 
 
 def alone_if_row_scaled(folders: list[tuple[AdapterSpec, AdapterFolder]]) -> None:
@@ -165,7 +165,7 @@ def alone_if_row_scaled(folders: list[tuple[AdapterSpec, AdapterFolder]]) -> Non
                           f"its output")
 
 
-def _plan_parts(checkpoint: Checkpoint, folders: list[tuple[AdapterSpec, AdapterFolder]], tied: bool,
+def plan_parts(checkpoint: Checkpoint, folders: list[tuple[AdapterSpec, AdapterFolder]], tied: bool,
                 out_dtype: torch.dtype | None
                 ) -> tuple[dict[str, list[Part]], dict[str, bool], dict[str, TensorEntry], dict[str, list[str]]]:
     """Per output key, every adapter targeting it (checked) and whether the key is stored transposed; output
@@ -260,14 +260,14 @@ def _is_output_embedding(key: str) -> bool:
     return key.removesuffix(".weight").rsplit(".", 1)[-1] in OUTPUT_EMBEDDINGS
 
 
-def _main_dtype(tensors: list[OutputTensor]) -> str:
+def main_dtype(tensors: list[OutputTensor]) -> str:
     sizes: dict[torch.dtype, int] = {}
     for t in tensors:
         sizes[t.dtype] = sizes.get(t.dtype, 0) + t.nbytes
     return str(max(sizes, key=sizes.get)).removeprefix("torch.") if sizes else "float32"
 
 
-def _shard(tensors: list[OutputTensor], limit: int) -> list[list[OutputTensor]]:
+def shard_tensors(tensors: list[OutputTensor], limit: int) -> list[list[OutputTensor]]:
     """Greedy in stored order, as transformers does; a tensor larger than the limit gets a shard of its own."""
     shards: list[list[OutputTensor]] = [[]]
     size = 0
