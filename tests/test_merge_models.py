@@ -357,3 +357,19 @@ def test_peak_memory_does_not_grow_with_the_tensors(tmp_path):
         assert (root / "out" / "model.safetensors").is_file()
     assert growth[4096] < 3 * 4096 * 2048 * 4, growth  # what holding the three inputs whole would take
     assert abs(growth[4096] - growth[512]) < 2 * BLOCK_BYTES, growth
+
+
+def test_output_kind_adapter_merges_adapters_into_one_and_rank_needs_it(models, tmp_path):
+    pytest.importorskip("ftserve.merge.adapter_merge")
+    from ftserve.files.adapter_folder import read_adapter
+
+    out = tmp_path / "cat"
+    result = run("merge", models["base"], models["adapter"], f"{models['adapter']}:0.5", "--output-kind", "adapter",
+                 "--method", "cat", "-o", out)
+    assert result.exit_code == 0, result.output
+    one, two = read_adapter(models["adapter"]), read_adapter(out)
+    ranks = {two.config.adapter_method.state_shape(s)[2] for s in two.modules.values()}
+    assert sorted(two.modules) == sorted(one.modules) and ranks == {8}  # cat: the ranks add
+    refused = run("merge", models["base"], models["adapter"], "--rank", "4", "-o", tmp_path / "r")
+    assert refused.exit_code == 1 and "--output-kind adapter" in refused.output
+    assert not (tmp_path / "r").exists()

@@ -164,13 +164,8 @@ def _merge_to_adapter(base: str, texts: tuple[str, ...], out_dir: Path, method: 
                       allow_pickle: bool) -> None:
     """--output-kind adapter: a new adapter from adapters with PEFT's add_weighted_adapter semantics
     (ftserve.merge.adapter_merge); BASE checks the shapes and is the recorded base."""
-    from ..errors import ConfigError
+    from ..merge.adapter_merge import merge_to_adapter
 
-    try:
-        from ..merge.adapter_merge import merge_to_adapter
-    except ImportError:
-        raise ConfigError("--output-kind adapter is not part of this build; merge to a model "
-                          "(--output-kind model)") from None
     specs = _weighted(texts, weights)
     options = {"method": method, "rank": rank, "density": density, "seed": seed}
     result = merge_to_adapter(specs, out_dir, base=base, force=force, allow_pickle=allow_pickle,
