@@ -145,6 +145,18 @@ def test_base_plus_adapter_is_mergekits_model_plus_lora_and_a_bare_adapter_the_s
     assert all(torch.equal(t, got[n]) for n, t in ours(recipe, tmp_path, "bare").items())
 
 
+def test_bf16_base_plus_adapter_rounds_once_as_mergekits_model_plus_lora(models, tmp_path):
+    """PEFT's merge_and_unload (mergekit's model+lora) adds the fp32 delta to the bf16 weight in place: one
+    rounding of W + (B @ A) s, not a rounded delta added in bf16."""
+    base, adapter = str(models["b16_base"]), str(models["adapter"])
+    recipe = {"merge_method": "task_arithmetic", "base_model": base, "models": [
+        {"model": f"{base}+{adapter}", "parameters": {"weight": 0.5}},
+        {"model": str(models["b16_ft1"]), "parameters": {"weight": 0.5}}]}
+    expected = mergekit_merge(recipe, tmp_path / "mergekit", tmp_path / "cache")
+    got = ours(recipe, tmp_path)
+    assert all(got[n].dtype == torch.bfloat16 and torch.equal(got[n], t) for n, t in expected.items())
+
+
 def test_flags_merge_reloads_records_its_recipe_and_verifies(models, tmp_path):
     out = tmp_path / "out"
     result = run("merge", models["base"], models["ft1"], models["ft2"], "--method", "ties", "--density", "0.5",
