@@ -102,8 +102,9 @@ class AdapterRows:
 
 def plan_models(request: MergeRequest, max_shard_size: str | int = "5GB", allow_pickle: bool = False) -> MergePlan:
     """Resolve and check every input of ``request``, resolve and check every parameter on every tensor, and lay
-    out the output (a ``MergePlan`` with ``request``, and the other models' ``readers`` for write.py). Raises ConfigError, CheckpointError or
-    AdapterFileError (one line, naming the input) before anything is read beyond headers, configs and adapters."""
+    out the output (a ``MergePlan`` with ``request``, and the other models' ``readers`` for write.py). Raises
+    ConfigError, CheckpointError or AdapterFileError (one line, naming the input) before anything is read
+    beyond headers, configs and adapters."""
     method = get_merge_method(request.method)
     limit = parse_size(max_shard_size)
     math_dtype, out_dtype = (_dtype(request, key) for key in ("dtype", "out_dtype"))

@@ -18,15 +18,20 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import AdapterFileError, CheckpointError, ConfigError
 from ..files.adapter_folder import AdapterFolder, read_adapter
-from ..files.checkpoint import FLOATS, INDEX, SINGLE, Checkpoint, TensorEntry, TensorReader, open_checkpoint, parse_size, resolve_base
+from ..files.checkpoint import (FLOATS, INDEX, SINGLE, Checkpoint, TensorEntry, TensorReader, open_checkpoint,
+                                parse_size, resolve_base)
 from ..methods import LoraFactors, get_method
 from .combine import ROW_SCALE_DOES_NOT_ADD, Combiner, Part, TensorFold, WeightedSum
+
+if TYPE_CHECKING:
+    from .methods import TensorInputs
+    from .request import MergeRequest
 
 COPIED_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken", ".py", ".vocab")
 NOT_COPIED = {INDEX, "pytorch_model.bin.index.json", "README.md", "adapter_config.json"}
@@ -72,7 +77,7 @@ class OutputTensor:
     source: TensorEntry
     dtype: torch.dtype
     fold: TensorFold | None = None
-    inputs: Any = None  # a model merge's TensorInputs (methods.py): what verify recomputes the tensor from
+    inputs: TensorInputs | None = None  # a model merge's (inputs.py): what verify recomputes the tensor from
 
     @property
     def nbytes(self) -> int:
@@ -96,7 +101,7 @@ class MergePlan:
     dtype_name: str
     warnings: list[str] = field(default_factory=list)
     modules: dict[str, list[str]] = field(default_factory=dict)  # output key -> the adapters' module names for it
-    request: Any = None  # a model merge's MergeRequest (inputs.py)
+    request: MergeRequest | None = None  # a model merge's (inputs.py)
     inputs: list[Path] = field(default_factory=list)  # every folder read: the output must not overlap one
     readers: list[TensorReader] = field(default_factory=list)  # other models' checkpoints, opened by write.py
 
@@ -166,8 +171,8 @@ def alone_if_row_scaled(folders: list[tuple[AdapterSpec, AdapterFolder]]) -> Non
 
 
 def plan_parts(checkpoint: Checkpoint, folders: list[tuple[AdapterSpec, AdapterFolder]], tied: bool,
-                out_dtype: torch.dtype | None
-                ) -> tuple[dict[str, list[Part]], dict[str, bool], dict[str, TensorEntry], dict[str, list[str]]]:
+               out_dtype: torch.dtype | None
+               ) -> tuple[dict[str, list[Part]], dict[str, bool], dict[str, TensorEntry], dict[str, list[str]]]:
     """Per output key, every adapter targeting it (checked) and whether the key is stored transposed; output
     keys not stored in the base (a tied output embedding), with the stored tensor they start from; and per
     output key, the module names the adapters gave it."""
