@@ -10,7 +10,7 @@ point, the one its merge runs). Two things are ours by design, and the oracle is
   ours bit for bit, and without them the two differ only at elements tied at a cut.
 
 Whole-tensor sums (an L1 rescale, slerp's norms and angle) are float64 sums of rows here and torch's fp32
-reductions there: those results agree to an ulp of the output, not bit for bit.
+reductions there: those results agree to an ulp of the output in bf16 (a few in fp32), not bit for bit.
 """
 
 import pytest
@@ -40,8 +40,7 @@ SEED, NAME = 7, "model.layers.0.mlp.up_proj.weight"
 PER_INPUT = {"breadcrumbs": {"gamma": 0.1}, "breadcrumbs_ties": {"gamma": 0.05}, "della": {"epsilon": 0.1},
              "della_linear": {"epsilon": 0.2}}
 SHARED = {"linear": {}, "task_arithmetic": {"lambda": 0.8}, "slerp": {"t": 0.3}}
-TASK_VECTOR_METHODS = [name for name, m in METHODS.items() if m.sparsification is not None or name == "task_arithmetic"]
-RESCALED = [name for name in TASK_VECTOR_METHODS if METHODS[name].param_value({}, "rescale")]
+RESCALED = [name for name, method in METHODS.items() if method.param_value({}, "rescale")]  # DARE, DELLA
 
 
 def streamed(method, tensor, base, rows=ROWS):
@@ -75,7 +74,7 @@ def params_for(name, count, **shared):
     return per, {**SHARED.get(name, {}), **shared}
 
 
-def tensor_inputs(name, base, thetas, per, shared, seed=SEED, math_dtype=None):
+def tensor_inputs(base, thetas, per, shared, seed=SEED, math_dtype=None):
     return TensorInputs(NAME, tuple(base.shape), base.dtype, math_dtype or base.dtype, [TensorRows(t) for t in thetas],
                         None, per, shared, seed)
 
@@ -140,7 +139,7 @@ def assert_within_ulps(ours, theirs, base, ulps):
 def test_deterministic_method_is_mergekits_bit_for_bit(name, shape, dtype, monkeypatch):
     base, thetas = inputs_for(name, dtype, shape)
     per, shared = params_for(name, len(thetas))
-    tensor = tensor_inputs(name, base, thetas, per, shared)
+    tensor = tensor_inputs(base, thetas, per, shared)
     ours = streamed(METHODS[name], tensor, base)
     assert ours.dtype == dtype
     assert torch.equal(ours, mergekit_merge(name, base, thetas, per, shared, tensor, monkeypatch))
@@ -153,7 +152,7 @@ def test_math_dtype_is_mergekits_dtype(name, stored, math, monkeypatch):
     """Inputs are cast to the recipe's dtype before the method computes, as mergekit's ``dtype:`` does."""
     base, thetas = inputs_for(name, stored, (37, 19))
     per, shared = params_for(name, len(thetas), **({"rescale": False} if METHODS[name].random else {}))
-    tensor = tensor_inputs(name, base, thetas, per, shared, math_dtype=math)
+    tensor = tensor_inputs(base, thetas, per, shared, math_dtype=math)
     ours = streamed(METHODS[name], tensor, base)
     assert ours.dtype == math
     assert torch.equal(ours, mergekit_merge(name, base, thetas, per, shared, tensor, monkeypatch))
@@ -190,7 +189,7 @@ def test_cuts_at_the_ends_are_mergekits(name, values, dtype, monkeypatch):
     base, thetas = inputs_for(name, dtype, (37, 19))
     per, shared = params_for(name, len(thetas))
     per = [dict(p, **values) for p in per]
-    tensor = tensor_inputs(name, base, thetas, per, shared)
+    tensor = tensor_inputs(base, thetas, per, shared)
     assert torch.equal(streamed(METHODS[name], tensor, base),
                        mergekit_merge(name, base, thetas, per, shared, tensor, monkeypatch))
 
@@ -200,10 +199,10 @@ def test_cuts_at_the_ends_are_mergekits(name, values, dtype, monkeypatch):
 def test_random_method_without_rescale_is_mergekits_given_our_mask(name, dtype, monkeypatch):
     base, thetas = inputs_for(name, dtype, (37, 19))
     per, shared = params_for(name, len(thetas), rescale=False)
-    tensor = tensor_inputs(name, base, thetas, per, shared)
+    tensor = tensor_inputs(base, thetas, per, shared)
     ours = streamed(METHODS[name], tensor, base)
     assert torch.equal(ours, mergekit_merge(name, base, thetas, per, shared, tensor, monkeypatch))
-    assert not torch.equal(ours, streamed(METHODS[name], tensor_inputs(name, base, thetas, per, shared, SEED + 1),
+    assert not torch.equal(ours, streamed(METHODS[name], tensor_inputs(base, thetas, per, shared, SEED + 1),
                                           base))
 
 
@@ -215,7 +214,7 @@ def test_whole_tensor_sums_agree_with_mergekit_to_an_ulp(name, shape, dtype, mon
     rows here, torch's fp32 reductions in mergekit."""
     base, thetas = inputs_for(name, dtype, shape)
     per, shared = params_for(name, len(thetas), **({} if name == "slerp" else {"rescale": True}))
-    tensor = tensor_inputs(name, base, thetas, per, shared)
+    tensor = tensor_inputs(base, thetas, per, shared)
     ours = streamed(METHODS[name], tensor, base)
     theirs = mergekit_merge(name, base, thetas, per, shared, tensor, monkeypatch)
     assert_within_ulps(ours, theirs, base, 16 if dtype == torch.float32 else 1)
@@ -227,7 +226,7 @@ def test_bf16_differs_from_mergekits_unstable_sort_only_at_tied_cuts(name, monke
     unstable sort and we by index. Every element that differs has some input tied at one of its cuts."""
     base, thetas = inputs_for(name, torch.bfloat16, (64, 48), seed=3)
     per, shared = params_for(name, len(thetas))
-    tensor = tensor_inputs(name, base, thetas, per, shared)
+    tensor = tensor_inputs(base, thetas, per, shared)
     ours = streamed(METHODS[name], tensor, base)
     theirs = mergekit_merge(name, base, thetas, per, shared, tensor, monkeypatch, stable=False)
     differs = (ours != theirs).flatten()
@@ -253,7 +252,7 @@ def test_bf16_differs_from_mergekits_unstable_sort_only_at_tied_cuts(name, monke
 def test_reference_merge_equals_the_streamed_fold(name, shape, dtype):
     base, thetas = inputs_for(name, dtype, shape)
     per, shared = params_for(name, len(thetas))
-    tensor = tensor_inputs(name, base, thetas, per, shared)
+    tensor = tensor_inputs(base, thetas, per, shared)
     assert torch.equal(streamed(METHODS[name], tensor, base), reference_merge(METHODS[name], base, thetas, tensor))
 
 
@@ -265,7 +264,7 @@ def test_same_seed_same_output_whatever_the_blocks(name):
     rows = 3 * MASK_CHUNK // 512 + 5
     base, thetas = inputs_for(name, torch.float32, (rows, 512))
     per, shared = params_for(name, len(thetas))
-    tensor = tensor_inputs(name, base, thetas, per, shared)
+    tensor = tensor_inputs(base, thetas, per, shared)
     method = METHODS[name]
     whole = fold_tensor(method.fold(tensor), base).reshape(base.shape)
     assert torch.equal(streamed(method, tensor, base, 8), whole)
@@ -277,18 +276,18 @@ def test_dare_drops_one_minus_density_and_keeps_the_l1_norm():
     delta = theta - base
     for density in (0.1, 0.5, 0.9):
         per = [{"weight": 1.0, "density": density}]
-        plain = streamed(METHODS["dare_linear"], tensor_inputs("dare_linear", base, [theta], per, {"rescale": False}),
+        plain = streamed(METHODS["dare_linear"], tensor_inputs(base, [theta], per, {"rescale": False}),
                          base) - base
         kept = float((plain != 0).float().mean())
         assert abs(kept - density) < 0.01, (density, kept)
-        rescaled = streamed(METHODS["dare_linear"], tensor_inputs("dare_linear", base, [theta], per, {}), base) - base
+        rescaled = streamed(METHODS["dare_linear"], tensor_inputs(base, [theta], per, {}), base) - base
         torch.testing.assert_close(rescaled.abs().sum(), delta.abs().sum(), rtol=1e-4, atol=0)
 
 
 def test_della_keeps_larger_magnitudes_more_often():
     base, (theta,) = inputs_for("della_linear", torch.float32, (128, 256), count=1)
     per = [{"weight": 1.0, "density": 0.5, "epsilon": 0.3}]
-    tensor = tensor_inputs("della_linear", base, [theta], per, {"rescale": False})
+    tensor = tensor_inputs(base, [theta], per, {"rescale": False})
     kept = streamed(METHODS["della_linear"], tensor, base) != base
     order = (theta - base).abs().argsort(dim=1)
     by_rank = kept.gather(1, order).float().mean(dim=0)  # keep rate per magnitude rank within a row
@@ -306,7 +305,7 @@ def test_magnitude_cut_inside_a_tie_takes_ties_in_index_order(dtype):
     delta[5, 1] = delta[30, 2] = 0.25  # 2 smaller
     base = torch.zeros(rows, cols, dtype=dtype)
     per = [{"weight": 1.0, "density": 0.5}]  # k = 60: 18 larger, then 42 of the 100 tied at 0.5
-    tensor = tensor_inputs("ties", base, [delta.to(dtype)], per, {})
+    tensor = tensor_inputs(base, [delta.to(dtype)], per, {})
     ours = streamed(METHODS["ties"], tensor, base)
     expected = torch.zeros(rows * cols)
     flat = delta.flatten()
@@ -323,7 +322,7 @@ def test_fp32_threshold_between_keys_sharing_their_high_bits():
     values = values[torch.randperm(numel, generator=torch.Generator().manual_seed(0))].view(30, 11)
     base = torch.zeros(30, 11)
     per = [{"weight": 1.0, "density": 0.3}]
-    ours = streamed(METHODS["ties"], tensor_inputs("ties", base, [values], per, {}), base)
+    ours = streamed(METHODS["ties"], tensor_inputs(base, [values], per, {}), base)
     k = int(0.3 * numel)
     assert torch.equal(ours != 0, values >= values.flatten().sort().values[numel - k])
 
@@ -332,7 +331,7 @@ def test_magnitude_prune_is_peft_arithmetic_on_task_vectors():
     base, thetas = inputs_for("magnitude_prune", torch.float32, (37, 19))
     per, shared = params_for("magnitude_prune", 3)
     per = [dict(p, density=0.4) for p in per]  # PEFT takes one density
-    ours = streamed(METHODS["magnitude_prune"], tensor_inputs("magnitude_prune", base, thetas, per, shared), base)
+    ours = streamed(METHODS["magnitude_prune"], tensor_inputs(base, thetas, per, shared), base)
     peft = merge_utils.magnitude_prune([t - base for t in thetas], torch.tensor(WEIGHTS), 0.4)
     assert torch.equal(ours, base + peft)
 
@@ -340,14 +339,14 @@ def test_magnitude_prune_is_peft_arithmetic_on_task_vectors():
 def test_int8_mask_changes_nothing():
     base, thetas = inputs_for("ties", torch.bfloat16, (37, 19))
     per, shared = params_for("ties", 3)
-    plain = streamed(METHODS["ties"], tensor_inputs("ties", base, thetas, per, shared), base)
-    assert torch.equal(plain, streamed(METHODS["ties"], tensor_inputs("ties", base, thetas, per, {"int8_mask": True}),
+    plain = streamed(METHODS["ties"], tensor_inputs(base, thetas, per, shared), base)
+    assert torch.equal(plain, streamed(METHODS["ties"], tensor_inputs(base, thetas, per, {"int8_mask": True}),
                                        base))
 
 
 def test_slerp_ends_at_its_inputs():
     base, (theta,) = inputs_for("slerp", torch.bfloat16, (37, 19))
-    at = {t: streamed(METHODS["slerp"], tensor_inputs("slerp", base, [theta], [{}], {"t": t}), base) for t in (0, 1)}
+    at = {t: streamed(METHODS["slerp"], tensor_inputs(base, [theta], [{}], {"t": t}), base) for t in (0, 1)}
     assert torch.equal(at[0], base)
     assert_within_ulps(at[1], theta, theta, 1)
 
@@ -395,7 +394,7 @@ def test_della_refuses_a_tensor_with_nothing_to_rank(shape):
     base, thetas = inputs_for("della", torch.float32, shape)
     per, shared = params_for("della", len(thetas))
     with pytest.raises(ConfigError, match=r"della: .* has shape \[.*\], and DELLA ranks magnitudes along its second"):
-        METHODS["della"].fold(tensor_inputs("della", base, thetas, per, shared))
+        METHODS["della"].fold(tensor_inputs(base, thetas, per, shared))
 
 
 def test_the_base_needs_no_per_model_values_when_listed():
