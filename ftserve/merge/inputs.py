@@ -205,7 +205,7 @@ def _output_tensors(method: ModelMergeMethod, request: MergeRequest, base: Sourc
     entries = base.checkpoint.tensors
     layers = [i for i in map(layer_index, entries) if i is not None]
     num_layers = max(layers) + 1 if layers else 1
-    base_index = next((i for i, s in enumerate(sources) if s.reader is None and s.adapter is None), None)
+    base_index = request.base_index  # mergekit's rule: the input spelled as base_model is the base
     tensors, checked = [], set()
     for key, entry in entries.items():
         if entry.dtype not in FLOATS:
@@ -220,7 +220,7 @@ def _output_tensors(method: ModelMergeMethod, request: MergeRequest, base: Sourc
                 raise ConfigError(f"{exc} (on tensor {key})" if len(checked) else str(exc)) from None
             checked.add(signature)
         per_input, shared = _with_defaults(method, per_input, shared)
-        rows = [_rows(s, key, entry, base_index is not None and i == base_index) for i, s in enumerate(sources)]
+        rows = [_rows(s, key, entry) for s in sources]
         inputs = TensorInputs(key, entry.shape, entry.dtype, math_dtype or entry.dtype, rows, base_index, per_input,
                               shared, request.seed)
         fold = method.fold(inputs)
@@ -229,7 +229,8 @@ def _output_tensors(method: ModelMergeMethod, request: MergeRequest, base: Sourc
     return tensors
 
 
-def _rows(source: Source, key: str, entry: TensorEntry, is_base: bool) -> InputRows:
+def _rows(source: Source, key: str, entry: TensorEntry) -> InputRows:
+    """The input's rows of tensor ``key``: the base's own rows where it is the base's folder (not read twice)."""
     model = None if source.reader is None else ModelRows(source.reader, source.checkpoint.tensors[key],
                                                          source.buffers)
     part = (source.parts or {}).get(key)
