@@ -141,7 +141,7 @@ def test_recipe_gives_mergekit_tensors(method, models, tmp_path, small_blocks):
             assert torch.equal(got[name], tensor), (name, (got[name] - tensor).abs().max())
 
 
-def test_base_plus_adapter_is_mergekits_model_plus_lora_and_a_bare_adapter_the_same(models, tmp_path):
+def test_base_plus_adapter_is_mergekits_model_plus_lora_and_a_bare_adapter_the_same(models, tmp_path, small_blocks):
     base, adapter = str(models["base"]), str(models["adapter"])
     recipe = {"merge_method": "ties", "base_model": base, "models": [
         {"model": f"{base}+{adapter}", "parameters": {"weight": 1.0, "density": 0.6}},
@@ -210,7 +210,7 @@ def test_dare_is_reproducible_by_seed_and_verifies(models, tmp_path):
     assert other_seed.exit_code == 1 and "tensors differ from dare_ties" in other_seed.output, other_seed.output
 
 
-def test_bf16_ties_is_mergekits_except_where_the_cut_is_tied(models, tmp_path):
+def test_bf16_ties_is_mergekits_except_where_the_cut_is_tied(models, tmp_path, small_blocks):
     """mergekit picks among elements tied at the k-th magnitude by an unstable sort; we take them in index
     order. Every element that differs must sit at a tied cut of some input's task vector."""
     base, fts = models["b16_base"], [models["b16_ft1"], models["b16_ft2"]]
