@@ -33,9 +33,9 @@ from ..errors import CheckpointError, ConfigError
 from ..files.adapter_folder import AdapterFolder, read_adapter
 from ..files.checkpoint import FLOATS, Checkpoint, TensorEntry, TensorReader, open_checkpoint, parse_size, resolve_base
 from .combine import Part
-from .methods import REQUIRED, InputRows, ModelMergeMethod, TensorInputs, get_merge_method
+from .methods import InputRows, ModelMergeMethod, TensorInputs, get_merge_method
 from .plan import DTYPES, AdapterSpec, MergePlan, OutputTensor, main_dtype, plan_parts, shard_tensors
-from .request import MergeRequest, layer_index, resolve_param
+from .request import MergeRequest, layer_index, resolve_params
 
 IDENTITY_KEYS = ("architectures", "model_type")  # config.json keys that must agree across merged models
 
@@ -211,7 +211,7 @@ def _output_tensors(method: ModelMergeMethod, request: MergeRequest, base: Sourc
         if entry.dtype not in FLOATS:
             tensors.append(OutputTensor(key, entry, entry.dtype))
             continue
-        per_input, shared = _resolved_params(method, request, key, num_layers)
+        per_input, shared = resolve_params(request, key, num_layers)
         signature = repr((per_input, shared))
         if signature not in checked:
             try:
@@ -219,7 +219,6 @@ def _output_tensors(method: ModelMergeMethod, request: MergeRequest, base: Sourc
             except ConfigError as exc:
                 raise ConfigError(f"{exc} (on tensor {key})" if len(checked) else str(exc)) from None
             checked.add(signature)
-        per_input, shared = _with_defaults(method, per_input, shared)
         rows = [_rows(s, key, entry) for s in sources]
         inputs = TensorInputs(key, entry.shape, entry.dtype, math_dtype or entry.dtype, rows, base_index, per_input,
                               shared, request.seed)
@@ -246,35 +245,6 @@ def keep_in_cache(tensor: TensorInputs, keep: bool) -> None:
         for model in (rows, getattr(rows, "model", None)):
             if isinstance(model, ModelRows):
                 model.keep_cache = keep
-
-
-def _resolved_params(method: ModelMergeMethod, request: MergeRequest, key: str,
-                     num_layers: int) -> tuple[list[dict[str, object]], dict[str, object]]:
-    """Per input and shared parameters for tensor ``key``, as mergekit looks them up: an input's own setting,
-    else the shared ``parameters:`` (for a per-input parameter too), else the method's default. A filter list
-    that matches no filter resolves to None: the next of these applies."""
-    per_input_names = {p.name for p in method.params if p.per_input}
-
-    def resolved(*settings: dict) -> dict[str, object]:
-        out: dict[str, object] = {}
-        for setting in settings:
-            for name, value in setting.items():
-                if out.get(name) is None:
-                    out[name] = resolve_param(value, key, num_layers)
-        return {name: value for name, value in out.items() if value is not None}
-
-    shared_given = {k: v for k, v in request.params.items() if k in per_input_names}
-    per_input = [resolved(i.params, shared_given) for i in request.inputs]
-    shared = resolved({k: v for k, v in request.params.items() if k not in per_input_names})
-    return per_input, shared
-
-
-def _with_defaults(method: ModelMergeMethod, per_input: list[dict[str, object]],
-                   shared: dict[str, object]) -> tuple[list[dict[str, object]], dict[str, object]]:
-    defaults = {p.name: p.default for p in method.params if p.default is not REQUIRED}
-    per_names = {p.name for p in method.params if p.per_input}
-    return ([{**{k: v for k, v in defaults.items() if k in per_names}, **given} for given in per_input],
-            {**{k: v for k, v in defaults.items() if k not in per_names}, **shared})
 
 
 def models_card(plan: MergePlan) -> str:
