@@ -180,14 +180,13 @@ def merge_to_adapter(adapters: list[AdapterSpec], out_dir: str | os.PathLike, *,
     merged, errors = {}, {}
     for module, parts in per_module.items():
         generator = torch.Generator().manual_seed(module_seed(seed, module))
-        if method == "cat":
-            merged[module] = _cat(parts)
-        elif method in FACTOR_METHODS:
-            merged[module] = _factor_merge(combination, parts, density, majority_sign_method, generator)
-        target = _weighted_sum(parts)
         if method in DENSE_METHODS:
             target = _dense_merge(combination, parts, density, majority_sign_method, generator, fan_in_fan_out)
             merged[module] = _truncate(target, rank, clamp)
+        else:
+            target = _weighted_sum(parts)
+            merged[module] = _cat(parts) if method == "cat" else \
+                _factor_merge(combination, parts, density, majority_sign_method, generator)
         errors[module] = relative_error(target, merged[module])
     reference = "the combined delta (truncated by SVD)" if method in DENSE_METHODS else "the weighted sum of deltas"
     result = AdapterMerge(Path(out_dir), method, parameters, [(spec, f.config.method) for spec, f in folders],
@@ -381,7 +380,8 @@ def model_card(result: AdapterMerge, base_name: str | None) -> str:
     """README.md: method, parameters, inputs, and each module's rank and relative error."""
     inputs = "\n".join(f"| {spec.path} | {spec.weight:g} | {method} |" for spec, method in result.inputs)
     settings = "\n".join(f"- {name}: {value}" for name, value in result.parameters.items())
-    layers = "\n".join(f"| {module} | {result.ranks[module]} | {error:.6g} |" for module, error in result.errors.items())
+    layers = "\n".join(f"| {module} | {result.ranks[module]} | {error:.6g} |"
+                       for module, error in result.errors.items())
     return (f"---\nlibrary_name: peft\nbase_model: {base_name}\n---\n\n# Merged adapter ({result.method})\n\n"
             f"Written by ftserve as PEFT's `add_weighted_adapter(combination_type=\"{result.method}\")` defines "
             f"the merge, as a plain LoRA of scale 1 (lora_alpha = r).\n\n## Parameters\n\n{settings}\n\n"
