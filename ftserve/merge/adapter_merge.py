@@ -168,6 +168,8 @@ def merge_to_adapter(adapters: list[AdapterSpec], out_dir: str | os.PathLike, *,
     every module's shape is checked against it and it is the recorded base; VeRA folders without recorded layer
     sizes need it. ConfigError / AdapterFileError / CheckpointError, one line, before anything is written."""
     parameters = _check_parameters(method, adapters, rank, density, majority_sign_method, clamp, seed)
+    if Path(out_dir).exists() and not force:
+        raise ConfigError(f"{out_dir} already exists; pass force=True to replace it")
     folders = [(spec, read_adapter(spec.path, allow_pickle=allow_pickle)) for spec in adapters]
     base_name, fan_in_fan_out = _check_folders(folders, base)
     per_module = _factors_by_module(folders, base)
@@ -180,13 +182,20 @@ def merge_to_adapter(adapters: list[AdapterSpec], out_dir: str | os.PathLike, *,
     merged, errors = {}, {}
     for module, parts in per_module.items():
         generator = torch.Generator().manual_seed(module_seed(seed, module))
-        if method in DENSE_METHODS:
+        if method == "svd":
+            joined = _cat(parts)
+            target = joined.low_rank_weight()
+            merged[module] = _truncate(*_factored_svd(joined.B, joined.A), rank, clamp)
+        elif method in DENSE_METHODS:
             target = _dense_merge(combination, parts, density, majority_sign_method, generator, fan_in_fan_out)
-            merged[module] = _truncate(target, rank, clamp)
+            merged[module] = _truncate(*torch.linalg.svd(target, full_matrices=False), rank, clamp)
         else:
             target = _weighted_sum(parts)
             merged[module] = _cat(parts) if method == "cat" else \
                 _factor_merge(combination, parts, density, majority_sign_method, generator)
+        problem = merged[module].non_finite()
+        if problem:
+            raise ConfigError(f"module {module}: the merged adapter overflows fp32 ({problem}); lower the weights")
         errors[module] = relative_error(target, merged[module])
     reference = "the combined delta (truncated by SVD)" if method in DENSE_METHODS else "the weighted sum of deltas"
     result = AdapterMerge(Path(out_dir), method, parameters, [(spec, f.config.method) for spec, f in folders],
@@ -337,9 +346,21 @@ def _dense_merge(combination: Combination, parts: list[tuple[float, LoraFactors]
     return merged.T if fan_in_fan_out else merged
 
 
-def _truncate(delta: Tensor, rank: int, clamp: float | None) -> LoraFactors:
-    """The rank-``rank`` truncated SVD as ``B' = U S``, ``A' = V^T`` (PEFT's split), optionally clamped."""
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+def _factored_svd(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The thin SVD ``U S V^T`` of ``B @ A`` (B: d_out x r, A: r x d_in) without forming it, in
+    ``O((d_out + d_in) r^2)``: with ``B = Q_B R_B`` and ``A^T = Q_A R_A``, ``B A = Q_B (R_B R_A^T) Q_A^T``, so
+    the SVD of the small core ``R_B R_A^T = U' S V'^T`` gives ``U = Q_B U'``, ``V = Q_A V'``. Exact: the sum of
+    several LoRAs has rank at most the sum of their ranks, which is all a dense SVD of it would find. In fp64,
+    which costs little at these sizes, so the truncation is the exact one rounded to fp32."""
+    Q_B, R_B = torch.linalg.qr(B.double())
+    Q_A, R_A = torch.linalg.qr(A.T.double())
+    U, S, Vh = torch.linalg.svd(R_B @ R_A.T, full_matrices=False)
+    return (Q_B @ U).float(), S.float(), (Vh @ Q_A.T).float()
+
+
+def _truncate(U: Tensor, S: Tensor, Vh: Tensor, rank: int, clamp: float | None) -> LoraFactors:
+    """The rank-``rank`` truncation of the SVD ``U S V^T`` as ``B' = U S``, ``A' = V^T`` (PEFT's split),
+    optionally clamped; all of it where ``rank`` is larger."""
     rank = min(rank, S.shape[0])
     B, A = U[:, :rank] * S[:rank], Vh[:rank]
     if clamp is not None:
