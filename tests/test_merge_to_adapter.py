@@ -23,6 +23,7 @@ from ftserve.merge.adapter_merge import DENSE_METHODS, METHODS, merge_to_adapter
 from ftserve.merge.plan import AdapterSpec
 from ftserve.testing import peft_dora_model, save_random_adapter, save_tiny_model, tiny_llama
 
+from support.files import tree_digest
 from support.models import MODELS, logits, small_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -305,9 +306,23 @@ def test_base_checks_shapes_and_is_recorded(adapters, tmp_path):
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(right)
 
 
-def test_run_adapter_merge_returns_the_lines_to_print(adapters, tmp_path):
+def test_run_adapter_merge_returns_the_lines_to_print_and_leaves_inputs_alone(adapters, tmp_path):
     texts = [f"{adapters['gpt2']['a']}:0.5", str(adapters["gpt2"]["wide"])]
+    before = [tree_digest(adapters["gpt2"][name]) for name in ("a", "wide")]
     lines = run_adapter_merge(texts, tmp_path / "out", method="ties_svd", rank=4, density=0.5)
     assert lines[0].startswith("merged 2 adapter(s) by ties_svd (weights=[0.5, 1.0], density=0.5")
     assert "rank 4" in lines[0] and "relative error" in lines[1]
     assert read_adapter(tmp_path / "out").config.method == "lora"
+    assert [tree_digest(adapters["gpt2"][name]) for name in ("a", "wide")] == before
+    written = tree_digest(tmp_path / "out")
+    with pytest.raises(ConfigError, match="already exists"):
+        run_adapter_merge(texts, tmp_path / "out", method="cat")
+    assert tree_digest(tmp_path / "out") == written
+    plain = [str(adapters["gpt2"][name]) for name in ("a", "wide")]
+    with pytest.raises(ConfigError, match="not both"):
+        run_adapter_merge(texts, tmp_path / "other", weights=[0.5, 1.0], method="cat")
+    with pytest.raises(ConfigError, match="one per adapter"):
+        run_adapter_merge(plain, tmp_path / "other", weights=[0.5], method="cat")
+    lines = run_adapter_merge(plain, tmp_path / "out", weights=[0.5, 1.0], method="cat", force=True)
+    assert lines[0].startswith("merged 2 adapter(s) by cat (weights=[0.5, 1.0])") and "rank 10" in lines[0]
+    assert tree_digest(tmp_path / "out") != written

@@ -152,10 +152,20 @@ class AdapterMerge:
         return head + [f"  {module}: {error:.3g}" for module, error in worst[:5]]
 
 
-def run_adapter_merge(adapters: list[str], out_dir: str | os.PathLike, **options) -> list[str]:
-    """For ``ftserve merge --output-kind adapter``: ``adapters`` as written (``DIR`` or ``DIR:WEIGHT``), the
-    options as ``merge_to_adapter``'s; returns the lines to print."""
-    return merge_to_adapter([AdapterSpec.parse(text) for text in adapters], out_dir, **options).lines()
+def run_adapter_merge(inputs: list[str], out_dir: str | os.PathLike, *, weights: list[float] | None = None,
+                      **options) -> list[str]:
+    """``ftserve merge --output-kind adapter``: ``inputs`` as written (``DIR`` or ``DIR:WEIGHT``), or with
+    ``weights`` (``--weights``, one per input), the other options as ``merge_to_adapter``'s; returns the lines
+    to print."""
+    specs = [AdapterSpec.parse(text) for text in inputs]
+    if weights is not None:
+        if any(str(spec.path) != text for spec, text in zip(specs, inputs)):
+            raise ConfigError("give weights either as ADAPTER:WEIGHT or with --weights, not both")
+        if len(weights) != len(specs):
+            raise ConfigError(f"--weights gives {len(weights)} weight(s) for {len(specs)} adapter(s); give one per "
+                              f"adapter")
+        specs = [AdapterSpec(spec.path, float(weight)) for spec, weight in zip(specs, weights)]
+    return merge_to_adapter(specs, out_dir, **options).lines()
 
 
 def merge_to_adapter(adapters: list[AdapterSpec], out_dir: str | os.PathLike, *, method: str = "svd",
