@@ -20,7 +20,10 @@ the truncation is exact)::
     Delta = combine(Delta_k, w_k) = U S V^T      B' = U_R S_R      A' = V_R^T
 
 optionally clamped (PEFT's ``svd_clamp``): both factors to ``[-q, q]``, ``q`` the ``clamp`` quantile of all
-their values together. The new adapter has scale 1 (``lora_alpha = r``), as PEFT's.
+their values together. ``svd``'s combination is the weighted sum, whose rank is at most the sum of the input
+ranks: it is truncated through ``cat``'s factors (``_factored_svd``), exactly and without a dense SVD; the
+pruning methods' combinations are of full rank, and take PEFT's dense SVD. The new adapter has scale 1
+(``lora_alpha = r``), as PEFT's, and is written in fp32.
 
 ``combine`` (``peft.utils.merge_utils``): ``linear`` sums ``w_k x_k``. ``magnitude_prune`` first keeps the
 ``int(density * numel)`` largest ``|x_k|`` of each input (the tied ones at the cut in flat index order: same
@@ -39,7 +42,8 @@ the same as PEFT after ``torch.manual_seed(module_seed(seed, module))``.
 Where PEFT differs, on purpose: one input runs the method asked (PEFT silently turns it into ``linear``), so a
 one-adapter ``svd`` is a rank reduction; a density outside (0, 1], a rank below 1, a parameter the method does not
 take, a row-scaled adapter (DoRA) and adapters of different layer shapes are one-line errors before anything is
-written; mixed target lists are fine (PEFT refuses only a regex beside a list; we write the modules there are).
+written; mixed target lists are fine (PEFT refuses only a regex beside a list; we write the modules there are,
+``target_modules`` their last names).
 
 Each module's relative error ``||Delta_ref - B' A'||_F / ||Delta_ref||_F`` (0 for a zero reference) is returned
 and recorded in the card, against the dense combination for ``svd`` / ``*_svd`` (what the truncation lost) and
@@ -207,7 +211,8 @@ def merge_to_adapter(adapters: list[AdapterSpec], out_dir: str | os.PathLike, *,
         if problem:
             raise ConfigError(f"module {module}: the merged adapter overflows fp32 ({problem}); lower the weights")
         errors[module] = relative_error(target, merged[module])
-    reference = "the combined delta (truncated by SVD)" if method in DENSE_METHODS else "the weighted sum of deltas"
+    reference = ("the method's combination of the input deltas, which the SVD truncates" if method in DENSE_METHODS
+                 else "the weighted sum of the input deltas, sum_k w_k s_k B_k A_k")
     result = AdapterMerge(Path(out_dir), method, parameters, [(spec, f.config.method) for spec, f in folders],
                           {m: f.rank for m, f in merged.items()}, errors, reference)
     _write(result, merged, folders[0][1], base_name, fan_in_fan_out, force)
@@ -413,9 +418,13 @@ def model_card(result: AdapterMerge, base_name: str | None) -> str:
     settings = "\n".join(f"- {name}: {value}" for name, value in result.parameters.items())
     layers = "\n".join(f"| {module} | {result.ranks[module]} | {error:.6g} |"
                        for module, error in result.errors.items())
-    return (f"---\nlibrary_name: peft\nbase_model: {base_name}\n---\n\n# Merged adapter ({result.method})\n\n"
+    seed = ("\n\nDARE's draws: one generator per module, seeded with blake2b(seed, module name) "
+            "(`ftserve.merge.adapter_merge.module_seed`), drawing as PEFT draws within the module."
+            if "seed" in result.parameters else "")
+    header = "library_name: peft\n" + (f"base_model: {base_name}\n" if base_name else "")
+    return (f"---\n{header}---\n\n# Merged adapter ({result.method})\n\n"
             f"Written by ftserve as PEFT's `add_weighted_adapter(combination_type=\"{result.method}\")` defines "
-            f"the merge, as a plain LoRA of scale 1 (lora_alpha = r).\n\n## Parameters\n\n{settings}\n\n"
+            f"the merge, as a plain LoRA of scale 1 (lora_alpha = r).\n\n## Parameters\n\n{settings}{seed}\n\n"
             f"## Inputs\n\n| adapter | weight | method |\n| --- | --- | --- |\n{inputs}\n\n"
             f"## Layers\n\nRelative error ||D - B'A'||_F / ||D||_F, D = {result.reference}.\n\n"
             f"| module | rank | relative error |\n| --- | --- | --- |\n{layers}\n")
