@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, VeraConfig, get_peft_model
 from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
 from ftserve import AdapterFileError, ConfigError
@@ -23,6 +24,7 @@ from ftserve.merge.adapter_merge import DENSE_METHODS, METHODS, merge_to_adapter
 from ftserve.merge.plan import AdapterSpec
 from ftserve.testing import peft_dora_model, save_random_adapter, save_tiny_model, tiny_llama
 
+from support.cases import PLAIN_FORM
 from support.files import tree_digest
 from support.models import MODELS, logits, small_llama
 
@@ -86,8 +88,9 @@ def peft_merged(kind: str, folders: list[Path], method: str, **options) -> PeftM
 
 
 def deltas(model: PeftModel, adapter: str) -> dict[str, torch.Tensor]:
+    """PEFT's delta of ``adapter`` per module (in the stored orientation: transposed for Conv1D)."""
     return {name: module.get_delta_weight(adapter) for name, module in model.base_model.model.named_modules()
-            if isinstance(module, LoraLayer) and adapter in module.lora_A}
+            if isinstance(module, BaseTunerLayer) and adapter in getattr(module, module.adapter_layer_names[0])}
 
 
 def assert_same_deltas(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], tol: float = TOL) -> None:
@@ -163,16 +166,34 @@ def test_mixed_targets_merge_as_peft_unites_them(tmp_path):
                            SVD_TOL if method == "svd" else TOL)
 
 
-def test_any_method_merges_through_its_served_form(tmp_path):
-    """VeRA and LoRA-FA adapters (ours) merge as their exact plain-LoRA exports do in PEFT."""
-    folders = [save_random_adapter(small_llama(), "vera", tmp_path / "vera", seed=1, std=0.1, fan_in=True),
-               save_random_adapter(small_llama(), "lora-fa", tmp_path / "lora-fa", seed=2, std=0.1)]
-    exports = [tmp_path / f"{f.name}-plain" for f in folders]
-    for folder, export in zip(folders, exports):
-        export_adapter(folder, export)
-    merge_to_adapter([AdapterSpec(f, w) for f, w in zip(folders, WEIGHTS)], tmp_path / "out", method="svd", rank=6)
-    reference = peft_merged("llama", exports, "svd", svd_rank=6)
+@pytest.mark.parametrize("method", PLAIN_FORM)
+def test_any_method_merges_through_its_served_form(method, adapters, tmp_path):
+    """Each method's adapter (ours, every method with an exact plain-LoRA form) merges with a PEFT LoRA as its
+    plain-LoRA export does in PEFT."""
+    folder = save_random_adapter(small_llama(), method, tmp_path / "in", seed=1, std=0.1, fan_in=True)
+    export_adapter(folder, tmp_path / "in-plain")
+    other = adapters["llama"]["a"]
+    merge_to_adapter([AdapterSpec(folder, 0.7), AdapterSpec(other, -0.4)], tmp_path / "out", method="svd", rank=6)
+    reference = peft_merged("llama", [tmp_path / "in-plain", other], "svd", svd_rank=6)
     assert_same_deltas(deltas(loaded(tmp_path / "out", "llama"), "ours"), deltas(reference, "merged"), SVD_TOL)
+
+
+def test_a_peft_vera_takes_its_layer_sizes_from_the_base(tmp_path):
+    """PEFT's VeRA folders do not record each layer's input size, which slices the shared pair: without the base
+    that is one line; with it, the merge is that of its plain export."""
+    model = get_peft_model(small_llama(), VeraConfig(r=16, target_modules=["q_proj", "v_proj"], save_projection=True))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "vera_lambda" in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(4)))
+    model.save_pretrained(tmp_path / "vera")
+    with pytest.raises(AdapterFileError, match="pass the base model") as caught:
+        merge_to_adapter([AdapterSpec(tmp_path / "vera")], tmp_path / "refused", method="cat")
+    assert "\n" not in str(caught.value) and not (tmp_path / "refused").exists()
+    small_llama().save_pretrained(tmp_path / "base")
+    merge_to_adapter([AdapterSpec(tmp_path / "vera", 0.5)], tmp_path / "out", method="cat", base=tmp_path / "base")
+    assert_same_deltas(deltas(loaded(tmp_path / "out", "llama"), "ours"),
+                       {name: 0.5 * delta for name, delta in deltas(model, "default").items()})
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
