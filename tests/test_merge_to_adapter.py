@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from ftserve import AdapterFileError, ConfigError
 from ftserve.files.adapter_folder import export_adapter, read_adapter
-from ftserve.merge.adapter_merge import DENSE_METHODS, METHODS, merge_to_adapter, module_seed, run_adapter_merge
+from ftserve.merge.adapter_merge import (DENSE_METHODS, METHODS, keep_largest, merge_to_adapter, module_seed,
+                                         run_adapter_merge)
 from ftserve.merge.plan import AdapterSpec
 from ftserve.testing import peft_dora_model, save_random_adapter, save_tiny_model, tiny_llama
 
@@ -247,6 +248,14 @@ def test_one_adapter_svd_is_its_truncation(adapters, tmp_path):
         S = torch.linalg.svdvals(factors.low_rank_weight())
         assert result.errors[module] == pytest.approx(float(S[2:].norm() / S.norm()), rel=1e-4)
         assert result.ranks[module] == 2
+
+
+def test_magnitude_ties_at_the_cut_are_kept_in_flat_index_order():
+    """k = int(0.5 * 8) = 4: 5 and -3 are above the cut, then two of the four 2's, the first two in flat order."""
+    x = torch.tensor([[1.0, -3.0, 2.0, -2.0], [2.0, 0.0, 5.0, 2.0]])
+    assert torch.equal(keep_largest(x, 0.5), torch.tensor([[0.0, -3.0, 2.0, -2.0], [0.0, 0.0, 5.0, 0.0]]))
+    assert torch.equal(keep_largest(x, 0.1), torch.zeros_like(x))  # int(0.8) = 0, as PEFT
+    assert keep_largest(x, 1.0) is x
 
 
 def test_dare_is_reproducible_by_seed_and_drops_as_asked(adapters, tmp_path):

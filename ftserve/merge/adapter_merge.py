@@ -96,7 +96,7 @@ class Combination:
                 generator: torch.Generator) -> Tensor:
         """The combination of same-shaped fp32 ``tensors`` with ``weights``."""
         if self.prune == "magnitude":
-            tensors = [_keep_largest(t, density) for t in tensors]
+            tensors = [keep_largest(t, density) for t in tensors]
         elif self.prune == "random":
             tensors = [_drop_at_random(t, density, generator) for t in tensors]
         stacked = torch.stack(tensors)
@@ -108,15 +108,21 @@ class Combination:
         return (weighted * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
 
 
-def _keep_largest(x: Tensor, density: float) -> Tensor:
-    """``x`` with all but its ``int(density * numel)`` largest magnitudes zeroed; ties at the cut kept in flat
-    index order (a stable sort), so the result is the same on every machine. Density 1 keeps all."""
+def keep_largest(x: Tensor, density: float) -> Tensor:
+    """``x`` with all but its ``k = int(density * numel)`` largest magnitudes zeroed: those above the k-th
+    largest, then those equal to it in flat index order until ``k`` (so the result is the same on every machine;
+    PEFT's ``topk`` picks among such ties as its kernel happens to). Density 1 keeps all."""
     if density >= 1:
         return x
-    flat = x.flatten()
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[torch.sort(flat.abs(), descending=True, stable=True).indices[:int(density * flat.numel())]] = True
-    return (flat * keep).view_as(x)
+    magnitude = x.abs().flatten()
+    k = int(density * magnitude.numel())
+    if k == 0:
+        return torch.zeros_like(x)
+    cut = magnitude.kthvalue(magnitude.numel() - k + 1).values
+    keep = magnitude > cut
+    tied = magnitude == cut
+    keep |= tied & (tied.cumsum(0) <= k - int(keep.sum()))
+    return (x.flatten() * keep).view_as(x)
 
 
 def _drop_at_random(x: Tensor, density: float, generator: torch.Generator) -> Tensor:
