@@ -299,6 +299,7 @@ def refusal_cases(tmp: Path, adapters: dict) -> dict[str, tuple[list[AdapterSpec
         "density-missing": (two, dict(method="magnitude_prune"), ConfigError, "needs a density"),
         "density-not-taken": (two, dict(method="cat", density=0.5), ConfigError, "does not take density"),
         "rank-not-taken": (two, dict(method="ties", density=0.5, rank=2), ConfigError, "does not take rank"),
+        "seed-negative": (two, dict(method="dare_linear", density=0.5, seed=-1), ConfigError, "seed=-1"),
         "clamp-outside": (two, dict(method="svd", clamp=1.5), ConfigError, "clamp=1.5"),
         "sign-method": (two, dict(method="ties", density=0.5, majority_sign_method="mean"), ConfigError,
                         "majority_sign_method"),

@@ -255,6 +255,8 @@ def _check_parameters(method: str, adapters: list[AdapterSpec], rank: int | None
         raise ConfigError(f"rank={rank!r} is not a rank: give a whole number of at least 1")
     if clamp is not None and not 0 < clamp <= 1:
         raise ConfigError(f"clamp={clamp} is outside (0, 1]: it is the quantile of the factors' values kept")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed={seed!r} is not a seed: give a whole number of at least 0")
     if majority_sign_method not in SIGN_METHODS:
         raise ConfigError(f"majority_sign_method={majority_sign_method!r}: give one of {', '.join(SIGN_METHODS)}")
     parameters: dict[str, object] = {"weights": [spec.weight for spec in adapters]}
