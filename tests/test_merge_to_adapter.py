@@ -324,16 +324,18 @@ def test_every_refusal_is_one_line_and_writes_nothing(adapters, tmp_path):
         assert not out.exists() and not list(tmp_path.glob(f".out-{name}*")), name
 
 
-def test_base_checks_shapes_and_is_recorded(adapters, tmp_path):
-    """Given, the base is checked (a wider model's weights do not fit) and recorded."""
-    folders = [AdapterSpec(adapters["llama"]["a"]), AdapterSpec(adapters["llama"]["b"])]
-    wrong = save_tiny_model(tmp_path / "wide-base", "llama")  # hidden 128, the adapters' is 64
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_base_checks_shapes_and_is_recorded(kind, adapters, tmp_path):
+    """Given, the base is checked (a wider model's weights do not fit) and recorded; GPT-2 stores them
+    transposed."""
+    folders = [AdapterSpec(adapters[kind]["a"]), AdapterSpec(adapters[kind]["b"])]
+    wrong = save_tiny_model(tmp_path / "wide-base", kind)  # the conftest size, twice the adapters' width
     with pytest.raises(AdapterFileError, match="stores its weight as"):
         merge_to_adapter(folders, tmp_path / "refused", method="cat", base=wrong)
     assert not (tmp_path / "refused").exists()
     right = tmp_path / "base"
-    small_llama().save_pretrained(right)
-    merge_to_adapter(folders, tmp_path / "out", method="cat", base=right)
+    MODELS[kind][0]().save_pretrained(right)
+    merge_to_adapter(folders, tmp_path / "out", method="ties_svd", density=0.5, base=right)
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(right)
 
 
