@@ -88,6 +88,7 @@ def peft_merged(kind: str, folders: list[Path], method: str, **options) -> PeftM
     return model
 
 
+@torch.no_grad()
 def deltas(model: PeftModel, adapter: str) -> dict[str, torch.Tensor]:
     """PEFT's delta of ``adapter`` per module (in the stored orientation: transposed for Conv1D)."""
     return {name: module.get_delta_weight(adapter) for name, module in model.base_model.model.named_modules()
