@@ -163,6 +163,10 @@ def test_mixed_targets_merge_as_peft_unites_them(tmp_path):
                          **ours)
         config = json.loads((tmp_path / method / "adapter_config.json").read_text())
         assert config["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+        if method == "cat":  # v_proj has both inputs' ranks, the others one's: a rank per module, scale 1
+            assert config["r"] == 4 and set(config["rank_pattern"]) == {"model.layers.0.self_attn.v_proj",
+                                                                        "model.layers.1.self_attn.v_proj"}
+            assert set(config["rank_pattern"].values()) == {8} and config["alpha_pattern"] == config["rank_pattern"]
         reference = peft_merged("llama", [first, second], method, **theirs)
         assert_same_deltas(deltas(loaded(tmp_path / method, "llama"), "ours"), deltas(reference, "merged"),
                            SVD_TOL if method == "svd" else TOL)
