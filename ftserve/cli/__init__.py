@@ -23,7 +23,8 @@ from .quickstart import quickstart  # noqa: E402
 
 main.add_command(needs_extra(quickstart, "quickstart"))  # it asks for what its flags need itself
 
-from .merge import export, inspect_adapter, merge, verify  # noqa: E402
+from .adapters import export, inspect_adapter  # noqa: E402
+from .merge import merge, verify  # noqa: E402
 
 main.add_command(merge)
 main.add_command(export)
