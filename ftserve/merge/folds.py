@@ -1,0 +1,352 @@
+"""Merge methods for full models, their folds: each method's arithmetic (methods.py) over blocks of rows.
+
+The task-vector methods are one fold (``TaskVectorFold``, mergekit's generalized task arithmetic): each a choice
+of sparsification and of the sign election. Where the whole tensor matters (a magnitude threshold, a rescale
+sum, slerp's norms and angle) a fold asks write.py for first passes (combine.TensorFold), keeping O(rows) or
+O(histogram bins) between passes; sparsify.py says how thresholds stay exact and masks reproducible. A fold
+holds a few blocks of each input at a time, never a whole tensor (``reference_merge`` does, for verify).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from .combine import Scratch, TensorFold
+from .method_spec import ModelMergeMethod, TensorInputs, work_dtype
+from .sparsify import Bound, RankSearch, key_bits, key_passes, l1_scale, magnitude_keys, row_l1, top_k, uniforms
+
+SLERP_DOT_THRESHOLD, SLERP_EPS = 0.9995, 1e-8  # mergekit's: nearly parallel inputs interpolate linearly
+
+
+def _md(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+class LinearFold(TensorFold):
+    """mergekit's ``linear``: in fp32 (fp64 for fp64 inputs), ``addcmul`` input by input, then divided by the sum
+    of the weights (normalize), cast back to the math dtype."""
+
+    transposed = False
+
+    def __init__(self, method: ModelMergeMethod, tensor: TensorInputs) -> None:
+        self.tensor, md = tensor, tensor.math_dtype
+        self.dtype = torch.float64 if md == torch.float64 else torch.float32
+        weights = torch.tensor([[method.param_value(p, "weight") for p in tensor.params]], dtype=self.dtype)
+        self.coefficients = [w.reshape(1, 1) for w in weights.unbind(1)]
+        self.denominator = weights.sum(dim=1).reshape(1, 1) if method.param_value(tensor.shared, "normalize") \
+            else None
+
+    def block(self, weight: Tensor, scratch: Scratch, start: int, stop: int) -> Tensor:
+        t, md, weight = self.tensor, self.tensor.math_dtype, weight.reshape(stop - start, -1)
+        result = torch.zeros((stop - start, t.cols), dtype=self.dtype)
+        for rows, coefficient in zip(t.inputs, self.coefficients):
+            result.addcmul_(_md(rows.rows(weight, start, stop), md), coefficient)
+        if self.denominator is not None:
+            result.div_(self.denominator)
+        return result.to(md)
+
+
+@dataclass
+class _Sparsifier:
+    """One input's sparsification state across passes (TaskVectorFold)."""
+
+    index: int                      # in tensor.inputs
+    density: float
+    gamma: float = 0.0
+    epsilon: float = 0.0
+    searches: list[RankSearch] = field(default_factory=list)
+    bounds: list[Bound] = field(default_factory=list)
+    cuts: tuple[int, int] = (0, 0)  # breadcrumbs: the ascending ranks [n_bot, n_bot + target_n) kept
+    keep_none: bool = False         # breadcrumbs with target_n == 0
+    tie_starts: dict[int, Tensor] = field(default_factory=dict)   # bound -> first tie position of each row
+    ranks: Tensor | None = None     # DELLA on a 1-D tensor: each element's ascending rank over the tensor
+    scale: Tensor | None = None     # the L1 rescale factor, once summed
+
+    @property
+    def positioned(self) -> list[int]:
+        """The bounds whose ties are kept by position."""
+        return [j for j, b in enumerate(self.bounds) if b.needs_positions]
+
+
+class TaskVectorFold(TensorFold):
+    """mergekit's generalized task arithmetic on blocks of rows: task vectors, sparsified, weighted, sign-elected
+    (consensus), summed, normalized, scaled by lambda, added to the base (methods.py).
+
+    First passes: for magnitude cuts, ``key_passes`` histogram passes then one pass counting each row's ties;
+    for DELLA on a 1-D tensor, one pass collecting its magnitudes; with ``rescale``, one pass summing ``|d_i|``
+    and ``|masked d_i|`` per row."""
+
+    transposed = False
+
+    def __init__(self, method: ModelMergeMethod, tensor: TensorInputs) -> None:
+        self.method, self.tensor = method, tensor
+        md, value = tensor.math_dtype, method.param_value
+        self.non_base = [i for i in range(len(tensor.inputs)) if i != tensor.base_index]
+        self.weights = [value(tensor.params[i], "weight") for i in self.non_base]
+        self.rescale = bool(value(tensor.shared, "rescale"))
+        self.normalize = bool(value(tensor.shared, "normalize"))
+        self.lam = value(tensor.shared, "lambda")
+        self.work_dtype = work_dtype(method, md)
+        self.sparse = {i: self._sparsifier(i) for i in self.non_base
+                       if method.sparsification and tensor.numel and value(tensor.params[i], "density") < 1}
+        ranked = tensor.shape[1] if len(tensor.shape) > 1 else tensor.numel
+        if method.sparsification == "della_magprune" and self.sparse and ranked == 1:
+            raise ConfigError(f"{method.name}: {tensor.name} has shape {list(tensor.shape)}, and DELLA ranks "
+                              f"magnitudes along its second dimension, where one element has no rank (mergekit "
+                              f"fails on it); give it density 1 or merge it with another method")
+        stages = []
+        if method.sparsification in ("magnitude", "magnitude_outliers") and self.sparse:
+            stages += ["keys"] * key_passes(md) + ["ties"]
+        if method.sparsification == "della_magprune" and self.sparse and len(tensor.shape) <= 1:
+            stages.append("magnitudes")
+        if self.rescale and self.sparse:
+            stages.append("sums")
+        self.stages, self.stage = stages, 0
+        self.passes = len(stages)
+
+    def _sparsifier(self, i: int) -> _Sparsifier:
+        t, value = self.tensor, self.method.param_value
+        s = _Sparsifier(i, value(t.params[i], "density"), value(t.params[i], "gamma") or 0.0,
+                        value(t.params[i], "epsilon") or 0.0)
+        numel, bits = t.numel, key_bits(t.math_dtype)
+        if self.method.sparsification == "magnitude":
+            s.searches = [RankSearch(numel - max(1, int(s.density * numel)), bits)]
+        elif self.method.sparsification == "magnitude_outliers":
+            target = int(s.density * numel)
+            n_bot = max(0, numel - target - int(s.gamma * numel))
+            s.cuts, s.keep_none = (n_bot, n_bot + target), target == 0
+            if not s.keep_none:
+                s.searches = [RankSearch(p, bits) for p in s.cuts if 0 < p < numel]
+        return s
+
+    # -- first passes ------------------------------------------------------------------------------------------
+
+    def scan(self, rows: Tensor, scratch: Scratch, start: int, stop: int) -> Any:
+        """Per sparsified input, a list of tensors: the histograms of its searches (keys), or per-row values in
+        row order (ties: counts at each bound that needs positions; magnitudes; sums: |d_i| and |masked d_i|)."""
+        stage, md, rows = self.stages[self.stage], self.tensor.math_dtype, rows.reshape(stop - start, -1)
+        base = _md(rows, md)
+        out = {}
+        for i, s in self.sparse.items():
+            if stage == "ties" and not s.positioned:
+                continue
+            delta = self._delta(i, rows, base, start, stop)
+            if stage == "keys":
+                keys = magnitude_keys(delta)
+                out[i] = [search.histogram(keys) for search in s.searches]
+            elif stage == "ties":
+                keys = magnitude_keys(delta)
+                out[i] = [(keys == s.bounds[j].value).sum(dim=1) for j in s.positioned]
+            elif stage == "magnitudes":
+                out[i] = [delta.flatten()]
+            else:
+                unmasked = _md(delta, self.work_dtype)
+                out[i] = [row_l1(unmasked), row_l1(self._masked(s, delta, start, stop))]
+        return out
+
+    def gather(self, partials: Iterable[Any]) -> None:
+        """Histograms are summed as they come (O(bins)); per-row values are kept in row order (O(rows))."""
+        stage = self.stages[self.stage]
+        totals: dict[int, list] = {}
+        for partial in partials:
+            for i, values in partial.items():
+                if stage == "keys":
+                    totals[i] = [a + b for a, b in zip(totals[i], values)] if i in totals else values
+                else:
+                    totals.setdefault(i, [[] for _ in values])
+                    for kept, value in zip(totals[i], values):
+                        kept.append(value)
+        for i, s in self.sparse.items():
+            if stage == "keys":
+                for search, counts in zip(s.searches, totals.get(i, [])):
+                    search.narrow(counts)
+                if self.stages[self.stage + 1] != "keys":
+                    self._bounds(s)
+                continue
+            rows = [torch.cat(parts) for parts in totals.get(i, [])]
+            if stage == "ties":
+                s.tie_starts = {j: torch.cumsum(counts, 0) - counts for j, counts in zip(s.positioned, rows)}
+            elif stage == "magnitudes":
+                s.ranks = row_ranks(rows[0][None, :])[0]
+            else:
+                before, after = (float(r.sum()) for r in rows)
+                s.scale = l1_scale(before, after, self.work_dtype)
+        self.stage += 1
+
+    def _bounds(self, s: _Sparsifier) -> None:
+        numel = self.tensor.numel
+        if self.method.sparsification == "magnitude":
+            s.bounds = [top_k(s.searches[0], numel, max(1, int(s.density * numel)))]
+            return
+        if s.keep_none:
+            return
+        n_bot, hi = s.cuts
+        searches = iter(s.searches)
+        if 0 < n_bot < numel:
+            low = next(searches)
+            s.bounds.append(Bound(low.prefix, True, n_bot - low.below, low.equal, low.equal))
+        if 0 < hi < numel:
+            high = next(searches)
+            s.bounds.append(Bound(high.prefix, False, 0, hi - high.below, high.equal))
+
+    # -- the fold ----------------------------------------------------------------------------------------------
+
+    def _delta(self, i: int, weight: Tensor, base: Tensor, start: int, stop: int) -> Tensor:
+        return _md(self.tensor.inputs[i].rows(weight, start, stop), self.tensor.math_dtype) - base
+
+    def _masked(self, s: _Sparsifier, delta: Tensor, start: int, stop: int) -> Tensor:
+        """``d_i`` masked as mergekit's sparsification masks it, before any rescale."""
+        kind = self.method.sparsification
+        if kind in ("magnitude", "magnitude_outliers"):
+            return delta * self._magnitude_mask(s, delta, start).to(delta.dtype)
+        t = self.tensor
+        lo, hi = start * t.cols, stop * t.cols
+        u = uniforms(t.seed, t.name, s.index, t.numel, lo, hi).view(delta.shape)
+        work = _md(delta, self.work_dtype)
+        if kind == "random":
+            p = torch.tensor(s.density, dtype=self.work_dtype)
+            return work * (u < p).to(self.work_dtype)
+        probs = self._della_probabilities(s, delta, start, stop)
+        return work * (u < probs.reshape(delta.shape)).to(self.work_dtype)
+
+    def _magnitude_mask(self, s: _Sparsifier, delta: Tensor, start: int) -> Tensor:
+        if s.keep_none:
+            return torch.zeros_like(delta, dtype=torch.bool)
+        keys = magnitude_keys(delta)
+        keep = torch.ones_like(keys, dtype=torch.bool)
+        for j, bound in enumerate(s.bounds):
+            starts = s.tie_starts.get(j)
+            keep &= bound.keeps(keys, None if starts is None else int(starts[start]))
+        return keep
+
+    def _della_probabilities(self, s: _Sparsifier, delta: Tensor, start: int, stop: int) -> Tensor:
+        shape = self.tensor.shape
+        if len(shape) <= 1:
+            return della_probabilities(s.ranks[start:stop].reshape(1, -1), self.tensor.numel, s.density,
+                                       s.epsilon, self.work_dtype)
+        return della_probabilities(row_ranks(delta.reshape(stop - start, *shape[1:])), shape[1], s.density,
+                                   s.epsilon, self.work_dtype)
+
+    def block(self, weight: Tensor, scratch: Scratch, start: int, stop: int) -> Tensor:
+        md, weight = self.tensor.math_dtype, weight.reshape(stop - start, -1)
+        base = _md(weight, md)
+        if not self.non_base:
+            return base
+        deltas = base.new_empty((len(self.non_base), *base.shape))
+        for j, i in enumerate(self.non_base):
+            delta = self._delta(i, weight, base, start, stop)
+            s = self.sparse.get(i)
+            if s is not None:
+                masked = self._masked(s, delta, start, stop)
+                if s.scale is not None:
+                    masked = masked * s.scale
+                delta = _md(masked, md)
+            deltas[j] = delta
+        return combine_deltas(base, deltas, self.weights, self.method.consensus, self.normalize, self.lam)
+
+
+def row_ranks(x: Tensor) -> Tensor:
+    """Each element's ascending rank by magnitude along dim 1, ties in index order (a stable sort)."""
+    return torch.argsort(torch.argsort(x.abs(), dim=1, stable=True), dim=1, stable=True)
+
+
+def della_probabilities(ranks: Tensor, n: int, density: float, epsilon: float, dtype: torch.dtype) -> Tensor:
+    """mergekit's ``della_magprune`` keep probabilities from 0-based ranks along dim 1 (of ``n``), in its work
+    ``dtype``: ``density - epsilon`` for the smallest magnitude rising to ``density + epsilon`` for the largest."""
+    ranks = ranks.to(dtype) + 1
+    lowest = torch.zeros((), dtype=torch.int64).to(dtype) + 1
+    top = torch.tensor(n - 1, dtype=torch.int64).to(dtype) + 1
+    rank_norm = ((ranks - lowest) / (top - lowest)).clamp(0, 1)
+    return (density - epsilon) + rank_norm * 2 * epsilon
+
+
+def combine_deltas(base: Tensor, deltas: Tensor, weights: list[float], consensus: bool, normalize: bool,
+                   lam: float) -> Tensor:
+    """mergekit's generalized task arithmetic once the task vectors are sparsified: weighted, sign-elected
+    (``consensus``: TIES's sum rule), summed, normalized, scaled by ``lam`` and added to ``base``, in base's
+    dtype. ``deltas``: (inputs, *base.shape), updated in place."""
+    w = torch.tensor(weights, dtype=deltas.dtype)
+    while deltas.dim() > w.dim():
+        w.unsqueeze_(-1)
+    deltas.mul_(w)
+    if consensus:
+        sign = deltas.sign()
+        majority = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+        mask = sign == majority
+        mixed = (deltas * mask).sum(dim=0)
+        divisor = (w * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed /= divisor
+    if lam != 1:
+        mixed *= lam
+    return (base + mixed).to(base.dtype)
+
+
+class SlerpFold(TensorFold):
+    """mergekit's ``slerp`` from the base ``a`` to the other input ``b`` by ``t``, in fp32 over the whole tensor::
+
+        n_a = ||a||, n_b = ||b|| (1 where <= eps);  dot = clamp(sum (a/n_a)(b/n_b), -1, 1);  theta = acos dot
+        result = sin((1-t) theta)/sin theta a + sin(t theta)/sin theta b   (|dot| <= 0.9995)
+                 (1-t) a + t b                                            (else)
+
+    Pass 1 sums squares per row, pass 2 the normalized products per row (float64)."""
+
+    transposed = False
+    passes = 2
+
+    def __init__(self, method: ModelMergeMethod, tensor: TensorInputs) -> None:
+        self.tensor = tensor
+        (self.other,) = [i for i in range(len(tensor.inputs)) if i != tensor.base_index]
+        self.dtype = torch.float64 if tensor.math_dtype == torch.float64 else torch.float32
+        self.t = torch.tensor([[method.param_value(tensor.shared, "t")]], dtype=self.dtype)
+        self.stage = 0
+
+    def _pair(self, weight: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        md, weight = self.tensor.math_dtype, weight.reshape(stop - start, -1)
+        a = _md(weight, md).to(self.dtype)
+        b = _md(self.tensor.inputs[self.other].rows(weight, start, stop), md).to(self.dtype)
+        return a, b
+
+    def scan(self, rows: Tensor, scratch: Scratch, start: int, stop: int) -> Any:
+        a, b = self._pair(rows, start, stop)
+        if self.stage == 0:
+            return (torch.sum(a.double().square(), dim=1), torch.sum(b.double().square(), dim=1))
+        return torch.sum(((a / self.norm_a) * (b / self.norm_b)).double(), dim=1)
+
+    def gather(self, partials: Iterable[Any]) -> None:
+        partials = list(partials)
+        if self.stage == 0:
+            self.norm_a, self.norm_b = (slerp_norm(torch.cat([p[k] for p in partials]), self.dtype) for k in (0, 1))
+        else:
+            self.coef_a, self.coef_b = slerp_coefficients(torch.cat(partials).sum(), self.t, self.dtype)
+        self.stage += 1
+
+    def block(self, weight: Tensor, scratch: Scratch, start: int, stop: int) -> Tensor:
+        a, b = self._pair(weight, start, stop)
+        return (self.coef_a * a + self.coef_b * b).to(self.tensor.math_dtype)
+
+
+def slerp_norm(row_squares: Tensor, dtype: torch.dtype) -> Tensor:
+    """A whole tensor's norm from its rows' float64 sums of squares, in ``dtype``, 1 where it is <= eps."""
+    norm = row_squares.sum().sqrt().to(dtype).reshape(1, 1)
+    return torch.where(norm > SLERP_EPS, norm, 1)
+
+
+def slerp_coefficients(dot: Tensor, t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """slerp's two coefficients from the float64 dot product of the normalized inputs (SlerpFold)."""
+    dot = dot.to(dtype).reshape(1, 1).clamp(-1, 1)
+    linear = dot.abs() > SLERP_DOT_THRESHOLD
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    return (torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta),
+            torch.where(linear, t, torch.sin(t * theta) / sin_theta))
