@@ -2,8 +2,8 @@
 
 Memory stays bounded whatever the model size: tensors are read, folded and written in blocks of whole stored
 rows (for a low-rank delta ``W'[i:j]`` needs only ``W[i:j]`` and ``B[i:j]``, or ``A[:, i:j]`` when transposed),
-untouched tensors are copied file to file inside the kernel, and output files are written header first then
-byte by byte. Each tensor's fold comes from the merge's combiner (combine.py), which this module drives without
+untouched tensors are copied by file offset, and output files are written header first then byte by byte
+(files/output_file.py: straight to the device where the file system takes direct I/O). Each tensor's fold comes from the merge's combiner (combine.py), which this module drives without
 knowing which it is: when the fold asks for a first pass, every block is read and scanned before the first one
 is folded (as many passes as it asks). Worker threads (one per core, one intra-op thread each) scan and fold blocks while the main thread
 writes them in order. The output folder appears whole at the end (temporary folder beside it, then a rename) or
@@ -30,7 +30,8 @@ from torch import Tensor
 
 from ..errors import CheckpointError
 from ..files.atomic import OutputChangedError, atomic_output_dir
-from ..files.checkpoint import INDEX, TensorReader, copy_range, safetensors_header
+from ..files.checkpoint import INDEX, TensorReader, safetensors_header
+from ..files.output_file import OutputFile
 from .combine import Combiner, ZeroNormRowError
 from .plan import BLOCK_BYTES, COPIED_SUFFIXES, NOT_COPIED, AdapterSpec, MergePlan, OutputTensor, plan_merge
 
@@ -102,9 +103,9 @@ def _write_tensors(plan: MergePlan, folder: Path, names: list[str], progress: Ca
     try:
         with one_torch_thread(), TensorReader(plan.checkpoint) as reader:
             for name, shard in zip(names, plan.shards):
-                with open(folder / name, "wb", buffering=0) as f, _WriteBehind(f.fileno()) as flusher:
+                with OutputFile(folder / name) as f:
                     f.write(safetensors_header((t.name, t.dtype, t.source.shape, t.nbytes) for t in shard))
-                    _write_shard(shard, f, reader, pool, buffers, flusher.wrote(progress), window)
+                    _write_shard(shard, f, reader, pool, buffers, progress, window)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -123,7 +124,7 @@ def one_torch_thread():
         torch.set_num_threads(threads)
 
 
-def _write_shard(shard: list[OutputTensor], f, reader: TensorReader, pool: ThreadPoolExecutor,
+def _write_shard(shard: list[OutputTensor], f: OutputFile, reader: TensorReader, pool: ThreadPoolExecutor,
                  buffers: queue.SimpleQueue, progress: Callable[[int], None], window: int) -> None:
     pending: deque = deque()
 
@@ -131,15 +132,13 @@ def _write_shard(shard: list[OutputTensor], f, reader: TensorReader, pool: Threa
         item = pending.popleft()
         if isinstance(item, Future):
             buffer, size = item.result()
-            view = memoryview(buffer)[:size]
-            while view:
-                view = view[f.write(view):]
+            f.write(memoryview(buffer)[:size])
             if len(buffer) == BLOCK_BYTES:
                 buffers.put(buffer)
             progress(size)
         else:
             entry = item.source
-            copy_range(reader.fd(entry), f.fileno(), entry.offset, entry.nbytes)
+            f.copy(reader.fd(entry), entry.offset, entry.nbytes)
             progress(entry.nbytes)
 
     for t in shard:
@@ -174,34 +173,6 @@ def _scanned(t: OutputTensor, reader: TensorReader, pool: ThreadPoolExecutor, bl
             yield ahead.popleft().result()
     while ahead:
         yield ahead.popleft().result()
-
-
-class _WriteBehind:
-    """Flush a file to disk while it is still being written, one ``fdatasync`` at a time on a thread of its
-    own, so that the fsync before the output's rename (atomic_output_dir) finds little left to write instead
-    of the whole checkpoint."""
-
-    EVERY = 64 * 2**20
-
-    def __init__(self, fd: int) -> None:
-        self.fd, self.unflushed = fd, 0
-        self.thread = ThreadPoolExecutor(1)
-        self.pending: Future | None = None
-
-    def wrote(self, progress: Callable[[int], None]) -> Callable[[int], None]:
-        def counted(size: int) -> None:
-            progress(size)
-            self.unflushed += size
-            if self.unflushed >= self.EVERY and (self.pending is None or self.pending.done()):
-                self.unflushed = 0
-                self.pending = self.thread.submit(os.fdatasync, self.fd)
-        return counted
-
-    def __enter__(self) -> "_WriteBehind":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.thread.shutdown(wait=True)  # the file stays open until its last flush is done
 
 
 class _Scratch(threading.local):
