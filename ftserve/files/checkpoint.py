@@ -208,9 +208,11 @@ class TensorReader:
     def fd(self, entry: TensorEntry) -> int:
         return self._fds[entry.file]
 
-    def read_rows(self, entry: TensorEntry, start: int, stop: int, buffer: bytearray | None = None) -> Tensor:
+    def read_rows(self, entry: TensorEntry, start: int, stop: int, buffer: bytearray | None = None,
+                  keep_cache: bool = False) -> Tensor:
         """Rows ``[start, stop)`` as a (stop - start, cols) tensor of the stored dtype, read into ``buffer``
-        (reused by the caller) when given."""
+        (reused by the caller) when given. The bytes leave the page cache unless ``keep_cache`` (a pass that
+        will read them again)."""
         if entry.offset is None:
             return self.checkpoint.pickled_tensor(entry).reshape(entry.rows, entry.cols)[start:stop]
         row_bytes = entry.nbytes // entry.rows if entry.rows else 0
@@ -219,7 +221,8 @@ class TensorReader:
             return torch.empty(stop - start, entry.cols, dtype=entry.dtype)
         buffer = buffer if buffer is not None and len(buffer) >= size else bytearray(size)
         read_exact(self._fds[entry.file], memoryview(buffer)[:size], begin, entry.file)
-        drop_cache(self._fds[entry.file], begin, size)
+        if not keep_cache:
+            drop_cache(self._fds[entry.file], begin, size)
         count = (stop - start) * entry.cols
         return torch.frombuffer(buffer, dtype=entry.dtype, count=count).view(stop - start, entry.cols)
 

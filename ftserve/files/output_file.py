@@ -26,7 +26,7 @@ from ..errors import CheckpointError
 from .checkpoint import drop_cache
 
 ALIGNMENT = 4096  # direct I/O wants offsets, lengths and buffers aligned to the device's block: 4 KiB covers them
-STAGE_BYTES = 8 * 2**20  # one direct write; a multiple of ALIGNMENT
+STAGE_BYTES = 2 * 2**20  # one direct write, a multiple of ALIGNMENT: small, as the stages count in the RSS
 STAGES = 3  # one filling while the others are written: two writes in flight keep the device busy
 FLUSH_EVERY = 64 * 2**20  # page-cache writes: bytes between two write-behind flushes
 COPY_CHUNK_BYTES = 16 * 2**20  # an input range copied by hand (no copy_file_range) goes through memory in chunks

@@ -18,14 +18,20 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import AdapterFileError, CheckpointError, ConfigError
 from ..files.adapter_folder import AdapterFolder, read_adapter
-from ..files.checkpoint import FLOATS, INDEX, SINGLE, Checkpoint, TensorEntry, open_checkpoint, parse_size, resolve_base
+from ..files.checkpoint import (FLOATS, INDEX, SINGLE, Checkpoint, TensorEntry, TensorReader, open_checkpoint,
+                                parse_size, resolve_base)
 from ..methods import LoraFactors, get_method
 from .combine import ROW_SCALE_DOES_NOT_ADD, Combiner, Part, TensorFold, WeightedSum
+
+if TYPE_CHECKING:
+    from .methods import TensorInputs
+    from .request import MergeRequest
 
 COPIED_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken", ".py", ".vocab")
 NOT_COPIED = {INDEX, "pytorch_model.bin.index.json", "README.md", "adapter_config.json"}
@@ -71,6 +77,7 @@ class OutputTensor:
     source: TensorEntry
     dtype: torch.dtype
     fold: TensorFold | None = None
+    inputs: TensorInputs | None = None  # a model merge's (inputs.py): what verify recomputes the tensor from
 
     @property
     def nbytes(self) -> int:
@@ -94,6 +101,9 @@ class MergePlan:
     dtype_name: str
     warnings: list[str] = field(default_factory=list)
     modules: dict[str, list[str]] = field(default_factory=dict)  # output key -> the adapters' module names for it
+    request: MergeRequest | None = None  # a model merge's (inputs.py)
+    inputs: list[Path] = field(default_factory=list)  # every folder read: the output must not overlap one
+    readers: list[TensorReader] = field(default_factory=list)  # other models' checkpoints, opened by write.py
 
     @property
     def total_bytes(self) -> int:
@@ -131,7 +141,7 @@ def plan_merge(base: str | os.PathLike, adapters: list[AdapterSpec], dtype: str 
         folders.append((spec, folder))
     alone_if_row_scaled(folders)
     out_dtype = DTYPES[dtype] if dtype else None
-    parts, transposed, extra, modules = _plan_parts(checkpoint, folders, tied, out_dtype)
+    parts, transposed, extra, modules = plan_parts(checkpoint, folders, tied, out_dtype)
     combiner = combiner or WeightedSum()
     folds = {key: combiner.fold(key_parts, transposed[key]) for key, key_parts in parts.items()}
     tensors = []
@@ -143,9 +153,9 @@ def plan_merge(base: str | os.PathLike, adapters: list[AdapterSpec], dtype: str 
         notes.append("the output embedding changed, so the merged config unties it from the input embedding")
     if dtype:
         config = {**config, "dtype": dtype, **({"torch_dtype": dtype} if "torch_dtype" in config else {})}
-    dtype_name = dtype or str(config.get("dtype") or config.get("torch_dtype") or _main_dtype(tensors))
-    return MergePlan(str(base), checkpoint, folders, tensors, _shard(tensors, limit), config, dtype_name, notes,
-                     modules)
+    dtype_name = dtype or str(config.get("dtype") or config.get("torch_dtype") or main_dtype(tensors))
+    return MergePlan(str(base), checkpoint, folders, tensors, shard_tensors(tensors, limit), config, dtype_name,
+                     notes, modules, inputs=[checkpoint.path] + [folder.path for _, folder in folders])
 
 
 def alone_if_row_scaled(folders: list[tuple[AdapterSpec, AdapterFolder]]) -> None:
@@ -160,9 +170,9 @@ def alone_if_row_scaled(folders: list[tuple[AdapterSpec, AdapterFolder]]) -> Non
                           f"its output")
 
 
-def _plan_parts(checkpoint: Checkpoint, folders: list[tuple[AdapterSpec, AdapterFolder]], tied: bool,
-                out_dtype: torch.dtype | None
-                ) -> tuple[dict[str, list[Part]], dict[str, bool], dict[str, TensorEntry], dict[str, list[str]]]:
+def plan_parts(checkpoint: Checkpoint, folders: list[tuple[AdapterSpec, AdapterFolder]], tied: bool,
+               out_dtype: torch.dtype | None
+               ) -> tuple[dict[str, list[Part]], dict[str, bool], dict[str, TensorEntry], dict[str, list[str]]]:
     """Per output key, every adapter targeting it (checked) and whether the key is stored transposed; output
     keys not stored in the base (a tied output embedding), with the stored tensor they start from; and per
     output key, the module names the adapters gave it."""
@@ -255,14 +265,14 @@ def _is_output_embedding(key: str) -> bool:
     return key.removesuffix(".weight").rsplit(".", 1)[-1] in OUTPUT_EMBEDDINGS
 
 
-def _main_dtype(tensors: list[OutputTensor]) -> str:
+def main_dtype(tensors: list[OutputTensor]) -> str:
     sizes: dict[torch.dtype, int] = {}
     for t in tensors:
         sizes[t.dtype] = sizes.get(t.dtype, 0) + t.nbytes
     return str(max(sizes, key=sizes.get)).removeprefix("torch.") if sizes else "float32"
 
 
-def _shard(tensors: list[OutputTensor], limit: int) -> list[list[OutputTensor]]:
+def shard_tensors(tensors: list[OutputTensor], limit: int) -> list[list[OutputTensor]]:
     """Greedy in stored order, as transformers does; a tensor larger than the limit gets a shard of its own."""
     shards: list[list[OutputTensor]] = [[]]
     size = 0

@@ -19,11 +19,11 @@ import shutil
 import threading
 import warnings
 from collections import deque
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor
@@ -34,6 +34,9 @@ from ..files.checkpoint import INDEX, TensorReader, safetensors_header
 from ..files.output_file import OutputFile
 from .combine import Combiner, ZeroNormRowError
 from .plan import BLOCK_BYTES, COPIED_SUFFIXES, NOT_COPIED, AdapterSpec, MergePlan, OutputTensor, plan_merge
+
+if TYPE_CHECKING:
+    from .request import MergeRequest
 
 MAX_WORKERS = 4  # default folding threads, at most one per core
 # Blocks are whole multiples of this many rows: GEMM kernels take another code path for a few leftover rows,
@@ -57,18 +60,45 @@ def merge_checkpoint(base: str | os.PathLike, adapters: list[AdapterSpec], out_d
     ``progress(bytes_done_now, total_bytes)`` is called as weights are written; ``workers`` threads fold
     blocks (default: one per CPU core, at most MAX_WORKERS); ``combiner`` combines the adapters on each tensor (default:
     the weighted sum)."""
+    out_dir = _refuse_existing(out_dir, force)
+    with one_torch_thread():  # the plan's checks are many small ops: no thread team to wait on
+        plan = plan_merge(base, adapters, dtype, max_shard_size, allow_pickle, combiner)
+    return _write_plan(plan, out_dir, {"README.md": model_card(plan)}, force, progress, workers)
+
+
+def merge_models(request: "MergeRequest", out_dir: str | os.PathLike, *, max_shard_size: str | int = "5GB",
+                 force: bool = False, progress: Callable[[int, int], None] | None = None, workers: int | None = None,
+                 allow_pickle: bool = False) -> MergeResult:
+    """Merge the models of ``request`` (model folders, hub ids, ``model+adapter`` pairs, bare adapters on its
+    base) with its mergekit method, and write a standalone model folder at ``out_dir``: the base's layout,
+    config and tokenizer, a README.md that records method, parameters, seed and inputs, and the recipe as
+    ``mergekit_config.yml``. Everything is checked first (inputs.py); the same streaming as merge_checkpoint."""
+    from .inputs import models_card, plan_models
+    from .request import request_yaml
+
+    out_dir = _refuse_existing(out_dir, force)
+    with one_torch_thread():
+        plan = plan_models(request, max_shard_size, allow_pickle)
+    files = {"README.md": models_card(plan), "mergekit_config.yml": request_yaml(request)}
+    return _write_plan(plan, out_dir, files, force, progress, workers)
+
+
+def _refuse_existing(out_dir: str | os.PathLike, force: bool) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise CheckpointError(f"{out_dir} already exists; pass force=True to replace it")
-    with one_torch_thread():  # the plan's checks are many small ops: no thread team to wait on
-        plan = plan_merge(base, adapters, dtype, max_shard_size, allow_pickle, combiner)
-    inputs = [plan.checkpoint.path] + [folder.path for _, folder in plan.adapters]
-    for path in inputs:
+    return out_dir
+
+
+def _write_plan(plan: MergePlan, out_dir: Path, texts: dict[str, str], force: bool,
+                progress: Callable[[int, int], None] | None, workers: int | None) -> MergeResult:
+    """Write ``plan`` and the text files ``texts`` (name -> content) into ``out_dir``, atomically."""
+    for path in plan.inputs:
         a, b = out_dir.resolve(), path.resolve()
         if a == b or a in b.parents or b in a.parents:
             raise CheckpointError(f"output {out_dir} overlaps the input {path}; choose another folder")
     for note in plan.warnings:
-        warnings.warn(note, stacklevel=2)
+        warnings.warn(note, stacklevel=3)
     try:
         with atomic_output_dir(out_dir, force=force) as tmp:
             names = plan.shard_names()
@@ -79,7 +109,8 @@ def merge_checkpoint(base: str | os.PathLike, adapters: list[AdapterSpec], out_d
                          "weight_map": {t.name: name for name, shard in zip(names, plan.shards) for t in shard}}
                 (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
             _copy_side_files(plan, tmp)
-            (tmp / "README.md").write_text(model_card(plan))
+            for name, text in texts.items():
+                (tmp / name).write_text(text)
             tmp.chmod(0o755)
             for child in tmp.iterdir():
                 child.chmod(0o644)
@@ -101,7 +132,9 @@ def _write_tensors(plan: MergePlan, folder: Path, names: list[str], progress: Ca
     for _ in range(window + workers + 1):  # enough that a worker never waits for one the writer holds
         buffers.put(bytearray(BLOCK_BYTES))
     try:
-        with one_torch_thread(), TensorReader(plan.checkpoint) as reader:
+        with one_torch_thread(), TensorReader(plan.checkpoint) as reader, ExitStack() as others:
+            for other in plan.readers:
+                others.enter_context(other)
             for name, shard in zip(names, plan.shards):
                 with OutputFile(folder / name) as f:
                     f.write(safetensors_header((t.name, t.dtype, t.source.shape, t.nbytes) for t in shard))
@@ -152,6 +185,7 @@ def _write_shard(shard: list[OutputTensor], f: OutputFile, reader: TensorReader,
             for _ in range(t.fold.passes if t.fold is not None else 0):
                 with _named(t):
                     t.fold.gather(_scanned(t, reader, pool, blocks, window))
+            _last_pass(t)
             for start, stop in blocks:
                 pending.append(pool.submit(_fold_block, t, reader, buffers, start, stop))
                 while len(pending) > window:
@@ -195,10 +229,10 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
-def _stored_rows(t: OutputTensor, reader: TensorReader, start: int, stop: int) -> Tensor:
+def _stored_rows(t: OutputTensor, reader: TensorReader, start: int, stop: int, keep_cache: bool = False) -> Tensor:
     """Rows ``[start, stop)`` of the stored tensor as read, in this thread's input buffer."""
     return reader.read_rows(t.source, start, stop, _scratch.raw((stop - start) * t.source.cols
-                                                                * t.source.dtype.itemsize))
+                                                                * t.source.dtype.itemsize), keep_cache)
 
 
 @contextmanager
@@ -210,9 +244,18 @@ def _named(t: OutputTensor):
         raise CheckpointError(f"{t.name}: {exc}; nothing was written") from None
 
 
+def _last_pass(t: OutputTensor) -> None:
+    """From now on no block of ``t`` is read again: its inputs' bytes may leave the page cache as read."""
+    if t.inputs is not None:
+        from .inputs import keep_in_cache
+
+        keep_in_cache(t.inputs, False)
+
+
 def _scan_block(t: OutputTensor, reader: TensorReader, start: int, stop: int) -> Any:
-    """The fold's first pass over rows ``[start, stop)`` of the stored tensor, in fp32."""
-    rows = _scratch.get("weight", (stop - start, t.source.cols)).copy_(_stored_rows(t, reader, start, stop))
+    """The fold's first pass over rows ``[start, stop)`` of the stored tensor, in fp32 (its bytes stay in the
+    page cache: the folding pass reads them again)."""
+    rows = _scratch.get("weight", (stop - start, t.source.cols)).copy_(_stored_rows(t, reader, start, stop, True))
     return t.fold.scan(rows, _scratch.get, start, stop)
 
 
@@ -232,9 +275,10 @@ def _fold_block(t: OutputTensor, reader: TensorReader, buffers: queue.SimpleQueu
             with _named(t):
                 out.copy_(t.fold.block(weight, _scratch.get, start, stop))
             if not all_finite(out):  # the plan bounds a low-rank delta; this is exact, per block
-                raise CheckpointError(f"{t.name}: folding the adapters gives inf or NaN in {t.dtype} in rows "
-                                      f"{start}-{stop - 1}; nothing was written. Lower the adapters' weights or "
-                                      f"scale, or merge to a wider dtype")
+                what = "merging the models" if t.inputs is not None else "folding the adapters"
+                raise CheckpointError(f"{t.name}: {what} gives inf or NaN in {t.dtype} in rows {start}-{stop - 1}; "
+                                      f"nothing was written. Lower the weights (or the adapters' scale), or merge to "
+                                      f"a wider dtype")
     return buffer, size
 
 
