@@ -6,7 +6,7 @@ of it, each the base plus bf16 noise (``round(W + 0.1 std(W) N(0, 1))``, a seed 
 the base. One mergekit recipe per method, with ``dtype: bfloat16``:
 
     ties        density 0.5, weights 0.5 / 0.3 / 0.2, normalize left at its default (true)
-    dare_ties   the same, seed 0 (mergekit's ``--random-seed``, our ``--seed``)
+    dare_ties   the same, seed 0 (mergekit's ``--random-seed 0``; ours by default)
 
 Each run is its own process, measured as benchmarks/merge.py measures (``RUSAGE_CHILDREN``: peak RSS and CPU
 time; wall time includes interpreter start and imports), after the inputs were read once (warm page cache):
@@ -149,8 +149,7 @@ def main() -> None:
                                             "--quiet", *flags, *seed]
         if ours_too:
             commands[f"{method}_ours"] = [sys.executable, "-c", FTSERVE, "merge", "--recipe", str(file), "-o",
-                                          str(work / f"out-{method}_ours"), "--force",
-                                          *(["--seed", str(SEED)] if seed else [])]
+                                          str(work / f"out-{method}_ours"), "--force"]  # our seed: 0 by default
     best: dict[str, tuple[float, ...]] = {}
     try:
         for _ in range(args.repeat):
