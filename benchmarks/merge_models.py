@@ -186,11 +186,12 @@ def main() -> None:
             figure["ties_max_ulp_diff"] = ulps
             figure["ties_differing_not_at_tie"] = at_ties(base, models, work / "out-ties_ours",
                                                           work / "out-ties_mergekit")
-        (aw, ar, _, ad), (cw, _, _, cd) = best["adapter"], best["copy"]
+        (aw, ar, ac, ad), (cw, _, cc, cd) = best["adapter"], best["copy"]
         figure.update({"adapter_wall_ratio_vs_copy": round(aw / cw, 3),
                        "adapter_durable_wall_ratio_vs_copy_sync": round(ad / cd, 3),
                        "adapter_wall_s": round(aw, 2), "copy_wall_s": round(cw, 2),
                        "adapter_durable_s": round(ad, 2), "copy_durable_s": round(cd, 2),
+                       "adapter_cpu_s": round(ac, 2), "copy_cpu_s": round(cc, 2),
                        "adapter_peak_rss_mb": round(ar / 2**20),
                        "repeat": args.repeat, "cpus": os.cpu_count(), "load_average_1min_at_end": round(load, 1)})
         print(json.dumps(figure))
