@@ -109,9 +109,7 @@ class OutputFile:
 
     def _release(self) -> None:
         self.threads.shutdown(wait=True)
-        for stage in self.stages:
-            stage.close()
-        self.stages = []
+        self.stages = []  # unmapped with their last view (a traceback may still hold one: no close() here)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
