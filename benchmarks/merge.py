@@ -14,7 +14,8 @@ per output row, ``||W + s B A||_row`` times 1 +- 0.1, so that each merged weight
 ``round(m / ||W + s B A||_row * (W + s B A))``, against PEFT's DoRA ``merge_and_unload``. ``--layers`` builds a
 smaller model (a busy machine); the figure's name gives the size.
 
-Prints one JSON line: wall and peak-RSS ratios against PEFT, and the fraction of differing elements. ftserve
+Prints one JSON line: wall and peak-RSS ratios against PEFT, and the fraction of differing elements. The
+full-model merges against mergekit (and this merge against ``cp`` again) are benchmarks/merge_models.py's. ftserve
 fsyncs its output before returning and PEFT does not, so the wall ratio charges ftserve for durability;
 ``durable_wall_ratio_vs_peft`` compares both up to the output being on disk (PEFT's run plus a ``sync``).
 """

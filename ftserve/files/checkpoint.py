@@ -43,7 +43,6 @@ HEADER_DEPTH = 3  # {name: {"shape": [...]}}, and "__metadata__": {key: string}
 MAX_CONFIG_BYTES = 16 * 2**20  # config.json: a few KB; label maps make some larger
 LENGTH_PREFIX = struct.calcsize("<Q")  # a safetensors file starts with its header's length, a little-endian u64
 DATA_ALIGNMENT = 8
-COPY_CHUNK_BYTES = 16 * 2**20  # a tensor copied by hand (no copy_file_range) goes through memory in chunks this size
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 
 
@@ -241,28 +240,6 @@ def drop_cache(fd: int, offset: int, size: int) -> None:
     """Tell the kernel we will not read these input bytes again, so a merge does not crowd the page cache."""
     if hasattr(os, "posix_fadvise") and size:
         os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
-
-
-def copy_range(src_fd: int, dst_fd: int, offset: int, size: int) -> None:
-    """Copy input bytes to the output's current position inside the kernel (copy_file_range) when it can."""
-    done = 0
-    while done < size:
-        try:
-            n = os.copy_file_range(src_fd, dst_fd, size - done, offset + done)
-        except (AttributeError, OSError):
-            n = _copy_by_hand(src_fd, dst_fd, offset + done, size - done)
-        if n == 0:
-            raise CheckpointError("input file ended early while copying a tensor; truncated checkpoint")
-        done += n
-    drop_cache(src_fd, offset, size)
-
-
-def _copy_by_hand(src_fd: int, dst_fd: int, offset: int, size: int) -> int:
-    chunk = os.pread(src_fd, min(size, COPY_CHUNK_BYTES), offset)
-    view = memoryview(chunk)
-    while view:
-        view = view[os.write(dst_fd, view):]
-    return len(chunk)
 
 
 def safetensors_header(entries: Iterable[tuple[str, torch.dtype, tuple[int, ...], int]]) -> bytes:
