@@ -353,8 +353,9 @@ print(rss_kib("VmHWM:") - before)
 
 def test_peak_memory_does_not_grow_with_the_tensors(tmp_path):
     """A ties merge of three one-tensor checkpoints (three passes over every input) grows the process by the
-    same few blocks whether the tensor is 4 MB or 32 MB. glibc's sliding mmap threshold makes freed blocks'
-    pages linger by chance; a fixed threshold makes the figure exact."""
+    same few blocks whether the tensor is 8 MB or 32 MB. glibc's sliding mmap threshold makes freed blocks'
+    pages linger by chance; a fixed threshold makes the figure exact. Both tensors outgrow the output file's
+    fixed stages (files/output_file.py), which a smaller output would touch only in part."""
     import os
     import subprocess
     import sys
@@ -363,7 +364,7 @@ def test_peak_memory_does_not_grow_with_the_tensors(tmp_path):
 
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 1}
     growth = {}
-    for rows in (512, 4096):
+    for rows in (1024, 4096):
         root = tmp_path / str(rows)
         generator = torch.Generator().manual_seed(0)
         for name in ("base", "ft1", "ft2"):
@@ -377,7 +378,7 @@ def test_peak_memory_does_not_grow_with_the_tensors(tmp_path):
         growth[rows] = int(done.stdout.split()[-1]) * 1024
         assert (root / "out" / "model.safetensors").is_file()
     assert growth[4096] < 3 * 4096 * 2048 * 4, growth  # what holding the three inputs whole would take
-    assert abs(growth[4096] - growth[512]) < 2 * BLOCK_BYTES, growth
+    assert abs(growth[4096] - growth[1024]) < 2 * BLOCK_BYTES, growth
 
 
 def test_output_kind_adapter_merges_adapters_into_one_and_rank_needs_it(models, tmp_path):
