@@ -53,8 +53,9 @@ def streamed(method, tensor, base, rows=ROWS):
     return torch.cat([fold.block(weight[a:b].clone(), scratch, a, b) for a, b in blocks]).reshape(tensor.shape)
 
 
-def scratch(name, shape):
-    return torch.full(shape, float("nan"))  # a fold must not read what it did not write
+def scratch(name, shape, dtype=torch.float32):
+    # a fold must not read what it did not write
+    return torch.full(shape, float("nan") if dtype.is_floating_point else 1, dtype=dtype)
 
 
 def inputs_for(name, dtype, shape, seed=0, count=3):

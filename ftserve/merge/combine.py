@@ -43,9 +43,9 @@ from torch import Tensor
 from ..errors import CheckpointError, ConfigError
 from ..methods import LoraFactors
 
-# ``scratch(name, shape)``: a reusable fp32 work tensor of that shape, one per name and thread; its values are
-# whatever the last user left. write.py keeps the name "weight" for the block it hands over.
-Scratch = Callable[[str, tuple[int, int]], Tensor]
+# ``scratch(name, shape, dtype=fp32)``: a reusable work tensor of that shape, one per name and thread; its values
+# are whatever the last user left. write.py keeps the name "weight" for the block it hands over.
+Scratch = Callable[..., Tensor]
 
 # Why a row-scaled adapter merges only on its own, for the plan's refusal.
 ROW_SCALE_DOES_NOT_ADD = ("its row scale m / ||W + s B A||_row is a norm of its own adapted weight, and such norms do "
@@ -88,8 +88,9 @@ class TensorFold:
         raise NotImplementedError
 
     def block(self, weight: Tensor, scratch: Scratch, start: int, stop: int) -> Tensor:
-        """Rows ``[start, stop)`` of the folded tensor in fp32, from the same rows of the stored one (``weight``,
-        which may be updated in place and returned)."""
+        """Rows ``[start, stop)`` of the folded tensor (fp32, or the math dtype of a model merge), from the same
+        rows of the stored one (``weight``, which may be updated in place and returned, as may a ``scratch``
+        tensor: the caller copies the result before this thread's next block)."""
         raise NotImplementedError
 
 
@@ -106,8 +107,8 @@ def fold_tensor(fold: TensorFold, stored: Tensor) -> Tensor:
     """The whole folded tensor in fp32 from the stored one, both passes over it as one block (small models)."""
     weight = stored.float().clone()
 
-    def scratch(name: str, shape: tuple[int, int]) -> Tensor:
-        return torch.empty(shape)
+    def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+        return torch.empty(shape, dtype=dtype)
 
     for _ in range(fold.passes):
         fold.gather([fold.scan(weight, scratch, 0, len(weight))])

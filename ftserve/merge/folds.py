@@ -130,12 +130,12 @@ class TaskVectorFold(TensorFold):
         """Per sparsified input, a list of tensors: the histograms of its searches (keys), or per-row values in
         row order (ties: counts at each bound that needs positions; magnitudes; sums: |d_i| and |masked d_i|)."""
         stage, md, rows = self.stages[self.stage], self.tensor.math_dtype, rows.reshape(stop - start, -1)
-        base = _md(rows, md)
+        base = _md(rows, md) if md == rows.dtype else scratch("tv_base", tuple(rows.shape), md).copy_(rows)
         out = {}
         for i, s in self.sparse.items():
             if stage == "ties" and not s.positioned:
                 continue
-            delta = self._delta(i, rows, base, start, stop)
+            delta = self._delta(i, rows, base, start, stop, scratch("tv_delta", tuple(base.shape), md))
             if stage == "keys":
                 keys = magnitude_keys(delta)
                 out[i] = [search.histogram(keys) for search in s.searches]
@@ -146,7 +146,9 @@ class TaskVectorFold(TensorFold):
                 out[i] = [delta.flatten()]
             else:
                 unmasked = _md(delta, self.work_dtype)
-                out[i] = [row_l1(unmasked), row_l1(self._masked(s, delta, start, stop))]
+                magnitudes = scratch("tv_abs", tuple(base.shape), torch.float64)
+                before = row_l1(unmasked, magnitudes)  # before _masked, which may mask delta in place
+                out[i] = [before, row_l1(self._masked(s, delta, scratch, start, stop), magnitudes)]
         return out
 
     def gather(self, partials: Iterable[Any]) -> None:
@@ -196,23 +198,25 @@ class TaskVectorFold(TensorFold):
 
     # -- the fold ----------------------------------------------------------------------------------------------
 
-    def _delta(self, i: int, weight: Tensor, base: Tensor, start: int, stop: int) -> Tensor:
-        return _md(self.tensor.inputs[i].rows(weight, start, stop), self.tensor.math_dtype) - base
+    def _delta(self, i: int, weight: Tensor, base: Tensor, start: int, stop: int, out: Tensor) -> Tensor:
+        """``d_i = theta_i - base`` in the math dtype, in ``out``."""
+        return torch.sub(_md(self.tensor.inputs[i].rows(weight, start, stop), self.tensor.math_dtype), base, out=out)
 
-    def _masked(self, s: _Sparsifier, delta: Tensor, start: int, stop: int) -> Tensor:
-        """``d_i`` masked as mergekit's sparsification masks it, before any rescale."""
+    def _masked(self, s: _Sparsifier, delta: Tensor, scratch: Scratch, start: int, stop: int) -> Tensor:
+        """``d_i`` masked as mergekit's sparsification masks it, before any rescale: ``delta`` itself, masked in
+        place, where the work dtype is the math dtype (a product with a bool mask is the product with its 0/1)."""
         kind = self.method.sparsification
         if kind in ("magnitude", "magnitude_outliers"):
-            return delta * self._magnitude_mask(s, delta, start).to(delta.dtype)
+            return delta.mul_(self._magnitude_mask(s, delta, start))
         t = self.tensor
         lo, hi = start * t.cols, stop * t.cols
-        u = uniforms(t.seed, t.name, s.index, t.numel, lo, hi).view(delta.shape)
+        u = uniforms(t.seed, t.name, s.index, t.numel, lo, hi, scratch("tv_uniforms", (hi - lo,))).view(delta.shape)
         work = _md(delta, self.work_dtype)
+        keep = scratch("tv_keep", tuple(delta.shape), torch.bool)
         if kind == "random":
-            p = torch.tensor(s.density, dtype=self.work_dtype)
-            return work * (u < p).to(self.work_dtype)
+            return work.mul_(torch.lt(u, torch.tensor(s.density, dtype=self.work_dtype), out=keep))
         probs = self._della_probabilities(s, delta, start, stop)
-        return work * (u < probs.reshape(delta.shape)).to(self.work_dtype)
+        return work.mul_(torch.lt(u, probs.reshape(delta.shape), out=keep))
 
     def _magnitude_mask(self, s: _Sparsifier, delta: Tensor, start: int) -> Tensor:
         if s.keep_none:
@@ -234,20 +238,20 @@ class TaskVectorFold(TensorFold):
 
     def block(self, weight: Tensor, scratch: Scratch, start: int, stop: int) -> Tensor:
         md, weight = self.tensor.math_dtype, weight.reshape(stop - start, -1)
-        base = _md(weight, md)
         if not self.non_base:
-            return base
-        deltas = base.new_empty((len(self.non_base), *base.shape))
+            return _md(weight, md)
+        base = _md(weight, md) if md == weight.dtype else scratch("tv_base", tuple(weight.shape), md).copy_(weight)
+        deltas = scratch("tv_deltas", (len(self.non_base), *base.shape), md)
         for j, i in enumerate(self.non_base):
-            delta = self._delta(i, weight, base, start, stop)
+            delta = self._delta(i, weight, base, start, stop, deltas[j])
             s = self.sparse.get(i)
             if s is not None:
-                masked = self._masked(s, delta, start, stop)
+                masked = self._masked(s, delta, scratch, start, stop)
                 if s.scale is not None:
-                    masked = masked * s.scale
-                delta = _md(masked, md)
-            deltas[j] = delta
-        return combine_deltas(base, deltas, self.weights, self.method.consensus, self.normalize, self.lam)
+                    masked.mul_(s.scale)
+                if masked is not delta:  # masked in another work dtype: rounded to the math dtype
+                    delta.copy_(masked)
+        return combine_deltas(base, deltas, self.weights, self.method.consensus, self.normalize, self.lam, scratch)
 
 
 def row_ranks(x: Tensor) -> Tensor:
@@ -266,30 +270,37 @@ def della_probabilities(ranks: Tensor, n: int, density: float, epsilon: float, d
 
 
 def combine_deltas(base: Tensor, deltas: Tensor, weights: list[float], consensus: bool, normalize: bool,
-                   lam: float) -> Tensor:
+                   lam: float, scratch: Scratch | None = None) -> Tensor:
     """mergekit's generalized task arithmetic once the task vectors are sparsified: weighted, sign-elected
     (``consensus``: TIES's sum rule), summed, normalized, scaled by ``lam`` and added to ``base``, in base's
-    dtype. ``deltas``: (inputs, *base.shape), updated in place."""
-    w = torch.tensor(weights, dtype=deltas.dtype)
+    dtype. ``deltas``: (inputs, *base.shape) in base's dtype, updated in place; the temporaries and the result
+    are in ``scratch`` where given."""
+    scratch = scratch or _fresh
+    w, dtype, shape = torch.tensor(weights, dtype=deltas.dtype), deltas.dtype, tuple(base.shape)
     while deltas.dim() > w.dim():
         w.unsqueeze_(-1)
     deltas.mul_(w)
+    mixed = torch.sum(deltas, dim=0, out=scratch("tv_mixed", shape, dtype))
     if consensus:
-        sign = deltas.sign()
-        majority = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
-        mask = sign == majority
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
+        flags = scratch("tv_flags", shape, torch.bool)
+        majority = scratch("tv_majority", shape, dtype).copy_(torch.ge(mixed, 0, out=flags)).mul_(2).sub_(1)  # ±1
+        sign = torch.sign(deltas, out=scratch("tv_sign", tuple(deltas.shape), dtype))
+        mask = torch.eq(sign, majority, out=scratch("tv_mask", tuple(deltas.shape), torch.bool))
+        torch.sum(deltas.mul_(mask), dim=0, out=mixed)
+        divisor = torch.sum(torch.mul(w, mask, out=sign), dim=0, out=majority)
+        divisor.masked_fill_(torch.eq(divisor, 0, out=flags), 1)
     else:
-        mixed = deltas.sum(dim=0)
         divisor = w.sum(dim=0)
         divisor[divisor.abs() < 1e-8] = 1
     if normalize:
         mixed /= divisor
     if lam != 1:
         mixed *= lam
-    return (base + mixed).to(base.dtype)
+    return torch.add(base, mixed, out=mixed)
+
+
+def _fresh(name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+    return torch.empty(shape, dtype=dtype)
 
 
 class SlerpFold(TensorFold):

@@ -171,5 +171,5 @@ def _sparsified_whole(method: ModelMergeMethod, tensor: TensorInputs, i: int, de
     return masked.to(md)
 
 
-def _no_scratch(name: str, shape: tuple[int, int]) -> Tensor:
-    return torch.empty(shape)
+def _no_scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+    return torch.empty(shape, dtype=dtype)

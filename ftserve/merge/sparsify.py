@@ -124,17 +124,23 @@ def top_k(search: RankSearch, numel: int, k: int) -> Bound:
     return Bound(search.prefix, True, 0, k - greater, search.equal)
 
 
-def uniforms(seed: int, name: str, index: int, numel: int, lo: int, hi: int) -> Tensor:
+def uniforms(seed: int, name: str, index: int, numel: int, lo: int, hi: int, out: Tensor | None = None) -> Tensor:
     """fp32 uniforms in [0, 1) for flat elements ``[lo, hi)`` of input ``index`` of tensor ``name`` (the module
-    docstring), the same whatever block they are read in."""
-    parts = []
+    docstring), the same whatever block they are read in; written into ``out`` (``hi - lo`` fp32) when given.
+    A whole chunk is drawn in place (``uniform_`` draws what ``rand`` draws); a chunk cut by the block's ends
+    is drawn whole and cut."""
+    out = torch.empty(hi - lo) if out is None else out
     for c in range(lo // MASK_CHUNK, -(-hi // MASK_CHUNK)):
         begin = c * MASK_CHUNK
         digest = hashlib.blake2b(f"{seed}\0{name}\0{index}\0{c}".encode(), digest_size=8).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-        chunk = torch.rand(min(MASK_CHUNK, numel - begin), generator=generator)
-        parts.append(chunk[max(lo - begin, 0):hi - begin])
-    return torch.cat(parts) if len(parts) != 1 else parts[0]
+        size, first, last = min(MASK_CHUNK, numel - begin), max(lo - begin, 0), min(hi - begin, MASK_CHUNK)
+        target = out[begin + first - lo:begin + last - lo]
+        if first == 0 and last == size:
+            target.uniform_(0, 1, generator=generator)
+        else:
+            target.copy_(torch.rand(size, generator=generator)[first:last])
+    return out
 
 
 def l1_scale(before: float, after: float, dtype: torch.dtype, eps: float = 1e-7) -> Tensor | None:
@@ -148,7 +154,10 @@ def l1_scale(before: float, after: float, dtype: torch.dtype, eps: float = 1e-7)
     return before_t / after_t
 
 
-def row_l1(x: Tensor) -> Tensor:
+def row_l1(x: Tensor, scratch: Tensor | None = None) -> Tensor:
     """float64 sums of ``|x|`` per row of the (rows, cols) view: summed in row order, whole-tensor sums do not
-    depend on how rows are cut into blocks."""
-    return x.reshape(len(x), -1).abs().sum(dim=1, dtype=torch.float64)
+    depend on how rows are cut into blocks. ``scratch``: float64 of x's size for ``|x|``, if given (``x.abs()
+    .sum(dim=1, dtype=float64)`` makes the same float64 copy, and sums it as this does)."""
+    x = x.reshape(len(x), -1)
+    magnitudes = x.double() if scratch is None else scratch.view(x.shape).copy_(x)
+    return magnitudes.abs_().sum(dim=1)

@@ -13,6 +13,7 @@ not at all.
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import shutil
@@ -213,7 +214,7 @@ class _Scratch(threading.local):
     """Per-thread work buffers, reused block after block: no page faults, no zeroing."""
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
-        numel = shape[0] * shape[1]
+        numel = math.prod(shape)
         buf = getattr(self, name, None)
         if buf is None or buf.numel() < numel or buf.dtype != dtype:
             buf = torch.empty(numel, dtype=dtype)
