@@ -203,20 +203,24 @@ class TaskVectorFold(TensorFold):
         return torch.sub(_md(self.tensor.inputs[i].rows(weight, start, stop), self.tensor.math_dtype), base, out=out)
 
     def _masked(self, s: _Sparsifier, delta: Tensor, scratch: Scratch, start: int, stop: int) -> Tensor:
-        """``d_i`` masked as mergekit's sparsification masks it, before any rescale: ``delta`` itself, masked in
-        place, where the work dtype is the math dtype (a product with a bool mask is the product with its 0/1)."""
+        """``d_i`` masked as mergekit's sparsification masks it (a product with the mask's 0/1), before any
+        rescale: ``delta`` itself, masked in place, where the work dtype is the math dtype. The mask is compared
+        into bool (into a float tensor torch allocates) and copied to 0/1 (a product with a bool tensor takes
+        twice the time); the density is the work dtype's, as comparing with its tensor promotes it."""
         kind = self.method.sparsification
         if kind in ("magnitude", "magnitude_outliers"):
-            return delta.mul_(self._magnitude_mask(s, delta, start))
-        t = self.tensor
-        lo, hi = start * t.cols, stop * t.cols
-        u = uniforms(t.seed, t.name, s.index, t.numel, lo, hi, scratch("tv_uniforms", (hi - lo,))).view(delta.shape)
-        work = _md(delta, self.work_dtype)
-        keep = scratch("tv_keep", tuple(delta.shape), torch.bool)
-        if kind == "random":
-            return work.mul_(torch.lt(u, torch.tensor(s.density, dtype=self.work_dtype), out=keep))
-        probs = self._della_probabilities(s, delta, start, stop)
-        return work.mul_(torch.lt(u, probs.reshape(delta.shape), out=keep))
+            keep = self._magnitude_mask(s, delta, start)
+        else:
+            t = self.tensor
+            lo, hi = start * t.cols, stop * t.cols
+            u = uniforms(t.seed, t.name, s.index, t.numel, lo, hi, scratch("tv_uniforms", (hi - lo,)))
+            u, flags = u.view(delta.shape), scratch("tv_flags", tuple(delta.shape), torch.bool)
+            if kind == "random":
+                keep = torch.lt(u, float(torch.tensor(s.density, dtype=self.work_dtype)), out=flags)
+            else:
+                keep = torch.lt(u, self._della_probabilities(s, delta, start, stop).reshape(delta.shape), out=flags)
+            delta = _md(delta, self.work_dtype)
+        return delta.mul_(scratch("tv_keep", tuple(delta.shape), delta.dtype).copy_(keep))
 
     def _magnitude_mask(self, s: _Sparsifier, delta: Tensor, start: int) -> Tensor:
         if s.keep_none:
@@ -282,13 +286,12 @@ def combine_deltas(base: Tensor, deltas: Tensor, weights: list[float], consensus
     deltas.mul_(w)
     mixed = torch.sum(deltas, dim=0, out=scratch("tv_mixed", shape, dtype))
     if consensus:
-        flags = scratch("tv_flags", shape, torch.bool)
-        majority = scratch("tv_majority", shape, dtype).copy_(torch.ge(mixed, 0, out=flags)).mul_(2).sub_(1)  # ±1
+        majority = torch.ge(mixed, 0, out=scratch("tv_majority", shape, dtype)).mul_(2).sub_(1)  # exactly -1 or 1
         sign = torch.sign(deltas, out=scratch("tv_sign", tuple(deltas.shape), dtype))
-        mask = torch.eq(sign, majority, out=scratch("tv_mask", tuple(deltas.shape), torch.bool))
+        mask = torch.eq(sign, majority, out=scratch("tv_mask", tuple(deltas.shape), dtype))  # 0/1: as fast as bool
         torch.sum(deltas.mul_(mask), dim=0, out=mixed)
         divisor = torch.sum(torch.mul(w, mask, out=sign), dim=0, out=majority)
-        divisor.masked_fill_(torch.eq(divisor, 0, out=flags), 1)
+        divisor.masked_fill_(torch.eq(divisor, 0, out=scratch("tv_zero", shape, torch.bool)), 1)
     else:
         divisor = w.sum(dim=0)
         divisor[divisor.abs() < 1e-8] = 1
