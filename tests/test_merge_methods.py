@@ -13,6 +13,8 @@ Whole-tensor sums (an L1 rescale, slerp's norms and angle) are float64 sums of r
 reductions there: those results agree to an ulp of the output in bf16 (a few in fp32), not bit for bit.
 """
 
+import math
+
 import pytest
 import torch
 from mergekit import sparsify as mergekit_sparsify
@@ -50,12 +52,20 @@ def streamed(method, tensor, base, rows=ROWS):
     blocks = [(start, min(start + rows, tensor.rows)) for start in range(0, tensor.rows, rows)]
     for _ in range(fold.passes):
         fold.gather([fold.scan(weight[a:b].clone(), scratch, a, b) for a, b in blocks])
-    return torch.cat([fold.block(weight[a:b].clone(), scratch, a, b) for a, b in blocks]).reshape(tensor.shape)
+    return torch.cat([fold.block(weight[a:b].clone(), scratch, a, b).clone() for a, b in blocks]).reshape(tensor.shape)
+
+
+_buffers = {}
 
 
 def scratch(name, shape, dtype=torch.float32):
-    # a fold must not read what it did not write
-    return torch.full(shape, float("nan") if dtype.is_floating_point else 1, dtype=dtype)
+    """As write.py's: one buffer per name, reused (a partial kept from it would change under the next block),
+    refilled with garbage on each call: a fold must not read what it did not write."""
+    numel = math.prod(shape)
+    buffer = _buffers.get(name)
+    if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+        buffer = _buffers[name] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel].fill_(float("nan") if dtype.is_floating_point else 1).view(shape)
 
 
 def inputs_for(name, dtype, shape, seed=0, count=3):

@@ -143,7 +143,7 @@ class TaskVectorFold(TensorFold):
                 keys = magnitude_keys(delta)
                 out[i] = [(keys == s.bounds[j].value).sum(dim=1) for j in s.positioned]
             elif stage == "magnitudes":
-                out[i] = [delta.flatten()]
+                out[i] = [delta.flatten().clone()]  # delta is scratch, and partials outlive the block
             else:
                 unmasked = _md(delta, self.work_dtype)
                 magnitudes = scratch("tv_abs", tuple(base.shape), torch.float64)
