@@ -118,6 +118,9 @@ def _write_plan(plan: MergePlan, out_dir: Path, texts: dict[str, str], force: bo
             files = sorted(p.name for p in tmp.iterdir())
     except OutputChangedError:  # another writer won the output: its own message says so
         raise
+    except FileExistsError:  # absent when this command began (_refuse_existing), there once its plan was made
+        raise OutputChangedError(f"{out_dir} appeared while this command was writing it (another writer?); it was "
+                                 f"left as it is. Pass force=True to replace it") from None
     except OSError as exc:  # a full disk, a file-size limit, a failing drive
         raise CheckpointError(f"{out_dir}: merge failed, output left as it was ({exc.strerror or exc}"
                               f"{f': {exc.filename}' if exc.filename else ''})") from None
