@@ -397,6 +397,18 @@ def test_output_kind_adapter_merges_adapters_into_one_and_rank_needs_it(models, 
     assert not (tmp_path / "r").exists()
 
 
+def test_output_kind_adapter_needs_no_base(models, tmp_path):
+    """Adapters merged into a new adapter without their base model (mergekit #470): the first INPUT is an
+    adapter, so there is no BASE, and the factors equal those of the same merge given the base."""
+    with_base, without = tmp_path / "with", tmp_path / "without"
+    for out, head in ((with_base, [models["base"]]), (without, [])):
+        result = run("merge", *head, models["adapter"], f"{models['adapter']}:0.5", "--output-kind", "adapter",
+                     "--method", "svd", "--rank", "3", "-o", out)
+        assert result.exit_code == 0, result.output
+    a, b = load_file(with_base / "adapter_model.safetensors"), load_file(without / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("method, flags", [
     ("linear", []), ("task_arithmetic", ["--lambda", "0.8"]), ("ties", ["--density", "0.4"]),
     ("dare_linear", ["--density", "0.6"]), ("dare_ties", ["--density", "0.6"]),

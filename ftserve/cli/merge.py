@@ -77,11 +77,11 @@ def merge(inputs: tuple[str, ...], out_dir: Path, method: str | None, weights: s
         extra = [name for name, value in (("--recipe", recipe), ("--lambda", lambda_), ("--t", t), ("--dtype", dtype),
                                                   ("--verify", check or None)) if value is not None] \
             + (["--into dequantized"] if into == "dequantized" else [])
-        if extra or len(inputs) < 2:
-            raise ConfigError(f"--output-kind adapter merges adapters with PEFT's methods: give BASE ADAPTER..."
+        base, texts = (None, inputs) if not inputs or _is_adapter(inputs[0]) else (inputs[0], inputs[1:])
+        if extra or not texts:
+            raise ConfigError(f"--output-kind adapter merges adapters with PEFT's methods: give [BASE] ADAPTER..."
                               f"{' and drop ' + ', '.join(extra) if extra else ''}")
-        return _merge_to_adapter(inputs[0], inputs[1:], out_dir, method, weights, density, seed, rank, force,
-                                 allow_pickle)
+        return _merge_to_adapter(base, texts, out_dir, method, weights, density, seed, rank, force, allow_pickle)
     if recipe is not None:
         given = [name for name, value in flags.items() if value is not None] + (["INPUTs"] if inputs else [])
         if given:
@@ -158,11 +158,12 @@ def _merge_models(request, out_dir: Path, max_shard_size, force: bool, allow_pic
         _verify_models(out_dir, request)
 
 
-def _merge_to_adapter(base: str, texts: tuple[str, ...], out_dir: Path, method: str | None, weights: str | None,
+def _merge_to_adapter(base: str | None, texts: tuple[str, ...], out_dir: Path, method: str | None, weights: str | None,
                       density: float | None, seed: int | None, rank: int | None, force: bool,
                       allow_pickle: bool) -> None:
     """--output-kind adapter: a new adapter from adapters with PEFT's add_weighted_adapter semantics
-    (ftserve.merge.adapter_merge); BASE checks the shapes and is the recorded base."""
+    (ftserve.merge.adapter_merge), which needs no base model; BASE, when given, checks the shapes and is the
+    recorded base."""
     from ..merge.adapter_merge import merge_to_adapter
 
     specs = _weighted(texts, weights)
