@@ -7,6 +7,36 @@ from dataclasses import dataclass, field, make_dataclass
 from typing import AsyncIterator, Protocol
 
 
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """A constraint on the output, vLLM's ``StructuredOutputsParams``: exactly one of ``json`` (a JSON schema, as
+    a dict or its JSON text), ``regex``, ``choice`` (the output is one of these strings), ``grammar`` (Lark, or
+    GBNF as llama.cpp writes it), ``json_object`` (any JSON object). The output is decoded under it: each step's
+    tokens are masked to those the constraint allows (grammar library: llguidance), so a finished answer always
+    matches it, unless ``max_tokens`` cut it (finish ``length``).
+
+    JSON is compact by default (no free whitespace between tokens, so no model can loop on blanks): the engine
+    option ``structured_outputs_any_whitespace`` allows any, as vLLM's ``disable_any_whitespace=False``.
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def kind(self) -> str:
+        """The constraint's field name; ValueError unless exactly one is set."""
+        kinds = [name for name in STRUCTURED_KINDS if getattr(self, name) not in (None, False)]
+        if len(kinds) != 1:
+            raise ValueError(f"exactly one of {', '.join(STRUCTURED_KINDS)} must be set; got "
+                             f"{', '.join(kinds) or 'none'}")
+        return kinds[0]
+
+
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
 @dataclass
 class SamplingParams:
     """OpenAI/vLLM meanings: temperature 0 is greedy (and one in (0, MIN_TEMPERATURE) samples at
@@ -18,7 +48,9 @@ class SamplingParams:
     (minus the penalty once, or once per occurrence). ``logprobs``: report each generated token's log
     probability and the ``logprobs`` most likely alternatives (0: the token's only); ``min_tokens``: neither
     the end-of-sequence token, ``stop_token_ids`` nor ``stop`` strings end the output before it has that many
-    tokens (their logits are -inf until then), as in vLLM; ``prompt_logprobs``: the
+    tokens (their logits are -inf until then), as in vLLM; ``structured_outputs``: a constraint the output
+    follows (StructuredOutputs), applied after the penalties and before temperature, top-k/top-p and greedy
+    choice, so every sampling setting keeps its meaning among the allowed tokens; ``prompt_logprobs``: the
     same for every prompt token after the first. Log probabilities are the model's own (log-softmax of its
     logits, before penalties, bias and temperature), as vLLM reports them by default.
     """
@@ -38,6 +70,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     min_tokens: int = 0
+    structured_outputs: StructuredOutputs | None = None
 
 
 MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default max_logprobs and OpenAI's top_logprobs limit

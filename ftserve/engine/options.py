@@ -75,6 +75,10 @@ class EngineOptions:
         default_text="what --max-num-seqs requests of --max-model-len tokens need, at most half the memory free")
     enable_prefix_caching: bool = setting(
         True, "Reuse the KV cache of prompt blocks already computed under the same adapter.")
+    structured_outputs_any_whitespace: bool = setting(
+        False, "Let JSON answers (response_format, structured_outputs, tool calls) hold any whitespace between "
+               "tokens, as vLLM by default; off, JSON is compact, so no model can loop on blanks until max_tokens "
+               "(vLLM's --structured-outputs-config.disable_any_whitespace).")
     tensor_parallel_size: int = setting(1, "GPUs each layer is split over.", minimum=1, short=("-tp",), vllm=True)
     pipeline_parallel_size: int = setting(1, "Stages the layers are split into (one node each, across nodes).",
                                           minimum=1, short=("-pp",), vllm=True)
