@@ -9,14 +9,16 @@ engine's front end for a prompt's ids and pass those on, so the echoed tokens ar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Callable
 
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import Gauge
 
 from ..engine.base import Engine, GenerationRequest
+from ..engine.errors import RequestError
 from .cost import check_choices, check_context, check_logprobs
-from .errors import APIError, model_not_found
+from .errors import APIError, from_exception, model_not_found
 from .logprobs import chat_logprobs, completion_logprobs
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, new_id, now, usage
@@ -51,6 +53,19 @@ async def respond(build: Callable[[], JSONResponse], choices: list, heavy: bool)
     if heavy or sum(len(c.token_ids) for c in choices) > INLINE_RESPONSE_TOKENS:
         return await asyncio.to_thread(build)
     return build()
+
+
+@contextlib.contextmanager
+def constraint_errors(body: CompletionRequest | ChatCompletionRequest):
+    """An engine's refusal of the request's output constraint (a schema, regex or grammar it cannot compile, or
+    one over its bounds: the engine names it ``structured_outputs.<kind>``) answered with ``param`` naming the
+    field the client sent it in (``response_format.json_schema.schema``, ``structured_outputs.regex``, ...)."""
+    try:
+        yield
+    except RequestError as exc:
+        if body.constraint is not None and "structured_outputs" in str(exc):
+            raise from_exception(exc, param=body.constraint_param()) from exc
+        raise
 
 
 class OpenAIServing:
