@@ -33,3 +33,40 @@ def cost_cases(base: str) -> list[tuple[str, str, bytes | dict, str]]:
         ("logit_bias_1025", chat, {"model": base, "messages": user,
                                    "logit_bias": {f"{i:04d}": -1 for i in range(1025)}}, "send"),
     ]
+
+
+def structured_cases(base: str) -> list[tuple[str, str, bytes | dict, str]]:
+    """Output constraints that ask for much work to compile, or cannot compile: each answered (400, or 200 where
+    valid) within the engine's bound on compiling, while the normal requests keep their solo answers."""
+    c, chat = "/v1/completions", "/v1/chat/completions"
+    user = [{"role": "user", "content": "the cat sees"}]
+
+    def schema(value: dict) -> dict:
+        return {"type": "json_schema", "json_schema": {"name": "x", "schema": value}}
+
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(10000)}}
+    recursive = {"$defs": {"node": {"type": "object", "properties": {"next": {"$ref": "#/$defs/node"},
+                                                                     "v": {"type": "boolean"}}}},
+                 "$ref": "#/$defs/node"}
+    return [
+        ("json_schema_10000_properties", chat, {"model": base, "messages": user, "max_tokens": 8,
+                                                "response_format": schema(wide)}, "send"),
+        ("json_schema_not_a_schema", chat, {"model": base, "messages": user,
+                                            "response_format": schema({"type": "wat"})}, "send"),
+        ("json_schema_recursive_ref_n4_stream", chat, {"model": "lora", "messages": user, "n": 4, "max_tokens": 24,
+                                                       "temperature": 1.0, "stream": True,
+                                                       "response_format": schema(recursive)}, "send"),
+        ("json_schema_drop_mid_stream", chat, {"model": "vera", "messages": user, "max_tokens": 32, "stream": True,
+                                               "response_format": {"type": "json_object"}}, "drop_stream"),
+        ("regex_unclosed", c, {"model": base, "prompt": "hi", "structured_outputs": {"regex": "(a"}}, "send"),
+        ("regex_backtracking", c, {"model": "delta", "prompt": "hi", "max_tokens": 8,
+                                   "structured_outputs": {"regex": "(a+)+(b|aa+)*c{0,500}"}}, "send"),
+        ("regex_1mb", c, {"model": base, "prompt": "hi", "max_tokens": 4,
+                          "structured_outputs": {"regex": "(ab|cd)" * 150_000}}, "send"),
+        ("grammar_unparsable", c, {"model": base, "prompt": "hi", "structured_outputs": {"grammar": "root ::= ("}},
+         "send"),
+        ("choice_5000", c, {"model": "lora", "prompt": "hi", "max_tokens": 8,
+                            "structured_outputs": {"choice": [f"option {i}" for i in range(5000)]}}, "send"),
+        ("two_constraints", chat, {"model": base, "messages": user, "response_format": {"type": "json_object"},
+                                   "structured_outputs": {"regex": "a"}}, "send"),
+    ]

@@ -60,7 +60,7 @@ import openai  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from ftserve.testing import save_random_adapter, save_tiny_model, toy_sentences  # noqa: E402
-from hostile_cases import cost_cases  # noqa: E402  (this script's folder is on sys.path)
+from hostile_cases import cost_cases, structured_cases  # noqa: E402  (this script's folder is on sys.path)
 from serve_http import start_server  # noqa: E402
 
 BASE, ADAPTERS = "base", {"lora": "lora", "vera": "vera", "delta": "delta-lora"}
@@ -209,6 +209,7 @@ def hostile_cases() -> list[tuple[str, str, bytes | dict, str]]:
           for name in TEMPLATES],
         *[(f"tokenize_template_{name}", "/tokenize", {"model": name, "messages": user}, "send") for name in TEMPLATES],
         *cost_cases(BASE),
+        *structured_cases(BASE),
     ]
 
 

@@ -101,6 +101,7 @@ def test_quickstart_trains_merges_serves_every_method_and_its_printed_call_works
     assert (tmp_path / "qs" / "merged" / "config.json").is_file()
     assert "verify: OK" in stdout and "Base model: a tiny random Llama (asked for with --model tiny)" in stdout
     assert set(SERVED) <= set(answers(stdout)), stdout[-2000:]
+    assert answers(stdout)["extraction"].startswith("Place(city="), stdout[-2000:]  # parse() under a schema
     assert "temperature=0," in stdout and answer.strip()  # the printed openai call answered
     assert "Loading weights" not in stdout + stderr and "Traceback" not in stderr
 
@@ -155,4 +156,5 @@ def check_real_tour(tour: Tour) -> None:
     for method in METHODS:
         assert "toolkit" in said[method] or "Arr" in said[method], (method, said)
     assert said["merged lora"] == said["lora"]
+    assert said["extraction"].startswith("Place(city="), said  # response_format from pydantic, parsed
     assert repr(tour.answer.strip()) == said["lora+"]  # the printed openai call, greedy, answers as the table says

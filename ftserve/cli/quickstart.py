@@ -20,6 +20,9 @@ from .errors import clean_errors
 MERGED_METHOD = "lora"
 TRY_METHOD = "lora+"  # the printed calls' adapter: a name with a "+", served as written
 MAX_TOKENS = 24
+# The extraction call: an answer constrained to a JSON schema made from a pydantic model (response_format),
+# parsed back into that model by the openai client's ``parse``.
+EXTRACT = "Extract the city and the country: the Eiffel Tower stands in Paris, France."
 
 
 @click.command()
@@ -135,6 +138,22 @@ def _ask(url: str, model: str, question: str | None) -> str:
     return out["choices"][0]["message"]["content"]
 
 
+def _extract(url: str, model: str) -> str:
+    """The extraction call on ``model``: ``client.chat.completions.parse`` with a pydantic model as the
+    response_format; the server constrains the answer to its schema, so it always parses."""
+    from openai import OpenAI
+    from pydantic import BaseModel, Field
+
+    class Place(BaseModel):
+        city: str = Field(max_length=40)
+        country: str = Field(max_length=40)
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="none")
+    reply = client.chat.completions.parse(model=model, max_tokens=64, temperature=0, response_format=Place,
+                                          messages=[{"role": "user", "content": EXTRACT}])
+    return repr(reply.choices[0].message.parsed)
+
+
 def _try_it(port: int, base: str, adapters: list[str], questions: tuple[str, ...], merged: dict[str, str],
             exit_after_check: bool) -> None:
     """Wait for the server, ask every model the same questions side by side, print the calls to try, and
@@ -163,6 +182,11 @@ def _try_it(port: int, base: str, adapters: list[str], questions: tuple[str, ...
             click.echo(f"    {label:<12} -> {text!r}")
         if question in merged:
             click.echo(f"    {'merged ' + MERGED_METHOD:<12} -> {merged[question]!r}   (plain transformers)")
+    click.echo(f"\n    {EXTRACT}   (response_format: a pydantic model, parsed by the openai client)")
+    try:
+        click.echo(f"    {'extraction':<12} -> {_extract(url, base)}")
+    except Exception as exc:  # an HTTP or parse error: one line, not a thread's traceback
+        click.echo(f"    {'extraction':<12} -> request failed: {exc}", err=True)
     adapter = TRY_METHOD if TRY_METHOD in adapters else adapters[0]
     question = questions[0] if questions else "the cat"
     names = ", ".join(f'"{name}"' for name in adapters)
@@ -180,6 +204,13 @@ or an adapter by its method's name: {names}.
   client = OpenAI(base_url="{url}/v1", api_key="none")
   print(client.chat.completions.create(model="{adapter}", max_tokens={MAX_TOKENS}, temperature=0,
         messages=[{{"role": "user", "content": "{question}"}}]).choices[0].message.content)
+
+  from pydantic import BaseModel                # an answer that always parses into your model
+  class Place(BaseModel):
+      city: str
+      country: str
+  print(client.chat.completions.parse(model="{base}", max_tokens=64, temperature=0, response_format=Place,
+        messages=[{{"role": "user", "content": "{EXTRACT}"}}]).choices[0].message.parsed)
 """)
     if exit_after_check:
         os.kill(os.getpid(), signal.SIGTERM)
