@@ -13,7 +13,7 @@ strings (OpenAI's "up to 4 sequences", vLLM's ``VLLM_MAX_STOP_STRINGS``), ``stop
 up to MAX_TOKEN_LIST ids. What a request asks the engine for as a whole (prompts x ``n``, log probabilities)
 is counted in cost.py.
 
-Fields OpenAI defines and this server cannot honour (``suffix``, tools, ``best_of`` other than ``n``, ...) are
+Fields OpenAI defines and this server cannot honour (``suffix``, ``best_of`` other than ``n``, ...) are
 refused with a 400 that names them rather than silently ignored; fields it does not know are ignored, as
 OpenAI's clients send new ones over time.
 """
@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Strict
 
 from ..engine.base import MAX_LOGPROBS, MIN_REPETITION_PENALTY, SEED_RANGE, SamplingParams
 from .errors import APIError
+from .tools import AssistantToolCall, Tool, ToolCalling, check_tools, template_tools
 
 
 # JSON's types as the schema states them: pydantic's lax mode would take `true` for 1, `0` for false and "5"
@@ -181,9 +182,26 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(_Body):
+    """A message of the conversation; an assistant's may hold ``tool_calls`` (and no content), a tool's result
+    names the call it answers in ``tool_call_id``."""
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def template_form(self, index: int) -> dict[str, Any]:
+        """The message as the chat template sees it, as vLLM hands it over: its text, the assistant's calls with
+        their arguments as dicts (an empty list dropped), a tool result's ``tool_call_id``, the ``name``."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text(index)}
+        if self.role == "assistant" and self.tool_calls:
+            message["tool_calls"] = [call.template_form() for call in self.tool_calls]
+        if self.role == "tool" and self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
 
     def text(self, index: int) -> str:
         """The message's text: a string, or the text parts of a list of content parts."""
@@ -204,16 +222,15 @@ class ChatCompletionRequest(_Sampling):
     add_generation_prompt: Bool = True
     logprobs: Bool = False
     top_logprobs: Annotated[Int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name"}}: tools.py
+    parallel_tool_calls: Bool | None = True
     response_format: dict[str, Any] | None = None
 
     def check(self) -> None:
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "`top_logprobs` needs `logprobs: true`", param="top_logprobs", code="invalid_value")
-        extra = {"tools": self.tools}
-        if self.tool_choice not in (None, "none", "auto"):
-            extra["tool_choice"] = self.tool_choice
+        extra = {}
         if self.response_format and self.response_format.get("type") != "text":
             extra["response_format"] = self.response_format
         self.refuse_unsupported(extra)
@@ -221,25 +238,37 @@ class ChatCompletionRequest(_Sampling):
     def logprob_counts(self) -> tuple[int | None, int | None]:
         return (self.top_logprobs or 0) if self.logprobs else None, None
 
-    def conversation(self) -> list[dict[str, str]]:
+    def conversation(self) -> list[dict[str, Any]]:
         return conversation(self.messages)
+
+    def template_tools(self) -> list[dict] | None:
+        return template_tools(self.tools)
+
+    def tool_calling(self, auto_enabled: bool, parser: str | None) -> ToolCalling:
+        """``tools``, ``tool_choice`` and ``parallel_tool_calls`` checked (400 naming the field), with the
+        server's ``--enable-auto-tool-choice`` and ``--tool-call-parser``."""
+        other = "response_format" if self.response_format and self.response_format.get("type") != "text" else None
+        return ToolCalling.of(self.tools, self.tool_choice, self.parallel_tool_calls, auto_enabled=auto_enabled,
+                              parser=parser, other_constraint=other)
 
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
 
-def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.text(i)} for i, m in enumerate(messages)]
+def conversation(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    return [m.template_form(i) for i, m in enumerate(messages)]
 
 
 class TokenizeRequest(_Body):
-    """vLLM's POST /tokenize: a completion ``prompt``, or chat ``messages`` rendered with the chat template.
-    ``add_special_tokens`` defaults to True for a prompt and False for messages (the template places them)."""
+    """vLLM's POST /tokenize: a completion ``prompt``, or chat ``messages`` (and ``tools``) rendered with the chat
+    template. ``add_special_tokens`` defaults to True for a prompt and False for messages (the template places
+    them)."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None
     add_special_tokens: Bool | None = None
     add_generation_prompt: Bool = True
     return_token_strs: bool = False
@@ -247,9 +276,13 @@ class TokenizeRequest(_Body):
     def check(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise APIError(400, "Send exactly one of `prompt` and `messages`.", param="prompt", code="invalid_value")
+        check_tools(self.tools)
 
-    def conversation(self) -> list[dict[str, str]]:
+    def conversation(self) -> list[dict[str, Any]]:
         return conversation(self.messages)
+
+    def template_tools(self) -> list[dict] | None:
+        return template_tools(self.tools)
 
 
 class DetokenizeRequest(_Body):
