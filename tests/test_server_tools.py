@@ -129,7 +129,7 @@ def test_named_function_answers_one_valid_call_streamed_or_not(server):
 def test_required_answers_valid_calls_of_declared_functions(server, parallel):
     client = server.client()
     request = dict(model=BASE, messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=parallel, n=2,
-                   seed=7, temperature=1.0, max_tokens=200)
+                   seed=7, temperature=1.0, max_tokens=400)
     response = client.chat.completions.create(**request)
     for choice in response.choices:
         found = check_calls(choice.message.tool_calls)
@@ -349,5 +349,7 @@ def test_required_schema_is_vllms():
     assert [v["properties"]["name"] for v in schema["items"]["anyOf"]] == [
         {"type": "string", "enum": [name]} for name in ("get_weather", "get_time", "empty", "plot")]
     assert schema["items"]["anyOf"][2]["properties"]["parameters"] == {"type": "object", "properties": {}}
+    assert all(v["required"] == ["name", "parameters"] and v["additionalProperties"] is False
+               for v in schema["items"]["anyOf"])
     assert "$defs" not in schema["items"]["anyOf"][3]["properties"]["parameters"]
     assert "maxItems" not in required_schema(tools, parallel=True)

@@ -208,7 +208,11 @@ def _named(choice: dict, tools: list[Tool]) -> str:
 def required_schema(tools: list[Tool], parallel: bool) -> dict:
     """vLLM's schema for ``tool_choice: "required"``: an array of at least one call (one at most without
     parallel calls), each ``{"name": <a declared name>, "parameters": <its schema>}``; the functions' ``$defs``
-    gathered at the root, where their ``$ref``s point. 400 if two functions define one name differently."""
+    gathered at the root, where their ``$ref``s point. 400 if two functions define one name differently.
+
+    Each call also says ``additionalProperties: false``, which vLLM's schema leaves out: its default grammar
+    backend (xgrammar) allows no undeclared property anyway, llguidance follows JSON schema and would let a model
+    add keys after ``parameters`` until ``max_tokens``."""
     variants, definitions = [], {}
     for tool in tools:
         parameters = dict(tool.function.parameters or {})
@@ -217,7 +221,7 @@ def required_schema(tools: list[Tool], parallel: bool) -> dict:
                 raise _refuse(f"Tool definition {name!r} has multiple schemas, which is not supported.", "tools")
         variants.append({"properties": {"name": {"type": "string", "enum": [tool.function.name]},
                                         "parameters": parameters or ANY_OBJECT},
-                         "required": ["name", "parameters"]})
+                         "required": ["name", "parameters"], "additionalProperties": False})
     schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": variants}}
     if not parallel:
         schema["maxItems"] = 1
