@@ -128,8 +128,8 @@ def test_named_function_answers_one_valid_call_streamed_or_not(server):
 @pytest.mark.parametrize("parallel", [True, False])
 def test_required_answers_valid_calls_of_declared_functions(server, parallel):
     client = server.client()
-    request = dict(model=BASE, messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=parallel, n=2,
-                   seed=7, temperature=1.0, max_tokens=400)
+    request = dict(model=BASE, messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=parallel,
+                   n=2, seed=7, temperature=1.0, max_tokens=400)
     response = client.chat.completions.create(**request)
     for choice in response.choices:
         found = check_calls(choice.message.tool_calls)
@@ -147,7 +147,8 @@ def test_auto_reads_the_calls_the_model_writes(server):
     """A regex makes the model write a Hermes call after some text: the hermes parser turns it into a tool call
     and keeps the text before it as content, streamed or not."""
     client = server.client()
-    regex = r'the (sun|moon)\n<tool_call>\{"name": "get_weather", "arguments": \{"city": "(Paris|Oslo)", "days": [123]\}\}</tool_call>'
+    regex = (r'the (sun|moon)\n<tool_call>\{"name": "get_weather", "arguments": '
+             r'\{"city": "(Paris|Oslo)", "days": [123]\}\}</tool_call>')
     request = dict(model=BASE, messages=ASK, tools=TOOLS, extra_body={"structured_outputs": {"regex": regex}}, **GREEDY)
     choice = client.chat.completions.create(**request).choices[0]
     check_calls(choice.message.tool_calls, ["get_weather"])
@@ -213,6 +214,12 @@ BAD = [
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
     ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+      "structured_outputs": {"regex": "a+"}}, "tool_choice"),
+    ({"tools": [TOOLS[0], {"type": "function", "function": {"name": "bad", "parameters": {
+        "type": "object", "properties": {"a": {"type": "nonsense"}}}}}],
+      "tool_choice": {"type": "function", "function": {"name": "bad"}}}, "tools.1.function.parameters"),
     ({"messages": [*ASK, {"role": "assistant", "tool_calls": [{"type": "web", "function": {"name": "f"}}]}]},
      "messages.1.tool_calls.0.type"),
     ({"messages": [*ASK, {"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}]},
@@ -266,7 +273,8 @@ PARSED = [
     ("hermes", "a<tool_call>{not json}</tool_call>", "a<tool_call>{not json}</tool_call>", []),
     ("llama3_json", '<|python_tag|>{"name": "f", "parameters": {"x": 1}}; {"name": "g", "arguments": {}}', None,
      [("f", '{"x": 1}'), ("g", "{}")]),
-    ("llama3_json", 'Sure: {"name": "f", "parameters": {"a": [1, {"b": 2}]}} done', None, [("f", '{"a": [1, {"b": 2}]}')]),
+    ("llama3_json", 'Sure: {"name": "f", "parameters": {"a": [1, {"b": 2}]}} done', None,
+     [("f", '{"a": [1, {"b": 2}]}')]),
     ("llama3_json", '{"x": 1}', '{"x": 1}', []),
     ("llama3_json", "plain text", "plain text", []),
 ]
@@ -307,7 +315,8 @@ def test_streamed_calls_join_to_the_parsed_ones(parser, text, content, calls, se
     streams any other as content."""
     stream = ToolCallStream(parser)
     tag = "<|python_tag|>" if text.startswith("<|python_tag|>") else ""  # one token in Llama's vocabulary
-    streamed_content, streamed_calls = joined([stream.feed(tag), *(stream.feed(p) for p in pieces(text[len(tag):], seed))])
+    deltas = [stream.feed(tag), *(stream.feed(piece) for piece in pieces(text[len(tag):], seed))]
+    streamed_content, streamed_calls = joined(deltas)
     if parser == "llama3_json" and not text.startswith(("{", "<|python_tag|>")):
         assert (streamed_content, streamed_calls, stream.called) == (text, [], False)
         return
@@ -324,10 +333,12 @@ def test_hermes_holds_back_what_may_start_a_call_and_sends_no_text_after_calls()
     header, fragment = stream.feed('{"name": "f", "arguments": {"x"')["tool_calls"]
     assert header == {"index": 0, "type": "function", "id": header["id"], "function": {"name": "f"}}
     assert fragment == {"index": 0, "function": {"arguments": '{"x"'}}
-    assert stream.feed(": 1}}</tool_call> and more") == {"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]}
+    assert stream.feed(": 1}}</tool_call> and more") == {"tool_calls": [{"index": 0,
+                                                                      "function": {"arguments": ": 1}"}}]}
 
 
-REQUIRED = '[{"name":"get_weather","parameters":{"city":"Oslo","days":1}},{"name":"get_time","parameters":{"zone":"C]}"}}]'
+REQUIRED = ('[{"name":"get_weather","parameters":{"city":"Oslo","days":1}},'
+            '{"name":"get_time","parameters":{"zone":"C]}"}}]')
 
 
 @pytest.mark.parametrize("seed", range(8))

@@ -34,7 +34,7 @@ from .protocol import (
     model_card,
 )
 from .security import ApiKeyMiddleware, BodyLimitMiddleware, confine, send_error
-from .serving import OpenAIServing, ServerSettings
+from .serving import OpenAIServing, ServerSettings, constraint_errors
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
 STREAMS = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}
@@ -189,11 +189,15 @@ def build_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/completions", responses=STREAMS)
     async def completions(request: Request):
-        return await serving.completions(await parse(request, CompletionRequest), disconnect_of(request))
+        body = await parse(request, CompletionRequest)
+        with constraint_errors(body):
+            return await serving.completions(body, disconnect_of(request))
 
     @app.post("/v1/chat/completions", responses=STREAMS)
     async def chat_completions(request: Request):
-        return await serving.chat(await parse(request, ChatCompletionRequest), disconnect_of(request))
+        body = await parse(request, ChatCompletionRequest)
+        with constraint_errors(body):
+            return await serving.chat(body, disconnect_of(request))
 
     @app.post("/tokenize")
     async def tokenize(request: Request):

@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, StrictBool, Tag, field_validator
 
-from ..engine.base import MAX_LOGPROBS, MIN_REPETITION_PENALTY, SEED_RANGE, SamplingParams
+from ..engine.base import MAX_LOGPROBS, MIN_REPETITION_PENALTY, SEED_RANGE, SamplingParams, StructuredOutputs
 from .errors import APIError
 from .tools import AssistantToolCall, Tool, ToolCalling, check_tools, template_tools
 
@@ -48,6 +48,40 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: Bool = False
+
+
+class JsonSchemaFormat(_Body):
+    """OpenAI's ``response_format.json_schema``: ``schema`` is the JSON schema the answer follows."""
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: Bool | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's ``response_format``: ``text`` (no constraint), ``json_object`` (any JSON object) or ``json_schema``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsBody(_Body):
+    """vLLM's ``structured_outputs`` extra: exactly one of ``json`` (a schema), ``regex``, ``choice``, ``grammar``
+    (Lark or GBNF), ``json_object``. ``disable_any_whitespace``, ``disable_additional_properties`` and
+    ``whitespace_pattern`` are accepted and, as in vLLM 0.32, which reads them from its engine's configuration,
+    not the request's, have no effect here: whitespace is the server's ``--structured-outputs-any-whitespace``.
+    ``structural_tag`` is refused (400)."""
+
+    json_schema: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: Bool | None = None
+    disable_any_whitespace: Bool = False
+    disable_additional_properties: Bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: Any = None
 
 
 class _Sampling(_Body):
@@ -72,6 +106,8 @@ class _Sampling(_Body):
     repetition_penalty: Float = Field(default=1.0, ge=MIN_REPETITION_PENALTY, le=10.0)
     logit_bias: Annotated[dict[str, Float], Field(max_length=MAX_TOKEN_LIST)] | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
 
     @field_validator("stop")
     @classmethod
@@ -109,6 +145,59 @@ class _Sampling(_Body):
         """Alternatives per generated token and per prompt token the engine is asked for (None: no logprobs)."""
         return None, None
 
+    @cached_property
+    def constraint(self) -> StructuredOutputs | None:
+        """What ``response_format`` and ``structured_outputs`` ask the output to follow, as vLLM reads them:
+        ``response_format`` json_object / json_schema, else the one constraint of ``structured_outputs``; both
+        at once is a 400, as in vLLM (one constraint per request). Made once, shared by every choice."""
+        fmt, extra = self.response_format, self.structured_outputs
+        from_format = None
+        if fmt is not None and fmt.type == "json_object":
+            from_format = StructuredOutputs(json_object=True)
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise APIError(400, "When response_format type is 'json_schema', the 'json_schema' field must be "
+                                    "provided.", param="response_format", code="invalid_value")
+            if fmt.json_schema.json_schema is None:
+                raise APIError(400, "`response_format.json_schema.schema` is required: the JSON schema the answer "
+                                    "follows", param="response_format.json_schema.schema", code="invalid_value")
+            from_format = StructuredOutputs(json=fmt.json_schema.json_schema)
+        from_extra = None
+        if extra is not None:
+            if extra.structural_tag is not None:
+                raise APIError(400, "`structured_outputs.structural_tag` is not supported by this server",
+                               param="structured_outputs.structural_tag", code="unsupported_parameter")
+            kinds = {"json": extra.json_schema, "regex": extra.regex, "choice": extra.choice,
+                     "grammar": extra.grammar, "json_object": extra.json_object or None}
+            given = [name for name, value in kinds.items() if value is not None]
+            if len(given) != 1:
+                raise APIError(400, f"`structured_outputs` takes exactly one constraint of "
+                                    f"{', '.join(kinds)}; got {', '.join(given) or 'none'}",
+                               param="structured_outputs", code="invalid_value")
+            if extra.choice is not None and (not extra.choice or any(not c for c in extra.choice)):
+                raise APIError(400, "`structured_outputs.choice` must be a non-empty list of non-empty strings",
+                               param="structured_outputs.choice", code="invalid_value")
+            value = kinds[given[0]]
+            from_extra = StructuredOutputs(**{given[0]: tuple(value) if given[0] == "choice" else value})
+        if from_format is not None and from_extra is not None:
+            raise APIError(400, "You can only use one kind of structured outputs constraint: `response_format` and "
+                                "`structured_outputs` both give one", param="structured_outputs",
+                           code="invalid_value")
+        return from_format or from_extra
+
+    def constraint_param(self) -> str:
+        """The request field an engine's complaint about the constraint is about."""
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_schema":
+            return "response_format.json_schema.schema"
+        if fmt is not None and fmt.type == "json_object":
+            return "response_format"
+        extra = self.structured_outputs
+        for name in ("json", "regex", "choice", "grammar"):
+            if extra is not None and getattr(extra, "json_schema" if name == "json" else name) is not None:
+                return f"structured_outputs.{name}"
+        return "structured_outputs"
+
     def sampling_params(self, max_tokens: int, choice: int) -> SamplingParams:
         """One choice's parameters; choice i of n with a seed uses seed + i, so the n samples differ."""
         seed = None if self.seed is None else wrap_seed(self.seed + choice)
@@ -119,7 +208,8 @@ class _Sampling(_Body):
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                               repetition_penalty=self.repetition_penalty,
                               logit_bias=self.token_biases,
-                              logprobs=logprobs, prompt_logprobs=prompt_logprobs, min_tokens=self.min_tokens)
+                              logprobs=logprobs, prompt_logprobs=prompt_logprobs, min_tokens=self.min_tokens,
+                              structured_outputs=self.constraint)
 
     @cached_property
     def token_biases(self) -> dict[int, float]:
@@ -165,6 +255,7 @@ class CompletionRequest(_Sampling):
 
     def check(self) -> None:
         self.refuse_unsupported({"suffix": self.suffix})
+        self.constraint  # a malformed response_format / structured_outputs is a 400 before any work
         if self.max_tokens == 0 and not self.echo:
             raise APIError(400, "`max_tokens` must be at least 1; 0 is allowed only with `echo` (to score the "
                                 "prompt)", param="max_tokens", code="invalid_value")
@@ -225,15 +316,12 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Tool] | None = None
     tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name"}}: tools.py
     parallel_tool_calls: Bool | None = True
-    response_format: dict[str, Any] | None = None
 
     def check(self) -> None:
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "`top_logprobs` needs `logprobs: true`", param="top_logprobs", code="invalid_value")
-        extra = {}
-        if self.response_format and self.response_format.get("type") != "text":
-            extra["response_format"] = self.response_format
-        self.refuse_unsupported(extra)
+        self.refuse_unsupported({})
+        self.constraint  # a malformed response_format / structured_outputs is a 400 before any work
 
     def logprob_counts(self) -> tuple[int | None, int | None]:
         return (self.top_logprobs or 0) if self.logprobs else None, None
@@ -247,7 +335,7 @@ class ChatCompletionRequest(_Sampling):
     def tool_calling(self, auto_enabled: bool, parser: str | None) -> ToolCalling:
         """``tools``, ``tool_choice`` and ``parallel_tool_calls`` checked (400 naming the field), with the
         server's ``--enable-auto-tool-choice`` and ``--tool-call-parser``."""
-        other = "response_format" if self.response_format and self.response_format.get("type") != "text" else None
+        other = None if self.constraint is None else self.constraint_param().split(".")[0]
         return ToolCalling.of(self.tools, self.tool_choice, self.parallel_tool_calls, auto_enabled=auto_enabled,
                               parser=parser, other_constraint=other)
 

@@ -9,19 +9,22 @@ engine's front end for a prompt's ids and pass those on, so the echoed tokens ar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Callable
 
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import Gauge
 
 from ..engine.base import Engine, GenerationRequest
+from ..engine.errors import RequestError
 from .cost import check_choices, check_context, check_logprobs
-from .errors import APIError, model_not_found
+from .errors import APIError, from_exception, model_not_found
 from .logprobs import chat_logprobs, completion_logprobs
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, new_id, now, usage
 from .resolution import AdapterResolver
 from .settings import ServerSettings
+from .tools import ToolCalling
 from .streams import (
     GONE,
     Choice,
@@ -51,6 +54,21 @@ async def respond(build: Callable[[], JSONResponse], choices: list, heavy: bool)
     if heavy or sum(len(c.token_ids) for c in choices) > INLINE_RESPONSE_TOKENS:
         return await asyncio.to_thread(build)
     return build()
+
+
+@contextlib.contextmanager
+def constraint_errors(body: CompletionRequest | ChatCompletionRequest, param: str | None = None):
+    """An engine's refusal of the request's output constraint (a schema, regex or grammar it cannot compile, or
+    one over its bounds: the engine names it ``structured_outputs.<kind>``) answered with ``param`` naming the
+    field the client sent it in (``response_format.json_schema.schema``, ``structured_outputs.regex``, ...);
+    ``param``: that field for a constraint the body's output fields do not give (a tool choice's)."""
+    try:
+        yield
+    except RequestError as exc:
+        param = body.constraint_param() if body.constraint is not None else param
+        if param is not None and "structured_outputs" in str(exc):
+            raise from_exception(exc, param=param) from exc
+        raise
 
 
 class OpenAIServing:
@@ -184,6 +202,10 @@ class OpenAIServing:
     async def chat(self, body: ChatCompletionRequest, disconnected: Disconnected | None = None):
         body.check()
         calling = body.tool_calling(self.settings.enable_auto_tool_choice, self.settings.tool_call_parser)
+        with constraint_errors(body, calling.param):
+            return await self._chat(body, calling, disconnected)
+
+    async def _chat(self, body: ChatCompletionRequest, calling: ToolCalling, disconnected: Disconnected | None):
         check_choices(self.engine, 1, body.n)
         adapter = await self.resolve_or_load(body.model)
         self.admit()

@@ -166,6 +166,13 @@ class ToolCalling:
             constraint = StructuredOutputs(json=required_schema(tools, parallel))
         return cls(choice, tuple(tools), name, parallel, parser, constraint)
 
+    @property
+    def param(self) -> str | None:
+        """The request field the tool constraint comes from: the named function's parameters, or all tools."""
+        if self.choice == "function":
+            return f"tools.{[t.function.name for t in self.tools].index(self.name)}.function.parameters"
+        return "tools" if self.choice == "required" else None
+
     def constrain(self, params: SamplingParams) -> SamplingParams:
         return params if self.constraint is None else dataclasses.replace(params, structured_outputs=self.constraint)
 
