@@ -15,7 +15,6 @@ import shutil
 
 import httpx
 import jsonschema
-import openai
 import pytest
 from support.processes import ServerProcess
 

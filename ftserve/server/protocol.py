@@ -29,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Strict
 
 from ..engine.base import MAX_LOGPROBS, MIN_REPETITION_PENALTY, SEED_RANGE, SamplingParams, StructuredOutputs
 from .errors import APIError
-from .tools import AssistantToolCall, Tool, ToolCalling, check_tools, template_tools
+from .messages import ChatMessage, conversation
+from .tools import Tool, ToolCalling, check_tools, template_tools
 
 
 # JSON's types as the schema states them: pydantic's lax mode would take `true` for 1, `0` for false and "5"
@@ -272,41 +273,6 @@ class CompletionRequest(_Sampling):
         return 16 if self.max_tokens is None else self.max_tokens
 
 
-class ChatMessage(_Body):
-    """A message of the conversation; an assistant's may hold ``tool_calls`` (and no content), a tool's result
-    names the call it answers in ``tool_call_id``."""
-
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
-    tool_calls: list[AssistantToolCall] | None = None
-    tool_call_id: str | None = None
-
-    def template_form(self, index: int) -> dict[str, Any]:
-        """The message as the chat template sees it, as vLLM hands it over: its text, the assistant's calls with
-        their arguments as dicts (an empty list dropped), a tool result's ``tool_call_id``, the ``name``."""
-        message: dict[str, Any] = {"role": self.role, "content": self.text(index)}
-        if self.role == "assistant" and self.tool_calls:
-            message["tool_calls"] = [call.template_form() for call in self.tool_calls]
-        if self.role == "tool" and self.tool_call_id is not None:
-            message["tool_call_id"] = self.tool_call_id
-        if self.name is not None:
-            message["name"] = self.name
-        return message
-
-    def text(self, index: int) -> str:
-        """The message's text: a string, or the text parts of a list of content parts."""
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
-        texts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(400, f"only text content parts are supported (got type {part.get('type')!r})",
-                               param=f"messages.{index}.content", code="unsupported_content")
-            texts.append(part["text"])
-        return "".join(texts)
-
-
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Annotated[Int, Field(ge=1)] | None = None
@@ -342,10 +308,6 @@ class ChatCompletionRequest(_Sampling):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
-
-
-def conversation(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    return [m.template_form(i) for i, m in enumerate(messages)]
 
 
 class TokenizeRequest(_Body):

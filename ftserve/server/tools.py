@@ -62,32 +62,6 @@ class Tool(_Body):
         return {"type": "function", "function": function}
 
 
-class CalledFunction(_Body):
-    name: str
-    arguments: str | dict[str, Any] | None = None
-
-
-class AssistantToolCall(_Body):
-    """A call in an assistant message of the history (OpenAI's ``ChatCompletionMessageToolCall``)."""
-
-    id: str | None = None
-    type: Literal["function"] = "function"
-    function: CalledFunction
-
-    def template_form(self) -> dict:
-        """As transformers' chat templates expect it: the arguments a dict. A string that is not a JSON object
-        becomes ``{}``, as vLLM coerces it (the history must stay renderable on every later turn)."""
-        arguments = self.function.arguments
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments) if arguments else {}
-            except ValueError:
-                arguments = {}
-        call = {"type": "function", "function": {"name": self.function.name,
-                                                  "arguments": arguments if isinstance(arguments, dict) else {}}}
-        return call if self.id is None else {"id": self.id, **call}
-
-
 def template_tools(tools: list[Tool] | None) -> list[dict] | None:
     """``tools`` as the chat template receives them (``tools=`` of transformers' ``apply_chat_template``)."""
     return [tool.template_form() for tool in tools or ()] or None
