@@ -13,7 +13,7 @@ strings (OpenAI's "up to 4 sequences", vLLM's ``VLLM_MAX_STOP_STRINGS``), ``stop
 up to MAX_TOKEN_LIST ids. What a request asks the engine for as a whole (prompts x ``n``, log probabilities)
 is counted in cost.py.
 
-Fields OpenAI defines and this server cannot honour (``suffix``, tools, ``best_of`` other than ``n``, ...) are
+Fields OpenAI defines and this server cannot honour (``suffix``, ``best_of`` other than ``n``, ...) are
 refused with a 400 that names them rather than silently ignored; fields it does not know are ignored, as
 OpenAI's clients send new ones over time.
 """
@@ -29,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Strict
 
 from ..engine.base import MAX_LOGPROBS, MIN_REPETITION_PENALTY, SEED_RANGE, SamplingParams, StructuredOutputs
 from .errors import APIError
+from .messages import ChatMessage, conversation
+from .tools import Tool, ToolCalling, check_tools, template_tools
 
 
 # JSON's types as the schema states them: pydantic's lax mode would take `true` for 1, `0` for false and "5"
@@ -271,64 +273,52 @@ class CompletionRequest(_Sampling):
         return 16 if self.max_tokens is None else self.max_tokens
 
 
-class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
-
-    def text(self, index: int) -> str:
-        """The message's text: a string, or the text parts of a list of content parts."""
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
-        texts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(400, f"only text content parts are supported (got type {part.get('type')!r})",
-                               param=f"messages.{index}.content", code="unsupported_content")
-            texts.append(part["text"])
-        return "".join(texts)
-
-
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Annotated[Int, Field(ge=1)] | None = None
     add_generation_prompt: Bool = True
     logprobs: Bool = False
     top_logprobs: Annotated[Int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name"}}: tools.py
+    parallel_tool_calls: Bool | None = True
 
     def check(self) -> None:
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "`top_logprobs` needs `logprobs: true`", param="top_logprobs", code="invalid_value")
-        extra = {"tools": self.tools}
-        if self.tool_choice not in (None, "none", "auto"):
-            extra["tool_choice"] = self.tool_choice
-        self.refuse_unsupported(extra)
+        self.refuse_unsupported({})
         self.constraint  # a malformed response_format / structured_outputs is a 400 before any work
 
     def logprob_counts(self) -> tuple[int | None, int | None]:
         return (self.top_logprobs or 0) if self.logprobs else None, None
 
-    def conversation(self) -> list[dict[str, str]]:
+    def conversation(self) -> list[dict[str, Any]]:
         return conversation(self.messages)
+
+    def template_tools(self) -> list[dict] | None:
+        return template_tools(self.tools)
+
+    def tool_calling(self, auto_enabled: bool, parser: str | None) -> ToolCalling:
+        """``tools``, ``tool_choice`` and ``parallel_tool_calls`` checked (400 naming the field), with the
+        server's ``--enable-auto-tool-choice`` and ``--tool-call-parser``."""
+        other = None if self.constraint is None else self.constraint_param().split(".")[0]
+        return ToolCalling.of(self.tools, self.tool_choice, self.parallel_tool_calls, auto_enabled=auto_enabled,
+                              parser=parser, other_constraint=other)
 
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
 
-def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.text(i)} for i, m in enumerate(messages)]
-
-
 class TokenizeRequest(_Body):
-    """vLLM's POST /tokenize: a completion ``prompt``, or chat ``messages`` rendered with the chat template.
-    ``add_special_tokens`` defaults to True for a prompt and False for messages (the template places them)."""
+    """vLLM's POST /tokenize: a completion ``prompt``, or chat ``messages`` (and ``tools``) rendered with the chat
+    template. ``add_special_tokens`` defaults to True for a prompt and False for messages (the template places
+    them)."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None
     add_special_tokens: Bool | None = None
     add_generation_prompt: Bool = True
     return_token_strs: bool = False
@@ -336,9 +326,13 @@ class TokenizeRequest(_Body):
     def check(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise APIError(400, "Send exactly one of `prompt` and `messages`.", param="prompt", code="invalid_value")
+        check_tools(self.tools)
 
-    def conversation(self) -> list[dict[str, str]]:
+    def conversation(self) -> list[dict[str, Any]]:
         return conversation(self.messages)
+
+    def template_tools(self) -> list[dict] | None:
+        return template_tools(self.tools)
 
 
 class DetokenizeRequest(_Body):

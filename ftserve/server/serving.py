@@ -24,6 +24,7 @@ from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, new_id, now, usage
 from .resolution import AdapterResolver
 from .settings import ServerSettings
+from .tools import ToolCalling
 from .streams import (
     GONE,
     Choice,
@@ -56,15 +57,17 @@ async def respond(build: Callable[[], JSONResponse], choices: list, heavy: bool)
 
 
 @contextlib.contextmanager
-def constraint_errors(body: CompletionRequest | ChatCompletionRequest):
+def constraint_errors(body: CompletionRequest | ChatCompletionRequest, param: str | None = None):
     """An engine's refusal of the request's output constraint (a schema, regex or grammar it cannot compile, or
     one over its bounds: the engine names it ``structured_outputs.<kind>``) answered with ``param`` naming the
-    field the client sent it in (``response_format.json_schema.schema``, ``structured_outputs.regex``, ...)."""
+    field the client sent it in (``response_format.json_schema.schema``, ``structured_outputs.regex``, ...);
+    ``param``: that field for a constraint the body's output fields do not give (a tool choice's)."""
     try:
         yield
     except RequestError as exc:
-        if body.constraint is not None and "structured_outputs" in str(exc):
-            raise from_exception(exc, param=body.constraint_param()) from exc
+        param = body.constraint_param() if body.constraint is not None else param
+        if param is not None and "structured_outputs" in str(exc):
+            raise from_exception(exc, param=param) from exc
         raise
 
 
@@ -198,6 +201,11 @@ class OpenAIServing:
 
     async def chat(self, body: ChatCompletionRequest, disconnected: Disconnected | None = None):
         body.check()
+        calling = body.tool_calling(self.settings.enable_auto_tool_choice, self.settings.tool_call_parser)
+        with constraint_errors(body, calling.param):
+            return await self._chat(body, calling, disconnected)
+
+    async def _chat(self, body: ChatCompletionRequest, calling: ToolCalling, disconnected: Disconnected | None):
         check_choices(self.engine, 1, body.n)
         adapter = await self.resolve_or_load(body.model)
         self.admit()
@@ -216,7 +224,7 @@ class OpenAIServing:
                            "top_logprobs", "`n`, `top_logprobs` or `max_tokens` (without it, each answer may "
                                            "fill the rest of the context)")
         rid = new_id("chatcmpl")
-        requests = [GenerationRequest(prompt, adapter, body.sampling_params(limit, i), f"{rid}-{i}")
+        requests = [GenerationRequest(prompt, adapter, calling.constrain(body.sampling_params(limit, i)), f"{rid}-{i}")
                     for i in range(body.n)]
         streams = open_streams(self.engine, requests)
         created = now()
@@ -230,27 +238,33 @@ class OpenAIServing:
                     **extra}
 
         if body.stream:
+            readers = [calling.stream() for _ in range(body.n)]  # text to content and tool call deltas, per choice
+
             def frame(index, chunk, state):
                 if not state.started:
                     state.started = True
                     yield envelope([{"index": index, "delta": {"role": "assistant", "content": ""},
                                      "logprobs": None, "finish_reason": None}])
                 chunk_logprobs = logprobs(chunk.token_ids, chunk.logprobs)
-                if chunk.text or chunk.finish_reason or (chunk_logprobs and chunk_logprobs["content"]):
-                    delta = {"content": chunk.text} if chunk.text else {}
+                delta, finish_reason = readers[index].step(chunk.text, chunk.finish_reason)
+                if delta or finish_reason or (chunk_logprobs and chunk_logprobs["content"]):
                     yield envelope([{"index": index, "delta": delta, "logprobs": chunk_logprobs,
-                                     "finish_reason": chunk.finish_reason}])
+                                     "finish_reason": finish_reason}])
 
             usage_frame = (lambda p, c: envelope([], usage=usage(p, c))) if body.include_usage else None
             return await self._stream(streams, tracker, 1, frame, usage_frame, disconnected)
         choices = await self._run(streams, tracker, 1, disconnected)
         if choices is None:
             return client_gone()
+
+        def answer(index: int, choice: Choice) -> dict:
+            message, finish_reason = calling.message("".join(choice.text), choice.finish_reason)
+            return {"index": index, "message": message, "logprobs": logprobs(choice.token_ids, choice.logprobs),
+                    "finish_reason": finish_reason}
+
         return await respond(lambda: JSONResponse(envelope(
-            [{"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
-              "logprobs": logprobs(c.token_ids, c.logprobs), "finish_reason": c.finish_reason}
-             for i, c in enumerate(choices)],
-            obj="chat.completion", usage=usage(*count_tokens(choices, 1)))), choices, bool(body.logprobs))
+            [answer(i, c) for i, c in enumerate(choices)], obj="chat.completion",
+            usage=usage(*count_tokens(choices, 1)))), choices, bool(body.logprobs))
 
     # Tokens ---------------------------------------------------------------------------------------
 
@@ -290,7 +304,7 @@ class OpenAIServing:
                            param="model", code="no_chat_template")
         try:
             text = render(tokenizer, body.conversation(), body.add_generation_prompt,
-                          self.settings.chat_template_timeout, self.settings.max_template_chars)
+                          self.settings.chat_template_timeout, self.settings.max_template_chars, body.template_tools())
         except (TemplateLimitError, RecursionError, MemoryError) as exc:
             raise APIError(400, f"The chat template of `{body.model}` was stopped: {exc}. The template belongs to the "
                                 f"model or adapter, not to this request: fix it in its tokenizer_config.json.",

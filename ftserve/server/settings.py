@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.declare import setting
+from ..engine.options import EngineOptionsError
+from .tool_parsers import TOOL_CALL_PARSERS
 
 MIB = 1024 * 1024
 DEFAULT_HOST = "127.0.0.1"  # loopback: reachable from this machine only, unless told otherwise
@@ -51,6 +53,18 @@ class ServerSettings:
     max_connections: int = setting(1000, "Open HTTP connections; a new one beyond them is answered 503 and closed.",
                                    minimum=1)
     max_response_logprobs: int = 2 ** 20  # log probabilities one response may hold, alternatives included (cost.py)
+    enable_auto_tool_choice: bool = setting(
+        False, "Let chat requests use tool_choice \"auto\" (the default when they send tools): the model answers "
+               "freely and --tool-call-parser reads tool calls out of its text.")
+    tool_call_parser: str | None = setting(
+        None, "How tool calls are written in the model's text, for tool_choice \"auto\": hermes "
+              "(<tool_call>{...}</tool_call>, Qwen and Hermes models) or llama3_json (Llama 3.x).",
+        choices=TOOL_CALL_PARSERS)
+
+    def __post_init__(self) -> None:
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise EngineOptionsError("enable_auto_tool_choice", "needs tool_call_parser: the parser that reads tool "
+                                                                "calls out of the model's text")
 
     @property
     def max_template_chars(self) -> int:

@@ -265,14 +265,16 @@ def _compiled(source: str):
     return environment().from_string(source)
 
 
-def render(tokenizer, conversation: list[dict], add_generation_prompt: bool, seconds: float, limit: int) -> str:
-    """``tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=...)``, within
-    ``seconds`` and with no value or output over ``limit`` items; TemplateLimitError past either."""
+def render(tokenizer, conversation: list[dict], add_generation_prompt: bool, seconds: float, limit: int,
+           tools: list[dict] | None = None) -> str:
+    """``tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False, add_generation_prompt=...)``,
+    within ``seconds`` and with no value or output over ``limit`` items; TemplateLimitError past either. The tools
+    reach the template as they are, as vLLM passes them: a template that does not use them ignores them."""
     _active.budget = current = Budget(seconds, limit)
     try:
         template = _compiled(tokenizer.get_chat_template())
         chunks, size = [], 0
-        for chunk in template.generate(messages=conversation, tools=None, documents=None,
+        for chunk in template.generate(messages=conversation, tools=tools, documents=None,
                                        add_generation_prompt=add_generation_prompt, **tokenizer.special_tokens_map):
             size += len(chunk)
             current.allow(size, "a prompt")
