@@ -11,6 +11,8 @@ smallest set of most likely tokens whose probability sums to at least ``top_p`` 
 request's seed fixes its generator, so its draws do not depend on which other requests share the batch.
 A row whose shaped scores are not finite (NaN or +inf; -inf is a ban), or whose draw fails, fails alone:
 ``sample`` names the cause for that row and samples the others.
+A row under a structured output constraint (constrain.py) has every token its constraint does not allow next
+set to -inf after that shaping, so greedy choice, temperature, top-k/top-p and seeds act among the allowed ones.
 Log probabilities, when asked for, are those of the model's own logits (before shaping and temperature), as
 vLLM reports them by default.
 """
@@ -48,17 +50,25 @@ History = tuple[list[int], list[int], frozenset[int]]  # a row's prompt, output 
 
 
 def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           histories: list[History]) -> tuple[list[int | None], list[TokenLogprobs | None], list[str | None]]:
+           histories: list[History], allowed: tuple[list[int], Tensor] | None = None,
+           ) -> tuple[list[int | None], list[TokenLogprobs | None], list[str | None]]:
     """Next token of every row of ``logits (rows, vocab)``, its log probabilities where asked for, and why a
     row failed (None for the rows that did not; their token is None). ``histories``: each row's (prompt,
-    output, banned) token ids, read by the penalties and min_tokens."""
+    output, banned) token ids, read by the penalties and min_tokens; ``allowed``: the rows under a structured
+    output constraint and their masks (``(len(rows), vocab)`` booleans, constrain.py), applied after the
+    penalties and before temperature, top-k/top-p and greedy choice."""
     raw = logits
     failures: list[str | None] = [None] * len(params)
     shaped = [i for i, p in enumerate(params) if shapes_logits(p) or histories[i][2]]
-    if shaped:
+    masked = allowed[0] if allowed is not None else []
+    if shaped or masked:
         logits = logits.clone()
         for i in shaped:
             shape_row(logits[i], params[i], *histories[i])
+        if masked:
+            rows = torch.tensor(masked, dtype=torch.long, device=logits.device)
+            logits[rows] = logits[rows].masked_fill(~allowed[1], float("-inf"))
+        for i in set(shaped) | set(masked):
             failures[i] = unusable(logits[i])
     tokens: list[int | None] = logits.argmax(dim=-1).tolist()
     for i, (p, generator) in enumerate(zip(params, generators)):
@@ -81,7 +91,7 @@ def unusable(scores: Tensor) -> str | None:
     if bool(torch.isnan(scores).any()) or bool(torch.isposinf(scores).any()):
         return "its penalties and logit_bias made the scores NaN or infinite"
     if bool(torch.isneginf(scores).all()):
-        return "every token is banned"
+        return "every token is banned (by min_tokens, logit_bias or the structured output constraint)"
     return None
 
 
