@@ -47,6 +47,9 @@ MAX_PENDING = 16  # distinct compiles waiting or running; beyond, QueueFullError
 CACHE_SIZE = 256  # compiled grammars (and refusals) kept
 TOKENIZER_CACHE_SIZE = 16
 ERROR_CHARS = 400  # of llguidance's message, in ours
+_CAUSE = {"json": "is not a schema that can be enforced (invalid, or a keyword llguidance does not support)",
+          "json_object": "does not compile", "regex": "does not compile", "choice": "does not compile",
+          "grammar": "does not compile"}
 LLGUIDANCE_INSTALL = "pip install 'llguidance>=1.7' (in ftserve's serve extra)"
 
 
@@ -200,7 +203,7 @@ class StructuredCompiler:
         try:
             matcher = llguidance.LLMatcher(lltok, serialize(spec, self.any_whitespace), log_level=0,
                                            limits=_limits())
-            error = f"{name} does not compile: {_short(matcher.get_error())}" if matcher.is_error() else None
+            error = f"{name} {_CAUSE[spec.kind()]}: {_short(matcher.get_error())}" if matcher.is_error() else None
         except RequestError as exc:
             matcher, error = None, str(exc)
         compiled = _Compiled(None if error else matcher, error, tokenizer, lltok)

@@ -50,26 +50,25 @@ History = tuple[list[int], list[int], frozenset[int]]  # a row's prompt, output 
 
 
 def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           histories: list[History], allowed: tuple[list[int], Tensor] | None = None,
+           histories: list[History], banned: tuple[Tensor, list[bool]] | None = None,
            ) -> tuple[list[int | None], list[TokenLogprobs | None], list[str | None]]:
     """Next token of every row of ``logits (rows, vocab)``, its log probabilities where asked for, and why a
     row failed (None for the rows that did not; their token is None). ``histories``: each row's (prompt,
-    output, banned) token ids, read by the penalties and min_tokens; ``allowed``: the rows under a structured
-    output constraint and their masks (``(len(rows), vocab)`` booleans, constrain.py), applied after the
-    penalties and before temperature, top-k/top-p and greedy choice."""
+    output, banned) token ids, read by the penalties and min_tokens; ``banned``: the tokens the rows' structured
+    output constraints ban (``(rows, vocab)`` booleans, constrain.py; none in a row without one) and whether a
+    row's bans all, applied after the penalties and before temperature, top-k/top-p and greedy choice."""
     raw = logits
     failures: list[str | None] = [None] * len(params)
     shaped = [i for i, p in enumerate(params) if shapes_logits(p) or histories[i][2]]
-    masked = allowed[0] if allowed is not None else []
-    if shaped or masked:
+    if shaped:
         logits = logits.clone()
         for i in shaped:
             shape_row(logits[i], params[i], *histories[i])
-        if masked:
-            rows = torch.tensor(masked, dtype=torch.long, device=logits.device)
-            logits[rows] = logits[rows].masked_fill(~allowed[1], float("-inf"))
-        for i in set(shaped) | set(masked):
-            failures[i] = unusable(logits[i])
+    if banned is not None:  # one op over the step's logits, which also leaves ``raw`` as it was
+        logits = logits.masked_fill(banned[0], float("-inf"))
+        failures = ["its structured output constraint allows no token" if dead else None for dead in banned[1]]
+    for i in shaped:
+        failures[i] = failures[i] or unusable(logits[i])
     tokens: list[int | None] = logits.argmax(dim=-1).tolist()
     for i, (p, generator) in enumerate(zip(params, generators)):
         if failures[i] is None and not is_greedy(p):
@@ -91,7 +90,7 @@ def unusable(scores: Tensor) -> str | None:
     if bool(torch.isnan(scores).any()) or bool(torch.isposinf(scores).any()):
         return "its penalties and logit_bias made the scores NaN or infinite"
     if bool(torch.isneginf(scores).all()):
-        return "every token is banned (by min_tokens, logit_bias or the structured output constraint)"
+        return "every token is banned"
     return None
 
 

@@ -18,7 +18,7 @@ import torch
 
 from ..base import StreamChunk, TokenLogprobs
 from ..errors import GenerationError, SamplingError
-from .constrain import advance, allowed_tokens
+from .constrain import advance, banned_tokens
 from .runner import Piece
 from .sampling import sample, token_logprobs
 from .scheduler import Sequence, StepPlan
@@ -48,15 +48,14 @@ def sample_step(plan: StepPlan, logits: torch.Tensor, dtype: torch.dtype) -> lis
         keep = [i for i, ok in enumerate(finite) if ok]
         logits = logits[keep]
         sampled = [sampled[i] for i in keep]
-    constrained = [i for i, s in enumerate(sampled) if s.constraint is not None]
-    allowed = None
-    if constrained:
-        allowed = (constrained, allowed_tokens([sampled[i].constraint for i in constrained], logits.shape[-1],
-                                               logits.device))
+    banned = None
+    if any(s.constraint is not None for s in sampled):
+        banned = banned_tokens([s.constraint for s in sampled], logits.shape[-1])
+        banned = (torch.from_numpy(banned).to(logits.device, non_blocking=True), banned.all(1).tolist())
     tokens, logprobs, failures = sample(
         logits, [s.params for s in sampled], [s.generator for s in sampled],
         [(s.prompt, s.output, s.stop_ids if len(s.output) < s.params.min_tokens else frozenset()) for s in sampled],
-        allowed)
+        banned)
     for seq, token, logprob, failure in zip(sampled, tokens, logprobs, failures):
         if failure is None and seq.constraint is not None and token not in seq.stop_ids:
             failure = advance(seq.constraint, token)
