@@ -6,10 +6,12 @@ engine's sampler and vLLM's ``SamplingParams`` both receive only parameters that
 
 from __future__ import annotations
 
+import json
 import math
 
-from .base import MAX_LOGPROBS, MIN_REPETITION_PENALTY, SEED_RANGE, SamplingParams
+from .base import MAX_LOGPROBS, MIN_REPETITION_PENALTY, SEED_RANGE, SamplingParams, StructuredOutputs
 from .errors import RequestError
+from .structured import check_bounds
 
 
 def check_params(params: SamplingParams) -> None:
@@ -49,6 +51,39 @@ def check_params(params: SamplingParams) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or not 0 <= value <= MAX_LOGPROBS):
             raise RequestError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None; got {value!r}")
+    if params.structured_outputs is not None:
+        check_structured(params.structured_outputs)
+
+
+def check_structured(spec: StructuredOutputs) -> None:
+    """A RequestError naming the field of ``spec`` whose type is wrong, or that is too large (structured.py's
+    bounds); what compiles is the grammar library's to say."""
+    if not isinstance(spec, StructuredOutputs):
+        raise RequestError(f"structured_outputs must be a StructuredOutputs; got {_short(spec)}")
+    try:
+        kind = spec.kind()
+    except ValueError as exc:
+        raise RequestError(f"structured_outputs: {exc}") from None
+    value = getattr(spec, kind)
+    name = f"structured_outputs.{kind}"
+    if kind == "json":
+        schema = value
+        if isinstance(value, str):
+            try:
+                schema = json.loads(value)
+            except ValueError as exc:
+                raise RequestError(f"{name} is not valid JSON: {exc}") from None
+        if not isinstance(schema, (dict, bool)):
+            raise RequestError(f"{name} must be a JSON schema (an object, or its JSON text); got {_short(value)}")
+    elif kind == "choice":
+        if not isinstance(value, (list, tuple)) or not value or any(not isinstance(c, str) for c in value):
+            raise RequestError(f"{name} must be a non-empty list of strings; got {_short(value)}")
+    elif kind == "json_object":
+        if value is not True:
+            raise RequestError(f"{name} must be true or unset; got {_short(value)}")
+    elif not isinstance(value, str) or not value:
+        raise RequestError(f"{name} must be a non-empty string; got {_short(value)}")
+    check_bounds(spec)
 
 
 def _short(value: object) -> str:

@@ -34,6 +34,7 @@ from ..engine_base import EngineBase, ReadAdapter
 from ..errors import EngineClosedError
 from ..frontend import Prepared, folder_tokenizer
 from ..options import DEFAULT_MAX_LORA_RANK, EngineOptions, checkpoint_dtype
+from ..structured import StructuredCompiler
 from ..text import TextStream
 from .adapter_cache import AdapterCache, AdapterRecord, read_factors
 from .architectures import runner_class
@@ -73,6 +74,8 @@ class TorchEngine(EngineBase):
         self.core = EngineCore(self.runner, self.slots, self.cache, self.pool, options.max_num_seqs,
                                options.max_num_batched_tokens, self._deliver, self.waiting.leave)
         self._reads: dict[str, asyncio.Future] = {}
+        self.structured = StructuredCompiler(self.frontend.vocab_size, self.frontend.eos_ids,
+                                             options.structured_outputs_any_whitespace)
 
     @classmethod
     def from_pretrained(cls, base_path: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
@@ -124,6 +127,7 @@ class TorchEngine(EngineBase):
             self.core.stop()
             await asyncio.get_running_loop().run_in_executor(None, self.core.thread.join)
         self.core.closed = True
+        self.structured.close()
 
     def healthy(self) -> bool:
         return not self.core.closed and (self._loop is None or self.core.thread.is_alive())
@@ -138,6 +142,9 @@ class TorchEngine(EngineBase):
         return seq
 
     async def _submit(self, seq: Sequence):
+        spec = seq.params.structured_outputs
+        if spec is not None:  # compiled off the event loop, or refused (RequestError) within its bound
+            seq.constraint = await self.structured.constraint(spec, seq.outputs.text.tokenizer)
         if seq.adapter is not None:
             await self._make_resident(seq.adapter)
         if self.core.closed:

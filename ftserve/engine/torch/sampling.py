@@ -11,6 +11,8 @@ smallest set of most likely tokens whose probability sums to at least ``top_p`` 
 request's seed fixes its generator, so its draws do not depend on which other requests share the batch.
 A row whose shaped scores are not finite (NaN or +inf; -inf is a ban), or whose draw fails, fails alone:
 ``sample`` names the cause for that row and samples the others.
+A row under a structured output constraint (constrain.py) has every token its constraint does not allow next
+set to -inf after that shaping, so greedy choice, temperature, top-k/top-p and seeds act among the allowed ones.
 Log probabilities, when asked for, are those of the model's own logits (before shaping and temperature), as
 vLLM reports them by default.
 """
@@ -48,10 +50,13 @@ History = tuple[list[int], list[int], frozenset[int]]  # a row's prompt, output 
 
 
 def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           histories: list[History]) -> tuple[list[int | None], list[TokenLogprobs | None], list[str | None]]:
+           histories: list[History], banned: tuple[Tensor, list[bool]] | None = None,
+           ) -> tuple[list[int | None], list[TokenLogprobs | None], list[str | None]]:
     """Next token of every row of ``logits (rows, vocab)``, its log probabilities where asked for, and why a
     row failed (None for the rows that did not; their token is None). ``histories``: each row's (prompt,
-    output, banned) token ids, read by the penalties and min_tokens."""
+    output, banned) token ids, read by the penalties and min_tokens; ``banned``: the tokens the rows' structured
+    output constraints ban (``(rows, vocab)`` booleans, constrain.py; none in a row without one) and whether a
+    row's bans all, applied after the penalties and before temperature, top-k/top-p and greedy choice."""
     raw = logits
     failures: list[str | None] = [None] * len(params)
     shaped = [i for i, p in enumerate(params) if shapes_logits(p) or histories[i][2]]
@@ -59,7 +64,11 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
         logits = logits.clone()
         for i in shaped:
             shape_row(logits[i], params[i], *histories[i])
-            failures[i] = unusable(logits[i])
+    if banned is not None:  # one op over the step's logits, which also leaves ``raw`` as it was
+        logits = logits.masked_fill(banned[0], float("-inf"))
+        failures = ["its structured output constraint allows no token" if dead else None for dead in banned[1]]
+    for i in shaped:
+        failures[i] = failures[i] or unusable(logits[i])
     tokens: list[int | None] = logits.argmax(dim=-1).tolist()
     for i, (p, generator) in enumerate(zip(params, generators)):
         if failures[i] is None and not is_greedy(p):

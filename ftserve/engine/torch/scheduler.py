@@ -16,7 +16,7 @@ KV blocks (kv_blocks.py) are taken as each piece needs them. When a decode or th
 one, the newest running request is preempted by recomputation (vLLM's default): its blocks go back, it returns
 to the head of the queue, and when readmitted it prefills its prompt and the output so far again (the full
 blocks it had computed are usually still cached), then goes on sampling; its emitted tokens are kept, never
-sent twice. Preempting always the newest means the oldest request always makes progress (the pool holds at
+sent twice (so a structured output constraint, which has consumed them, stays valid). Preempting always the newest means the oldest request always makes progress (the pool holds at
 least one request of ``max_model_len`` tokens). Admission leaves one spare block per running request, so
 newcomers do not push running requests out at their next block.
 
@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 
 from ..base import SamplingParams, TokenLogprobs
+from ..structured import Constraint
 from .adapter_cache import AdapterCache, AdapterRecord
 from .kv_blocks import BLOCK_SIZE, BlockPool
 from .runner import Piece
@@ -67,6 +68,7 @@ class Sequence:
     finished: bool = False
     blocked_steps: int = 0  # steps spent at the head of the queue without an adapter slot
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # filled chunk by chunk when asked for
+    constraint: Constraint | None = None  # structured outputs: its matcher, advanced with each output token
     outputs: object = None  # the caller's side (detokenize.OutputStream), touched on its event loop only
 
     def __post_init__(self) -> None:

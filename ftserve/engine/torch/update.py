@@ -1,8 +1,10 @@
 """Applying an executed step to its requests (vLLM's ``update_from_output``).
 
 ``sample_step`` reads the step's logits: prompt log probabilities where asked, then one next token for every
-piece the plan samples. A row whose scores are not finite (an adapter, or the base, overflowed), or whose own
-sampling parameters break its draw, fails alone; the rows beside it go on. ``update`` then advances each
+piece the plan samples, masked to what its structured output constraint allows if it has one (constrain.py;
+the chosen token then advances the constraint). A row whose scores are not finite (an adapter, or the base,
+overflowed), or whose own sampling parameters or constraint break its draw, fails alone; the rows beside it
+go on. ``update`` then advances each
 row's KV cache length, appends the tokens, finds the requests that end (a stop token, ``max_tokens``, the
 context length) and emits one chunk per token, or the row's error. Chunks carry token ids; their text, and
 stop strings, are the caller's (detokenize.py), off this thread.
@@ -16,6 +18,7 @@ import torch
 
 from ..base import StreamChunk, TokenLogprobs
 from ..errors import GenerationError, SamplingError
+from .constrain import advance, banned_tokens
 from .runner import Piece
 from .sampling import sample, token_logprobs
 from .scheduler import Sequence, StepPlan
@@ -45,10 +48,17 @@ def sample_step(plan: StepPlan, logits: torch.Tensor, dtype: torch.dtype) -> lis
         keep = [i for i, ok in enumerate(finite) if ok]
         logits = logits[keep]
         sampled = [sampled[i] for i in keep]
+    banned = None
+    if any(s.constraint is not None for s in sampled):
+        banned = banned_tokens([s.constraint for s in sampled], logits.shape[-1])
+        banned = (torch.from_numpy(banned).to(logits.device, non_blocking=True), banned.all(1).tolist())
     tokens, logprobs, failures = sample(
         logits, [s.params for s in sampled], [s.generator for s in sampled],
-        [(s.prompt, s.output, s.stop_ids if len(s.output) < s.params.min_tokens else frozenset()) for s in sampled])
+        [(s.prompt, s.output, s.stop_ids if len(s.output) < s.params.min_tokens else frozenset()) for s in sampled],
+        banned)
     for seq, token, logprob, failure in zip(sampled, tokens, logprobs, failures):
+        if failure is None and seq.constraint is not None and token not in seq.stop_ids:
+            failure = advance(seq.constraint, token)
         if failure is None:
             outcomes.append((seq, token, logprob))
         else:
