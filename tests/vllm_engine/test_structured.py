@@ -33,7 +33,7 @@ RECURSIVE = {"$ref": "#/$defs/n", "$defs": {"n": {"type": "object", "properties"
                                                   "required": ["k"]}}}  # no finite answer: {"k":{"k":...
 VLLM_SAYS = {  # what vLLM's (or llguidance's) words in each error hold
     "schema of an unknown type": "does not compile: Invalid type: frobnicate",
-    "schema text that is not JSON": "is not valid: key must be a string",
+    "schema text that is not JSON": "is invalid: key must be a string",
     "regex that does not compile": "unclosed group",
     "GBNF that does not parse": "Failed to convert the grammar from GBNF to Lark",
     "Lark that does not parse": "does not compile: 1(10): Expected token ')'",

@@ -72,7 +72,7 @@ def check(spec: StructuredOutputs, sampling: Any, llm: Any) -> None:
         key = get_structured_output_key(sampling.structured_outputs)
         grammar = serialize_guidance_grammar(*key, config.disable_any_whitespace)
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
-        raise RequestError(f"{name} is not valid: {exc}") from None
+        raise RequestError(f"{name} is invalid: {exc}") from None
     limits = llguidance.LLParserLimits(max_grammar_size=MAX_GRAMMAR_SYMBOLS)
     error = llguidance.LLMatcher.validate_grammar(grammar, None, limits=limits)
     if "grammar size" in error:
