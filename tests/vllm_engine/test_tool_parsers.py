@@ -5,7 +5,8 @@ A finished answer: the same content and the same calls (name, arguments text), c
 (blank content beside calls is None). A stream split at every character: the same content joined, and per call
 the same name and the same arguments joined, with vLLM's end-of-stream flush of arguments parsed but not yet sent;
 each call's first delta carries its id (``chatcmpl-tool-`` and 16 hex digits, as vLLM's) and type. Split in two
-anywhere: hermes as vLLM's; llama3_json as ftserve's own character by character. No engine runs here: the parsers are pure functions of text.
+anywhere: hermes as vLLM's; llama3_json as ftserve's own, token by token. No engine runs here: the parsers are
+pure functions of text.
 """
 
 import os

@@ -10,9 +10,10 @@ The front end (../frontend.py) checks and tokenizes each request and names the a
 (../engine_base.py) keeps streams, the life cycle and adapter loads, exactly as for the torch engine; vLLM runs the
 token ids it is handed, one ``LoRARequest`` per request (each adapter name keeps one integer id for the engine's
 life), and streams ``RequestOutputKind.DELTA`` outputs, which become our chunks (outputs.py). Adapters reach vLLM
-only as checked plain-LoRA exports (adapters.py). Closing a stream aborts its vLLM request; ``shutdown`` aborts
-every request still running and stops vLLM's processes. On SIGTERM the server drains in-flight requests first, as
-with the torch engine (server/run.py).
+only as checked plain-LoRA exports (adapters.py). A request's ``structured_outputs`` runs on vLLM's own structured
+outputs (its guidance backend: llguidance, as on the torch engine), checked first (constraints.py). Closing a
+stream aborts its vLLM request; ``shutdown`` aborts every request still running and stops vLLM's processes. On
+SIGTERM the server drains in-flight requests first, as with the torch engine (server/run.py).
 
 vLLM's scale flags (tensor and pipeline parallelism, several nodes, GPU memory, eager mode, quantization)
 come from EngineOptions and are passed to ``AsyncEngineArgs`` as they are.
