@@ -128,6 +128,21 @@ def test_seeded_sampling_under_a_schema_validates_and_repeats(served):
     assert first == again and first[2] == "stop" and valid(first[1], SCHEMAS["enum and boolean"])
 
 
+def test_logprobs_and_stop_strings_keep_their_meaning_under_a_constraint(served):
+    """Log probabilities are the model's own, one per token; a stop string ends the answer where it appears."""
+    spec = StructuredOutputs(regex=r"[a-c]{3}-\d{2}")
+    ids, text, finish = served.answer(spec)
+    chunks = served.run(_chunks(served.engine, GenerationRequest(PROMPTS[0], params=constrained(spec, logprobs=2))))
+    logprobs = [entry for chunk in chunks for entry in chunk.logprobs or []]
+    assert [entry.token_id for entry in logprobs] == ids and all(len(entry.top) == 2 for entry in logprobs)
+    _, cut, finish = served.answer(spec, stop=["-"])
+    assert finish == "stop" and cut == text[:text.index("-")]
+
+
+async def _chunks(engine, request):
+    return [chunk async for chunk in engine.generate(request)]
+
+
 def test_a_mixed_batch_equals_each_request_alone(served):
     """Four adapters and the base, half the rows constrained (each its own schema) and half not, in one batch:
     every row's tokens equal the same request sent alone, and every constrained answer validates."""

@@ -6,12 +6,12 @@ request's grammar on a thread of its engine core. What it does with a bad or hug
 contract asks, so every constraint is checked here first, off the event loop (``check``):
 
 * vLLM's front end validates a constraint on the event loop when the request is added (its
-  ``SamplingParams.verify``: llguidance's ``validate_grammar``, without bounds) and its core then compiles it
-  for the tokenizer, with no bound either: a schema of 10,000 properties holds the event loop 2.3 s and the
-  request 8 s more on a 2-core CPU. Here the grammar vLLM would compile (its own ``serialize_guidance_grammar``)
-  is validated under llguidance's limits first: at most MAX_GRAMMAR_SYMBOLS symbols, refused within about 0.1 s; what
-  passes compiles in well under a second, and vLLM's own checks then run here too, so whatever vLLM refuses is
-  refused before it is queued, as a RequestError naming the field (``structured_outputs.json: ...``);
+  ``SamplingParams.verify``: llguidance's ``validate_grammar``, unbounded), and its core then compiles it for
+  the tokenizer, unbounded too; both grow faster than the schema (seconds for thousands of properties). Here
+  the grammar vLLM would compile (its own ``serialize_guidance_grammar``) is validated first under llguidance's
+  limits, at most MAX_GRAMMAR_SYMBOLS symbols, which keeps vLLM's event-loop validation and its compile of
+  whatever passes short; vLLM's own checks then run here too. So whatever vLLM would refuse is refused before
+  it is queued, as a RequestError naming the field (``structured_outputs.json ...``), within CHECK_TIMEOUT_S;
 * a grammar vLLM's core fails to compile, or cannot follow (a recursive schema whose Earley items pass
   llguidance's limit at some token), ends the request with finish reason ``error`` and vLLM logs why; the
   engine raises it out of the stream as a RequestError naming the field (``grammar_failed``).
@@ -24,8 +24,8 @@ from typing import Any
 from ..base import StructuredOutputs
 from ..errors import RequestError
 
-MAX_GRAMMAR_SYMBOLS = 20_000  # llguidance's grammar size: about 2,500 flat JSON properties
-CHECK_TIMEOUT_S = 10.0  # a check that takes longer is refused; within MAX_GRAMMAR_SYMBOLS none has come near
+MAX_GRAMMAR_SYMBOLS = 20_000  # llguidance's grammar size (symbols in productions): ~2,500 flat JSON properties
+CHECK_TIMEOUT_S = 10.0  # a check that takes longer is refused (a backstop: MAX_GRAMMAR_SYMBOLS bounds it)
 
 
 def config(any_whitespace: bool) -> Any:
