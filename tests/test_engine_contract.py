@@ -10,13 +10,14 @@ import asyncio
 import json
 import os
 import random
+import re
 import shutil
 
 import pytest
 from safetensors.torch import load_file, save_file
 
 from ftserve.engine import ENGINES, create_engine, engine_factory, missing
-from ftserve.engine.base import STATS_KEYS, GenerationRequest, SamplingParams
+from ftserve.engine.base import STATS_KEYS, GenerationRequest, SamplingParams, StructuredOutputs
 from ftserve.engine.errors import (AdapterExistsError, AdapterLoadError, ContextLengthError, EngineClosedError,
                                    EngineUnavailableError, GenerationError, QueueFullError, RequestError,
                                    UnknownAdapterError)
@@ -25,6 +26,7 @@ from ftserve.errors import ServingError
 from ftserve.testing import save_tiny_model
 from support.cases import METHODS, PLAIN_FORM
 from support.engine import PROMPTS, collect, greedy, references, write_random_adapter
+from support.structured_cases import ANSWER_TOKENS, BAD_CONSTRAINTS, SCHEMAS, closing_bias, json_whitespace, valid
 
 PROMPT = [1, 5, 6, 7, 8, 9]
 
@@ -386,6 +388,68 @@ def test_an_adapter_that_overflows_fails_its_requests_alone(kind, llama_dir, fol
         assert isinstance(failure, GenerationError) and failure.http_status == 500
         assert "adapter 'huge'" in str(failure) and "not finite" in str(failure)
     assert len(base_sampled[0]) == 12
+
+
+# Structured outputs ------------------------------------------------------------------------------------
+# The same constraints on every engine (support/structured_cases.py): answers that finish hold to them, compact
+# JSON by default, rows of an adapter and of the base, constrained or not, in one batch; a bad constraint is a
+# RequestError naming its field, and the requests beside it finish as they would alone.
+
+def constrained(spec: StructuredOutputs, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=ANSWER_TOKENS, temperature=0.0, structured_outputs=spec, **kw)
+
+
+def test_constrained_answers_hold_in_a_mixed_batch(kind, llama_dir, adapters):
+    regex, choices = r"[a-c]{3}-\d{2}", ("yes", "no", "the cat")
+    jobs = [GenerationRequest(PROMPTS[i % 3], adapter, constrained(StructuredOutputs(json=SCHEMAS[name])))
+            for i, name in enumerate(sorted(SCHEMAS)) for adapter in (None, "lora")]
+    jobs += [GenerationRequest(PROMPTS[0], "lora", constrained(StructuredOutputs(regex=regex))),
+             GenerationRequest(PROMPTS[1], None, constrained(StructuredOutputs(choice=choices))),
+             GenerationRequest(PROMPTS[2], "lora", constrained(StructuredOutputs(grammar='root ::= "x" [yz] "w"'))),
+             GenerationRequest(PROMPTS[0], "lora", greedy(12)), GenerationRequest(PROMPTS[1], None, greedy(12))]
+
+    async def main():
+        async with build(kind, llama_dir, max_num_seqs=32) as engine:
+            await engine.load_adapter("lora", str(adapters["lora"]))
+            jobs.append(GenerationRequest(PROMPTS[2], None, constrained(StructuredOutputs(json_object=True),
+                                                                        logit_bias=closing_bias(engine))))
+            return await asyncio.gather(*[collect(engine, job) for job in jobs])
+
+    outs = asyncio.run(main())
+    alone = references(llama_dir, adapters["lora"], PROMPTS[:2], new=12)
+    assert [outs[-3][0], outs[-2][0]] == [alone[0], references(llama_dir, None, PROMPTS[1:2], new=12)[0]]
+    for job, (_, text, finish) in zip(jobs, outs):
+        spec = job.params.structured_outputs
+        if spec is None:
+            continue
+        assert finish == "stop", (spec, job.adapter, text)
+        if spec.json is not None:
+            assert valid(text, spec.json) and not json_whitespace(text), (job.adapter, text)
+    assert re.fullmatch(regex, outs[len(SCHEMAS) * 2][1]) and outs[len(SCHEMAS) * 2 + 1][1] in choices
+    assert re.fullmatch("x[yz]w", outs[len(SCHEMAS) * 2 + 2][1]) and isinstance(json.loads(outs[-1][1]), dict)
+
+
+def test_a_bad_constraint_fails_alone_naming_its_field(kind, llama_dir):
+    beside = [GenerationRequest(PROMPT, params=greedy(30)),
+              GenerationRequest(PROMPTS[2], params=constrained(StructuredOutputs(json=SCHEMAS["array"])))]
+
+    async def main():
+        async with build(kind, llama_dir) as engine:
+            alone = [await collect(engine, job) for job in beside]
+            running = [asyncio.create_task(collect(engine, job)) for job in beside]
+            errors = {}
+            for case, (spec, _) in BAD_CONSTRAINTS.items():
+                with pytest.raises(RequestError) as info:
+                    await collect(engine, GenerationRequest(PROMPT, params=constrained(spec)))
+                errors[case] = info.value
+            after = await collect(engine, GenerationRequest(PROMPT, params=constrained(StructuredOutputs(
+                choice=("a", "b")))))
+            return alone, await asyncio.gather(*running), errors, after, engine.healthy()
+
+    alone, results, errors, after, healthy = asyncio.run(main())
+    assert results == alone and healthy and after[2] == "stop"
+    for case, (_, field) in BAD_CONSTRAINTS.items():
+        assert errors[case].http_status == 400 and str(errors[case]).startswith(field), (case, str(errors[case]))
 
 
 # Hot swap ----------------------------------------------------------------------------------------------

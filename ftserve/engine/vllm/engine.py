@@ -10,9 +10,10 @@ The front end (../frontend.py) checks and tokenizes each request and names the a
 (../engine_base.py) keeps streams, the life cycle and adapter loads, exactly as for the torch engine; vLLM runs the
 token ids it is handed, one ``LoRARequest`` per request (each adapter name keeps one integer id for the engine's
 life), and streams ``RequestOutputKind.DELTA`` outputs, which become our chunks (outputs.py). Adapters reach vLLM
-only as checked plain-LoRA exports (adapters.py). Closing a stream aborts its vLLM request; ``shutdown`` aborts
-every request still running and stops vLLM's processes. On SIGTERM the server drains in-flight requests first, as
-with the torch engine (server/run.py).
+only as checked plain-LoRA exports (adapters.py). A request's ``structured_outputs`` runs on vLLM's own structured
+outputs (its guidance backend: llguidance, as on the torch engine), checked first (constraints.py). Closing a
+stream aborts its vLLM request; ``shutdown`` aborts every request still running and stops vLLM's processes. On
+SIGTERM the server drains in-flight requests first, as with the torch engine (server/run.py).
 
 vLLM's scale flags (tensor and pipeline parallelism, several nodes, GPU memory, eager mode, quantization)
 come from EngineOptions and are passed to ``AsyncEngineArgs`` as they are.
@@ -29,13 +30,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..base import MAX_LOGPROBS, AdapterInfo, GenerationRequest, SamplingParams, StreamChunk
+from ..base import MAX_LOGPROBS, AdapterInfo, GenerationRequest, SamplingParams, StreamChunk, StructuredOutputs
 from ..engine_base import EngineBase, ReadAdapter
 from ..errors import AdapterLoadError, EngineClosedError, GenerationError, RequestError
 from ..frontend import Prepared, RegisteredAdapter, folder_tokenizer
 from ..options import EngineOptions, EngineOptionsError, checkpoint_dtype
 from ..text import TextStream
 from .adapters import VLLM_DEFAULT_RANK, base_shapes, check_rank, prepare, zero_adapter
+from .constraints import CHECK_TIMEOUT_S, check, config, field, grammar_failed
 from .outputs import EngineCounters, prompt_logprobs, sample_logprobs, stat_logger_factory, vllm_sampling_params
 
 
@@ -90,7 +92,8 @@ class VllmEngine(EngineBase):
 
     def engine_args(self) -> Any:
         """vLLM's AsyncEngineArgs: our options under vLLM's names, fp32 or the checkpoint's dtype (vLLM's own
-        ``auto`` would halve a float32 checkpoint), no tokenizer (the front end tokenizes)."""
+        ``auto`` would halve a float32 checkpoint), structured outputs as constraints.config sets them. The front
+        end tokenizes; vLLM loads the base's tokenizer only for its grammars (none if the base has none)."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
 
@@ -112,7 +115,8 @@ class VllmEngine(EngineBase):
         if o.kv_cache_memory is not None:
             extra["kv_cache_memory_bytes"] = int(o.kv_cache_memory)  # vLLM's own; VLLM_CPU_KVCACHE_SPACE wins
         return AsyncEngineArgs(
-            model=self.base, served_model_name=[self.model_name], skip_tokenizer_init=True,
+            model=self.base, served_model_name=[self.model_name], skip_tokenizer_init=self.tokenizer is None,
+            structured_outputs_config=config(o.structured_outputs_any_whitespace),
             dtype=checkpoint_dtype(self.base) if o.dtype == "auto" else o.dtype, max_model_len=self.max_model_len,
             max_num_seqs=o.max_num_seqs, max_num_batched_tokens=o.max_num_batched_tokens, enable_lora=True,
             max_loras=o.max_loras + spare, max_cpu_loras=o.max_cpu_loras + spare, max_lora_rank=self.max_lora_rank,
@@ -170,12 +174,25 @@ class VllmEngine(EngineBase):
         from vllm.inputs import tokens_input
 
         self._check_open()
-        record = job.ready.adapter
-        job.outputs = self.llm.generate(tokens_input(job.ready.prompt),
-                                        vllm_sampling_params(job.params, job.ready.stop_ids), job.request_id,
+        record, sampling = job.ready.adapter, vllm_sampling_params(job.params, job.ready.stop_ids)
+        if job.params.structured_outputs is not None:
+            await self._check_constraint(job.params.structured_outputs, sampling)
+            self._check_open()
+        job.outputs = self.llm.generate(tokens_input(job.ready.prompt), sampling, job.request_id,
                                         lora_request=record.lora_request if record else self._base_lora)
         self._requests.add(job.request_id)
         return functools.partial(self._next_chunk, job)
+
+    async def _check_constraint(self, spec: StructuredOutputs, sampling: Any) -> None:
+        """A RequestError naming the field unless vLLM can compile ``spec`` (in ``sampling``, vLLM's params),
+        checked on a thread within CHECK_TIMEOUT_S (constraints.check)."""
+        if self.tokenizer is None:
+            raise RequestError(f"{field(spec)}: structured outputs need a tokenizer, and the base model has none")
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, check, spec, sampling, self.llm),
+                                   CHECK_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RequestError(f"{field(spec)} took more than {CHECK_TIMEOUT_S:g} s to check; simplify it") from None
 
     async def _next_chunk(self, job: VllmRequest) -> StreamChunk:
         """The next chunk vLLM's outputs make (an output that adds nothing is skipped); vLLM's errors as the
@@ -233,6 +250,9 @@ class VllmEngine(EngineBase):
         if finish is None and out.finished:
             finish = "stop" if completion.finish_reason == "stop" else "length"
             if completion.finish_reason not in ("stop", "length"):
+                spec = params.structured_outputs
+                if completion.finish_reason == "error" and spec is not None:
+                    raise grammar_failed(spec, emitted + len(ids))
                 raise EngineClosedError(f"vLLM ended the request ({completion.finish_reason})")
         job.emitted = emitted + keep
         chunk = StreamChunk(token_ids=ids[:keep], text=text.take(final=finish is not None), finish_reason=finish,

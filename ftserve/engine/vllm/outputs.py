@@ -16,10 +16,12 @@ from __future__ import annotations
 from typing import Any
 
 from ..base import SamplingParams, TokenLogprobs
+from .constraints import vllm_params
 
 
 def vllm_sampling_params(params: SamplingParams, stop_ids: frozenset[int]) -> Any:
-    """vLLM's SamplingParams with our meanings, streaming deltas (RequestOutputKind.DELTA)."""
+    """vLLM's SamplingParams with our meanings, streaming deltas (RequestOutputKind.DELTA); the constraint as
+    vLLM's StructuredOutputsParams (constraints.py)."""
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -29,7 +31,8 @@ def vllm_sampling_params(params: SamplingParams, stop_ids: frozenset[int]) -> An
         frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty,
         logit_bias=dict(params.logit_bias) or None, logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs,
         stop_token_ids=sorted(stop_ids), ignore_eos=True, detokenize=False, skip_special_tokens=True,
-        output_kind=RequestOutputKind.DELTA)
+        output_kind=RequestOutputKind.DELTA,
+        structured_outputs=None if params.structured_outputs is None else vllm_params(params.structured_outputs))
 
 
 def token_logprobs(token_id: int, entries: dict, k: int) -> TokenLogprobs:
