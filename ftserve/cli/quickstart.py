@@ -149,7 +149,7 @@ def _extract(url: str, model: str) -> str:
         country: str = Field(max_length=40)
 
     client = OpenAI(base_url=f"{url}/v1", api_key="none")
-    reply = client.chat.completions.parse(model=model, max_tokens=64, temperature=0, response_format=Place,
+    reply = client.chat.completions.parse(model=model, max_tokens=200, temperature=0, response_format=Place,
                                           messages=[{"role": "user", "content": EXTRACT}])
     return repr(reply.choices[0].message.parsed)
 
