@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 
 from ftserve.engine.base import GenerationRequest, SamplingParams, StructuredOutputs
-from ftserve.engine.errors import RequestError
+from ftserve.engine.errors import RequestError, SamplingError
 from ftserve.engine.structured import MAX_SCHEMA_DEPTH
 from ftserve.engine.torch import TorchEngine
 
@@ -221,3 +221,19 @@ def test_each_bad_constraint_is_a_request_error_naming_its_field_and_others_go_o
     for (spec, field, cause), message in zip(BAD + BAD[2:4], messages):
         assert message is not None and message.startswith(field) and cause in message, (spec, message)
     assert slow.startswith("structured_outputs.json took too long")
+
+
+def test_a_row_whose_constraint_and_min_tokens_leave_no_token_fails_alone(llama_dir):
+    """A finished choice allows only the end of sequence, which min_tokens still bans: that row's SamplingError;
+    the unconstrained request beside it gets its solo answer."""
+    stuck = GenerationRequest(PROMPTS[0], params=params(StructuredOutputs(choice=("yes", "no")), min_tokens=10))
+    other = GenerationRequest(PROMPTS[1], params=params(max_tokens=30, ignore_eos=True))
+
+    async def main():
+        async with TorchEngine.from_pretrained(llama_dir) as engine:
+            alone = await collect(engine, other)
+            outcomes = await asyncio.gather(collect(engine, stuck), collect(engine, other), return_exceptions=True)
+            return alone, outcomes
+    alone, (failed, beside) = asyncio.run(main())
+    assert isinstance(failed, SamplingError) and "every token is banned" in str(failed)
+    assert beside == alone
