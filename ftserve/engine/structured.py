@@ -9,8 +9,9 @@ so no model can loop on blanks; JSON strings never hold raw control characters (
 
 Bounded compilation. A constraint is checked before anything compiles (``check_bounds``: at most
 MAX_SPEC_CHARS characters of schema, regex, grammar or choices, MAX_SCHEMA_NODES JSON values in a schema,
-nested at most MAX_SCHEMA_DEPTH deep, MAX_CHOICES choices), then compiled under llguidance's ``LIMITS`` on a
-pool of MAX_COMPILES threads (llguidance releases the GIL while it compiles), never on the event loop. **A
+nested at most MAX_SCHEMA_DEPTH deep, MAX_CHOICES choices), then compiled under llguidance's parser limits
+(``_limits``) on a pool of MAX_COMPILES threads (llguidance releases the GIL while it compiles), never on the
+event loop. **A
 request's constraint is compiled, or refused, within COMPILE_TIMEOUT_S (5 s) of the engine taking it**;
 beyond MAX_PENDING compiles waiting or running, a new one is refused at once with QueueFullError (503), so
 pathological requests cannot pile up threads. A compile that outlives its requests' wait still finishes
@@ -201,7 +202,7 @@ class StructuredCompiler:
         return self._pool
 
     def _compile(self, key: tuple, spec: StructuredOutputs, tokenizer: Any) -> _Compiled:
-        """On a compile thread: the grammar, its matcher under LIMITS, and the cache entry (or the refusal)."""
+        """On a compile thread: the grammar, its matcher under ``_limits()``, and the cache entry (or the refusal)."""
         import llguidance
 
         name = field_name(spec)
