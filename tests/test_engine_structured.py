@@ -142,14 +142,14 @@ def test_a_stop_string_cuts_a_constrained_answer(llama_dir):
     assert outs[0][1:] == ("a", "stop")  # "abbbbbc" up to the stop string
 
 
-LONG = [StructuredOutputs(regex="[a-z]{60}"), StructuredOutputs(json={
-    "type": "array", "items": {"type": "string", "minLength": 10, "maxLength": 10}, "minItems": 4, "maxItems": 4})]
+LONG = [StructuredOutputs(regex="[a-z]{120}"), StructuredOutputs(json={
+    "type": "array", "items": {"type": "string", "minLength": 10, "maxLength": 10}, "minItems": 8, "maxItems": 8})]
 
 
 def test_preempted_constrained_requests_stay_valid_and_equal_a_big_caches(llama_dir):
-    """Twelve requests of about 40 + 50 tokens in a cache of 34 blocks: preempted and recomputed, each answer
+    """Twelve requests of about 40 + 30 to 115 tokens in a cache of 34 blocks: preempted and recomputed, each answer
     is the big cache's, and valid: its constraint, which consumed the tokens sent before, goes on from there."""
-    jobs = [(PROMPTS[i % 4] * 8, params(LONG[i % 2], max_tokens=90)) for i in range(12)]
+    jobs = [(PROMPTS[i % 4] * 8, params(LONG[i % 2], max_tokens=160)) for i in range(12)]
     small, stats = serve(llama_dir, jobs, warm=True, max_num_seqs=12, kv_cache_memory=34 * BLOCK_BYTES)
     big, big_stats = serve(llama_dir, jobs, warm=True, max_num_seqs=12)
     assert stats["preemptions_total"] > 0 and big_stats["preemptions_total"] == 0
@@ -157,7 +157,7 @@ def test_preempted_constrained_requests_stay_valid_and_equal_a_big_caches(llama_
     for (_, p), (_, text, finish) in zip(jobs, small):
         assert finish == "stop"
         if p.structured_outputs.regex:
-            assert re.fullmatch("[a-z]{60}", text), text
+            assert re.fullmatch("[a-z]{120}", text), text
         else:
             check_json(text, finish, p.structured_outputs.json)
 
