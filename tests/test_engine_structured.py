@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 
 from ftserve.engine.base import GenerationRequest, SamplingParams, StructuredOutputs
-from ftserve.engine.errors import RequestError
+from ftserve.engine.errors import RequestError, SamplingError
 from ftserve.engine.structured import MAX_SCHEMA_DEPTH
 from ftserve.engine.torch import TorchEngine
 
@@ -142,14 +142,14 @@ def test_a_stop_string_cuts_a_constrained_answer(llama_dir):
     assert outs[0][1:] == ("a", "stop")  # "abbbbbc" up to the stop string
 
 
-LONG = [StructuredOutputs(regex="[a-z]{60}"), StructuredOutputs(json={
-    "type": "array", "items": {"type": "string", "minLength": 10, "maxLength": 10}, "minItems": 4, "maxItems": 4})]
+LONG = [StructuredOutputs(regex="[a-z]{120}"), StructuredOutputs(json={
+    "type": "array", "items": {"type": "string", "minLength": 10, "maxLength": 10}, "minItems": 8, "maxItems": 8})]
 
 
 def test_preempted_constrained_requests_stay_valid_and_equal_a_big_caches(llama_dir):
-    """Twelve requests of about 40 + 50 tokens in a cache of 34 blocks: preempted and recomputed, each answer
+    """Twelve requests of about 40 + 30 to 115 tokens in a cache of 34 blocks: preempted and recomputed, each answer
     is the big cache's, and valid: its constraint, which consumed the tokens sent before, goes on from there."""
-    jobs = [(PROMPTS[i % 4] * 8, params(LONG[i % 2], max_tokens=90)) for i in range(12)]
+    jobs = [(PROMPTS[i % 4] * 8, params(LONG[i % 2], max_tokens=160)) for i in range(12)]
     small, stats = serve(llama_dir, jobs, warm=True, max_num_seqs=12, kv_cache_memory=34 * BLOCK_BYTES)
     big, big_stats = serve(llama_dir, jobs, warm=True, max_num_seqs=12)
     assert stats["preemptions_total"] > 0 and big_stats["preemptions_total"] == 0
@@ -157,7 +157,7 @@ def test_preempted_constrained_requests_stay_valid_and_equal_a_big_caches(llama_
     for (_, p), (_, text, finish) in zip(jobs, small):
         assert finish == "stop"
         if p.structured_outputs.regex:
-            assert re.fullmatch("[a-z]{60}", text), text
+            assert re.fullmatch("[a-z]{120}", text), text
         else:
             check_json(text, finish, p.structured_outputs.json)
 
@@ -221,3 +221,19 @@ def test_each_bad_constraint_is_a_request_error_naming_its_field_and_others_go_o
     for (spec, field, cause), message in zip(BAD + BAD[2:4], messages):
         assert message is not None and message.startswith(field) and cause in message, (spec, message)
     assert slow.startswith("structured_outputs.json took too long")
+
+
+def test_a_row_whose_constraint_and_min_tokens_leave_no_token_fails_alone(llama_dir):
+    """A finished choice allows only the end of sequence, which min_tokens still bans: that row's SamplingError;
+    the unconstrained request beside it gets its solo answer."""
+    stuck = GenerationRequest(PROMPTS[0], params=params(StructuredOutputs(choice=("yes", "no")), min_tokens=10))
+    other = GenerationRequest(PROMPTS[1], params=params(max_tokens=30, ignore_eos=True))
+
+    async def main():
+        async with TorchEngine.from_pretrained(llama_dir) as engine:
+            alone = await collect(engine, other)
+            outcomes = await asyncio.gather(collect(engine, stuck), collect(engine, other), return_exceptions=True)
+            return alone, outcomes
+    alone, (failed, beside) = asyncio.run(main())
+    assert isinstance(failed, SamplingError) and "every token is banned" in str(failed)
+    assert beside == alone

@@ -9,8 +9,9 @@ so no model can loop on blanks; JSON strings never hold raw control characters (
 
 Bounded compilation. A constraint is checked before anything compiles (``check_bounds``: at most
 MAX_SPEC_CHARS characters of schema, regex, grammar or choices, MAX_SCHEMA_NODES JSON values in a schema,
-nested at most MAX_SCHEMA_DEPTH deep, MAX_CHOICES choices), then compiled under llguidance's ``LIMITS`` on a
-pool of MAX_COMPILES threads (llguidance releases the GIL while it compiles), never on the event loop. **A
+nested at most MAX_SCHEMA_DEPTH deep, MAX_CHOICES choices), then compiled under llguidance's parser limits
+(``_limits``) on a pool of MAX_COMPILES threads (llguidance releases the GIL while it compiles), never on the
+event loop. **A
 request's constraint is compiled, or refused, within COMPILE_TIMEOUT_S (5 s) of the engine taking it**;
 beyond MAX_PENDING compiles waiting or running, a new one is refused at once with QueueFullError (503), so
 pathological requests cannot pile up threads. A compile that outlives its requests' wait still finishes
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import StructuredOutputs
-from .errors import QueueFullError, RequestError
+from .errors import EngineClosedError, QueueFullError, RequestError
 
 MAX_SPEC_CHARS = 100_000  # a schema's canonical JSON text, a regex, a grammar, or all choices together
 MAX_SCHEMA_NODES = 10_000  # JSON values (objects, arrays, strings, numbers...) in a schema
@@ -161,15 +162,21 @@ class StructuredCompiler:
         name = field_name(spec)
         if tokenizer is None:
             raise RequestError(f"{name} needs a tokenizer, and this engine was built without one")
-        check_bounds(spec)
-        key = (id(tokenizer), spec.kind(), canonical(spec), self.any_whitespace)
+        try:
+            key = (id(tokenizer), spec.kind(), canonical(spec), self.any_whitespace)
+        except (TypeError, ValueError):
+            key = None  # not JSON: check_bounds says so
         compiled = self._cached(key, tokenizer)
         if compiled is None:
+            check_bounds(spec)
             future = self._pending.get(key)
             if future is None:
                 if len(self._pending) >= MAX_PENDING:
                     raise QueueFullError(f"{MAX_PENDING} grammars are being compiled; retry {name} later")
-                future = self._executor().submit(self._compile, key, spec, tokenizer)
+                try:
+                    future = self._executor().submit(self._compile, key, spec, tokenizer)
+                except RuntimeError:  # the pool was shut down with the engine
+                    raise EngineClosedError("the engine was shut down") from None
                 self._pending[key] = future
                 future.add_done_callback(lambda _: self._pending.pop(key, None))
             try:
@@ -195,7 +202,7 @@ class StructuredCompiler:
         return self._pool
 
     def _compile(self, key: tuple, spec: StructuredOutputs, tokenizer: Any) -> _Compiled:
-        """On a compile thread: the grammar, its matcher under LIMITS, and the cache entry (or the refusal)."""
+        """On a compile thread: the grammar, its matcher under ``_limits()``, and the cache entry (or the refusal)."""
         import llguidance
 
         name = field_name(spec)
@@ -234,16 +241,18 @@ class StructuredCompiler:
         return lltok
 
     def close(self) -> None:
-        """Stop taking compiles; those running finish on their threads."""
+        """Stop taking compiles; those queued or running finish on their threads (llguidance's limits bound
+        them), and their requests then meet the closed engine."""
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=False)
 
 
 def _limits() -> Any:
     import llguidance
 
-    # llguidance's defaults, but a grammar at most a fifth of its default size: what MAX_SCHEMA_NODES allows
-    # fits, and compiling any grammar is then bounded well inside COMPILE_TIMEOUT_S.
+    # llguidance's defaults (lexer fuel, Earley items per step, lexer states), but a grammar at most a fifth of
+    # its default size: the largest schemas the bounds above let through still fit, and the work a compile that
+    # outlives COMPILE_TIMEOUT_S goes on doing stays small.
     return llguidance.LLParserLimits(max_grammar_size=100_000, verbose_errors=False)
 
 

@@ -64,8 +64,10 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
         logits = logits.clone()
         for i in shaped:
             shape_row(logits[i], params[i], *histories[i])
-    if banned is not None:  # one op over the step's logits, which also leaves ``raw`` as it was
-        logits = logits.masked_fill(banned[0], float("-inf"))
+    if banned is not None:  # one op over the step's logits; in place unless ``raw`` is still to be read
+        keep_raw = not shaped and any(p.logprobs is not None for p in params)
+        logits = logits.masked_fill(banned[0], float("-inf")) if keep_raw else logits.masked_fill_(
+            banned[0], float("-inf"))
         failures = ["its structured output constraint allows no token" if dead else None for dead in banned[1]]
     for i in shaped:
         failures[i] = failures[i] or unusable(logits[i])

@@ -16,9 +16,10 @@ KV blocks (kv_blocks.py) are taken as each piece needs them. When a decode or th
 one, the newest running request is preempted by recomputation (vLLM's default): its blocks go back, it returns
 to the head of the queue, and when readmitted it prefills its prompt and the output so far again (the full
 blocks it had computed are usually still cached), then goes on sampling; its emitted tokens are kept, never
-sent twice (so a structured output constraint, which has consumed them, stays valid). Preempting always the newest means the oldest request always makes progress (the pool holds at
-least one request of ``max_model_len`` tokens). Admission leaves one spare block per running request, so
-newcomers do not push running requests out at their next block.
+sent twice (so its structured output constraint, which has consumed them, stays valid). Preempting always the
+newest means the oldest request always makes progress (the pool holds at least one request of
+``max_model_len`` tokens). Admission leaves one spare block per running request, so newcomers do not push
+running requests out at their next block.
 
 With prefix caching, a new request first takes the cached blocks its tokens start with (named per adapter)
 and prefills the rest; a request asking for prompt log probabilities computes every token itself.

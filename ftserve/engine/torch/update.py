@@ -4,10 +4,9 @@
 piece the plan samples, masked to what its structured output constraint allows if it has one (constrain.py;
 the chosen token then advances the constraint). A row whose scores are not finite (an adapter, or the base,
 overflowed), or whose own sampling parameters or constraint break its draw, fails alone; the rows beside it
-go on. ``update`` then advances each
-row's KV cache length, appends the tokens, finds the requests that end (a stop token, ``max_tokens``, the
-context length) and emits one chunk per token, or the row's error. Chunks carry token ids; their text, and
-stop strings, are the caller's (detokenize.py), off this thread.
+go on. ``update`` then advances each row's KV cache length, appends the tokens, finds the requests that end (a
+stop token, ``max_tokens``, the context length) and emits one chunk per token, or the row's error. Chunks
+carry token ids; their text, and stop strings, are the caller's (detokenize.py), off this thread.
 """
 
 from __future__ import annotations
