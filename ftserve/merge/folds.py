@@ -9,6 +9,7 @@ holds a few blocks of each input at a time, never a whole tensor (``reference_me
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -18,7 +19,8 @@ from torch import Tensor
 from ..errors import ConfigError
 from .combine import Scratch, TensorFold
 from .method_spec import ModelMergeMethod, TensorInputs, work_dtype
-from .sparsify import Bound, RankSearch, key_bits, key_passes, l1_scale, magnitude_keys, row_l1, top_k, uniforms
+from .sparsify import (Bound, RankSearch, key_bits, key_passes, l1_scale, magnitude_keys, row_l1, top_k_as_sorted,
+                       uniforms)
 
 SLERP_DOT_THRESHOLD, SLERP_EPS = 0.9995, 1e-8  # mergekit's: nearly parallel inputs interpolate linearly
 
@@ -77,9 +79,10 @@ class TaskVectorFold(TensorFold):
     """mergekit's generalized task arithmetic on blocks of rows: task vectors, sparsified, weighted, sign-elected
     (consensus), summed, normalized, scaled by lambda, added to the base (methods.py).
 
-    First passes: for magnitude cuts, ``key_passes`` histogram passes then one pass counting each row's ties;
-    for DELLA on a 1-D tensor, one pass collecting its magnitudes; with ``rescale``, one pass summing ``|d_i|``
-    and ``|masked d_i|`` per row."""
+    First passes: for the top-k magnitudes, one pass gathering the tensor's magnitude keys (sparsify.py: ties
+    as mergekit's sort leaves them); for breadcrumbs' cuts, ``key_passes`` histogram passes then one pass
+    counting each row's ties; for DELLA on a 1-D tensor, one pass collecting its magnitudes; with ``rescale``,
+    one pass summing ``|d_i|`` and ``|masked d_i|`` per row."""
 
     transposed = False
 
@@ -100,7 +103,11 @@ class TaskVectorFold(TensorFold):
                               f"magnitudes along its second dimension, where one element has no rank (mergekit "
                               f"fails on it); give it density 1 or merge it with another method")
         stages = []
-        if method.sparsification in ("magnitude", "magnitude_outliers") and self.sparse:
+        if method.sparsification == "magnitude" and self.sparse:
+            stages.append("order")
+            self.order_keys: dict[int, Tensor] = {}  # the whole tensor's keys per input, during that pass
+            self.order_lock = threading.Lock()
+        if method.sparsification == "magnitude_outliers" and self.sparse:
             stages += ["keys"] * key_passes(md) + ["ties"]
         if method.sparsification == "della_magprune" and self.sparse and len(tensor.shape) <= 1:
             stages.append("magnitudes")
@@ -114,9 +121,7 @@ class TaskVectorFold(TensorFold):
         s = _Sparsifier(i, value(t.params[i], "density"), value(t.params[i], "gamma") or 0.0,
                         value(t.params[i], "epsilon") or 0.0)
         numel, bits = t.numel, key_bits(t.math_dtype)
-        if self.method.sparsification == "magnitude":
-            s.searches = [RankSearch(numel - max(1, int(s.density * numel)), bits)]
-        elif self.method.sparsification == "magnitude_outliers":
+        if self.method.sparsification == "magnitude_outliers":
             target = int(s.density * numel)
             n_bot = max(0, numel - target - int(s.gamma * numel))
             s.cuts, s.keep_none = (n_bot, n_bot + target), target == 0
@@ -136,7 +141,11 @@ class TaskVectorFold(TensorFold):
             if stage == "ties" and not s.positioned:
                 continue
             delta = self._delta(i, rows, base, start, stop, scratch("tv_delta", tuple(base.shape), md))
-            if stage == "keys":
+            if stage == "order":
+                cols = self.tensor.cols
+                self._order_keys(i)[start * cols:stop * cols].copy_(magnitude_keys(delta).flatten())
+                out[i] = []
+            elif stage == "keys":
                 keys = magnitude_keys(delta)
                 out[i] = [search.histogram(keys) for search in s.searches]
             elif stage == "ties":
@@ -155,6 +164,15 @@ class TaskVectorFold(TensorFold):
         """Histograms are summed as they come (O(bins)); per-row values are kept in row order (O(rows))."""
         stage = self.stages[self.stage]
         totals: dict[int, list] = {}
+        if stage == "order":
+            for _ in partials:  # every block's keys written
+                pass
+            for i, s in self.sparse.items():
+                k = max(1, int(s.density * self.tensor.numel))
+                keys = self.order_keys.pop(i)
+                s.bounds = [top_k_as_sorted(keys, k)] if k < len(keys) else []
+            self.stage += 1
+            return
         for partial in partials:
             for i, values in partial.items():
                 if stage == "keys":
@@ -180,11 +198,16 @@ class TaskVectorFold(TensorFold):
                 s.scale = l1_scale(before, after, self.work_dtype)
         self.stage += 1
 
+    def _order_keys(self, i: int) -> Tensor:
+        """Input ``i``'s keys over the whole tensor (16-bit for a 16-bit math dtype), made by the first block."""
+        with self.order_lock:
+            if i not in self.order_keys:
+                dtype = torch.int16 if self.tensor.math_dtype.itemsize == 2 else torch.int32
+                self.order_keys[i] = torch.empty(self.tensor.numel, dtype=dtype)
+            return self.order_keys[i]
+
     def _bounds(self, s: _Sparsifier) -> None:
         numel = self.tensor.numel
-        if self.method.sparsification == "magnitude":
-            s.bounds = [top_k(s.searches[0], numel, max(1, int(s.density * numel)))]
-            return
         if s.keep_none:
             return
         n_bot, hi = s.cuts
@@ -228,6 +251,9 @@ class TaskVectorFold(TensorFold):
         keys = magnitude_keys(delta)
         keep = torch.ones_like(keys, dtype=torch.bool)
         for j, bound in enumerate(s.bounds):
+            if bound.kept is not None:
+                keep &= bound.keeps_listed(keys, start * self.tensor.cols)
+                continue
             starts = s.tie_starts.get(j)
             keep &= bound.keeps(keys, None if starts is None else int(starts[start]))
         return keep
