@@ -303,6 +303,27 @@ def test_same_seed_same_output_whatever_the_blocks(name):
     assert torch.equal(streamed(method, tensor, base, 24), whole)
 
 
+@pytest.mark.parametrize("rows", [8, 3])
+def test_dare_fold_reads_back_the_mask_its_first_pass_drew(rows, monkeypatch):
+    """With a rescale, the sums pass draws the mask and keeps it as bits; the fold draws nothing again where
+    every block starts on a byte (8 rows), and draws again where one does not (3 rows of 19): one output."""
+    import ftserve.merge.folds as folds
+
+    base, thetas = inputs_for("dare_ties", torch.float32, (37, 19))
+    per, shared = params_for("dare_ties", len(thetas))
+    tensor = tensor_inputs(base, thetas, per, shared)
+    fold, draws = METHODS["dare_ties"].fold(tensor), []
+    monkeypatch.setattr(folds, "uniforms", lambda *a, **k: draws.append(fold.stage) or uniforms(*a, **k))
+    weight = base.reshape(tensor.rows, -1).float()
+    blocks = [(a, min(a + rows, tensor.rows)) for a in range(0, tensor.rows, rows)]
+    fold.gather([fold.scan(weight[a:b].clone(), scratch, a, b) for a, b in blocks])
+    out = torch.cat([fold.block(weight[a:b].clone(), scratch, a, b).clone() for a, b in blocks])
+    assert draws.count(0) == 3 * len(blocks) and draws.count(1) == (0 if rows == 8 else 3 * len(blocks))
+    assert torch.equal(out.reshape(base.shape), streamed(METHODS["dare_ties"], tensor, base))
+    with pytest.raises(RuntimeError, match="folded every row already"):
+        fold.block(weight[:8].clone(), scratch, 0, 8)
+
+
 def test_dare_drops_one_minus_density_and_keeps_the_l1_norm():
     base, (theta,) = inputs_for("dare_linear", torch.float32, (256, 256), count=1)
     delta = theta - base

@@ -47,9 +47,9 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .folds import (SLERP_DOT_THRESHOLD, SLERP_EPS, LinearFold, SlerpFold, TaskVectorFold, combine_deltas,
-                    della_probabilities, row_ranks, slerp_coefficients, slerp_norm)
+from .folds import LinearFold, TaskVectorFold, combine_deltas, della_probabilities, row_ranks
 from .method_spec import REQUIRED, InputRows, ModelMergeMethod, Param, TensorInputs, TensorRows, work_dtype
+from .slerp import SLERP_DOT_THRESHOLD, SLERP_EPS, SlerpFold, slerp_coefficients, slerp_norm
 from .sparsify import l1_scale, magnitude_keys, row_l1, uniforms
 
 __all__ = ["METHODS", "NOT_SUPPORTED", "REQUIRED", "SLERP_DOT_THRESHOLD", "SLERP_EPS", "InputRows", "LinearFold",

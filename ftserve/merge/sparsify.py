@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -155,6 +156,17 @@ def uniforms(seed: int, name: str, index: int, numel: int, lo: int, hi: int, out
         else:
             target.copy_(torch.rand(size, generator=generator)[first:last])
     return out
+
+
+def pack_bits(flags: Tensor) -> Tensor:
+    """``flags`` (bool, contiguous) as uint8 bits, eight to a byte, the first in the lowest bit (numpy's
+    packbits: many times torch's shifts and sums)."""
+    return torch.from_numpy(np.packbits(flags.numpy().reshape(-1), bitorder="little"))
+
+
+def unpack_bits(bits: Tensor, count: int) -> Tensor:
+    """The first ``count`` flags of ``bits`` (pack_bits), as bool."""
+    return torch.from_numpy(np.unpackbits(bits.numpy(), count=count, bitorder="little").view(np.bool_))
 
 
 def l1_scale(before: float, after: float, dtype: torch.dtype, eps: float = 1e-7) -> Tensor | None:
