@@ -29,7 +29,6 @@ is partitioned, and ``SWAP_BATCH`` pairs of positions at a time.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 import numpy as np
 import torch
@@ -71,8 +70,8 @@ def release_freed_memory() -> None:
     masks and positions, a few MB to tens of MB, come from the heap once glibc has raised its mmap threshold,
     and tensor after tensor the freed ones fragment it: without this the peak RSS of a 2.7 GB merge doubles."""
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim(0)
-    except (AttributeError, OSError):
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols: glibc's where it is the C library
+    except (AttributeError, OSError, TypeError):
         pass
 
 
