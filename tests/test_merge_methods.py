@@ -6,8 +6,9 @@ point, the one its merge runs). Two things are ours by design, and the oracle is
 
 - random masks: mergekit's ``torch.bernoulli`` draws from our seeded chunks (``MergekitDraws``), so that DARE and
   DELLA are compared on the same mask;
-- ties at a magnitude cut: mergekit's sorts are unstable, ours stable; given stable sorts mergekit's result is
-  ours bit for bit, and without them the two differ only at elements tied at a cut.
+- ties at breadcrumbs' magnitude cuts: mergekit's sorts are unstable, ours stable there; given stable sorts
+  mergekit's result is ours bit for bit, and without them the two differ only at elements tied at a cut. At the
+  top-k cut (ties, magnitude_prune) ours keeps the ties mergekit's own sort keeps: its argsort stays as it is.
 
 Whole-tensor sums (an L1 rescale, slerp's norms and angle) are float64 sums of rows here and torch's fp32
 reductions there: those results agree to an ulp of the output in bf16 (a few in fp32), not bit for bit.
@@ -92,7 +93,8 @@ def tensor_inputs(base, thetas, per, shared, seed=SEED, math_dtype=None):
 
 class MergekitDraws:
     """``torch`` as mergekit's sparsify module sees it, with our random draws (input by input, in order) and,
-    when ``stable``, stable sorts."""
+    when ``stable``, stable sorts where ours are stable (breadcrumbs' sort, DELLA's ranks; the top-k's descending
+    argsort stays mergekit's)."""
 
     def __init__(self, tensor, stable, first=0):
         self.tensor, self.stable, self.calls = tensor, stable, first
@@ -106,7 +108,7 @@ class MergekitDraws:
         return (u < p).to(p.dtype)
 
     def argsort(self, x, dim=-1, descending=False):
-        return torch.argsort(x, dim=dim, descending=descending, stable=self.stable)
+        return torch.argsort(x, dim=dim, descending=descending, stable=self.stable and not descending)
 
     def sort(self, x, descending=False):
         return torch.sort(x, descending=descending, stable=self.stable)
@@ -231,10 +233,29 @@ def test_whole_tensor_sums_agree_with_mergekit_to_an_ulp(name, shape, dtype, mon
     assert_within_ulps(ours, theirs, base, 16 if dtype == torch.float32 else 1)
 
 
-@pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties", "magnitude_prune"])
+@pytest.mark.parametrize("name", ["ties", "magnitude_prune"])
+@pytest.mark.parametrize("shape", [(64, 48), (300, 700)], ids=str)
+def test_bf16_top_k_keeps_the_ties_mergekits_unstable_sort_keeps(name, shape, monkeypatch):
+    """In bf16 many task-vector entries share a magnitude, and the top-k cut falls among them: mergekit picks by
+    its unstable sort, and so do we (introsort's partitions replayed), bit for bit. The larger tensor spans
+    several of the replay's chunks."""
+    base, thetas = inputs_for(name, torch.bfloat16, shape, seed=3)
+    per, shared = params_for(name, len(thetas))
+    tensor = tensor_inputs(base, thetas, per, shared)
+    ours = streamed(METHODS[name], tensor, base, rows=64)
+    assert torch.equal(ours, mergekit_merge(name, base, thetas, per, shared, tensor, monkeypatch, stable=False))
+    for theta, p in zip(thetas, per):  # the cut falls inside a tie, for some input at least
+        magnitude = (theta - base).abs().float().flatten().sort(descending=True).values
+        k = max(1, int(p["density"] * magnitude.numel()))
+        if (magnitude == magnitude[k - 1]).sum() > (magnitude[:k] == magnitude[k - 1]).sum():
+            return
+    pytest.fail("no input has a tie at its cut")
+
+
+@pytest.mark.parametrize("name", ["breadcrumbs_ties"])
 def test_bf16_differs_from_mergekits_unstable_sort_only_at_tied_cuts(name, monkeypatch):
-    """In bf16 many task-vector entries share a magnitude; where one sits at a cut, mergekit picks by its
-    unstable sort and we by index. Every element that differs has some input tied at one of its cuts."""
+    """In bf16 many task-vector entries share a magnitude; where one sits at a breadcrumbs cut, mergekit picks by
+    its unstable sort and we by index. Every element that differs has some input tied at one of its cuts."""
     base, thetas = inputs_for(name, torch.bfloat16, (64, 48), seed=3)
     per, shared = params_for(name, len(thetas))
     tensor = tensor_inputs(base, thetas, per, shared)
@@ -282,6 +303,27 @@ def test_same_seed_same_output_whatever_the_blocks(name):
     assert torch.equal(streamed(method, tensor, base, 24), whole)
 
 
+@pytest.mark.parametrize("rows", [8, 3])
+def test_dare_fold_reads_back_the_mask_its_first_pass_drew(rows, monkeypatch):
+    """With a rescale, the sums pass draws the mask and keeps it as bits; the fold draws nothing again where
+    every block starts on a byte (8 rows), and draws again where one does not (3 rows of 19): one output."""
+    import ftserve.merge.folds as folds
+
+    base, thetas = inputs_for("dare_ties", torch.float32, (37, 19))
+    per, shared = params_for("dare_ties", len(thetas))
+    tensor = tensor_inputs(base, thetas, per, shared)
+    fold, draws = METHODS["dare_ties"].fold(tensor), []
+    monkeypatch.setattr(folds, "uniforms", lambda *a, **k: draws.append(fold.stage) or uniforms(*a, **k))
+    weight = base.reshape(tensor.rows, -1).float()
+    blocks = [(a, min(a + rows, tensor.rows)) for a in range(0, tensor.rows, rows)]
+    fold.gather([fold.scan(weight[a:b].clone(), scratch, a, b) for a, b in blocks])
+    out = torch.cat([fold.block(weight[a:b].clone(), scratch, a, b).clone() for a, b in blocks])
+    assert draws.count(0) == 3 * len(blocks) and draws.count(1) == (0 if rows == 8 else 3 * len(blocks))
+    assert torch.equal(out.reshape(base.shape), streamed(METHODS["dare_ties"], tensor, base))
+    with pytest.raises(RuntimeError, match="folded every row already"):
+        fold.block(weight[:8].clone(), scratch, 0, 8)
+
+
 def test_dare_drops_one_minus_density_and_keeps_the_l1_norm():
     base, (theta,) = inputs_for("dare_linear", torch.float32, (256, 256), count=1)
     delta = theta - base
@@ -307,9 +349,10 @@ def test_della_keeps_larger_magnitudes_more_often():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_magnitude_cut_inside_a_tie_takes_ties_in_index_order(dtype):
-    """The k-th magnitude is tied across several blocks: all larger ones are kept, then the tied ones in flat
-    index order until k. One input of weight 1, so the kept task vector is what comes out."""
+def test_magnitude_cut_inside_a_tie_takes_the_ties_mergekits_sort_takes(dtype):
+    """The k-th magnitude is tied across several blocks: all larger ones are kept, then the tied ones that
+    mergekit's ``argsort(descending=True)`` puts first (not index order). One input of weight 1, so the kept
+    task vector is what comes out."""
     rows, cols = 40, 3
     delta = torch.full((rows, cols), 0.5)
     delta[::7] = -2.0  # 18 larger, 6 rows of 3
@@ -321,7 +364,9 @@ def test_magnitude_cut_inside_a_tie_takes_ties_in_index_order(dtype):
     expected = torch.zeros(rows * cols)
     flat = delta.flatten()
     expected[flat == -2.0] = -2.0
-    expected[torch.nonzero(flat == 0.5).flatten()[:42]] = 0.5
+    kept = torch.argsort(flat.abs(), descending=True)[:60]
+    expected[kept[flat[kept] == 0.5]] = 0.5
+    assert not torch.equal(expected[flat == 0.5], (flat == 0.5).cumsum(0)[flat == 0.5].le(42).float() / 2)
     assert torch.equal(ours.float().flatten(), expected)
 
 

@@ -4,11 +4,15 @@ The task-vector methods are one fold (``TaskVectorFold``, mergekit's generalized
 of sparsification and of the sign election. Where the whole tensor matters (a magnitude threshold, a rescale
 sum, slerp's norms and angle) a fold asks write.py for first passes (combine.TensorFold), keeping O(rows) or
 O(histogram bins) between passes; sparsify.py says how thresholds stay exact and masks reproducible. A fold
-holds a few blocks of each input at a time, never a whole tensor (``reference_merge`` does, for verify).
+holds a few blocks of each input at a time, never a whole tensor (``reference_merge`` does, for verify), with
+two exceptions: a top-k cut gathers one input's magnitude keys (a 16-bit key per element of a 16-bit tensor) to
+keep mergekit's ties, and a DARE mask drawn in the first pass is kept as bits (one per element and input) for the
+fold. Slerp's fold is slerp.py's.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -17,10 +21,10 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .combine import Scratch, TensorFold
+from .introsort import release_freed_memory
 from .method_spec import ModelMergeMethod, TensorInputs, work_dtype
-from .sparsify import Bound, RankSearch, key_bits, key_passes, l1_scale, magnitude_keys, row_l1, top_k, uniforms
-
-SLERP_DOT_THRESHOLD, SLERP_EPS = 0.9995, 1e-8  # mergekit's: nearly parallel inputs interpolate linearly
+from .sparsify import (Bound, RankSearch, key_bits, key_passes, l1_scale, magnitude_keys, pack_bits, row_l1,
+                       top_k_as_sorted, uniforms, unpack_bits)
 
 
 def _md(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -66,6 +70,8 @@ class _Sparsifier:
     tie_starts: dict[int, Tensor] = field(default_factory=dict)   # bound -> first tie position of each row
     ranks: Tensor | None = None     # DELLA on a 1-D tensor: each element's ascending rank over the tensor
     scale: Tensor | None = None     # the L1 rescale factor, once summed
+    bits: Tensor | None = None      # DARE: the mask drawn in the sums pass, packed (sparsify.pack_bits)
+    packed: int = 0                 # elements of it packed so far; all of them, or the fold draws again
 
     @property
     def positioned(self) -> list[int]:
@@ -77,9 +83,10 @@ class TaskVectorFold(TensorFold):
     """mergekit's generalized task arithmetic on blocks of rows: task vectors, sparsified, weighted, sign-elected
     (consensus), summed, normalized, scaled by lambda, added to the base (methods.py).
 
-    First passes: for magnitude cuts, ``key_passes`` histogram passes then one pass counting each row's ties;
-    for DELLA on a 1-D tensor, one pass collecting its magnitudes; with ``rescale``, one pass summing ``|d_i|``
-    and ``|masked d_i|`` per row."""
+    First passes: for the top-k magnitudes, one pass per input gathering its magnitude keys over the tensor
+    (sparsify.py: ties as mergekit's sort leaves them); for breadcrumbs' cuts, ``key_passes`` histogram passes then one pass
+    counting each row's ties; for DELLA on a 1-D tensor, one pass collecting its magnitudes; with ``rescale``,
+    one pass summing ``|d_i|`` and ``|masked d_i|`` per row."""
 
     transposed = False
 
@@ -100,12 +107,16 @@ class TaskVectorFold(TensorFold):
                               f"magnitudes along its second dimension, where one element has no rank (mergekit "
                               f"fails on it); give it density 1 or merge it with another method")
         stages = []
-        if method.sparsification in ("magnitude", "magnitude_outliers") and self.sparse:
+        if method.sparsification == "magnitude" and self.sparse:  # first, one pass per input: its keys alone
+            self.ordered, self.order_keys, self.order_lock = list(self.sparse), None, threading.Lock()
+            stages += ["order"] * len(self.ordered)
+        if method.sparsification == "magnitude_outliers" and self.sparse:
             stages += ["keys"] * key_passes(md) + ["ties"]
         if method.sparsification == "della_magprune" and self.sparse and len(tensor.shape) <= 1:
             stages.append("magnitudes")
         if self.rescale and self.sparse:
             stages.append("sums")
+        self.lock, self.folded = threading.Lock(), 0  # rows folded, after which kept state is let go
         self.stages, self.stage = stages, 0
         self.passes = len(stages)
 
@@ -114,9 +125,7 @@ class TaskVectorFold(TensorFold):
         s = _Sparsifier(i, value(t.params[i], "density"), value(t.params[i], "gamma") or 0.0,
                         value(t.params[i], "epsilon") or 0.0)
         numel, bits = t.numel, key_bits(t.math_dtype)
-        if self.method.sparsification == "magnitude":
-            s.searches = [RankSearch(numel - max(1, int(s.density * numel)), bits)]
-        elif self.method.sparsification == "magnitude_outliers":
+        if self.method.sparsification == "magnitude_outliers":
             target = int(s.density * numel)
             n_bot = max(0, numel - target - int(s.gamma * numel))
             s.cuts, s.keep_none = (n_bot, n_bot + target), target == 0
@@ -133,10 +142,13 @@ class TaskVectorFold(TensorFold):
         base = _md(rows, md) if md == rows.dtype else scratch("tv_base", tuple(rows.shape), md).copy_(rows)
         out = {}
         for i, s in self.sparse.items():
-            if stage == "ties" and not s.positioned:
+            if (stage == "ties" and not s.positioned) or (stage == "order" and i != self.ordered[self.stage]):
                 continue
             delta = self._delta(i, rows, base, start, stop, scratch("tv_delta", tuple(base.shape), md))
-            if stage == "keys":
+            if stage == "order":
+                cols = self.tensor.cols
+                self._order_keys()[start * cols:stop * cols].copy_(magnitude_keys(delta).flatten())
+            elif stage == "keys":
                 keys = magnitude_keys(delta)
                 out[i] = [search.histogram(keys) for search in s.searches]
             elif stage == "ties":
@@ -148,13 +160,23 @@ class TaskVectorFold(TensorFold):
                 unmasked = _md(delta, self.work_dtype)
                 magnitudes = scratch("tv_abs", tuple(base.shape), torch.float64)
                 before = row_l1(unmasked, magnitudes)  # before _masked, which may mask delta in place
-                out[i] = [before, row_l1(self._masked(s, delta, scratch, start, stop), magnitudes)]
+                out[i] = [before, row_l1(self._masked(s, delta, scratch, start, stop, first_pass=True), magnitudes)]
         return out
 
     def gather(self, partials: Iterable[Any]) -> None:
         """Histograms are summed as they come (O(bins)); per-row values are kept in row order (O(rows))."""
         stage = self.stages[self.stage]
         totals: dict[int, list] = {}
+        if stage == "order":
+            for _ in partials:  # every block's keys written
+                pass
+            s, keys, self.order_keys = self.sparse[self.ordered[self.stage]], self.order_keys, None
+            k = max(1, int(s.density * self.tensor.numel))
+            s.bounds = [top_k_as_sorted(keys, k)] if k < len(keys) else []
+            del keys
+            release_freed_memory()
+            self.stage += 1
+            return
         for partial in partials:
             for i, values in partial.items():
                 if stage == "keys":
@@ -178,13 +200,19 @@ class TaskVectorFold(TensorFold):
             else:
                 before, after = (float(r.sum()) for r in rows)
                 s.scale = l1_scale(before, after, self.work_dtype)
+                s.bits = s.bits if s.packed == self.tensor.numel else None
         self.stage += 1
+
+    def _order_keys(self) -> Tensor:
+        """An input's keys over the whole tensor (16-bit for a 16-bit math dtype), made by the first block."""
+        with self.order_lock:
+            if self.order_keys is None:
+                dtype = torch.int16 if self.tensor.math_dtype.itemsize == 2 else torch.int32
+                self.order_keys = torch.empty(self.tensor.numel, dtype=dtype)
+            return self.order_keys
 
     def _bounds(self, s: _Sparsifier) -> None:
         numel = self.tensor.numel
-        if self.method.sparsification == "magnitude":
-            s.bounds = [top_k(s.searches[0], numel, max(1, int(s.density * numel)))]
-            return
         if s.keep_none:
             return
         n_bot, hi = s.cuts
@@ -202,25 +230,42 @@ class TaskVectorFold(TensorFold):
         """``d_i = theta_i - base`` in the math dtype, in ``out``."""
         return torch.sub(_md(self.tensor.inputs[i].rows(weight, start, stop), self.tensor.math_dtype), base, out=out)
 
-    def _masked(self, s: _Sparsifier, delta: Tensor, scratch: Scratch, start: int, stop: int) -> Tensor:
+    def _masked(self, s: _Sparsifier, delta: Tensor, scratch: Scratch, start: int, stop: int,
+                first_pass: bool = False) -> Tensor:
         """``d_i`` masked as mergekit's sparsification masks it (a product with the mask's 0/1), before any
         rescale: ``delta`` itself, masked in place, where the work dtype is the math dtype. The mask is compared
         into bool (into a float tensor torch allocates) and copied to 0/1 (a product with a bool tensor takes
-        twice the time); the density is the work dtype's, as comparing with its tensor promotes it."""
+        twice the time); the density is the work dtype's, as comparing with its tensor promotes it. A DARE mask
+        is kept as bits (in the ``first_pass``) where the block starts on a byte, and read back by the fold
+        instead of drawn again."""
         kind = self.method.sparsification
+        t = self.tensor
+        lo, hi = start * t.cols, stop * t.cols
         if kind in ("magnitude", "magnitude_outliers"):
             keep = self._magnitude_mask(s, delta, start)
+        elif kind == "random" and s.bits is not None and not first_pass:
+            flags = scratch("tv_flags", tuple(delta.shape), torch.bool)
+            keep = flags.view(-1).copy_(unpack_bits(s.bits[lo // 8:-(-hi // 8)], hi - lo)).view(delta.shape)
+            delta = _md(delta, self.work_dtype)
         else:
-            t = self.tensor
-            lo, hi = start * t.cols, stop * t.cols
             u = uniforms(t.seed, t.name, s.index, t.numel, lo, hi, scratch("tv_uniforms", (hi - lo,)))
             u, flags = u.view(delta.shape), scratch("tv_flags", tuple(delta.shape), torch.bool)
             if kind == "random":
-                keep = torch.lt(u, float(torch.tensor(s.density, dtype=self.work_dtype)), out=flags)
+                drawn = torch.lt(u, float(torch.tensor(s.density, dtype=self.work_dtype)), out=flags)
+                if first_pass and lo % 8 == 0 and (hi % 8 == 0 or hi == t.numel):
+                    self._pack(s, drawn, lo, hi)
+                keep = drawn
             else:
                 keep = torch.lt(u, self._della_probabilities(s, delta, start, stop).reshape(delta.shape), out=flags)
             delta = _md(delta, self.work_dtype)
         return delta.mul_(scratch("tv_keep", tuple(delta.shape), delta.dtype).copy_(keep))
+
+    def _pack(self, s: _Sparsifier, flags: Tensor, lo: int, hi: int) -> None:
+        with self.lock:
+            if s.bits is None:
+                s.bits = torch.empty(-(-self.tensor.numel // 8), dtype=torch.uint8)
+            s.packed += hi - lo
+        s.bits[lo // 8:-(-hi // 8)] = pack_bits(flags)
 
     def _magnitude_mask(self, s: _Sparsifier, delta: Tensor, start: int) -> Tensor:
         if s.keep_none:
@@ -228,6 +273,9 @@ class TaskVectorFold(TensorFold):
         keys = magnitude_keys(delta)
         keep = torch.ones_like(keys, dtype=torch.bool)
         for j, bound in enumerate(s.bounds):
+            if bound.kept is not None:
+                keep &= bound.keeps_listed(keys, start * self.tensor.cols)
+                continue
             starts = s.tie_starts.get(j)
             keep &= bound.keeps(keys, None if starts is None else int(starts[start]))
         return keep
@@ -241,7 +289,10 @@ class TaskVectorFold(TensorFold):
                                    s.epsilon, self.work_dtype)
 
     def block(self, weight: Tensor, scratch: Scratch, start: int, stop: int) -> Tensor:
+        """A fold folds each row once: after the last, its state is gone and another call is refused."""
         md, weight = self.tensor.math_dtype, weight.reshape(stop - start, -1)
+        if self.folded >= self.tensor.rows and self.stages:
+            raise RuntimeError(f"{self.tensor.name}: this fold has folded every row already; make another")
         if not self.non_base:
             return _md(weight, md)
         base = _md(weight, md) if md == weight.dtype else scratch("tv_base", tuple(weight.shape), md).copy_(weight)
@@ -255,7 +306,12 @@ class TaskVectorFold(TensorFold):
                     masked.mul_(s.scale)
                 if masked is not delta:  # masked in another work dtype: rounded to the math dtype
                     delta.copy_(masked)
-        return combine_deltas(base, deltas, self.weights, self.method.consensus, self.normalize, self.lam, scratch)
+        merged = combine_deltas(base, deltas, self.weights, self.method.consensus, self.normalize, self.lam, scratch)
+        with self.lock:
+            self.folded += stop - start
+            if self.folded == self.tensor.rows:  # the last block: what the passes kept goes
+                self.sparse.clear()
+        return merged
 
 
 def row_ranks(x: Tensor) -> Tensor:
@@ -304,63 +360,3 @@ def combine_deltas(base: Tensor, deltas: Tensor, weights: list[float], consensus
 
 def _fresh(name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
     return torch.empty(shape, dtype=dtype)
-
-
-class SlerpFold(TensorFold):
-    """mergekit's ``slerp`` from the base ``a`` to the other input ``b`` by ``t``, in fp32 over the whole tensor::
-
-        n_a = ||a||, n_b = ||b|| (1 where <= eps);  dot = clamp(sum (a/n_a)(b/n_b), -1, 1);  theta = acos dot
-        result = sin((1-t) theta)/sin theta a + sin(t theta)/sin theta b   (|dot| <= 0.9995)
-                 (1-t) a + t b                                            (else)
-
-    Pass 1 sums squares per row, pass 2 the normalized products per row (float64)."""
-
-    transposed = False
-    passes = 2
-
-    def __init__(self, method: ModelMergeMethod, tensor: TensorInputs) -> None:
-        self.tensor = tensor
-        (self.other,) = [i for i in range(len(tensor.inputs)) if i != tensor.base_index]
-        self.dtype = torch.float64 if tensor.math_dtype == torch.float64 else torch.float32
-        self.t = torch.tensor([[method.param_value(tensor.shared, "t")]], dtype=self.dtype)
-        self.stage = 0
-
-    def _pair(self, weight: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
-        md, weight = self.tensor.math_dtype, weight.reshape(stop - start, -1)
-        a = _md(weight, md).to(self.dtype)
-        b = _md(self.tensor.inputs[self.other].rows(weight, start, stop), md).to(self.dtype)
-        return a, b
-
-    def scan(self, rows: Tensor, scratch: Scratch, start: int, stop: int) -> Any:
-        a, b = self._pair(rows, start, stop)
-        if self.stage == 0:
-            return (torch.sum(a.double().square(), dim=1), torch.sum(b.double().square(), dim=1))
-        return torch.sum(((a / self.norm_a) * (b / self.norm_b)).double(), dim=1)
-
-    def gather(self, partials: Iterable[Any]) -> None:
-        partials = list(partials)
-        if self.stage == 0:
-            self.norm_a, self.norm_b = (slerp_norm(torch.cat([p[k] for p in partials]), self.dtype) for k in (0, 1))
-        else:
-            self.coef_a, self.coef_b = slerp_coefficients(torch.cat(partials).sum(), self.t, self.dtype)
-        self.stage += 1
-
-    def block(self, weight: Tensor, scratch: Scratch, start: int, stop: int) -> Tensor:
-        a, b = self._pair(weight, start, stop)
-        return (self.coef_a * a + self.coef_b * b).to(self.tensor.math_dtype)
-
-
-def slerp_norm(row_squares: Tensor, dtype: torch.dtype) -> Tensor:
-    """A whole tensor's norm from its rows' float64 sums of squares, in ``dtype``, 1 where it is <= eps."""
-    norm = row_squares.sum().sqrt().to(dtype).reshape(1, 1)
-    return torch.where(norm > SLERP_EPS, norm, 1)
-
-
-def slerp_coefficients(dot: Tensor, t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """slerp's two coefficients from the float64 dot product of the normalized inputs (SlerpFold)."""
-    dot = dot.to(dtype).reshape(1, 1).clamp(-1, 1)
-    linear = dot.abs() > SLERP_DOT_THRESHOLD
-    theta = torch.acos(torch.where(linear, 0, dot))
-    sin_theta = torch.sin(theta)
-    return (torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta),
-            torch.where(linear, t, torch.sin(t * theta) / sin_theta))

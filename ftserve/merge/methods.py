@@ -25,7 +25,8 @@ what its fold is given), folds.py how each method folds a tensor block by block,
 recomputes a merged tensor whole, for verify.
 
 Where the result is not mergekit's bit for bit:
-- elements tied at a magnitude cut are taken in index order (mergekit: its unstable sort's order);
+- elements tied at breadcrumbs' magnitude cuts are taken in index order (mergekit: its unstable sort's order;
+  at the top-k cut of ties and magnitude_prune ours is its order, sparsify.py);
 - a random mask is ours, seeded per chunk of each tensor (mergekit: its global RNG);
 - whole-tensor sums (the L1 rescale, slerp's norms and dot product) are float64 sums of per-row float64 sums,
   rounded once (mergekit: torch's fp32 reduction, whose order depends on the thread count), so a rescale factor
@@ -46,9 +47,9 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .folds import (SLERP_DOT_THRESHOLD, SLERP_EPS, LinearFold, SlerpFold, TaskVectorFold, combine_deltas,
-                    della_probabilities, row_ranks, slerp_coefficients, slerp_norm)
+from .folds import LinearFold, TaskVectorFold, combine_deltas, della_probabilities, row_ranks
 from .method_spec import REQUIRED, InputRows, ModelMergeMethod, Param, TensorInputs, TensorRows, work_dtype
+from .slerp import SLERP_DOT_THRESHOLD, SLERP_EPS, SlerpFold, slerp_coefficients, slerp_norm
 from .sparsify import l1_scale, magnitude_keys, row_l1, uniforms
 
 __all__ = ["METHODS", "NOT_SUPPORTED", "REQUIRED", "SLERP_DOT_THRESHOLD", "SLERP_EPS", "InputRows", "LinearFold",
@@ -107,8 +108,8 @@ def get_merge_method(name: str) -> ModelMergeMethod:
 
 
 def reference_merge(method: ModelMergeMethod, base: Tensor, thetas: list[Tensor], tensor: TensorInputs) -> Tensor:
-    """The whole merged tensor computed directly on whole tensors (for verify and tests): cut points by a stable
-    sort instead of histograms, masks drawn for the whole tensor at once, sums over the whole tensor. It equals
+    """The whole merged tensor computed directly on whole tensors (for verify and tests): the top-k by mergekit's
+    own argsort, breadcrumbs' cut points by a stable sort instead of histograms, masks drawn for the whole tensor at once, sums over the whole tensor. It equals
     the streamed fold, which holds a block at a time (linear and slerp, with no cut or mask, run their fold on
     the whole tensor as one block); ``thetas``: each input's whole tensor as stored, in ``tensor.inputs``'
     order."""
@@ -147,7 +148,7 @@ def _sparsified_whole(method: ModelMergeMethod, tensor: TensorInputs, i: int, de
     keys = magnitude_keys(delta).flatten()
     mask = torch.zeros(numel, dtype=work)
     if kind == "magnitude":
-        mask[torch.argsort(keys, descending=True, stable=True)[:max(1, int(density * numel))]] = 1
+        mask[torch.argsort(keys, descending=True)[:max(1, int(density * numel))]] = 1
     elif kind == "magnitude_outliers":
         target = int(density * numel)
         n_bot = max(0, numel - target - int(method.param_value(tensor.params[i], "gamma") * numel))

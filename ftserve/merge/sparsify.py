@@ -13,10 +13,12 @@ then the low 16 among the keys that share them)::
 
 Memory: one block's keys and one histogram per search (at most 2^16 counts).
 
-**Ties.** mergekit picks among elements tied at a cut by torch's unstable sort (not index order, and not the
-same from one machine or thread count to the next), which no streamed pass can reproduce. Here the sort is
-stable: ties are taken in flat index order, counted across blocks by a pass that records each row's ties (O(rows)
-state). Where the magnitude at the cut is not tied, the kept set is mergekit's exactly.
+**Ties.** mergekit picks among elements tied at a cut by torch's unstable sort (on CPU libstdc++'s introsort,
+whose choice among equal magnitudes depends on every magnitude of the tensor). For its top-k (``magnitude``)
+the whole tensor's keys are gathered and introsort's partitions replayed (introsort.py: ``top_k_as_sorted``),
+so the kept set is mergekit's exactly. For breadcrumbs' ranks (``magnitude_outliers``) ties are taken in flat
+index order, counted across blocks by a pass that records each row's ties (O(rows) state); where the magnitude
+at a cut is not tied, the kept set is mergekit's exactly.
 
 **Random masks** (DARE, DELLA). Not a global RNG stream, which would depend on the order tensors are merged in:
 the flat elements of a tensor are cut into chunks of ``MASK_CHUNK``, and chunk ``c`` of input ``i`` of tensor
@@ -29,8 +31,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from .introsort import kept_at_cut
 
 MASK_CHUNK = 2**16
 PASS_BITS = 16  # bits of the key resolved by each histogram pass (the first resolves what is left over)
@@ -91,13 +96,22 @@ class RankSearch:
 @dataclass
 class Bound:
     """One side of a kept range of magnitudes: keys past ``value`` on the kept side (above it when ``above``),
-    and of the keys equal to it those at tie positions ``[first, stop)`` (flat index order)."""
+    and of the keys equal to it those at tie positions ``[first, stop)`` (flat index order), or, where ``kept``
+    is given, those at the flat indices it lists (sorted)."""
 
     value: int
     above: bool
     first: int
     stop: int
     equal: int
+    kept: Tensor | None = None
+
+    def keeps_listed(self, keys: Tensor, first: int) -> Tensor:
+        """Which of ``keys`` (a block starting at flat index ``first``) this bound keeps, from ``kept``."""
+        inside = keys > self.value if self.above else keys < self.value
+        lo, hi = (int(torch.searchsorted(self.kept, i)) for i in (first, first + keys.numel()))
+        inside.view(-1)[self.kept[lo:hi] - first] = True
+        return inside
 
     @property
     def needs_positions(self) -> bool:
@@ -118,10 +132,11 @@ class Bound:
         return inside
 
 
-def top_k(search: RankSearch, numel: int, k: int) -> Bound:
-    """The bound keeping the ``k`` largest keys, ties in index order: ``search`` ran at position ``numel - k``."""
-    greater = numel - search.below - search.equal
-    return Bound(search.prefix, True, 0, k - greater, search.equal)
+def top_k_as_sorted(keys: Tensor, k: int) -> Bound:
+    """The bound keeping the ``k`` largest of ``keys`` (a whole tensor's, flat; consumed) that mergekit keeps,
+    ties as its ``argsort(descending=True)`` on CPU leaves them (introsort.py)."""
+    value, kept = kept_at_cut(keys, k)
+    return Bound(value, True, 0, 0, len(kept), kept)
 
 
 def uniforms(seed: int, name: str, index: int, numel: int, lo: int, hi: int, out: Tensor | None = None) -> Tensor:
@@ -141,6 +156,17 @@ def uniforms(seed: int, name: str, index: int, numel: int, lo: int, hi: int, out
         else:
             target.copy_(torch.rand(size, generator=generator)[first:last])
     return out
+
+
+def pack_bits(flags: Tensor) -> Tensor:
+    """``flags`` (bool, contiguous) as uint8 bits, eight to a byte, the first in the lowest bit (numpy's
+    packbits: many times torch's shifts and sums)."""
+    return torch.from_numpy(np.packbits(flags.numpy().reshape(-1), bitorder="little"))
+
+
+def unpack_bits(bits: Tensor, count: int) -> Tensor:
+    """The first ``count`` flags of ``bits`` (pack_bits), as bool."""
+    return torch.from_numpy(np.unpackbits(bits.numpy(), count=count, bitorder="little").view(np.bool_))
 
 
 def l1_scale(before: float, after: float, dtype: torch.dtype, eps: float = 1e-7) -> Tensor | None:
