@@ -16,7 +16,8 @@ depend on its batch), 16 to 32 new tokens; they go through the official ``openai
   denormal temperature, vanishing repetition penalty, 5000-digit and 2**70 integers, 100000-deep nesting, lone
   surrogates, echo of token ids outside the vocabulary, bad ``logit_bias`` keys, unknown models, malformed JSON,
   oversized bodies, clients that hang up 50 ms into a request or in the middle of a stream, chat and /tokenize
-  for two adapters whose own chat templates loop for ever or build 10 GB (``TEMPLATES``); and, all along,
+  for two adapters whose own chat templates loop for ever or build 10 GB (``TEMPLATES``), output constraints
+  that cannot compile or are over the engine's bounds (hostile_cases.structured_cases); and, all along,
   ``SLOW`` connections that send nothing, stop inside their headers, declare a body and send part of it, or
   declare one over the limit and send none of it (each must be closed by the server, with 408 or 413 where a
   request had begun), and a /health probe every 50 ms (its p99 must stay under a second).
